@@ -1,0 +1,24 @@
+"""tformer: a JAX/Flax NNX Transformer research codebase.
+
+    import jax, tformer
+    from flax import nnx
+    cfg = tformer.ModelConfig(vocab_size=256, d_model=128, num_heads=4, num_layers=2)
+    model = tformer.DecoderLM(cfg, rngs=nnx.Rngs(0))
+    logits = model(tokens)                                  # parallel, teacher-forced
+    out = tformer.generate(model, prompts, max_new_tokens=32)  # prefill + lax.scan decode
+"""
+
+from tformer.config import ModelConfig, gpt2_small, transformer_base
+from tformer.generate import Generated, Sampling, beam_search, generate, sample_logits, sequence_logprob
+from tformer.kvcache import KVCache
+from tformer.models import DecoderLM, EncoderDecoder
+from tformer.sharding import PRESETS, make_mesh, rules_for
+from tformer.train_step import OptimizerConfig, TrainState, create_train_state, make_eval_step, make_train_step
+
+__all__ = [
+    "ModelConfig", "gpt2_small", "transformer_base",
+    "DecoderLM", "EncoderDecoder", "KVCache",
+    "generate", "beam_search", "sequence_logprob", "sample_logits", "Sampling", "Generated",
+    "OptimizerConfig", "TrainState", "create_train_state", "make_train_step", "make_eval_step",
+    "make_mesh", "rules_for", "PRESETS",
+]

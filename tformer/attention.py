@@ -1,0 +1,176 @@
+"""Multi-head attention: masks, implementations, and the projection module.
+
+Masks are built from per-token positions and segment ids rather than passed
+around as dense matrices, so one description covers causal, padding, packed
+documents, local windows and cached decoding:
+
+  key j is visible to query i  iff  seg[j] != 0 and seg[i] == seg[j]
+                                    and (not causal or pos[j] <= pos[i])
+                                    and (window is None or pos[i] - pos[j] < window)
+
+Segment 0 marks padding. Implementations: "einsum" (the reference, and the
+only one with attention dropout), "xla" (`jax.nn.dot_product_attention`), and
+"cudnn" (flash attention on GPU, bf16/fp16). "auto" picks cuDNN where it
+applies and falls back to XLA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tformer.config import ModelConfig
+from tformer.layers import apply_rope, cast, dropout, param
+from tformer.sharding import constrain
+
+_NEG = -1e30  # finite, so fully masked rows (padding queries) stay NaN-free
+
+
+@dataclasses.dataclass(frozen=True)
+class Masking:
+    """Who may attend to whom, described per token (see module docstring)."""
+
+    q_pos: jax.Array  # [B, Tq] int32
+    k_pos: jax.Array  # [B, Tk] int32
+    q_seg: jax.Array | None = None  # [B, Tq] int32, 0 = padding
+    k_seg: jax.Array | None = None  # [B, Tk]
+    causal: bool = True
+    window: int | None = None
+    # True when positions are 0..T-1 in every row and there are no segments:
+    # then `causal` alone describes the mask and flash kernels can be used.
+    dense_free: bool = False
+
+    def dense(self) -> jax.Array:
+        """Boolean mask [B, Tq, Tk]; True = may attend."""
+        q, k = self.q_pos[:, :, None], self.k_pos[:, None, :]
+        m = jnp.ones(q.shape[:1] + (q.shape[1], k.shape[2]), bool)
+        if self.causal:
+            m &= k <= q
+        if self.window is not None:
+            m &= (q - k) < self.window
+        if self.k_seg is not None:
+            ks = self.k_seg[:, None, :]
+            m &= ks != 0
+            if self.q_seg is not None:
+                m &= self.q_seg[:, :, None] == ks
+        return m
+
+
+def self_masking(positions_bt, segment_ids_bt, cfg: ModelConfig, causal: bool) -> Masking:
+    return Masking(
+        q_pos=positions_bt,
+        k_pos=positions_bt,
+        q_seg=segment_ids_bt,
+        k_seg=segment_ids_bt,
+        causal=causal,
+        window=cfg.local_window if causal else None,
+        dense_free=segment_ids_bt is None,
+    )
+
+
+def _einsum_attention(q, k, v, mask_bqk, rate, rng):
+    b, tq, h, d = q.shape
+    kh = k.shape[2]
+    q = q.reshape(b, tq, kh, h // kh, d)  # GQA: query heads grouped per kv head
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+    logits = logits / math.sqrt(d)
+    logits = jnp.where(mask_bqk[:, None, None], logits, _NEG)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = dropout(probs, rate, rng).astype(v.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+    return out.reshape(b, tq, h, d)
+
+
+def resolve_impl(cfg: ModelConfig, dtype, masking: Masking, training_dropout: bool) -> str:
+    """The implementation `attend` will use for this call."""
+    impl = cfg.attention
+    if training_dropout:
+        return "einsum"  # the only path with attention dropout
+    if impl == "auto":
+        ok = (
+            jax.default_backend() == "gpu"
+            and dtype in (jnp.bfloat16, jnp.float16)
+            and masking.dense_free
+            and cfg.head_dim_ <= 128
+            and cfg.head_dim_ % 8 == 0
+        )
+        return "cudnn" if ok else "xla"
+    if impl == "cudnn" and not masking.dense_free:
+        return "xla"  # segments/padding/cache need a dense mask
+    return impl
+
+
+def attend(q_bthd, k_bskd, v_bskd, masking: Masking, cfg: ModelConfig, rng=None) -> jax.Array:
+    """Scaled dot-product attention with GQA; output [B, T, H, D]."""
+    training_dropout = rng is not None and cfg.attention_dropout > 0
+    impl = resolve_impl(cfg, q_bthd.dtype, masking, training_dropout)
+    if impl == "cudnn":
+        window = None if masking.window is None else (masking.window - 1, 0)
+        try:
+            return jax.nn.dot_product_attention(
+                q_bthd, k_bskd, v_bskd, is_causal=masking.causal, local_window_size=window,
+                implementation="cudnn",
+            )
+        except Exception:  # unsupported shape/dtype/version: fall back, same maths
+            impl = "xla"
+    mask = masking.dense()
+    if impl == "xla":
+        return jax.nn.dot_product_attention(q_bthd, k_bskd, v_bskd, mask=mask[:, None], implementation="xla")
+    return _einsum_attention(q_bthd, k_bskd, v_bskd, mask, cfg.attention_dropout if training_dropout else 0.0, rng)
+
+
+class Attention(nnx.Module):
+    """Q/K/V/O projections with grouped K/V heads; self- or cross-attention."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, cross: bool = False):
+        self.cfg = cfg
+        self.cross = cross
+        d, h, kh, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim_
+        out_std = cfg.init_std / math.sqrt(2 * max(cfg.num_layers, 1))
+        self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg)
+        self.wk = param(rngs, (d, kh, hd), ("embed", "kv_heads", "head_dim"), cfg)
+        self.wv = param(rngs, (d, kh, hd), ("embed", "kv_heads", "head_dim"), cfg)
+        self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), cfg, std=out_std)
+        if cfg.use_bias:
+            self.bq = param(rngs, (h, hd), ("heads", "head_dim"), cfg, init="zeros")
+            self.bk = param(rngs, (kh, hd), ("kv_heads", "head_dim"), cfg, init="zeros")
+            self.bv = param(rngs, (kh, hd), ("kv_heads", "head_dim"), cfg, init="zeros")
+            self.bo = param(rngs, (d,), ("embed",), cfg, init="zeros")
+
+    def _rope(self, x, positions):
+        return apply_rope(x, positions, self.cfg) if self.cfg.positions == "rope" and not self.cross else x
+
+    def query(self, x_btd, positions_bt):
+        cfg = self.cfg
+        q = jnp.einsum("btd,dhk->bthk", x_btd, cast(self.wq, cfg))
+        if cfg.use_bias:
+            q = q + cast(self.bq, cfg)
+        q = constrain(q, ("batch", "length", "act_heads", "head_dim"))
+        return self._rope(q, positions_bt)
+
+    def key_value(self, x_bsd, positions_bs):
+        cfg = self.cfg
+        k = jnp.einsum("bsd,dhk->bshk", x_bsd, cast(self.wk, cfg))
+        v = jnp.einsum("bsd,dhk->bshk", x_bsd, cast(self.wv, cfg))
+        if cfg.use_bias:
+            k, v = k + cast(self.bk, cfg), v + cast(self.bv, cfg)
+        k = constrain(k, ("batch", "length", "act_kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
+        return self._rope(k, positions_bs), v
+
+    def output(self, o_bthd):
+        cfg = self.cfg
+        y = jnp.einsum("bthk,hkd->btd", o_bthd, cast(self.wo, cfg))
+        if cfg.use_bias:
+            y = y + cast(self.bo, cfg)
+        return y
+
+    def __call__(self, x_btd, masking: Masking, *, kv_src=None, rng=None):
+        """Attention over `kv_src` (cross) or `x` itself, all positions at once."""
+        q = self.query(x_btd, masking.q_pos)
+        k, v = self.key_value(x_btd if kv_src is None else kv_src, masking.k_pos)
+        return self.output(attend(q, k, v, masking, self.cfg, rng))

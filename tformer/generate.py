@@ -1,0 +1,314 @@
+"""Generation: parallel prefill, then one jitted `lax.scan` over new tokens.
+
+The whole loop is one XLA program per call shape: the KV cache is the scan
+carry and is updated in place, tokens never visit the host between steps, and
+layer weights are unstacked once before the loop. Works for `DecoderLM`
+(continue a prompt) and `EncoderDecoder` (encode the source once, then decode
+from BOS).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tformer.kvcache import KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How to pick a token from logits. temperature 0 = greedy."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"Sampling.temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"Sampling.top_k must be >= 1 or None, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"Sampling.top_p must be in (0, 1] or None, got {self.top_p}")
+
+
+def sample_logits(logits_bv: jax.Array, rng: jax.Array, s: Sampling) -> jax.Array:
+    """One token id per row from fp32 logits, honouring top-k then top-p."""
+    logits_bv = logits_bv.astype(jnp.float32)
+    if s.temperature == 0.0:
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    logits_bv = logits_bv / s.temperature
+    if s.top_k is not None and s.top_k < logits_bv.shape[-1]:
+        kth = jax.lax.top_k(logits_bv, s.top_k)[0][:, -1:]
+        logits_bv = jnp.where(logits_bv < kth, -jnp.inf, logits_bv)
+    if s.top_p is not None and s.top_p < 1.0:
+        sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_bv, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (always >= 1 token).
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < s.top_p
+        cutoff = jnp.min(jnp.where(keep, sorted_bv, jnp.inf), axis=-1, keepdims=True)
+        logits_bv = jnp.where(logits_bv < cutoff, -jnp.inf, logits_bv)
+    return jax.random.categorical(rng, logits_bv, axis=-1).astype(jnp.int32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Generated:
+    tokens: jax.Array  # [B, N] new tokens; after EOS the row holds pad_id
+    lengths: jax.Array  # [B] new tokens up to and including EOS
+    scores: jax.Array | None = None  # [B] beam search: best (length-normalised) log-prob
+
+
+# ---------------------------------------------------------------------------
+# Host-side checks and prompt layout.
+
+
+def _as_prompts(model, prompts, lengths):
+    cfg = model.cfg
+    p = np.asarray(prompts)
+    if p.ndim != 2 or p.shape[1] < 1:
+        raise ValueError(f"prompts must be an int array [batch, length>=1], got shape {p.shape}")
+    if not np.issubdtype(p.dtype, np.integer):
+        raise ValueError(f"prompts must hold integer token ids, got dtype {p.dtype}")
+    b, t = p.shape
+    lens = np.full((b,), t, np.int32) if lengths is None else np.asarray(lengths, np.int32)
+    if lens.shape != (b,) or (lens < 1).any() or (lens > t).any():
+        raise ValueError(f"lengths must be [batch] with 1 <= length <= {t}, got {lens.tolist()}")
+    real = np.arange(t)[None, :] < lens[:, None]
+    bad = real & ((p < 0) | (p >= cfg.vocab_size))
+    if bad.any():
+        i, j = map(int, np.argwhere(bad)[0])
+        raise ValueError(
+            f"prompt token id {int(p[i, j])} at [{i}, {j}] is outside the vocabulary [0, {cfg.vocab_size})"
+        )
+    # Left-align: row b's prompt ends at the last column, padding on the left.
+    shift = t - lens
+    cols = (np.arange(t)[None, :] - shift[:, None]) % t
+    left = np.take_along_axis(np.where(real, p, 0), cols, axis=1)
+    valid = np.arange(t)[None, :] >= shift[:, None]
+    return jnp.asarray(left, jnp.int32), jnp.asarray(valid), t
+
+
+def _check_length(cfg, prompt_len: int, max_new_tokens: int, cache_len: int | None) -> int:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    need = prompt_len + max_new_tokens
+    if need > cfg.max_len:
+        raise ValueError(
+            f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = {need} exceeds the model's "
+            f"max_len={cfg.max_len} (the position/cache bound); generate fewer tokens or shorten the prompt"
+        )
+    if cache_len is not None and need > cache_len:
+        raise ValueError(
+            f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = {need} exceeds cache_len={cache_len}; "
+            "pass a larger cache_len or generate fewer tokens"
+        )
+    return cache_len or need
+
+
+def _is_encdec(model) -> bool:
+    return hasattr(model, "encoder")
+
+
+def _start(model, prompt, valid, length, src, src_segment_ids):
+    """Fresh cache with the prompt prefilled (in one parallel pass)."""
+    if _is_encdec(model):
+        cache = model.init_cache(src, length, src_segment_ids=src_segment_ids)
+    else:
+        cache = model.init_cache(prompt.shape[0], length)
+    layers = model.decode_layers()
+    logits, cache = model.extend(prompt, cache, valid, layers)
+    return logits[:, -1], cache, layers
+
+
+# ---------------------------------------------------------------------------
+# Sampling / greedy.
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "n", "length", "sampling", "eos_id", "pad_id"))
+def _generate(graphdef, state, prompt, valid, rng, src, src_seg, *, n, length, sampling, eos_id, pad_id):
+    model = nnx.merge(graphdef, state)
+    last_logits, cache, layers = _start(model, prompt, valid, length, src, src_seg)
+    keys = jax.random.split(rng, n)
+    first = sample_logits(last_logits, keys[0], sampling)
+    done = first == eos_id
+
+    def step(carry, key):
+        tok, cache, done = carry
+        logits, cache = model.extend(tok[:, None], cache, None, layers)
+        nxt = jnp.where(done, pad_id, sample_logits(logits[:, 0], key, sampling))
+        return (nxt, cache, done | (nxt == eos_id)), nxt
+
+    (_, _, done), rest = jax.lax.scan(step, (first, cache, done), keys[1:])
+    tokens = jnp.concatenate([first[:, None], rest.T], axis=1)
+    is_eos = tokens == eos_id
+    lengths = jnp.where(is_eos.any(1), jnp.argmax(is_eos, axis=1) + 1, n)
+    return Generated(tokens=tokens, lengths=lengths.astype(jnp.int32))
+
+
+def generate(
+    model,
+    prompts,
+    *,
+    max_new_tokens: int,
+    lengths=None,
+    rng: jax.Array | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    cache_len: int | None = None,
+    src=None,
+    src_segment_ids=None,
+) -> Generated:
+    """Generate `max_new_tokens` after each prompt.
+
+    prompts: [B, P] token ids, right-padded; `lengths` [B] gives each row's
+      real length (default: all P). For an EncoderDecoder, prompts is usually
+      a column of BOS and `src` [B, S] is the source.
+    rng: PRNG key, needed when temperature > 0.
+    eos_id: stop token (default: the config's); rows that emitted it produce
+      pad_id afterwards. Pass -1 to never stop.
+    """
+    cfg = model.cfg
+    sampling = Sampling(temperature, top_k, top_p)
+    if temperature > 0 and rng is None:
+        raise ValueError("sampling with temperature > 0 needs an explicit rng key (jax.random.key(seed))")
+    prompt, valid, p = _as_prompts(model, prompts, lengths)
+    length = _check_length(cfg, p, max_new_tokens, cache_len)
+    if _is_encdec(model) and src is None:
+        raise ValueError("EncoderDecoder generation needs src=[batch, src_len] source tokens")
+    graphdef, state = nnx.split(model)
+    return _generate(
+        graphdef, state, prompt, valid, jax.random.key(0) if rng is None else rng,
+        None if src is None else jnp.asarray(src), src_segment_ids,
+        n=max_new_tokens, length=length, sampling=sampling,
+        eos_id=cfg.eos_id if eos_id is None else eos_id, pad_id=cfg.pad_id,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Beam search.
+
+
+def length_penalty(length, alpha: float):
+    """GNMT length normalisation ((5 + |Y|) / 6) ** alpha; alpha 0 = raw log-prob."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "n", "length", "beam", "alpha", "eos_id", "pad_id"))
+def _beam_search(graphdef, state, prompt, valid, src, src_seg, *, n, length, beam, alpha, eos_id, pad_id):
+    model = nnx.merge(graphdef, state)
+    b = prompt.shape[0]
+    rep = lambda x: None if x is None else jnp.repeat(x, beam, axis=0)  # noqa: E731
+    logits, cache, layers = _start(model, rep(prompt), rep(valid), length, rep(src), rep(src_seg))
+    neg = jnp.float32(-1e9)
+
+    alive_seq = jnp.full((b, beam, n), pad_id, jnp.int32)
+    alive_lp = jnp.tile(jnp.where(jnp.arange(beam) == 0, 0.0, neg), (b, 1))  # only beam 0 starts
+    fin_seq = jnp.full((b, beam, n), pad_id, jnp.int32)
+    fin_score = jnp.full((b, beam), neg)
+
+    def step(carry, i):
+        logits, cache, alive_seq, alive_lp, fin_seq, fin_score = carry
+        v = logits.shape[-1]
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(b, beam, v)
+        cand = (alive_lp[:, :, None] + logp).reshape(b, beam * v)
+        top_lp, top_idx = jax.lax.top_k(cand, 2 * beam)  # 2K: K may end in EOS
+        parent, tok = top_idx // v, (top_idx % v).astype(jnp.int32)
+        seqs = jnp.take_along_axis(alive_seq, parent[:, :, None], axis=1)
+        seqs = jax.lax.dynamic_update_slice(seqs, tok[:, :, None], (0, 0, i))
+        is_eos = tok == eos_id
+        # Finished: merge new EOS candidates with the best so far.
+        new_fin = jnp.where(is_eos, top_lp / length_penalty(i + 1.0, alpha), neg)
+        all_score = jnp.concatenate([fin_score, new_fin], axis=1)
+        all_seq = jnp.concatenate([fin_seq, seqs], axis=1)
+        fin_score, idx = jax.lax.top_k(all_score, beam)
+        fin_seq = jnp.take_along_axis(all_seq, idx[:, :, None], axis=1)
+        # Alive: best K candidates that did not end.
+        alive_cand = jnp.where(is_eos, neg, top_lp)
+        alive_lp, idx = jax.lax.top_k(alive_cand, beam)
+        alive_seq = jnp.take_along_axis(seqs, idx[:, :, None], axis=1)
+        alive_parent = jnp.take_along_axis(parent, idx, axis=1)
+        last = jnp.take_along_axis(tok, idx, axis=1).reshape(b * beam)
+        flat = (jnp.arange(b)[:, None] * beam + alive_parent).reshape(-1)
+        reorder = lambda x: x[flat]  # noqa: E731
+        cache = dataclasses.replace(
+            cache, k=jax.tree.map(reorder, cache.k), v=jax.tree.map(reorder, cache.v),
+            positions=reorder(cache.positions), valid=reorder(cache.valid), next_pos=reorder(cache.next_pos),
+        )
+        logits, cache = model.extend(last[:, None], cache, None, layers)
+        return (logits[:, 0], cache, alive_seq, alive_lp, fin_seq, fin_score), None
+
+    carry = (logits, cache, alive_seq, alive_lp, fin_seq, fin_score)
+    carry, _ = jax.lax.scan(step, carry, jnp.arange(n))
+    _, _, alive_seq, alive_lp, fin_seq, fin_score = carry
+    # Rows where nothing finished fall back to their best unfinished beam.
+    alive_score = alive_lp / length_penalty(float(n), alpha)
+    use_fin = fin_score[:, 0] > neg / 2
+    best_seq = jnp.where(use_fin[:, None], fin_seq[:, 0], alive_seq[:, 0])
+    best_score = jnp.where(use_fin, fin_score[:, 0], alive_score[:, 0])
+    is_eos = best_seq == eos_id
+    lengths = jnp.where(is_eos.any(1), jnp.argmax(is_eos, axis=1) + 1, n).astype(jnp.int32)
+    return Generated(tokens=best_seq, lengths=lengths, scores=best_score)
+
+
+def beam_search(
+    model,
+    prompts,
+    *,
+    max_new_tokens: int,
+    beam_size: int = 4,
+    length_alpha: float = 0.6,
+    lengths=None,
+    eos_id: int | None = None,
+    src=None,
+    src_segment_ids=None,
+) -> Generated:
+    """Beam search (GNMT length penalty); returns the best hypothesis per row.
+
+    Same prompt conventions as `generate`. Beam size 1 equals greedy decoding.
+    """
+    cfg = model.cfg
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    prompt, valid, p = _as_prompts(model, prompts, lengths)
+    length = _check_length(cfg, p, max_new_tokens, None)
+    if _is_encdec(model) and src is None:
+        raise ValueError("EncoderDecoder beam search needs src=[batch, src_len] source tokens")
+    graphdef, state = nnx.split(model)
+    return _beam_search(
+        graphdef, state, prompt, valid, None if src is None else jnp.asarray(src), src_segment_ids,
+        n=max_new_tokens, length=length, beam=beam_size, alpha=float(length_alpha),
+        eos_id=cfg.eos_id if eos_id is None else eos_id, pad_id=cfg.pad_id,
+    )
+
+
+def sequence_logprob(model, prompts, continuation, *, lengths=None, src=None) -> jax.Array:
+    """Sum of log-probs of `continuation` [B, N] after each prompt (parallel forward).
+
+    Used to score a greedy output the same way beam search scores its own.
+    Stops counting after the first EOS in each row.
+    """
+    cfg = model.cfg
+    prompt, valid, p = _as_prompts(model, prompts, lengths)
+    cont = jnp.asarray(continuation, jnp.int32)
+    tokens = jnp.concatenate([prompt, cont], axis=1)
+    if _is_encdec(model):
+        logits = model(jnp.asarray(src), tokens)
+    else:
+        v = jnp.concatenate([valid, jnp.ones(cont.shape, bool)], axis=1)
+        pos = jnp.maximum(jnp.cumsum(v, axis=1) - 1, 0)
+        logits = model(tokens, positions=pos, segment_ids=v.astype(jnp.int32))
+    logp = jax.nn.log_softmax(logits[:, p - 1 : -1].astype(jnp.float32), axis=-1)
+    tok_lp = jnp.take_along_axis(logp, cont[:, :, None], axis=-1)[..., 0]
+    is_eos = cont == cfg.eos_id
+    before = jnp.cumsum(is_eos, axis=1) - is_eos  # EOS seen strictly before
+    return jnp.sum(jnp.where(before == 0, tok_lp, 0.0), axis=1)

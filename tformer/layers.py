@@ -1,0 +1,190 @@
+"""Building blocks: parameters with logical axes, embeddings, positions, norms, MLP, dropout.
+
+Weights are stored in `param_dtype` and cast to the compute `dtype` where they
+are used, so the optimizer always updates fp32 master weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tformer.config import ModelConfig
+from tformer.sharding import constrain
+
+DTYPE = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, std: float | None = None, init: str = "normal") -> nnx.Param:
+    """A parameter tagged with logical `axes` (see tformer.sharding)."""
+    assert len(shape) == len(axes), (shape, axes)
+    dtype = DTYPE[cfg.param_dtype]
+    if init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        std = cfg.init_std if std is None else std
+        value = std * jax.random.normal(rngs.params(), shape, dtype)
+    return nnx.Param(value, axes=tuple(axes))
+
+
+def cast(p: nnx.Param, cfg: ModelConfig) -> jax.Array:
+    return p[...].astype(DTYPE[cfg.dtype])
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout with an explicit key; identity when rng is None or rate is 0."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def fold(rng: jax.Array | None, *data: int | jax.Array) -> jax.Array | None:
+    """Derive an independent key per use site (layer, sublayer); None stays None."""
+    for d in data:
+        if rng is None:
+            return None
+        rng = jax.random.fold_in(rng, d)
+    return rng
+
+
+# ---------------------------------------------------------------------------
+# Positions: tables are numpy constants computed once per shape (trace time),
+# never per call.
+
+
+@functools.lru_cache(maxsize=None)
+def sinusoid_table(max_len: int, dim: int) -> np.ndarray:
+    """[max_len, dim] sin/cos table of Vaswani et al. (sin on even, cos on odd dims)."""
+    pos = np.arange(max_len, dtype=np.float64)[:, None]
+    inv = np.exp(-math.log(10000.0) * np.arange(0, dim, 2, dtype=np.float64) / dim)
+    table = np.zeros((max_len, dim), np.float64)
+    table[:, 0::2] = np.sin(pos * inv)
+    table[:, 1::2] = np.cos(pos * inv)[:, : dim // 2]
+    return table.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def rope_table(max_len: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin tables [max_len, head_dim // 2] for rotary embeddings."""
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    ang = np.arange(max_len, dtype=np.float64)[:, None] * inv[None, :]
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def apply_rope(x_bthd: jax.Array, positions_bt: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Rotate halves (the Llama / GPT-NeoX convention) by each token's position."""
+    cos, sin = rope_table(cfg.max_len, x_bthd.shape[-1], cfg.rope_theta)
+    cos = jnp.asarray(cos)[positions_bt][:, :, None, :]  # [B,T,1,D/2]
+    sin = jnp.asarray(sin)[positions_bt][:, :, None, :]
+    x = x_bthd.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_bthd.dtype)
+
+
+class Embedder(nnx.Module):
+    """Token embedding (+ absolute positions) and the output projection (tied or not)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.table = param(rngs, (cfg.padded_vocab, cfg.d_model), ("vocab", "embed"), cfg)
+        if cfg.positions == "learned":
+            self.pos_table = param(rngs, (cfg.max_len, cfg.d_model), ("max_len", "embed"), cfg, std=0.01)
+        if not cfg.tie_embeddings:
+            self.head = param(rngs, (cfg.d_model, cfg.padded_vocab), ("embed", "vocab"), cfg)
+
+    def encode(self, tokens_bt: jax.Array, positions_bt: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        x_btd = cast(self.table, cfg)[tokens_bt]
+        if cfg.scale_embeddings:
+            x_btd = x_btd * jnp.asarray(math.sqrt(cfg.d_model), x_btd.dtype)
+        if cfg.positions == "learned":
+            x_btd = x_btd + cast(self.pos_table, cfg)[positions_bt]
+        elif cfg.positions == "sinusoidal":
+            table = jnp.asarray(sinusoid_table(cfg.max_len, cfg.d_model), x_btd.dtype)
+            x_btd = x_btd + table[positions_bt]
+        return constrain(x_btd, ("batch", "length", "embed"))
+
+    def decode(self, x_btd: jax.Array) -> jax.Array:
+        """Logits over the padded vocabulary; padded ids get a huge negative logit."""
+        cfg = self.cfg
+        if cfg.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x_btd, cast(self.table, cfg))
+        else:
+            logits = jnp.einsum("btd,dv->btv", x_btd, cast(self.head, cfg))
+        logits = logits.astype(DTYPE[cfg.logits_dtype])
+        if cfg.padded_vocab != cfg.vocab_size:
+            real = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
+            logits = jnp.where(real, logits, jnp.asarray(-1e9, logits.dtype))
+        return constrain(logits, ("batch", "length", "act_vocab"))
+
+
+class Norm(nnx.Module):
+    """LayerNorm or RMSNorm, statistics in fp32."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.scale = param(rngs, (cfg.d_model,), ("embed",), cfg, init="ones")
+        if cfg.norm == "layernorm":
+            self.bias = param(rngs, (cfg.d_model,), ("embed",), cfg, init="zeros")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        x32 = x.astype(jnp.float32)
+        if cfg.norm == "layernorm":
+            x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+        y = y * self.scale[...].astype(jnp.float32)
+        if cfg.norm == "layernorm":
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+_ACT = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=True),  # GPT-2's "gelu_new"
+    "gelu_exact": functools.partial(jax.nn.gelu, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swiglu": jax.nn.silu,
+    "geglu": functools.partial(jax.nn.gelu, approximate=True),
+}
+
+
+class MLP(nnx.Module):
+    """Position-wise feed-forward: act(x W_in) W_out, or act(x W_gate) * (x W_in) W_out."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, f = cfg.d_model, cfg.d_ff_
+        out_std = cfg.init_std / math.sqrt(2 * max(cfg.num_layers, 1))
+        self.w_in = param(rngs, (d, f), ("embed", "mlp"), cfg)
+        if cfg.gated:
+            self.w_gate = param(rngs, (d, f), ("embed", "mlp"), cfg)
+        self.w_out = param(rngs, (f, d), ("mlp", "embed"), cfg, std=out_std)
+        if cfg.use_bias:
+            self.b_in = param(rngs, (f,), ("mlp",), cfg, init="zeros")
+            self.b_out = param(rngs, (d,), ("embed",), cfg, init="zeros")
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        act = _ACT[cfg.activation]
+        h_btf = jnp.einsum("btd,df->btf", x_btd, cast(self.w_in, cfg))
+        if cfg.use_bias:
+            h_btf = h_btf + cast(self.b_in, cfg)
+        if cfg.gated:
+            h_btf = act(jnp.einsum("btd,df->btf", x_btd, cast(self.w_gate, cfg))) * h_btf
+        else:
+            h_btf = act(h_btf)
+        h_btf = constrain(h_btf, ("batch", "length", "act_mlp"))
+        y_btd = jnp.einsum("btf,fd->btd", h_btf, cast(self.w_out, cfg))
+        if cfg.use_bias:
+            y_btd = y_btd + cast(self.b_out, cfg)
+        return y_btd

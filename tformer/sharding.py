@@ -1,0 +1,222 @@
+"""Sharding rules as data: logical axis names -> mesh axes.
+
+Every parameter carries logical axis names in its `axes` metadata (for example
+`('embed', 'mlp')`); stacked layers get a leading `'layers'` axis. A rule table
+maps each logical name to a mesh axis (or a tuple of them, or None). The same
+table constrains activations at block boundaries via `constrain`.
+
+The model code never names a mesh axis: change the table, change the plan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import threading
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+Rules = Mapping[str, Any]  # logical name -> None | mesh axis | tuple of mesh axes
+
+# Batch is split over both data axes: FSDP is data parallelism whose parameters
+# are also sharded, so every device still gets its own slice of the batch.
+_BATCH = ("data", "fsdp")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Replicated parameters; gradients all-reduced over the batch axes.
+    "dp": {"batch": _BATCH},
+    # Parameters (and so optimizer state) sharded along `embed` over fsdp;
+    # XLA all-gathers them per layer and reduce-scatters the gradients.
+    "fsdp": {"batch": _BATCH, "embed": "fsdp"},
+    # Megatron: QKV / MLP-up split by output columns (heads / mlp), attention
+    # out / MLP-down split by input rows: one reduction per block.
+    "tp": {
+        "batch": _BATCH,
+        "heads": "tensor",
+        "kv_heads": "tensor",
+        "mlp": "tensor",
+        "vocab": "tensor",
+        "act_heads": "tensor",
+        "act_kv_heads": "tensor",
+        "act_mlp": "tensor",
+        "act_vocab": "tensor",
+    },
+}
+PRESETS["fsdp_tp"] = {**PRESETS["tp"], "embed": "fsdp"}
+PRESETS["dp_tp"] = PRESETS["tp"]
+
+
+def rules_for(preset: str | Rules) -> dict[str, Any]:
+    """A rule table from a preset name or an explicit mapping."""
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown sharding preset {preset!r}; choose one of {sorted(PRESETS)}")
+        return dict(PRESETS[preset])
+    return dict(preset)
+
+
+def logical_to_spec(axes: Sequence[str | None], rules: Rules, mesh: Mesh | None = None) -> P:
+    """PartitionSpec for logical `axes` under `rules`.
+
+    A mesh axis is used at most once per array (first logical axis wins), and
+    axes of size 1 in `mesh` are dropped so specs stay readable.
+    """
+    used: set[str] = set()
+    out = []
+    for name in axes:
+        target = rules.get(name) if name is not None else None
+        if target is None:
+            out.append(None)
+            continue
+        targets = (target,) if isinstance(target, str) else tuple(target)
+        targets = tuple(
+            t for t in targets if t not in used and (mesh is None or mesh.shape.get(t, 1) > 1)
+        )
+        used.update(targets)
+        out.append(None if not targets else targets[0] if len(targets) == 1 else targets)
+    return P(*out)
+
+
+# ---------------------------------------------------------------------------
+# The active (mesh, rules) used by `constrain` while a step is being traced.
+
+
+@dataclasses.dataclass
+class _Active(threading.local):
+    mesh: Mesh | None = None
+    rules: Rules | None = None
+
+
+_active = _Active()
+
+
+@contextlib.contextmanager
+def use_rules(mesh: Mesh | None, rules: Rules | None):
+    """Activate `rules` on `mesh` for `constrain` calls traced inside."""
+    prev = (_active.mesh, _active.rules)
+    _active.mesh, _active.rules = mesh, rules
+    try:
+        yield
+    finally:
+        _active.mesh, _active.rules = prev
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint on an activation by logical axes; no-op without rules."""
+    mesh, rules = _active.mesh, _active.rules
+    if mesh is None or rules is None or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules, mesh)))
+
+
+# ---------------------------------------------------------------------------
+# Parameters.
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def param_axes(var: nnx.Variable) -> tuple[str | None, ...]:
+    """Logical axes of a (possibly layer-stacked) variable."""
+    axes = tuple(var.get_metadata().get("axes", ()))
+    extra = var.ndim - len(axes) if hasattr(var, "ndim") else np.ndim(var[...]) - len(axes)
+    if extra < 0:
+        raise ValueError(f"variable of shape {var.shape} has more logical axes {axes} than dims")
+    return ("layers",) * extra + axes
+
+
+def state_specs(state, rules: Rules, mesh: Mesh | None = None):
+    """PartitionSpec pytree (same structure as `state`, Variables as leaves)."""
+    return jax.tree.map(
+        lambda v: logical_to_spec(param_axes(v), rules, mesh) if _is_var(v) else P(),
+        state,
+        is_leaf=_is_var,
+    )
+
+
+def state_shardings(state, mesh: Mesh, rules: Rules):
+    """NamedSharding pytree for an nnx.State (abstract or concrete)."""
+    specs = state_specs(state, rules, mesh)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
+
+
+# ---------------------------------------------------------------------------
+# Meshes.
+
+
+def make_mesh(
+    shape: Mapping[str, int] | Sequence[int] = (-1, 1, 1),
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+    """A (data, fsdp, tensor) mesh; one `-1` fills the remaining devices.
+
+    >>> make_mesh({'data': -1, 'tensor': 2})  # 8 devices -> (4, 1, 2)
+    """
+    if isinstance(shape, Mapping):
+        unknown = set(shape) - set(MESH_AXES)
+        if unknown:
+            raise ValueError(f"unknown mesh axes {sorted(unknown)}; tformer's mesh axes are {MESH_AXES}")
+        dims = [shape.get(a, 1) for a in MESH_AXES]
+    else:
+        dims = list(shape)
+        if len(dims) != len(MESH_AXES):
+            raise ValueError(f"mesh shape {tuple(dims)} must have {len(MESH_AXES)} entries {MESH_AXES}")
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if dims.count(-1) > 1:
+        raise ValueError(f"mesh shape {tuple(dims)}: at most one axis may be -1")
+    if any(d == 0 or d < -1 for d in dims):
+        raise ValueError(f"mesh shape {tuple(dims)}: sizes must be positive or -1")
+    known = math.prod(d for d in dims if d != -1)
+    if -1 in dims:
+        if n % known:
+            raise ValueError(
+                f"mesh shape {tuple(dims)}: the fixed axes ({known} devices) do not divide "
+                f"the {n} available devices; pick sizes whose product divides {n}"
+            )
+        dims[dims.index(-1)] = n // known
+    if math.prod(dims) != n:
+        raise ValueError(
+            f"mesh shape {dict(zip(MESH_AXES, dims))} needs {math.prod(dims)} devices but {n} are "
+            f"available; make the product equal {n} or use -1 for one axis"
+        )
+    return jax.make_mesh(
+        tuple(dims), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
+
+
+def check_divisibility(cfg, mesh: Mesh, rules: Rules, global_batch: int | None = None) -> None:
+    """Fail early, naming the field, when a sharded dimension does not split evenly."""
+    sizes = {
+        "heads": ("num_heads", cfg.num_heads),
+        "kv_heads": ("num_kv_heads", cfg.kv_heads),
+        "mlp": ("d_ff", cfg.d_ff_),
+        "vocab": ("vocab_size (padded)", cfg.padded_vocab),
+        "embed": ("d_model", cfg.d_model),
+    }
+    for logical, (field, size) in sizes.items():
+        spec = logical_to_spec((logical,), rules, mesh)[0]
+        if spec is None:
+            continue
+        parts = math.prod(mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec))
+        if size % parts:
+            raise ValueError(
+                f"{field}={size} is not divisible by the {parts}-way sharding of logical axis "
+                f"{logical!r} (mesh {dict(mesh.shape)}); change the mesh or the model size"
+            )
+    if global_batch is not None:
+        spec = logical_to_spec(("batch",), rules, mesh)[0]
+        axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+        parts = math.prod(mesh.shape[a] for a in axes)
+        if global_batch % parts:
+            raise ValueError(
+                f"global batch size {global_batch} is not divisible by the {parts} devices of the "
+                f"data axes {axes}; use a multiple of {parts}"
+            )

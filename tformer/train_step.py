@@ -1,0 +1,305 @@
+"""Training as pure functions over a `TrainState` pytree.
+
+The NNX model is split once into a static graph definition and a plain nested
+dict of parameters; the jitted step merges them back at trace time. This
+keeps NNX's Python bookkeeping out of the per-step path, makes the state a
+pytree that optax, orbax and `jax.jit` shardings all understand, and lets
+parameters and optimizer state be created directly sharded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from tformer import sharding as shd
+from tformer.config import ModelConfig
+
+Params = dict  # nested dict of arrays (nnx.to_pure_dict of the model's Params)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with warmup + cosine decay, clipping and masked weight decay."""
+
+    learning_rate: float = 3e-4
+    warmup_steps: int = 100
+    total_steps: int = 10_000
+    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False  # norms and biases are never decayed
+    clip_norm: float | None = 1.0
+    grad_accum_steps: int = 1
+    z_loss: float = 0.0  # PaLM's log(Z)^2 penalty; 0 = off
+    label_smoothing: float = 0.0
+    skip_nonfinite: bool = True  # drop an update whose loss/grads are not finite
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"OptimizerConfig.schedule: unknown {self.schedule!r}; choose cosine, linear or constant")
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"OptimizerConfig.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"OptimizerConfig.learning_rate must be > 0, got {self.learning_rate}")
+        if self.warmup_steps < 0 or self.total_steps < 1:
+            raise ValueError("OptimizerConfig.warmup_steps must be >= 0 and total_steps >= 1")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"OptimizerConfig.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+def schedule(o: OptimizerConfig) -> optax.Schedule:
+    warm = optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1))
+    decay_steps = max(o.total_steps - o.warmup_steps, 1)
+    if o.schedule == "cosine":
+        rest = optax.cosine_decay_schedule(o.learning_rate, decay_steps, alpha=o.min_lr_ratio)
+    elif o.schedule == "linear":
+        rest = optax.linear_schedule(o.learning_rate, o.learning_rate * o.min_lr_ratio, decay_steps)
+    else:
+        rest = optax.constant_schedule(o.learning_rate)
+    return optax.join_schedules([warm, rest], [o.warmup_steps])
+
+
+def decay_mask(abstract_state, o: OptimizerConfig) -> Params:
+    """True for weight matrices: >= 2 logical axes (layers excluded), optional embeddings."""
+
+    def decide(v):
+        axes = [a for a in shd.param_axes(v) if a != "layers"]
+        if len(axes) < 2:
+            return False  # biases, norm scales
+        if axes[0] in ("vocab", "max_len"):  # token / position embedding tables
+            return o.decay_embeddings
+        return True
+
+    return nnx.to_pure_dict(jax.tree.map(decide, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def make_optimizer(o: OptimizerConfig, abstract_state) -> optax.GradientTransformation:
+    parts = []
+    if o.clip_norm is not None:
+        parts.append(optax.clip_by_global_norm(o.clip_norm))
+    parts.append(
+        optax.adamw(schedule(o), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                    mask=decay_mask(abstract_state, o))
+    )
+    return optax.chain(*parts)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array  # [] int32
+    params: Params
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data (checkpoint-friendly)
+
+
+# ---------------------------------------------------------------------------
+# Losses.
+
+
+def cross_entropy(logits_btv, targets_bt, weights_bt, z_loss: float = 0.0, label_smoothing: float = 0.0):
+    """Sums (not means) so microbatches and devices add up exactly."""
+    logits = logits_btv.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets_bt[..., None], axis=-1)[..., 0]
+    nll = lse - target_logit
+    loss = nll
+    if label_smoothing:
+        # Smooth over the real vocabulary only: padded ids hold -1e9 logits.
+        real = logits > -1e8
+        mean_logit = jnp.sum(jnp.where(real, logits, 0.0), -1) / jnp.sum(real, -1)
+        loss = (1 - label_smoothing) * nll + label_smoothing * (lse - mean_logit)
+    if z_loss:
+        loss = loss + z_loss * lse**2
+    correct = (jnp.argmax(logits, axis=-1) == targets_bt).astype(jnp.float32)
+    w = weights_bt.astype(jnp.float32)
+    return {
+        "loss_sum": jnp.sum(loss * w),
+        "nll_sum": jnp.sum(nll * w),
+        "weight_sum": jnp.sum(w),
+        "correct_sum": jnp.sum(correct * w),
+    }
+
+
+def batch_logits(model, batch: dict, dropout_rng=None):
+    """Teacher-forced logits and (targets, weights) for an LM or a seq2seq batch."""
+    if "src" in batch:
+        logits = model(
+            batch["src"], batch["tgt_inputs"],
+            tgt_segment_ids=batch.get("tgt_segment_ids"), src_segment_ids=batch.get("src_segment_ids"),
+            dropout_rng=dropout_rng,
+        )
+        return logits, batch["tgt_targets"], batch["tgt_weights"]
+    logits = model(
+        batch["inputs"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+        dropout_rng=dropout_rng,
+    )
+    weights = batch.get("weights")
+    if weights is None:
+        weights = jnp.ones(batch["targets"].shape, jnp.float32)
+    return logits, batch["targets"], weights
+
+
+def loss_sums(graphdef, params, batch, o: OptimizerConfig, dropout_rng=None):
+    model = nnx.merge(graphdef, params)
+    logits, targets, weights = batch_logits(model, batch, dropout_rng)
+    return cross_entropy(logits, targets, weights, o.z_loss, o.label_smoothing)
+
+
+# ---------------------------------------------------------------------------
+# State creation (directly sharded) and the steps.
+
+
+def abstract_model(model_cls, cfg: ModelConfig):
+    """(graphdef, abstract nnx.State with logical-axes metadata); allocates nothing."""
+    return nnx.split(nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0))))
+
+
+def param_shardings(abstract_state, mesh: Mesh, rules) -> Params:
+    return nnx.to_pure_dict(shd.state_shardings(abstract_state, mesh, rules))
+
+
+def _opt_shardings(abstract_opt, params_shardings: Params, params_abstract: Params, mesh: Mesh):
+    """Optimizer leaves mirroring a parameter (mu, nu, ...) get its sharding."""
+    by_path = {}
+    for path, s in jax.tree_util.tree_leaves_with_path(params_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)):
+        by_path[tuple(str(k) for k in path)] = s
+    shapes = {tuple(str(k) for k in p): a.shape for p, a in jax.tree_util.tree_leaves_with_path(params_abstract)}
+
+    def pick(path, leaf):
+        keys = tuple(str(k) for k in path)
+        for start in range(len(keys)):
+            suffix = keys[start:]
+            if suffix in by_path and shapes[suffix] == leaf.shape:
+                return by_path[suffix]
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt)
+
+
+def state_shardings(model_cls, cfg: ModelConfig, tx, mesh: Mesh, rules):
+    """NamedSharding pytree of a TrainState, from the rule table."""
+    _, abstract = abstract_model(model_cls, cfg)
+    p_sh = param_shardings(abstract, mesh, rules)
+    p_abs = nnx.to_pure_dict(abstract)
+    opt_abs = jax.eval_shape(tx.init, p_abs)
+    rep = NamedSharding(mesh, P())
+    return TrainState(step=rep, params=p_sh, opt_state=_opt_shardings(opt_abs, p_sh, p_abs, mesh), rng=rep)
+
+
+def create_train_state(model_cls, cfg: ModelConfig, o: OptimizerConfig, seed: int = 0,
+                       mesh: Mesh | None = None, rules=None):
+    """(graphdef, tx, state, state_shardings or None). Sharded at birth when a mesh is given."""
+    graphdef, abstract = abstract_model(model_cls, cfg)
+    tx = make_optimizer(o, abstract)
+
+    def init():
+        params = nnx.to_pure_dict(nnx.state(model_cls(cfg, rngs=nnx.Rngs(seed))))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+            rng=jax.random.key_data(jax.random.key(seed + 1)),
+        )
+
+    if mesh is None:
+        return graphdef, tx, jax.jit(init)(), None
+    shardings = state_shardings(model_cls, cfg, tx, mesh, rules)
+    return graphdef, tx, jax.jit(init, out_shardings=shardings)(), shardings
+
+
+def _microbatches(batch: dict, k: int) -> dict:
+    def split(x):
+        if x.shape[0] % k:
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum_steps={k}")
+        return x.reshape((k, x.shape[0] // k) + x.shape[1:])
+
+    return jax.tree.map(split, batch)
+
+
+def train_step(graphdef, tx, o: OptimizerConfig, state: TrainState, batch: dict, *, mesh=None, rules=None):
+    """One optimizer step (pure). Loss is normalised over the whole (accumulated) batch."""
+    with shd.use_rules(mesh, rules):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        def sums_and_grads(params, mb, i):
+            rng = jax.random.fold_in(key, i)
+
+            def f(p):
+                s = loss_sums(graphdef, p, mb, o, rng)
+                return s["loss_sum"], s
+
+            (_, s), g = jax.value_and_grad(f, has_aux=True)(params)
+            return s, g
+
+        if o.grad_accum_steps == 1:
+            sums, grads = sums_and_grads(state.params, batch, 0)
+        else:
+            mbs = _microbatches(batch, o.grad_accum_steps)
+
+            def body(acc, inp):
+                mb, i = inp
+                s, g = sums_and_grads(state.params, mb, i)
+                return jax.tree.map(jnp.add, acc, (s, g)), None
+
+            zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: sums_and_grads(state.params, jax.tree.map(lambda x: x[0], mbs), 0)))
+            (sums, grads), _ = jax.lax.scan(body, zero, (mbs, jnp.arange(o.grad_accum_steps)))
+
+        denom = jnp.maximum(sums["weight_sum"], 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        loss = sums["loss_sum"] / denom
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if o.skip_nonfinite:
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
+        metrics = {
+            "loss": loss,
+            "nll": sums["nll_sum"] / denom,
+            "accuracy": sums["correct_sum"] / denom,
+            "tokens": sums["weight_sum"],
+            "grad_norm": grad_norm,
+            "lr": schedule(o)(state.step),
+            "finite": finite,
+        }
+        return new_state, metrics
+
+
+def make_train_step(graphdef, tx, o: OptimizerConfig, *, mesh: Mesh | None = None, rules=None,
+                    state_sharding=None, batch_sharding=None, donate: bool = True) -> Callable:
+    """Jitted `step(state, batch) -> (state, metrics)` with shardings and donated state."""
+    fn = functools.partial(train_step, graphdef, tx, o, mesh=mesh, rules=rules)
+    kw = {}
+    if state_sharding is not None:
+        kw["in_shardings"] = (state_sharding, batch_sharding)
+        kw["out_shardings"] = (state_sharding, None)
+    return jax.jit(fn, donate_argnums=(0,) if donate else (), **kw)
+
+
+def eval_sums(graphdef, o: OptimizerConfig, params, batch, *, mesh=None, rules=None):
+    """Summed NLL / weights / correct over a batch, no dropout."""
+    with shd.use_rules(mesh, rules):
+        return loss_sums(graphdef, params, batch, o, None)
+
+
+def make_eval_step(graphdef, o: OptimizerConfig, *, mesh=None, rules=None, params_sharding=None, batch_sharding=None):
+    fn = functools.partial(eval_sums, graphdef, o, mesh=mesh, rules=rules)
+    kw = {} if params_sharding is None else {"in_shardings": (params_sharding, batch_sharding)}
+    return jax.jit(fn, **kw)
+
+
+def batch_sharding(mesh: Mesh, rules, batch: dict) -> dict:
+    """Leading (batch) dimension over the data axes, the rest replicated."""
+    spec = shd.logical_to_spec(("batch",), rules, mesh)
+    return jax.tree.map(lambda x: NamedSharding(mesh, P(spec[0], *([None] * (x.ndim - 1)))), batch)
