@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tformer.kvcache import KVCache
+from tformer import sharding as shd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +130,26 @@ def _start(model, prompt, valid, length, src, src_segment_ids):
 # Sampling / greedy.
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n", "length", "sampling", "eos_id", "pad_id"))
+def _with_rules(fn):
+    """Trace `fn` under the (mesh, rules) passed as the static `plan` argument."""
+
+    def wrapped(*args, plan=None, **kw):
+        mesh, rules = plan if plan is not None else (None, None)
+        with shd.use_rules(mesh, None if rules is None else dict(rules)):
+            return fn(*args, **kw)
+
+    wrapped.__name__ = fn.__name__
+    return wrapped
+
+
+def _plan(mesh, rules):
+    if mesh is None:
+        return None
+    return (mesh, tuple(sorted(shd.rules_for(rules if rules is not None else "dp").items())))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "n", "length", "sampling", "eos_id", "pad_id", "plan"))
+@_with_rules
 def _generate(graphdef, state, prompt, valid, rng, src, src_seg, *, n, length, sampling, eos_id, pad_id):
     model = nnx.merge(graphdef, state)
     last_logits, cache, layers = _start(model, prompt, valid, length, src, src_seg)
@@ -167,6 +184,8 @@ def generate(
     cache_len: int | None = None,
     src=None,
     src_segment_ids=None,
+    mesh=None,
+    rules=None,
 ) -> Generated:
     """Generate `max_new_tokens` after each prompt.
 
@@ -176,6 +195,9 @@ def generate(
     rng: PRNG key, needed when temperature > 0.
     eos_id: stop token (default: the config's); rows that emitted it produce
       pad_id afterwards. Pass -1 to never stop.
+    mesh, rules: trace under these sharding rules (e.g. params sharded with
+      the "tp" preset): activations and the KV cache get the matching
+      constraints (batch over data axes, kv heads over `tensor`).
     """
     cfg = model.cfg
     sampling = Sampling(temperature, top_k, top_p)
@@ -190,7 +212,7 @@ def generate(
         graphdef, state, prompt, valid, jax.random.key(0) if rng is None else rng,
         None if src is None else jnp.asarray(src), src_segment_ids,
         n=max_new_tokens, length=length, sampling=sampling,
-        eos_id=cfg.eos_id if eos_id is None else eos_id, pad_id=cfg.pad_id,
+        eos_id=cfg.eos_id if eos_id is None else eos_id, pad_id=cfg.pad_id, plan=_plan(mesh, rules),
     )
 
 
@@ -203,7 +225,8 @@ def length_penalty(length, alpha: float):
     return ((5.0 + length) / 6.0) ** alpha
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n", "length", "beam", "alpha", "eos_id", "pad_id"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "n", "length", "beam", "alpha", "eos_id", "pad_id", "plan"))
+@_with_rules
 def _beam_search(graphdef, state, prompt, valid, src, src_seg, *, n, length, beam, alpha, eos_id, pad_id):
     model = nnx.merge(graphdef, state)
     b = prompt.shape[0]
@@ -271,6 +294,8 @@ def beam_search(
     eos_id: int | None = None,
     src=None,
     src_segment_ids=None,
+    mesh=None,
+    rules=None,
 ) -> Generated:
     """Beam search (GNMT length penalty); returns the best hypothesis per row.
 
@@ -287,7 +312,7 @@ def beam_search(
     return _beam_search(
         graphdef, state, prompt, valid, None if src is None else jnp.asarray(src), src_segment_ids,
         n=max_new_tokens, length=length, beam=beam_size, alpha=float(length_alpha),
-        eos_id=cfg.eos_id if eos_id is None else eos_id, pad_id=cfg.pad_id,
+        eos_id=cfg.eos_id if eos_id is None else eos_id, pad_id=cfg.pad_id, plan=_plan(mesh, rules),
     )
 
 

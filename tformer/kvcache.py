@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from tformer.attention import Masking
+from tformer.sharding import constrain
 
 
 @jax.tree_util.register_dataclass
@@ -42,7 +43,10 @@ class KVCache:
 
 
 def empty(num_layers: int, batch: int, length: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
-    z = lambda: jnp.zeros((batch, length, kv_heads, head_dim), dtype)  # noqa: E731
+    # Batch over the data axes, kv heads over `tensor` (when rules are active).
+    z = lambda: constrain(  # noqa: E731
+        jnp.zeros((batch, length, kv_heads, head_dim), dtype), ("batch", "length", "act_kv_heads", "head_dim")
+    )
     return KVCache(
         k=tuple(z() for _ in range(num_layers)),
         v=tuple(z() for _ in range(num_layers)),
