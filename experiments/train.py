@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging as logging_std
 import math
 import os
 import signal
@@ -368,8 +369,16 @@ def show_samples(model, task: Task, config: ConfigDict) -> None:
             print(f"{s}  ->  {h}   (reference: {ref})")
 
 
+class _QuietLibraries(logging_std.Filter):
+    """Keep the console for the run's own lines: drop checkpoint libraries' INFO chatter."""
+
+    def filter(self, record):
+        return record.levelno >= logging_std.WARNING or "orbax" not in record.pathname
+
+
 def main(argv):
     del argv
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     if FLAGS.distributed:
         jax.distributed.initialize()
     if FLAGS.config is None or FLAGS.workdir is None:

@@ -92,6 +92,9 @@ class ModelConfig:
         _check(self.num_layers >= 1, "num_layers", f"must be >= 1, got {self.num_layers}")
         _check(self.num_encoder_layers >= 0, "num_encoder_layers", "must be >= 0")
         _check(self.max_len >= 1, "max_len", f"must be >= 1, got {self.max_len}")
+        _check(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
+        _check(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
+        _check(self.init_std >= 0, "init_std", f"must be >= 0, got {self.init_std}")
         _check(self.positions in POSITIONS, "positions", f"unknown kind {self.positions!r}; choose one of {POSITIONS}")
         _check(self.norm in NORMS, "norm", f"unknown kind {self.norm!r}; choose one of {NORMS}")
         _check(

@@ -1,12 +1,22 @@
-"""FLOP and byte arithmetic for MFU and decode rooflines (pure Python)."""
+"""FLOP and byte arithmetic for MFU and decode rooflines (pure Python).
+
+Everything here is closed-form arithmetic over a `ModelConfig`, so a test can
+check it against a count written out by hand and against the real model.
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 from tformer.config import ModelConfig
 
 
 def param_count(cfg: ModelConfig, encoder_decoder: bool = False, include_positions: bool = False) -> int:
-    """Parameters, counting the padded vocabulary as stored."""
+    """Parameters, counting the padded vocabulary as stored.
+
+    The learned position table is left out unless `include_positions`: it is
+    a lookup, not a matmul, so the 6N training-FLOP rule excludes it.
+    """
     d, f, h, kh, hd = cfg.d_model, cfg.d_ff_, cfg.num_heads, cfg.kv_heads, cfg.head_dim_
     bias = cfg.use_bias
     attn = d * h * hd * 2 + d * kh * hd * 2 + (h * hd + 2 * kh * hd + d if bias else 0)
@@ -29,6 +39,89 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """6 N + 12 L d T (Kaplan et al. / PaLM appendix B), N without position table.
 
     The attention term uses d = num_heads * head_dim (the width of QK^T and AV).
+    The causal mask is not discounted, as in the PaLM and nanoGPT MFU figures.
     """
     n = param_count(cfg)
     return 6.0 * n + 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim_ * seq_len
+
+
+def model_tflops(flops_per_token: float, tokens_per_s: float) -> float:
+    """Achieved model TFLOP/s (useful FLOPs only: no remat recompute)."""
+    return flops_per_token * tokens_per_s / 1e12
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak_tflops: float) -> float:
+    """Model FLOPs utilisation in [0, 1]: achieved model FLOP/s over the device peak."""
+    if peak_tflops <= 0:
+        raise ValueError(f"peak_tflops must be > 0, got {peak_tflops}")
+    return model_tflops(flops_per_token, tokens_per_s) / peak_tflops
+
+
+def decode_flops_per_token(cfg: ModelConfig, context_len: float) -> float:
+    """Forward-only FLOPs to emit one token: 2 N + 4 L d S over S attended positions."""
+    return 2.0 * param_count(cfg) + 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim_ * context_len
+
+
+# ---------------------------------------------------------------------------
+# Decode: one step reads every weight once plus the K/V it attends over.
+
+
+def kv_bytes_per_step(cfg: ModelConfig, batch: int, context_len: int, kv_bytes: int) -> int:
+    """K and V bytes one decode step reads: layers x 2 x batch x context x kv_heads x head_dim x bytes."""
+    return cfg.num_layers * 2 * batch * context_len * cfg.kv_heads * cfg.head_dim_ * kv_bytes
+
+
+def decode_bytes_per_step(cfg: ModelConfig, batch: int, context_len: int, bytes_per_param: int, kv_bytes: int) -> int:
+    """Bytes one decode step must move from memory: all weights once + the KV cache.
+
+    Weights exclude the position table (one row per token is read, not the
+    table); the token table is counted in full because the (tied) output
+    projection reads all of it. `context_len` is the number of cache slots
+    attended over (tformer reads the whole cache it was given).
+    """
+    for name, v in (("batch", batch), ("context_len", context_len), ("bytes_per_param", bytes_per_param),
+                    ("kv_bytes", kv_bytes)):
+        if v < 1:
+            raise ValueError(f"decode_bytes_per_step: {name} must be >= 1, got {v}")
+    return param_count(cfg) * bytes_per_param + kv_bytes_per_step(cfg, batch, context_len, kv_bytes)
+
+
+def roofline_ms(num_bytes: float, bytes_per_s: float) -> float:
+    """Time to stream `num_bytes` at `bytes_per_s`, in milliseconds (the bandwidth lower bound)."""
+    if bytes_per_s <= 0:
+        raise ValueError(f"bytes_per_s must be > 0, got {bytes_per_s}")
+    return num_bytes / bytes_per_s * 1e3
+
+
+# ---------------------------------------------------------------------------
+# Known accelerators: dense bf16 peak (spec sheets, no sparsity) and HBM bandwidth.
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSpec:
+    name: str
+    peak_tflops: float  # dense bf16 TFLOP/s
+    hbm_bytes_per_s: float
+
+
+# Matched in order against the lower-cased `jax.Device.device_kind`, so the more
+# specific names ("v5 lite", "h100 pcie") come before the ones they contain.
+DEVICE_SPECS: tuple[tuple[tuple[str, ...], DeviceSpec], ...] = (
+    (("h100 pcie",), DeviceSpec("H100 PCIe", 756.0, 2.0e12)),
+    (("h100",), DeviceSpec("H100 SXM", 989.0, 3.35e12)),
+    (("h200",), DeviceSpec("H200", 989.0, 4.8e12)),
+    (("a100",), DeviceSpec("A100", 312.0, 2.0e12)),
+    (("v6 lite", "v6e"), DeviceSpec("TPU v6e", 918.0, 1.64e12)),
+    (("v5 lite", "v5e", "v5litepod"), DeviceSpec("TPU v5e", 197.0, 0.82e12)),
+    (("v5p", "tpu v5"), DeviceSpec("TPU v5p", 459.0, 2.76e12)),
+    (("tpu v4",), DeviceSpec("TPU v4", 275.0, 1.2e12)),
+)
+
+
+def device_spec(device_kind: str) -> DeviceSpec | None:
+    """The spec for a `jax.devices()[0].device_kind` string, or None (e.g. CPU)."""
+    kind = device_kind.lower()
+    for patterns, spec in DEVICE_SPECS:
+        if any(p in kind for p in patterns):
+            return spec
+    return None

@@ -39,18 +39,25 @@ class Sampling:
 
 def sample_logits(logits_bv: jax.Array, rng: jax.Array, s: Sampling) -> jax.Array:
     """One token id per row from fp32 logits, honouring top-k then top-p."""
-    logits_bv = logits_bv.astype(jnp.float32)
     if s.temperature == 0.0:
-        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-    logits_bv = logits_bv / s.temperature
-    if s.top_k is not None and s.top_k < logits_bv.shape[-1]:
-        kth = jax.lax.top_k(logits_bv, s.top_k)[0][:, -1:]
+        return jnp.argmax(logits_bv.astype(jnp.float32), axis=-1).astype(jnp.int32)
+    use_top_p = s.top_p is not None and s.top_p < 1.0
+    return _sample(logits_bv, rng, s.temperature, s.top_k, s.top_p if use_top_p else None)
+
+
+def _sample(logits_bv, rng, temperature, top_k: int | None, top_p):
+    """Sampling with `temperature` (> 0) and `top_p` as values that may be traced,
+    so one compiled generation loop serves every temperature and nucleus size;
+    `top_k` is a static size."""
+    logits_bv = logits_bv.astype(jnp.float32) / temperature
+    if top_k is not None and top_k < logits_bv.shape[-1]:
+        kth = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
         logits_bv = jnp.where(logits_bv < kth, -jnp.inf, logits_bv)
-    if s.top_p is not None and s.top_p < 1.0:
+    if top_p is not None:
         sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
         probs = jax.nn.softmax(sorted_bv, axis=-1)
         # Keep the smallest prefix whose mass reaches top_p (always >= 1 token).
-        keep = (jnp.cumsum(probs, axis=-1) - probs) < s.top_p
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
         cutoff = jnp.min(jnp.where(keep, sorted_bv, jnp.inf), axis=-1, keepdims=True)
         logits_bv = jnp.where(logits_bv < cutoff, -jnp.inf, logits_bv)
     return jax.random.categorical(rng, logits_bv, axis=-1).astype(jnp.int32)
@@ -115,6 +122,18 @@ def _is_encdec(model) -> bool:
     return hasattr(model, "encoder")
 
 
+def _as_src(model, src, src_segment_ids, batch: int, what: str):
+    """Source arrays for an EncoderDecoder (None for a DecoderLM), checked against the batch."""
+    if not _is_encdec(model):
+        return None, None
+    if src is None:
+        raise ValueError(f"EncoderDecoder {what} needs src=[batch, src_len] source tokens")
+    src = jnp.asarray(src, jnp.int32)
+    if src.ndim != 2 or src.shape[0] != batch:
+        raise ValueError(f"src must be [batch={batch}, src_len] to match the prompts, got shape {src.shape}")
+    return src, None if src_segment_ids is None else jnp.asarray(src_segment_ids, jnp.int32)
+
+
 def _start(model, prompt, valid, length, src, src_segment_ids):
     """Fresh cache with the prompt prefilled (in one parallel pass)."""
     if _is_encdec(model):
@@ -148,19 +167,30 @@ def _plan(mesh, rules):
     return (mesh, tuple(sorted(shd.rules_for(rules if rules is not None else "dp").items())))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n", "length", "sampling", "eos_id", "pad_id", "plan"))
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "n", "length", "greedy", "top_k", "eos_id", "pad_id", "plan")
+)
 @_with_rules
-def _generate(graphdef, state, prompt, valid, rng, src, src_seg, *, n, length, sampling, eos_id, pad_id):
+def _generate(graphdef, state, prompt, valid, rng, src, src_seg, temperature, top_p, *, n, length, greedy, top_k,
+              eos_id, pad_id):
     model = nnx.merge(graphdef, state)
+    vocab = model.cfg.vocab_size  # sample real ids only: -1e9 / temperature is not -inf
+
+    def pick(logits_bv, key):
+        logits_bv = logits_bv[:, :vocab]
+        if greedy:
+            return jnp.argmax(logits_bv.astype(jnp.float32), axis=-1).astype(jnp.int32)
+        return _sample(logits_bv, key, temperature, top_k, top_p)
+
     last_logits, cache, layers = _start(model, prompt, valid, length, src, src_seg)
     keys = jax.random.split(rng, n)
-    first = sample_logits(last_logits, keys[0], sampling)
+    first = pick(last_logits, keys[0])
     done = first == eos_id
 
     def step(carry, key):
         tok, cache, done = carry
         logits, cache = model.extend(tok[:, None], cache, None, layers)
-        nxt = jnp.where(done, pad_id, sample_logits(logits[:, 0], key, sampling))
+        nxt = jnp.where(done, pad_id, pick(logits[:, 0], key))
         return (nxt, cache, done | (nxt == eos_id)), nxt
 
     (_, _, done), rest = jax.lax.scan(step, (first, cache, done), keys[1:])
@@ -200,18 +230,19 @@ def generate(
       constraints (batch over data axes, kv heads over `tensor`).
     """
     cfg = model.cfg
-    sampling = Sampling(temperature, top_k, top_p)
+    sampling = Sampling(temperature, top_k, top_p)  # validates
     if temperature > 0 and rng is None:
         raise ValueError("sampling with temperature > 0 needs an explicit rng key (jax.random.key(seed))")
     prompt, valid, p = _as_prompts(model, prompts, lengths)
     length = _check_length(cfg, p, max_new_tokens, cache_len)
-    if _is_encdec(model) and src is None:
-        raise ValueError("EncoderDecoder generation needs src=[batch, src_len] source tokens")
+    src, src_segment_ids = _as_src(model, src, src_segment_ids, prompt.shape[0], "generation")
     graphdef, state = nnx.split(model)
     return _generate(
-        graphdef, state, prompt, valid, jax.random.key(0) if rng is None else rng,
-        None if src is None else jnp.asarray(src), src_segment_ids,
-        n=max_new_tokens, length=length, sampling=sampling,
+        graphdef, state, prompt, valid, jax.random.key(0) if rng is None else rng, src, src_segment_ids,
+        # Values, not compile-time constants: a new temperature or top_p reuses the program.
+        jnp.float32(temperature if temperature > 0 else 1.0),
+        jnp.float32(top_p) if sampling.top_p is not None and sampling.top_p < 1.0 else None,
+        n=max_new_tokens, length=length, greedy=temperature == 0.0, top_k=None if temperature == 0.0 else top_k,
         eos_id=cfg.eos_id if eos_id is None else eos_id, pad_id=cfg.pad_id, plan=_plan(mesh, rules),
     )
 
@@ -241,8 +272,8 @@ def _beam_search(graphdef, state, prompt, valid, src, src_seg, *, n, length, bea
 
     def step(carry, i):
         logits, cache, alive_seq, alive_lp, fin_seq, fin_score = carry
-        v = logits.shape[-1]
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(b, beam, v)
+        v = model.cfg.vocab_size
+        logp = jax.nn.log_softmax(logits[:, :v].astype(jnp.float32), axis=-1).reshape(b, beam, v)
         cand = (alive_lp[:, :, None] + logp).reshape(b, beam * v)
         top_lp, top_idx = jax.lax.top_k(cand, 2 * beam)  # 2K: K may end in EOS
         parent, tok = top_idx // v, (top_idx % v).astype(jnp.int32)
@@ -250,7 +281,9 @@ def _beam_search(graphdef, state, prompt, valid, src, src_seg, *, n, length, bea
         seqs = jax.lax.dynamic_update_slice(seqs, tok[:, :, None], (0, 0, i))
         is_eos = tok == eos_id
         # Finished: merge new EOS candidates with the best so far.
-        new_fin = jnp.where(is_eos, top_lp / length_penalty(i + 1.0, alpha), neg)
+        # (A candidate grown from a dead beam keeps its ~-1e9 and is never finished,
+        # however much the length penalty divides it.)
+        new_fin = jnp.where(is_eos & (top_lp > neg / 2), top_lp / length_penalty(i + 1.0, alpha), neg)
         all_score = jnp.concatenate([fin_score, new_fin], axis=1)
         all_seq = jnp.concatenate([fin_seq, seqs], axis=1)
         fin_score, idx = jax.lax.top_k(all_score, beam)
@@ -306,34 +339,55 @@ def beam_search(
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     prompt, valid, p = _as_prompts(model, prompts, lengths)
     length = _check_length(cfg, p, max_new_tokens, None)
-    if _is_encdec(model) and src is None:
-        raise ValueError("EncoderDecoder beam search needs src=[batch, src_len] source tokens")
+    src, src_segment_ids = _as_src(model, src, src_segment_ids, prompt.shape[0], "beam search")
     graphdef, state = nnx.split(model)
     return _beam_search(
-        graphdef, state, prompt, valid, None if src is None else jnp.asarray(src), src_segment_ids,
+        graphdef, state, prompt, valid, src, src_segment_ids,
         n=max_new_tokens, length=length, beam=beam_size, alpha=float(length_alpha),
         eos_id=cfg.eos_id if eos_id is None else eos_id, pad_id=cfg.pad_id, plan=_plan(mesh, rules),
     )
 
 
-def sequence_logprob(model, prompts, continuation, *, lengths=None, src=None) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("graphdef", "eos_id"))
+def _sequence_logprob(graphdef, state, prompt, valid, cont, src, src_seg, *, eos_id):
+    model = nnx.merge(graphdef, state)
+    p = prompt.shape[1]
+    tokens = jnp.concatenate([prompt, cont], axis=1)
+    # Left-aligned prompts: padding is its own (masked) segment, positions start
+    # at each row's first real token, exactly as the cache sees them.
+    v = jnp.concatenate([valid, jnp.ones(cont.shape, bool)], axis=1)
+    pos = jnp.maximum(jnp.cumsum(v, axis=1) - 1, 0)
+    seg = v.astype(jnp.int32)
+    if _is_encdec(model):
+        # Cross-attention pairs equal segment ids: every real source token is segment 1 here.
+        src_seg = None if src_seg is None else (src_seg != 0).astype(jnp.int32)
+        logits = model(src, tokens, src_segment_ids=src_seg, tgt_segment_ids=seg, tgt_positions=pos)
+    else:
+        logits = model(tokens, positions=pos, segment_ids=seg)
+    vocab = model.cfg.vocab_size
+    logp = jax.nn.log_softmax(logits[:, p - 1 : -1, :vocab].astype(jnp.float32), axis=-1)
+    tok_lp = jnp.take_along_axis(logp, cont[:, :, None], axis=-1)[..., 0]
+    is_eos = cont == eos_id
+    before = jnp.cumsum(is_eos, axis=1) - is_eos  # EOS seen strictly before
+    return jnp.sum(jnp.where(before == 0, tok_lp, 0.0), axis=1)
+
+
+def sequence_logprob(model, prompts, continuation, *, lengths=None, src=None, src_segment_ids=None,
+                     eos_id: int | None = None) -> jax.Array:
     """Sum of log-probs of `continuation` [B, N] after each prompt (parallel forward).
 
     Used to score a greedy output the same way beam search scores its own.
-    Stops counting after the first EOS in each row.
+    Stops counting after the first `eos_id` (default: the config's) in each row.
+    Same prompt conventions as `generate`.
     """
     cfg = model.cfg
-    prompt, valid, p = _as_prompts(model, prompts, lengths)
-    cont = jnp.asarray(continuation, jnp.int32)
-    tokens = jnp.concatenate([prompt, cont], axis=1)
-    if _is_encdec(model):
-        logits = model(jnp.asarray(src), tokens)
-    else:
-        v = jnp.concatenate([valid, jnp.ones(cont.shape, bool)], axis=1)
-        pos = jnp.maximum(jnp.cumsum(v, axis=1) - 1, 0)
-        logits = model(tokens, positions=pos, segment_ids=v.astype(jnp.int32))
-    logp = jax.nn.log_softmax(logits[:, p - 1 : -1].astype(jnp.float32), axis=-1)
-    tok_lp = jnp.take_along_axis(logp, cont[:, :, None], axis=-1)[..., 0]
-    is_eos = cont == cfg.eos_id
-    before = jnp.cumsum(is_eos, axis=1) - is_eos  # EOS seen strictly before
-    return jnp.sum(jnp.where(before == 0, tok_lp, 0.0), axis=1)
+    prompt, valid, _ = _as_prompts(model, prompts, lengths)
+    cont = np.asarray(continuation)
+    if cont.ndim != 2 or cont.shape[0] != prompt.shape[0]:
+        raise ValueError(f"continuation must be [batch={prompt.shape[0]}, length], got shape {cont.shape}")
+    src, src_segment_ids = _as_src(model, src, src_segment_ids, prompt.shape[0], "scoring")
+    graphdef, state = nnx.split(model)
+    return _sequence_logprob(
+        graphdef, state, prompt, valid, jnp.asarray(cont, jnp.int32), src, src_segment_ids,
+        eos_id=cfg.eos_id if eos_id is None else eos_id,
+    )

@@ -232,11 +232,16 @@ class EncoderDecoder(nnx.Module):
         return self.embed.decode(x_btd)
 
     def __call__(self, src_bs, tgt_inputs_bt, *, src_segment_ids=None, tgt_segment_ids=None,
-                 tgt_positions=None, dropout_rng=None):
-        """Teacher-forced logits [B, T, V]: `tgt_inputs` is the target shifted right after BOS."""
+                 tgt_positions=None, src_positions=None, dropout_rng=None):
+        """Teacher-forced logits [B, T, V]: `tgt_inputs` is the target shifted right after BOS.
+
+        Packed pairs: target segment i attends to source segment i (equal ids);
+        pass `src_positions` / `tgt_positions` restarting at each segment.
+        """
         cfg = self.cfg
         _check_tokens(tgt_inputs_bt, cfg)
-        enc = self.encode(src_bs, src_segment_ids=src_segment_ids, dropout_rng=fold(dropout_rng, 0))
+        enc = self.encode(src_bs, src_segment_ids=src_segment_ids, src_positions=src_positions,
+                          dropout_rng=fold(dropout_rng, 0))
         src_seg = self._src_segments(src_bs, src_segment_ids)
         pos = _default_positions(tgt_inputs_bt, tgt_positions)
         masking = self_masking(pos, tgt_segment_ids, cfg, causal=True)

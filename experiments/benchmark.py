@@ -1,0 +1,571 @@
+r"""Speed benchmark: training step and KV-cached generation, with the knobs that matter.
+
+    python experiments/benchmark.py --model=cpu_tiny --what=train,decode
+    python experiments/benchmark.py --model=gpt2_small --what=train --attention=cudnn --scan_layers=false
+    python experiments/benchmark.py --model=cpu_tiny --override=num_layers=2 --override=remat=full
+
+Prints one JSON line per figure on stdout (`what` = train | decode | compare)
+and a readable table on stderr, so `... > figures.jsonl` keeps the data clean.
+The same command runs on CPU, GPU and TPU: MFU and the decode roofline use a
+table of known devices (tformer.flops.DEVICE_SPECS); elsewhere pass
+`--peak_tflops` / `--hbm_gbps`, or only the absolute figures are reported.
+
+`--peer_script` runs a peer (e.g. a Hugging Face GPT-2 script with `train`
+and `decode` functions taking the same shape from SHAPE/BATCH/STEPS) in a
+child process of the same run, so the ratio is measured under the same load.
+
+This module needs only jax, flax, optax, numpy and absl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import typing
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python experiments/benchmark.py`: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import tformer
+from tformer import flops
+from tformer import train_step as ts
+from tformer.attention import Masking, resolve_impl
+from tformer.layers import DTYPE
+
+# ---------------------------------------------------------------------------
+# Workloads.
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A model shape and the workload it is benchmarked with."""
+
+    model: dict
+    batch: int
+    seq_len: int
+    decode_batches: tuple[int, ...]
+    prompt_len: int
+    new_tokens: int
+
+
+PRESETS: dict[str, Preset] = {
+    # The reference GPU workload: GPT-2 small, bf16 compute, fp32 master weights.
+    "gpt2_small": Preset(
+        model=dict(vocab_size=50257, d_model=768, num_heads=12, num_layers=12, max_len=1024,
+                   bos_id=50256, eos_id=50256, pad_id=50256, dtype="bfloat16", param_dtype="float32"),
+        batch=16, seq_len=1024, decode_batches=(1, 64), prompt_len=16, new_tokens=512,
+    ),
+    # The reference CPU workload (2-core CI machines), fp32.
+    "cpu_tiny": Preset(
+        model=dict(vocab_size=256, d_model=256, num_heads=4, num_layers=4, max_len=256),
+        batch=8, seq_len=256, decode_batches=(1, 8), prompt_len=16, new_tokens=128,
+    ),
+}
+
+# Config fields that change speed but not the function computed (plus the
+# precisions); each has its own flag and is recorded in every JSON line.
+KNOBS = ("attention", "scan_layers", "remat", "dtype", "param_dtype", "logits_dtype", "vocab_multiple")
+
+# XLA flags that help on GPU. Command buffers (CUDA graphs) are on by default
+# and worth ~2.5x at decode batch 1, so they are deliberately left alone.
+GPU_XLA_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true",)
+
+
+@dataclasses.dataclass
+class Options:
+    """Everything one benchmark run needs (the CLI flags, as data)."""
+
+    model: str = "cpu_tiny"
+    overrides: tuple[str, ...] = ()  # "field=value" for ModelConfig
+    what: tuple[str, ...] = ("train",)
+    batch: int | None = None  # None: the preset's
+    seq_len: int | None = None
+    steps: int = 10
+    warmup: int = 2
+    donate: bool = True
+    skip_nonfinite: bool = False  # its select over every parameter is not free
+    decode_batches: tuple[int, ...] | None = None
+    prompt_len: int | None = None
+    new_tokens: int | None = None
+    cache_len: int | None = None  # None: prompt_len + new_tokens
+    decode_param_dtype: str | None = None  # None: the compute dtype (serving weights)
+    decode_repeats: int = 3
+    peak_tflops: float | None = None
+    hbm_gbps: float | None = None
+    seed: int = 0
+    xla_flags: str = ""  # recorded; applied by main() before the backend starts
+
+
+# ---------------------------------------------------------------------------
+# Config from a preset + "key=value" overrides.
+
+
+def _parse_value(name: str, raw: str, annotation: str):
+    text = raw.strip()
+    optional = "None" in annotation
+    if optional and text.lower() == "none":
+        return None
+    base = annotation.replace("| None", "").replace("None |", "").strip()
+    try:
+        if base == "bool":
+            if text.lower() in ("true", "1", "yes"):
+                return True
+            if text.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if base == "int":
+            return int(text)
+        if base == "float":
+            return float(text)
+    except ValueError:
+        raise ValueError(f"--override {name}={raw}: expected a value of type {annotation}") from None
+    return text
+
+
+def parse_overrides(overrides: typing.Iterable[str]) -> dict:
+    """["d_model=64", "scan_layers=true"] -> typed ModelConfig fields; unknown fields fail."""
+    fields = {f.name: str(f.type) for f in dataclasses.fields(tformer.ModelConfig)}
+    out = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--override expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key not in fields:
+            raise ValueError(f"--override: unknown ModelConfig field {key!r}; valid fields are {sorted(fields)}")
+        out[key] = _parse_value(key, raw, fields[key])
+    return out
+
+
+def model_config(opts: Options) -> tformer.ModelConfig:
+    if opts.model not in PRESETS:
+        raise ValueError(f"--model={opts.model!r} is unknown; choose one of {sorted(PRESETS)}")
+    kw = dict(PRESETS[opts.model].model)
+    kw.update(parse_overrides(opts.overrides))
+    seq = opts.seq_len or PRESETS[opts.model].seq_len
+    kw["max_len"] = max(kw.get("max_len", 0), seq)
+    return tformer.ModelConfig(**kw)
+
+
+# ---------------------------------------------------------------------------
+# Device facts.
+
+
+def device_facts(opts: Options) -> dict:
+    dev = jax.devices()[0]
+    spec = flops.device_spec(dev.device_kind) if dev.platform != "cpu" else None
+    peak = opts.peak_tflops if opts.peak_tflops else (spec.peak_tflops if spec else None)
+    bw = opts.hbm_gbps * 1e9 if opts.hbm_gbps else (spec.hbm_bytes_per_s if spec else None)
+    return dict(platform=dev.platform, device_kind=dev.device_kind, device_name=spec.name if spec else None,
+                peak_tflops=peak, hbm_bytes_per_s=bw, jax_version=jax.__version__, host_cpus=os.cpu_count())
+
+
+def peak_memory_bytes(compiled) -> tuple[int | None, str]:
+    """Peak device memory: the allocator's high-water mark where the device reports it, else XLA's plan."""
+    stats = None
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # some backends do not implement it
+        pass
+    if stats and "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "memory_stats"
+    try:
+        m = compiled.memory_analysis()
+        total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+        return int(total), "memory_analysis"
+    except Exception:
+        return None, "unavailable"
+
+
+def _knobs(cfg: tformer.ModelConfig, opts: Options) -> dict:
+    k = {name: getattr(cfg, name) for name in KNOBS}
+    k.update(donate=opts.donate, skip_nonfinite=opts.skip_nonfinite, xla_flags=opts.xla_flags)
+    return k
+
+
+def _round(x, sig=4):
+    """`sig` significant figures: figures span 1e-4 ms rooflines to 1e3 ms CPU steps."""
+    return None if x is None else float(f"{float(x):.{sig}g}")
+
+
+# ---------------------------------------------------------------------------
+# Training step.
+
+
+def lm_batch(cfg: tformer.ModelConfig, batch: int, seq_len: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq_len + 1)), jnp.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": jnp.ones((batch, seq_len), jnp.float32)}
+
+
+def bench_train(opts: Options, dev: dict) -> dict:
+    """Median wall time of one jitted train step (AdamW, loss, grads), compile timed apart."""
+    cfg = model_config(opts)
+    preset = PRESETS[opts.model]
+    b, t = opts.batch or preset.batch, opts.seq_len or preset.seq_len
+    o = ts.OptimizerConfig(skip_nonfinite=opts.skip_nonfinite, warmup_steps=10, total_steps=10_000)
+    graphdef, tx, state, _ = ts.create_train_state(tformer.DecoderLM, cfg, o, seed=opts.seed)
+    step = ts.make_train_step(graphdef, tx, o, donate=opts.donate)
+    batch = lm_batch(cfg, b, t, opts.seed)
+
+    t0 = time.perf_counter()
+    lowered = step.lower(state, batch)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+
+    for _ in range(opts.warmup):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(opts.steps):
+        s0 = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(state)
+        times.append(time.perf_counter() - s0)
+
+    step_s = statistics.median(times)
+    tokens_per_s = b * t / step_s
+    fpt = flops.train_flops_per_token(cfg, t)
+    mem, mem_src = peak_memory_bytes(compiled)
+    # What `attention="auto"|"cudnn"` resolves to for this call (dense causal mask, no dropout).
+    probe = Masking(q_pos=None, k_pos=None, dense_free=True)
+    impl = resolve_impl(cfg, DTYPE[cfg.dtype], probe, training_dropout=False)
+    if impl == "cudnn" and "cudnn" not in compiled.as_text():
+        impl = "xla (cudnn fell back)"
+    return dict(
+        what="train", system="tformer", model=opts.model, batch=b, seq_len=t,
+        step_ms=_round(step_s * 1e3), step_ms_min=_round(min(times) * 1e3), steps=len(times),
+        tokens_per_s=round(tokens_per_s),
+        tflops=_round(flops.model_tflops(fpt, tokens_per_s)),
+        mfu=_round(flops.mfu(fpt, tokens_per_s, dev["peak_tflops"])) if dev["peak_tflops"] else None,
+        compile_s=_round(t2 - t1), lower_s=_round(t1 - t0), peak_memory_bytes=mem, memory_source=mem_src,
+        flops_per_token=fpt, params=flops.param_count(cfg), loss=_round(metrics["loss"]),
+        attention_resolved=impl, **_knobs(cfg, opts), **dev,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Generation.
+
+
+def _timed(fn) -> float:
+    s0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - s0
+
+
+def bench_decode(opts: Options, dev: dict) -> list[dict]:
+    """Greedy generation: prefill time, then per-step latency of the lax.scan decode loop.
+
+    Decode time = (generate N tokens) - (generate 1 token, i.e. prefill + first
+    sample), both end to end and steady-state, so per-call host work cancels.
+    """
+    preset = PRESETS[opts.model]
+    cfg = model_config(opts)
+    cfg = cfg.replace(param_dtype=opts.decode_param_dtype or cfg.dtype)
+    p = opts.prompt_len or preset.prompt_len
+    n = opts.new_tokens or preset.new_tokens
+    if n < 2:
+        raise ValueError(f"--new_tokens must be >= 2 to time decode steps apart from prefill, got {n}")
+    cache_len = opts.cache_len or p + n
+    if cache_len > cfg.max_len:
+        cfg = cfg.replace(max_len=cache_len)
+    model = tformer.DecoderLM(cfg, rngs=nnx.Rngs(opts.seed))
+    param_bytes = np.dtype(DTYPE[cfg.param_dtype]).itemsize
+    kv_bytes = np.dtype(DTYPE[cfg.dtype]).itemsize
+    records = []
+    for b in opts.decode_batches or preset.decode_batches:
+        prompts = np.random.default_rng(opts.seed).integers(3, cfg.vocab_size, (b, p)).astype(np.int32)
+
+        def run(k):
+            return tformer.generate(model, prompts, max_new_tokens=k, eos_id=-1, cache_len=cache_len).tokens
+
+        first_full = _timed(lambda: run(n))  # compile + run
+        first_pre = _timed(lambda: run(1))
+        # Best of the repeats: latency noise (other processes) only ever adds time.
+        full = min(_timed(lambda: run(n)) for _ in range(opts.decode_repeats))
+        pre = min(_timed(lambda: run(1)) for _ in range(opts.decode_repeats))
+        nbytes = flops.decode_bytes_per_step(cfg, b, cache_len, param_bytes, kv_bytes)
+        roof = flops.roofline_ms(nbytes, dev["hbm_bytes_per_s"]) if dev["hbm_bytes_per_s"] else None
+        rec = dict(
+            what="decode", system="tformer", model=opts.model, batch=b, prompt_len=p, new_tokens=n,
+            cache_len=cache_len, ms_per_token=None, tokens_per_s=None, tflops=None, mfu=None,
+            prefill_ms=_round(pre * 1e3), e2e_ms_per_step=_round(full / n * 1e3),
+            compile_s=_round(first_full - full + first_pre - pre), bytes_per_step=nbytes,
+            roofline_ms=_round(roof), roofline_ratio=None,
+            params=flops.param_count(cfg), **_knobs(cfg, opts), **dev,
+        )
+        if full > pre:
+            step_s = (full - pre) / (n - 1)
+            tokens_per_s = b / step_s
+            fpt = flops.decode_flops_per_token(cfg, p + n / 2)
+            rec.update(
+                ms_per_token=_round(step_s * 1e3), tokens_per_s=round(tokens_per_s),
+                tflops=_round(flops.model_tflops(fpt, tokens_per_s)),
+                mfu=_round(flops.mfu(fpt, tokens_per_s, dev["peak_tflops"])) if dev["peak_tflops"] else None,
+                roofline_ratio=_round(step_s * 1e3 / roof) if roof else None,
+            )
+        else:
+            rec["error"] = "decode time is below the timer's noise; raise --new_tokens"
+        records.append(rec)
+    return records
+
+
+# ---------------------------------------------------------------------------
+# Peer (run in a child process, same shape, same machine, same run).
+
+_PEER_RUNNER = r"""
+import json, runpy, sys
+g = runpy.run_path(sys.argv[1], run_name="tformer_peer")
+for job in json.loads(sys.argv[2]):
+    try:
+        g[job["fn"]](*job["args"], **job["kw"])
+    except Exception as e:  # report and keep going
+        print(json.dumps(dict(what=job["fn"], error=repr(e)[:300], job=job)), flush=True)
+"""
+
+PEER_MODES = ("train", "train_compiled", "decode", "decode_static")
+
+
+def run_peer(script: str, modes: typing.Sequence[str], opts: Options) -> list[dict]:
+    """Run `script`'s train(compile_model, B=, steps=) / decode(static, B=, prompt=, new=) in a child process."""
+    if not Path(script).is_file():
+        raise ValueError(f"--peer_script={script!r} does not exist; pass the path of a peer benchmark script")
+    bad = sorted(set(modes) - set(PEER_MODES))
+    if bad:
+        raise ValueError(f"--peer_modes: unknown {bad}; choose from {PEER_MODES}")
+    cfg, preset = model_config(opts), PRESETS[opts.model]
+    b, t = opts.batch or preset.batch, opts.seq_len or preset.seq_len
+    p, n = opts.prompt_len or preset.prompt_len, opts.new_tokens or preset.new_tokens
+    # The peer takes its sequence length (and positions table) from SHAPE, so train
+    # runs at the train length and decode in a second child sized for prompt + new.
+    groups: dict[int, list] = {}
+    for m in modes:
+        if m.startswith("train"):
+            job = dict(fn="train", args=[m == "train_compiled"], kw=dict(B=b, steps=opts.steps))
+            groups.setdefault(t, []).append(job)
+        else:
+            for db in opts.decode_batches or preset.decode_batches:
+                groups.setdefault(max(t, p + n), []).append(
+                    dict(fn="decode", args=[m == "decode_static"], kw=dict(B=db, prompt=p, new=n)))
+    out = []
+    for seq, jobs in groups.items():
+        out += _peer_child(script, jobs, f"{cfg.padded_vocab},{seq},{cfg.d_model},{cfg.num_layers},{cfg.num_heads}",
+                           b, opts.steps)
+    return out
+
+
+def _peer_child(script: str, jobs: list, shape: str, batch: int, steps: int) -> list[dict]:
+    env = dict(os.environ, SHAPE=shape, BATCH=str(batch), STEPS=str(steps))
+    proc = subprocess.run([sys.executable, "-c", _PEER_RUNNER, script, json.dumps(jobs)], env=env,
+                          capture_output=True, text=True)
+    out = []
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            rec = json.loads(line)
+            rec.setdefault("system", rec.pop("peer", Path(script).stem))
+            if rec.get("what") == "train_step":
+                rec["what"] = "train"
+            out.append(rec)
+    if proc.returncode != 0 or not out:
+        out.append(dict(what="peer", system=Path(script).stem, error=f"exit {proc.returncode}: {proc.stderr[-500:]}"))
+    return out
+
+
+def compare(records: list[dict]) -> list[dict]:
+    """tformer vs peer train step: speedup = peer ms / tformer ms, per round and the median over rounds.
+
+    Rounds alternate tformer and the peer, so on a shared, noisy machine each
+    ratio compares runs made under (nearly) the same load.
+    """
+    def train(r):
+        return r.get("what") == "train" and "step_ms" in r
+
+    ours = {r.get("round", 0): r for r in records if r.get("system") == "tformer" and train(r)}
+    out, by_peer = [], {}
+    for p in records:
+        if p.get("system") == "tformer" or not train(p) or p.get("round", 0) not in ours:
+            continue
+        o = ours[p.get("round", 0)]
+        rec = dict(what="compare", system="tformer", peer=p["system"], peer_compiled=p.get("compiled"),
+                   round=p.get("round", 0), tformer_step_ms=o["step_ms"], peer_step_ms=p["step_ms"],
+                   speedup=_round(p["step_ms"] / o["step_ms"]))
+        out.append(rec)
+        by_peer.setdefault((p["system"], p.get("compiled")), []).append(rec)
+    for (name, compiled), recs in by_peer.items():
+        if len(recs) > 1:
+            out.append(dict(what="compare", system="tformer", peer=name, peer_compiled=compiled, round="median",
+                            tformer_step_ms=statistics.median(r["tformer_step_ms"] for r in recs),
+                            peer_step_ms=statistics.median(r["peer_step_ms"] for r in recs),
+                            speedup=_round(statistics.median(r["speedup"] for r in recs))))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Driver.
+
+
+def run(opts: Options, peer_script: str | None = None, peer_modes: typing.Sequence[str] = ("train",),
+        emit=None, rounds: int = 1) -> list[dict]:
+    """Run the requested benchmarks; `emit(record)` is called as each figure is ready.
+
+    With a peer, the train figures of tformer and of the peer alternate for
+    `rounds` rounds (each figure tagged with its `round`).
+    """
+    if rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {rounds}")
+    bad = sorted(set(opts.what) - {"train", "decode"})
+    if bad:
+        raise ValueError(f"--what: unknown {bad}; choose train and/or decode")
+    emit = emit or (lambda r: None)
+    dev = device_facts(opts)
+    records = []
+
+    def add(rs):
+        for r in rs:
+            records.append(r)
+            emit(r)
+
+    train_modes = [m for m in peer_modes if m.startswith("train")]
+    other_modes = [m for m in peer_modes if not m.startswith("train")]
+    for r in range(rounds if peer_script else 1):
+        tag = (lambda rs: [dict(x, round=r) for x in rs]) if rounds > 1 else (lambda rs: rs)  # noqa: E731
+        if "train" in opts.what:
+            add(tag([bench_train(opts, dev)]))
+        if peer_script and train_modes:
+            add(tag(run_peer(peer_script, train_modes, opts)))
+    if "decode" in opts.what:
+        add(bench_decode(opts, dev))
+    if peer_script and other_modes:
+        add(run_peer(peer_script, other_modes, opts))
+    if peer_script:
+        add(compare(records))
+    return records
+
+
+def table(records: list[dict]) -> str:
+    """A readable summary, one row per figure."""
+    cols = ("system", "what", "round", "batch", "step_ms", "ms_per_token", "e2e_ms_per_step", "tokens_per_s",
+            "tflops", "mfu", "compile_s", "roofline_ms", "speedup", "attention", "scan_layers", "remat")
+    # Peers report end-to-end generate time per step as `ms_per_step`.
+    records_ = [dict(r, e2e_ms_per_step=r.get("e2e_ms_per_step", r.get("ms_per_step"))) for r in records]
+    rows = [[("" if r.get(c) is None else str(r.get(c, ""))) for c in cols] for r in records_]
+    for r, row in zip(records, rows):
+        if "error" in r:
+            row[-1] = "error: " + str(r["error"])[:80]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+    fmt = lambda row: "  ".join(v.ljust(w) for v, w in zip(row, widths))  # noqa: E731
+    return "\n".join([fmt(cols), fmt(["-" * w for w in widths]), *map(fmt, rows)])
+
+
+# ---------------------------------------------------------------------------
+# Command line (flags defined only when run as a script).
+
+
+def define_flags(fv=None) -> None:
+    from absl import flags
+
+    fv = fv if fv is not None else flags.FLAGS
+    d = dict(flag_values=fv)
+    flags.DEFINE_enum("model", "cpu_tiny", sorted(PRESETS), "Workload preset.", **d)
+    flags.DEFINE_multi_string("override", [], "ModelConfig field=value (repeatable).", **d)
+    flags.DEFINE_list("what", ["train"], "Benchmarks: train, decode.", **d)
+    flags.DEFINE_integer("batch", None, "Train batch (default: the preset's).", **d)
+    flags.DEFINE_integer("seq_len", None, "Train sequence length (default: the preset's).", **d)
+    flags.DEFINE_integer("steps", 10, "Timed train steps (median reported).", **d)
+    flags.DEFINE_integer("warmup", 2, "Untimed train steps after compilation.", **d)
+    flags.DEFINE_enum("attention", None, ["auto", "xla", "cudnn", "einsum"], "Attention implementation.", **d)
+    flags.DEFINE_bool("scan_layers", None, "lax.scan over layers (true) or unrolled (false).", **d)
+    flags.DEFINE_enum("remat", None, ["none", "full", "dots", "dots_no_batch"], "Rematerialisation policy.", **d)
+    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Compute dtype.", **d)
+    flags.DEFINE_enum("logits_dtype", None, ["float32", "bfloat16", "float16"], "Logits dtype.", **d)
+    flags.DEFINE_integer("vocab_multiple", None, "Pad the vocabulary to a multiple of this.", **d)
+    flags.DEFINE_bool("donate", True, "Donate the train state to the step (update in place).", **d)
+    flags.DEFINE_bool("skip_nonfinite", False, "Guard the update against non-finite loss (costs a select).", **d)
+    flags.DEFINE_list("decode_batches", None, "Decode batch sizes (default: the preset's).", **d)
+    flags.DEFINE_integer("prompt_len", None, "Decode prompt length.", **d)
+    flags.DEFINE_integer("new_tokens", None, "Decode new tokens.", **d)
+    flags.DEFINE_integer("cache_len", None, "KV cache slots (default: prompt_len + new_tokens).", **d)
+    flags.DEFINE_enum("decode_param_dtype", None, ["float32", "bfloat16", "float16"],
+                      "Decode weights dtype (default: the compute dtype).", **d)
+    flags.DEFINE_integer("decode_repeats", 3, "Timed generate calls per figure (median).", **d)
+    flags.DEFINE_float("peak_tflops", None, "Device peak TFLOP/s for MFU (default: known-device table).", **d)
+    flags.DEFINE_float("hbm_gbps", None, "Memory bandwidth GB/s for the roofline (default: table).", **d)
+    flags.DEFINE_integer("seed", 0, "Seed for weights and data.", **d)
+    flags.DEFINE_string("xla_flags", "", "Extra XLA_FLAGS, set before the backend starts.", **d)
+    flags.DEFINE_bool("gpu_xla_flags", True, f"Add {' '.join(GPU_XLA_FLAGS)} (ignored off GPU).", **d)
+    flags.DEFINE_string("peer_script", None, "Peer benchmark script to run in the same run (optional).", **d)
+    flags.DEFINE_list("peer_modes", ["train"], f"Peer figures: {', '.join(PEER_MODES)}.", **d)
+    flags.DEFINE_integer("rounds", 1, "With --peer_script: alternate tformer and peer train figures N times.", **d)
+    flags.DEFINE_string("json_out", None, "Also append the JSON lines to this file.", **d)
+
+
+def options_from_flags(fv) -> Options:
+    overrides = []
+    for name in KNOBS:
+        v = getattr(fv, name, None)
+        if v is not None:
+            overrides.append(f"{name}={v}")
+    overrides += list(fv.override)
+    xla = " ".join(([*GPU_XLA_FLAGS] if fv.gpu_xla_flags else []) + ([fv.xla_flags] if fv.xla_flags else []))
+    return Options(
+        model=fv.model, overrides=tuple(overrides), what=tuple(fv.what), batch=fv.batch, seq_len=fv.seq_len,
+        steps=fv.steps, warmup=fv.warmup, donate=fv.donate, skip_nonfinite=fv.skip_nonfinite,
+        decode_batches=tuple(int(x) for x in fv.decode_batches) if fv.decode_batches else None,
+        prompt_len=fv.prompt_len, new_tokens=fv.new_tokens, cache_len=fv.cache_len,
+        decode_param_dtype=fv.decode_param_dtype, decode_repeats=fv.decode_repeats,
+        peak_tflops=fv.peak_tflops, hbm_gbps=fv.hbm_gbps, seed=fv.seed, xla_flags=xla,
+    )
+
+
+def apply_xla_flags(extra: str) -> None:
+    """Append to XLA_FLAGS; only effective before the first device query, so refuse afterwards."""
+    if not extra:
+        return
+    from jax._src import xla_bridge  # no public query for "backend already started"
+
+    if xla_bridge.backends_are_initialized():
+        raise RuntimeError(
+            "--xla_flags must be applied before jax starts its backend; run the benchmark in a fresh process")
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {extra}".strip()
+
+
+def main(argv) -> None:
+    from absl import flags
+
+    del argv
+    fv = flags.FLAGS
+    opts = options_from_flags(fv)
+    apply_xla_flags(opts.xla_flags)
+    sink = open(fv.json_out, "a") if fv.json_out else None
+
+    def emit(rec):
+        line = json.dumps(rec, default=str)
+        print(line, flush=True)
+        if sink:
+            sink.write(line + "\n")
+            sink.flush()
+
+    records = run(opts, peer_script=fv.peer_script, peer_modes=fv.peer_modes, emit=emit, rounds=fv.rounds)
+    print(table(records), file=sys.stderr, flush=True)
+    if sink:
+        sink.close()
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(main)

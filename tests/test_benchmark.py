@@ -1,0 +1,226 @@
+"""The benchmark harness and its arithmetic (tformer.flops), checked against hand counts."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import pytest
+from flax import nnx
+
+import tformer
+from experiments import benchmark as bm
+from tformer import flops
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ("vocab_size=100", "d_model=32", "num_heads=4", "num_layers=1", "max_len=160")
+
+
+def real_params(model_cls, cfg) -> int:
+    abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
+    return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+# ---------------------------------------------------------------------------
+# Parameter and FLOP counts.
+
+
+def test_gpt2_small_param_count_by_hand():
+    cfg = tformer.gpt2_small()
+    d, f, vocab, layers, max_len = 768, 3072, 50304, 12, 1024
+    attn = 4 * d * d + 4 * d  # wq, wk, wv, wo + their biases
+    mlp = 2 * d * f + f + d
+    norms = 2 * 2 * d  # two LayerNorms (scale + bias)
+    per_layer = attn + mlp + norms
+    assert per_layer == 7_087_872
+    non_embedding = layers * per_layer
+    assert non_embedding == 85_054_464  # the "85M" of GPT-2 small
+    n = non_embedding + vocab * d + 2 * d  # + tied token table + final LayerNorm
+    assert n == 123_689_472
+    assert flops.param_count(cfg) == n
+    with_positions = n + max_len * d
+    assert with_positions == 124_475_904  # the "124M"
+    assert flops.param_count(cfg, include_positions=True) == with_positions
+    assert real_params(tformer.DecoderLM, cfg) == with_positions
+    # 6 N + 12 L d T at T = 1024: the ~0.855 GFLOP/token MFU basis.
+    assert flops.train_flops_per_token(cfg, 1024) == 6 * n + 12 * layers * d * 1024 == 855_383_040
+
+
+@pytest.mark.parametrize("kw", [
+    dict(vocab_size=100, d_model=32, num_heads=4, num_layers=2),
+    dict(vocab_size=300, d_model=48, num_heads=4, num_kv_heads=2, num_layers=2, positions="rope", norm="rmsnorm",
+         activation="swiglu", use_bias=False, tie_embeddings=False),
+    dict(vocab_size=130, d_model=32, num_heads=2, head_dim=24, d_ff=40, num_layers=1, norm_placement="post",
+         positions="sinusoidal", vocab_multiple=64),
+])
+def test_param_count_matches_decoder_lm(kw):
+    cfg = tformer.ModelConfig(**kw)
+    assert flops.param_count(cfg, include_positions=True) == real_params(tformer.DecoderLM, cfg)
+
+
+def test_param_count_matches_encoder_decoder():
+    cfg = tformer.ModelConfig(vocab_size=100, d_model=32, num_heads=4, num_layers=2, num_encoder_layers=1)
+    assert flops.param_count(cfg, encoder_decoder=True, include_positions=True) == real_params(
+        tformer.EncoderDecoder, cfg)
+
+
+def test_train_flops_small_config_by_hand():
+    # d 64, 2 heads of 32, d_ff 128, 2 layers, vocab 100 -> padded 128, untied, RMSNorm, no biases.
+    cfg = tformer.ModelConfig(vocab_size=100, d_model=64, num_heads=2, d_ff=128, num_layers=2, norm="rmsnorm",
+                              use_bias=False, tie_embeddings=False, max_len=64)
+    per_layer = 4 * 64 * 64 + 2 * 64 * 128 + 2 * 64  # attention, MLP, two RMSNorm scales
+    n = 2 * per_layer + 128 * 64 * 2 + 64  # layers, table + head, final norm (positions excluded)
+    assert flops.param_count(cfg) == n == 82_240
+    assert flops.train_flops_per_token(cfg, 32) == 6 * n + 12 * 2 * 64 * 32
+    assert flops.decode_flops_per_token(cfg, 10) == 2 * n + 4 * 2 * 64 * 10
+
+
+def test_mfu_arithmetic_and_bad_peak():
+    # 0.855 GFLOP/token at 578k tokens/s on a 989 TFLOP/s part is the 50% MFU goal.
+    assert flops.model_tflops(855_383_040, 578_000) == pytest.approx(494.41, abs=0.01)
+    assert flops.mfu(855_383_040, 578_000, 989.0) == pytest.approx(0.49991, abs=1e-4)
+    with pytest.raises(ValueError, match="peak_tflops must be > 0, got 0"):
+        flops.mfu(1.0, 1.0, 0)
+
+
+def test_decode_roofline_by_hand():
+    cfg = tformer.gpt2_small()
+    # Batch 64, cache of 16 + 512 slots, bf16 weights and cache.
+    weights = 123_689_472 * 2
+    kv = 12 * 2 * 64 * 528 * 768 * 2  # layers x (K, V) x batch x slots x (heads x head_dim) x bytes
+    assert flops.kv_bytes_per_step(cfg, 64, 528, 2) == kv == 1_245_708_288
+    assert flops.decode_bytes_per_step(cfg, 64, 528, 2, 2) == weights + kv
+    assert flops.roofline_ms(weights + kv, 3.0e12) == pytest.approx((weights + kv) / 3.0e9)
+    assert flops.roofline_ms(weights + kv, 3.0e12) == pytest.approx(0.4977, abs=1e-4)  # REFERENCE: "about 0.5"
+    # Batch 1 is weight-bound: ~0.09 ms at 3 TB/s.
+    b1 = flops.decode_bytes_per_step(cfg, 1, 528, 2, 2)
+    assert b1 == weights + 12 * 2 * 528 * 768 * 2
+    assert flops.roofline_ms(b1, 3.0e12) == pytest.approx(0.0890, abs=1e-4)
+    with pytest.raises(ValueError, match="batch must be >= 1, got 0"):
+        flops.decode_bytes_per_step(cfg, 0, 528, 2, 2)
+    with pytest.raises(ValueError, match="bytes_per_s must be > 0"):
+        flops.roofline_ms(1, 0)
+
+
+@pytest.mark.parametrize("kind,name,peak,bw", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM", 989, 3.35e12),
+    ("NVIDIA H100 PCIe", "H100 PCIe", 756, 2.0e12),
+    ("NVIDIA H200", "H200", 989, 4.8e12),
+    ("NVIDIA A100-SXM4-80GB", "A100", 312, 2.0e12),
+    ("TPU v4", "TPU v4", 275, 1.2e12),
+    ("TPU v5 lite", "TPU v5e", 197, 0.82e12),
+    ("TPU v5", "TPU v5p", 459, 2.76e12),
+    ("TPU v6 lite", "TPU v6e", 918, 1.64e12),
+])
+def test_device_spec_lookup(kind, name, peak, bw):
+    spec = flops.device_spec(kind)
+    assert (spec.name, spec.peak_tflops, spec.hbm_bytes_per_s) == (name, peak, bw)
+
+
+def test_device_spec_unknown_is_none():
+    assert flops.device_spec("cpu") is None
+    assert flops.device_spec("Some Future Chip") is None
+
+
+# ---------------------------------------------------------------------------
+# Config plumbing.
+
+
+def test_overrides_are_typed_and_validated():
+    got = bm.parse_overrides(["d_model=64", "scan_layers=true", "local_window=none", "rope_theta=500.5",
+                              "attention=einsum"])
+    assert got == dict(d_model=64, scan_layers=True, local_window=None, rope_theta=500.5, attention="einsum")
+    with pytest.raises(ValueError, match=r"--override: unknown ModelConfig field 'd_modle'; valid fields are \["):
+        bm.parse_overrides(["d_modle=64"])
+    with pytest.raises(ValueError, match=r"--override expects key=value, got 'd_model'"):
+        bm.parse_overrides(["d_model"])
+    with pytest.raises(ValueError, match=r"--override num_layers=two: expected a value of type int"):
+        bm.parse_overrides(["num_layers=two"])
+    with pytest.raises(ValueError, match=r"--model='gpt3' is unknown; choose one of \['cpu_tiny', 'gpt2_small'\]"):
+        bm.model_config(bm.Options(model="gpt3"))
+
+
+def test_xla_flags_refused_after_backend_start():
+    jax.devices()  # the backend is running in this process
+    with pytest.raises(RuntimeError, match="--xla_flags must be applied before jax starts its backend"):
+        bm.apply_xla_flags("--xla_gpu_enable_latency_hiding_scheduler=true")
+
+
+# ---------------------------------------------------------------------------
+# End to end on CPU, tiny.
+
+REQUIRED = {"what", "tokens_per_s", "tflops", "mfu", "compile_s", "attention", "scan_layers", "remat",
+            "logits_dtype", "vocab_multiple", "donate", "skip_nonfinite", "device_kind"}
+
+
+def test_run_in_process_train_and_decode():
+    opts = bm.Options(model="cpu_tiny", overrides=TINY, what=("train", "decode"), batch=2, seq_len=32, steps=3,
+                      warmup=1, decode_batches=(2,), prompt_len=8, new_tokens=128, hbm_gbps=100.0,
+                      peak_tflops=2.0)
+    emitted = []
+    records = bm.run(opts, emit=emitted.append)
+    assert records == emitted and [r["what"] for r in records] == ["train", "decode"]
+    for r in records:
+        assert REQUIRED <= set(r), REQUIRED - set(r)
+        assert json.loads(json.dumps(r)) == r
+    train, dec = records
+    cfg = bm.model_config(opts)
+    assert train["step_ms"] > 0 and train["compile_s"] > 0 and train["peak_memory_bytes"] > 0
+    assert train["tokens_per_s"] == pytest.approx(2 * 32 / (train["step_ms"] / 1e3), rel=1e-3)
+    assert train["flops_per_token"] == flops.train_flops_per_token(cfg, 32)
+    assert train["mfu"] == pytest.approx(train["tflops"] / 2.0, abs=1e-4)
+    assert train["attention_resolved"] == "xla" and train["skip_nonfinite"] is False
+    assert dec["batch"] == 2 and dec["cache_len"] == 8 + 128
+    assert dec["ms_per_token"] > 0 and dec["prefill_ms"] > 0 and dec["compile_s"] > 0
+    assert dec["tokens_per_s"] == pytest.approx(2 / (dec["ms_per_token"] / 1e3), rel=1e-3)
+    assert dec["bytes_per_step"] == flops.decode_bytes_per_step(cfg, 2, 136, 4, 4)
+    assert dec["roofline_ms"] == pytest.approx(dec["bytes_per_step"] / 100e9 * 1e3, rel=1e-3)
+    assert dec["roofline_ratio"] == pytest.approx(dec["ms_per_token"] / dec["roofline_ms"], rel=1e-2)
+    assert "tokens_per_s" in bm.table(records)
+
+
+FAKE_PEER = textwrap.dedent("""
+    import json, os
+    def train(compile_model, B=1, steps=1):
+        v, t, d, l, h = (int(x) for x in os.environ["SHAPE"].split(","))
+        print(json.dumps(dict(peer="fake", what="train_step", compiled=compile_model, batch=B, seq=t,
+                              shape=[v, t, d, l, h], step_ms=1000.0, tokens_per_s=1)))
+    def decode(static, B=1, prompt=16, new=512):
+        raise RuntimeError("no decode here")
+""")
+
+
+def test_cli_knobs_peer_and_json_lines(tmp_path):
+    peer = tmp_path / "fake_peer.py"
+    peer.write_text(FAKE_PEER)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    cmd = [sys.executable, str(REPO / "experiments" / "benchmark.py"), "--model=cpu_tiny", "--what=train",
+           *(f"--override={o}" for o in TINY), "--batch=2", "--seq_len=16", "--steps=2", "--warmup=1",
+           "--scan_layers=true", "--remat=full", "--attention=einsum", "--logits_dtype=bfloat16",
+           "--vocab_multiple=64", "--nodonate", "--xla_flags=--xla_gpu_autotune_level=0",
+           f"--peer_script={peer}", "--peer_modes=train,decode", "--rounds=2", f"--json_out={tmp_path / 'out.jsonl'}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(x) for x in proc.stdout.splitlines()]  # stdout is JSON lines only
+    assert lines == [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    ours = [r for r in lines if r["system"] == "tformer" and r["what"] == "train"]
+    assert [r["round"] for r in ours] == [0, 1]
+    for r in ours:
+        assert REQUIRED <= set(r) and r["step_ms"] > 0
+        assert (r["scan_layers"], r["remat"], r["attention"], r["logits_dtype"], r["vocab_multiple"],
+                r["donate"]) == (True, "full", "einsum", "bfloat16", 64, False)
+        assert "--xla_gpu_autotune_level=0" in r["xla_flags"]
+    fake = [r for r in lines if r.get("system") == "fake"]
+    assert [r["round"] for r in fake] == [0, 1]
+    assert fake[0]["what"] == "train" and fake[0]["shape"] == [128, 16, 32, 1, 4] and fake[0]["batch"] == 2
+    errors = [r for r in lines if "error" in r]
+    assert len(errors) == 2 and all("no decode here" in r["error"] for r in errors)  # decode batches 1 and 8
+    cmp = [r for r in lines if r["what"] == "compare"]
+    assert [r["round"] for r in cmp] == [0, 1, "median"]
+    for r, o in zip(cmp, ours):
+        assert r["speedup"] == pytest.approx(1000.0 / o["step_ms"], rel=1e-3)
+    assert cmp[2]["speedup"] == pytest.approx((cmp[0]["speedup"] + cmp[1]["speedup"]) / 2, rel=1e-3)
+    assert "speedup" in proc.stderr and "step_ms" in proc.stderr  # the table
