@@ -181,3 +181,51 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     if ckpt.latest_step() is not None:
         state, _ = ckpt.restore()
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def test_interrupted_save_is_ignored_and_the_run_resumes(tmp_path):
+    """A save cut off by SIGKILL leaves only orbax's temporary directory: restore and resume skip it."""
+    train.run(tiny_lm(num_steps=3, checkpoint_every=3), tmp_path)
+    ckpt_dir = tmp_path / "checkpoints"
+    # What a process killed mid-save leaves: step 4's files half-written under a temporary name.
+    partial = ckpt_dir / "4.orbax-checkpoint-tmp-1234567890"
+    partial.mkdir()
+    for f in (ckpt_dir / "3").rglob("*"):
+        if f.is_file():
+            dst = partial / f.relative_to(ckpt_dir / "3")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(f.read_bytes()[: max(1, f.stat().st_size // 2)])
+    assert Checkpointer(ckpt_dir).all_steps() == [3]
+    state, extra = Checkpointer(ckpt_dir).restore()
+    assert int(state.step) == 3 == extra["data_step"]
+    train.run(tiny_lm(num_steps=6, checkpoint_every=3), tmp_path)  # resumes from 3, not from scratch
+    steps = [r["step"] for r in read_jsonl(tmp_path) if r["split"] == "train"]
+    assert steps[-2:] == [4, 6] and steps.count(2) == 1
+
+
+def test_sigkill_during_training_resumes_from_a_complete_checkpoint(tmp_path):
+    """SIGKILL while checkpoints are being written every step: the next run restores and finishes."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    common = [f"--config={REPO}/experiments/configs/lm_tiny.py", f"--workdir={tmp_path}",
+              "--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.num_layers=1",
+              "--config.model.d_ff=64", "--config.model.max_len=64", "--config.data.seq_len=32",
+              "--config.data.max_bytes=30000", "--config.train.batch_size=8", "--config.train.log_every=1",
+              "--config.train.eval_every=100000", "--config.mesh.data=1", "--config.optim.total_steps=1000"]
+    cmd = [sys.executable, str(REPO / "experiments/train.py"), *common, "--config.train.num_steps=1000",
+           "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    for line in proc.stdout:
+        if "step 8/" in line or time.time() > deadline:
+            break
+    proc.kill()  # SIGKILL: no handler runs, an async save may be in flight
+    proc.communicate(timeout=60)
+    state, _ = Checkpointer(tmp_path / "checkpoints").restore()
+    killed_at = int(state.step)
+    assert killed_at >= 6
+    out = subprocess.run([sys.executable, str(REPO / "experiments/train.py"), *common,
+                          f"--config.train.num_steps={killed_at + 2}", "--config.train.checkpoint_every=100000"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resumed from step {killed_at}" in out.stderr
+    assert Checkpointer(tmp_path / "checkpoints").latest_step() == killed_at + 2

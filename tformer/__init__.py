@@ -10,6 +10,7 @@
 
 from tformer.config import ModelConfig, gpt2_small, transformer_base
 from tformer.generate import Generated, Sampling, beam_search, generate, sample_logits, sequence_logprob
+from tformer.hf import config_from_hf, load_hf_checkpoint, save_hf_checkpoint  # safetensors imported lazily
 from tformer.kvcache import KVCache
 from tformer.models import DecoderLM, EncoderDecoder
 from tformer.sharding import PRESETS, make_mesh, rules_for
@@ -21,4 +22,5 @@ __all__ = [
     "generate", "beam_search", "sequence_logprob", "sample_logits", "Sampling", "Generated",
     "OptimizerConfig", "TrainState", "create_train_state", "make_train_step", "make_eval_step",
     "make_mesh", "rules_for", "PRESETS",
+    "config_from_hf", "load_hf_checkpoint", "save_hf_checkpoint",
 ]
