@@ -460,11 +460,17 @@ def numbers_task(
     one of NUMBER_DIRECTIONS. Numbers are distinct across the whole task, so
     validation shares no number with train; which numbers are drawn depends
     only on (seed, max_value, num_train + num_valid), not on the direction.
+    Validation draws numbers >= 100 while there are enough of them: 0-99 are
+    the words every other number is built from, and they stay in training.
     """
     if direction not in NUMBER_DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; choose one of {', '.join(NUMBER_DIRECTIONS)}")
     _check_number(max_value)
     src_lang, tgt_lang = direction.split("-")
     numbers = _sample_numbers(num_train + num_valid, max_value, seed)
+    # 0-99 are the task's vocabulary (every English number word; 零 to 九十九), not
+    # compositions of it: no model can render a word it never saw, so those numbers
+    # go to training and validation holds out larger numbers (stable: sampling order).
+    numbers.sort(key=lambda n: n < 100)
     pairs = [(_render(n, src_lang), _render(n, tgt_lang)) for n in numbers]
     return {"train": pairs[num_valid:], "validation": pairs[:num_valid]}

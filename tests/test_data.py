@@ -171,6 +171,10 @@ def test_numbers_task_directions_and_disjoint_splits():
     valid_numbers = {int(s) for s, _ in task["validation"]}
     assert len(train_numbers) == 3000 and not train_numbers & valid_numbers
     assert all(t == corpora.number_to_english(int(s)) for s, t in task["train"])
+    # The number words themselves (0-99) are never held out: validation tests composition.
+    assert min(valid_numbers) >= 100 and set(range(100)) & train_numbers
+    big = corpora.numbers_task("digits-en", num_train=20_000, num_valid=500, seed=0)
+    assert set(range(100)) <= {int(s) for s, _ in big["train"]}
     assert task == corpora.numbers_task("digits-en", num_train=3000, num_valid=300, seed=3)
     assert task != corpora.numbers_task("digits-en", num_train=3000, num_valid=300, seed=4)
     en_zh = corpora.numbers_task("en-zh", num_train=3000, num_valid=300, seed=3)

@@ -9,8 +9,8 @@ def get_config():
                    max_len=96, positions="sinusoidal", norm="layernorm", norm_placement="pre",
                    activation="relu", tie_embeddings=True)
     c.optim.update(learning_rate=2e-3, warmup_steps=100, weight_decay=0.0, label_smoothing=0.0)
-    c.data.update(corpus="numbers:digits-en", tokenizer="byte", src_len=16, tgt_len=80,
+    c.data.update(corpus="numbers:digits-en", tokenizer="byte", src_len=8, tgt_len=64,
                   num_train=20_000, num_valid=500)
-    c.train.update(batch_size=64, num_steps=1200, log_every=100, eval_every=600, eval_batches=8,
-                   checkpoint_every=600, num_samples=4, eval_decode_examples=500)
+    c.train.update(batch_size=64, num_steps=900, log_every=100, eval_every=450, eval_batches=8,
+                   checkpoint_every=450, num_samples=4, eval_decode_examples=500)
     return c
