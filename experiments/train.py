@@ -6,6 +6,20 @@ r"""Train a tformer model from a config file.
 A run resumes from the newest readable checkpoint in its workdir (params,
 optimizer state, step, RNG and data position), saves on SIGTERM before
 exiting, and stops with a clear message on a non-finite loss.
+
+Plan a mesh without training (or any data): compile the step from abstract
+shapes and print per-device memory, FLOPs and collectives, here for 256 fake
+CPU devices:
+
+    python experiments/train.py --config=experiments/configs/lm_gpt2_small.py --plan --plan_devices=256 \
+        --config.model.vocab_size=50257 --config.train.batch_size=256 --config.mesh.fsdp=-1 --config.mesh.data=1 \
+        --config.mesh.preset=fsdp
+
+Multi-process: `--coordinator_address=host:port --num_processes=N --process_id=i`
+on each process (any platform; CPU uses gloo collectives), or `--distributed`
+where JAX detects the cluster itself (Cloud TPU slices, SLURM). Each process
+reads only its slice of every global batch; process 0 writes logs and metrics;
+checkpoints are written by all processes together.
 """
 
 from __future__ import annotations
@@ -45,7 +59,17 @@ def define_flags() -> None:
     """Command-line flags; defined only when run as a script, so importing this module is side-effect free."""
     config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/configs/*.py).")
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the tokenizer.")
-    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host).")
+    flags.DEFINE_bool("distributed", False,
+                      "Multi-host: call jax.distributed.initialize() and let JAX detect the cluster "
+                      "(Cloud TPU slices, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS).")
+    flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0 (any platform).")
+    flags.DEFINE_integer("num_processes", None, "Multi-process: how many processes (with --coordinator_address).")
+    flags.DEFINE_integer("process_id", None, "Multi-process: this process's rank (with --coordinator_address).")
+    flags.DEFINE_bool("plan", False,
+                      "Dry run: compile the train step for the config's mesh from abstract shapes, print "
+                      "per-device memory, FLOPs and collectives, and exit (no data, no training).")
+    flags.DEFINE_integer("plan_devices", None,
+                         "With --plan: plan on this many fake CPU devices (e.g. 256 for a pod slice).")
 
 MODEL_KINDS = {"lm": tformer.DecoderLM, "seq2seq": tformer.EncoderDecoder}
 
@@ -137,6 +161,53 @@ def validate(config: ConfigDict) -> None:
     for field in ("batch_size", "num_steps", "log_every", "eval_every", "checkpoint_every"):
         if t[field] < 1:
             raise ValueError(f"config.train.{field} must be >= 1, got {t[field]}")
+
+
+def plan_model_config(config: ConfigDict) -> tformer.ModelConfig:
+    """The model config without building the data: vocab from the config or the tokenizer's known size."""
+    from experiments.tokenizers import ByteTokenizer
+
+    m = {k: v for k, v in config.model.to_dict().items() if k != "kind"}
+    if not m.get("vocab_size"):
+        if config.data.tokenizer == "byte":
+            tok = ByteTokenizer()
+            m.update(vocab_size=tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
+        else:  # a sentencepiece model has exactly the vocab_size it is trained with
+            m["vocab_size"] = config.data.vocab_size
+    return to_dataclass(tformer.ModelConfig, m, "model")
+
+
+def plan(config: ConfigDict):
+    """Compile (never run) the run's train step on its mesh; returns a `tformer.plan.Plan`."""
+    from tformer import plan as plan_lib
+
+    validate(config)
+    kind = config.model.kind
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"config.model.kind: unknown {kind!r}; choose one of {sorted(MODEL_KINDS)}")
+    cfg, o = plan_model_config(config), optim_config(config)
+    mesh = make_run_mesh(config)
+    rules = sharding.rules_for(config.mesh.preset)
+    d = config.data
+    seq, src = (d.seq_len, None) if kind == "lm" else (d.tgt_len, d.src_len)
+    return plan_lib.plan_train_step(MODEL_KINDS[kind], cfg, o, mesh, rules,
+                                    batch=config.train.batch_size, seq_len=seq, src_len=src)
+
+
+def use_fake_cpu_devices(n: int) -> None:
+    """Make the CPU backend expose `n` devices; only possible before JAX starts its backends."""
+    from jax._src import xla_bridge
+
+    if n < 1:
+        raise ValueError(f"--plan_devices must be >= 1, got {n}")
+    if xla_bridge.backends_are_initialized():
+        raise ValueError(
+            "--plan_devices: JAX's backends are already initialised, so the device count can no longer "
+            "change; set XLA_FLAGS=--xla_force_host_platform_device_count=N before starting Python instead"
+        )
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    os.environ["XLA_FLAGS"] = " ".join(kept + [f"--xla_force_host_platform_device_count={n}"])
+    jax.config.update("jax_platforms", "cpu")
 
 
 def make_run_mesh(config: ConfigDict):
@@ -243,8 +314,9 @@ def lm_samples(model, tok, config: ConfigDict, rng) -> list[str]:
 
 
 def _peak_tflops() -> float | None:
-    peak = getattr(flops, "peak_tflops", None)
-    return peak(jax.devices()[0]) if callable(peak) else None
+    """Dense bf16 peak of this run's devices (all of them), or None where unknown (CPU)."""
+    spec = flops.device_spec(jax.devices()[0].device_kind)
+    return None if spec is None else spec.peak_tflops * jax.device_count()
 
 
 def run(config: ConfigDict, workdir: str | os.PathLike) -> dict:
@@ -253,7 +325,15 @@ def run(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     workdir = Path(workdir)
     main = jax.process_index() == 0
     workdir.mkdir(parents=True, exist_ok=True)
-    task = build_task(config, workdir)
+    if jax.process_count() > 1 and config.data.tokenizer == "sentencepiece":
+        # One process trains the tokenizer into the (shared) workdir; the others load it.
+        from jax.experimental import multihost_utils
+
+        task = build_task(config, workdir) if main else None
+        multihost_utils.sync_global_devices("tformer:tokenizer")
+        task = task or build_task(config, workdir)
+    else:
+        task = build_task(config, workdir)
     cfg, o = model_config(config, task), optim_config(config)
     t = config.train
     model_cls = MODEL_KINDS[config.model.kind]
@@ -261,6 +341,8 @@ def run(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     mesh = make_run_mesh(config)
     rules = sharding.rules_for(config.mesh.preset)
     sharding.check_divisibility(cfg, mesh, rules, t.batch_size)
+    logging.info("mesh %s (preset %r) over %d process(es), %d devices", dict(mesh.shape), config.mesh.preset,
+                 jax.process_count(), mesh.size)
     graphdef, tx, state, state_sh = ts.create_train_state(model_cls, cfg, o, t.seed, mesh, rules)
     example = ip.batch_at(task.train, 0, t.batch_size)
     batch_sh = ts.batch_sharding(mesh, rules, example)
@@ -341,8 +423,9 @@ def run(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         logging.info("final eval @%d: %s", int(state.step), _fmt(result))
         save(int(state.step))
         ckpt.wait()
+        # Every process takes part in generating (the parameters may span hosts); process 0 prints.
+        show_samples(model_now(), task, config, echo=main)
         if main:
-            show_samples(model_now(), task, config)
             plot_loss(workdir)
             atomic_write(workdir / "final_metrics.json", json.dumps({"step": int(state.step), **result}, indent=2))
         return result
@@ -356,17 +439,21 @@ def _fmt(d: dict) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in d.items())
 
 
-def show_samples(model, task: Task, config: ConfigDict) -> None:
+def show_samples(model, task: Task, config: ConfigDict, echo: bool = True) -> None:
     if task.kind == "lm":
         for s in lm_samples(model, task.tokenizer, config, jax.random.key(config.train.seed)):
-            print(f"--- sample ---\n{s}\n")
+            if echo:
+                print(f"--- sample ---\n{s}\n")
     else:
         n = config.train.num_samples
         srcs = [s for s, _ in task.valid_pairs[:n]]
+        if not srcs:
+            return
         hyps = translate(model, task.tokenizer, srcs, config.data.src_len,
                          min(config.data.tgt_len, model.cfg.max_len - 1), config.train.beam_size)
         for (s, ref), h in zip(task.valid_pairs[:n], hyps):
-            print(f"{s}  ->  {h}   (reference: {ref})")
+            if echo:
+                print(f"{s}  ->  {h}   (reference: {ref})")
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -379,11 +466,26 @@ class _QuietLibraries(logging_std.Filter):
 def main(argv):
     del argv
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    if FLAGS.distributed:
-        jax.distributed.initialize()
-    if FLAGS.config is None or FLAGS.workdir is None:
-        raise app.UsageError("--config and --workdir are required")
+    if FLAGS.config is None:
+        raise app.UsageError("--config is required")
+    if FLAGS.plan_devices is not None:
+        if not FLAGS.plan:
+            raise app.UsageError("--plan_devices only applies to --plan (fake CPU devices cannot train a real run)")
+        if FLAGS.distributed or FLAGS.coordinator_address:
+            raise app.UsageError("--plan_devices plans on one host's fake devices; drop the multi-host flags")
     try:
+        if FLAGS.plan_devices is not None:
+            use_fake_cpu_devices(FLAGS.plan_devices)
+        if sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                           auto=FLAGS.distributed) and jax.process_index() != 0:
+            logging.set_verbosity(logging.WARNING)  # process 0 reports progress
+        if FLAGS.plan:
+            p = plan(FLAGS.config)
+            print(f"plan: {FLAGS.config.model.kind} model, preset {FLAGS.config.mesh.preset!r}, "
+                  f"{jax.device_count()} {jax.devices()[0].platform} devices\n{p.table()}")
+            return
+        if FLAGS.workdir is None:
+            raise app.UsageError("--workdir is required (except with --plan)")
         run(FLAGS.config, FLAGS.workdir)
     except (ValueError, FloatingPointError) as e:
         logging.error("%s", e)

@@ -220,3 +220,44 @@ def check_divisibility(cfg, mesh: Mesh, rules: Rules, global_batch: int | None =
                 f"global batch size {global_batch} is not divisible by the {parts} devices of the "
                 f"data axes {axes}; use a multiple of {parts}"
             )
+
+
+# ---------------------------------------------------------------------------
+# Multi-host start-up.
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    auto: bool = False,
+) -> bool:
+    """Join a multi-process JAX run; returns whether `jax.distributed.initialize` was called.
+
+    With `coordinator_address` ("host:port" of process 0), `num_processes` and
+    `process_id`, the processes rendezvous there (any platform, CPU included).
+    With `auto=True` and no address, JAX detects the cluster itself (Cloud TPU
+    slices, SLURM, Open MPI, or the JAX_COORDINATOR_ADDRESS environment
+    variable). Must run before anything touches the devices.
+    """
+    if coordinator_address is None and not auto:
+        if num_processes not in (None, 1) or process_id not in (None, 0):
+            raise ValueError(
+                "num_processes / process_id were given without a coordinator address; pass "
+                "coordinator_address='host:port' (process 0's), or auto=True on TPU / SLURM"
+            )
+        return False
+    if coordinator_address is not None and (num_processes is None or process_id is None):
+        raise ValueError(
+            f"coordinator_address={coordinator_address!r} also needs num_processes and process_id "
+            "(this process's rank, 0 on the coordinator's host)"
+        )
+    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id={process_id} must be in [0, num_processes={num_processes})")
+    # Cross-process collectives between CPU devices need a transport (jaxlib ships
+    # gloo over TCP); GPU and TPU backends ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+    return True

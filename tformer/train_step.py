@@ -255,7 +255,7 @@ def train_step(graphdef, tx, o: OptimizerConfig, state: TrainState, batch: dict,
 
         denom = jnp.maximum(sums["weight_sum"], 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         loss = sums["loss_sum"] / denom

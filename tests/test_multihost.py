@@ -1,0 +1,90 @@
+"""Two processes on localhost (4 fake CPU devices each, gloo collectives) train like one process with 8.
+
+Each process runs experiments/train.py with --coordinator_address, loads
+only its half of every global batch, and joins the same 8-device mesh. Only
+process 0 may write logs and metrics.
+"""
+
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ml_collections")
+pytest.importorskip("orbax.checkpoint")
+
+from experiments import train  # noqa: E402
+from experiments.configs import lm_tiny  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 4
+OVERRIDES = {  # a tiny LM; dp over all 8 devices (-1), global batch 8
+    "model.d_model": 32, "model.num_heads": 2, "model.num_layers": 1, "model.d_ff": 64, "model.max_len": 64,
+    "data.seq_len": 32, "data.max_bytes": 30_000, "optim.warmup_steps": 2,
+    "train.batch_size": 8, "train.num_steps": STEPS, "train.log_every": 1, "train.eval_every": 1000,
+    "train.eval_batches": 1, "train.checkpoint_every": 1000, "train.num_samples": 0,
+    "mesh.data": -1,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def train_losses(workdir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+
+def test_two_processes_match_one_process_with_eight_devices(tmp_path):
+    # Reference: this process (8 fake devices, see conftest.py).
+    config = lm_tiny.get_config()
+    for key, value in OVERRIDES.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    train.run(config, tmp_path / "single")
+    single = train_losses(tmp_path / "single")
+    assert sorted(single) == list(range(1, STEPS + 1))
+
+    workdir = tmp_path / "multi"
+    port = free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    cmd = [sys.executable, str(REPO / "experiments/train.py"), f"--config={REPO}/experiments/configs/lm_tiny.py",
+           f"--workdir={workdir}", f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+    cmd += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+    procs = []
+    try:
+        for i in range(2):
+            with open(logs[i], "w") as log:
+                procs.append(subprocess.Popen(cmd + [f"--process_id={i}"], cwd=REPO, env=env, stdout=log,
+                                              stderr=subprocess.STDOUT))
+        for p in procs:
+            p.wait(timeout=300)
+    finally:
+        for p in procs:  # never leave a process waiting on its peer
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    out = [log.read_text() for log in logs]
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"process {i} failed:\n{out[i][-4000:]}"
+
+    multi = train_losses(workdir)
+    assert sorted(multi) == list(range(1, STEPS + 1)), "each step logged exactly once (process 0 only)"
+    for step in single:
+        assert math.isclose(multi[step], single[step], rel_tol=1e-5), (step, multi[step], single[step])
+    # Only process 0 logs progress; both see the whole 8-device mesh.
+    assert "over 2 process(es), 8 devices" in out[0], out[0][-2000:]
+    assert f"step {STEPS}/{STEPS}" in out[0]
+    assert not re.search(r"step \d+/\d+ loss", out[1]), out[1][-2000:]
+    assert (workdir / "final_metrics.json").exists()
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [str(STEPS)]
