@@ -342,3 +342,38 @@ def test_core_import_does_not_need_safetensors():
     top = {a.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for a in node.names}
     top |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
     assert top and not top & {"safetensors", "torch", "transformers", "ml_dtypes"}, top
+
+
+def test_fine_tuning_starts_from_loaded_weights(llama_dir):
+    """create_train_state(params=...) trains from the HF weights, sharded too, and names a bad tensor."""
+    from tformer import train_step as ts
+
+    model = thf.load_hf_checkpoint(llama_dir)
+    params = nnx.to_pure_dict(nnx.state(model))
+    o = tformer.OptimizerConfig(learning_rate=1e-3, warmup_steps=0, total_steps=10)
+    toks = jnp.asarray(tokens(8, 17, seed=3), jnp.int32)
+    batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:]}
+    losses = {}
+    for name, mesh in (("single", None), ("tp", tformer.make_mesh({"data": 2, "tensor": 2}, devices=jax.devices()[:4]))):
+        rules = None if mesh is None else tformer.rules_for("dp_tp")
+        graphdef, tx, state, sh = ts.create_train_state(tformer.DecoderLM, model.cfg, o, mesh=mesh, rules=rules,
+                                                        params=jax.tree.map(jnp.copy, params))
+        for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the loaded weights, not an init
+        step = ts.make_train_step(graphdef, tx, o, mesh=mesh, rules=rules, state_sharding=sh,
+                                  batch_sharding=None if mesh is None else ts.batch_sharding(mesh, rules, batch))
+        state, first = step(state, batch)
+        state, second = step(state, batch)
+        losses[name] = [float(first["loss"]), float(second["loss"])]
+    # The first loss is the loaded model's cross-entropy on the batch (its logits match HF's); training lowers it.
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(
+            torch.tensor(np.asarray(forward(model, batch["inputs"])[..., :V])).reshape(-1, V),
+            torch.tensor(np.asarray(batch["targets"])).reshape(-1).long())
+    assert losses["single"][0] == pytest.approx(float(ref), rel=1e-5)
+    assert losses["single"][1] < losses["single"][0]
+    np.testing.assert_allclose(losses["tp"], losses["single"], rtol=1e-5)
+    bad = jax.tree.map(lambda x: x, params)
+    bad["embed"]["table"] = bad["embed"]["table"][:-1]
+    with pytest.raises(ValueError, match=r"params=\.\.\.\): parameter .*embed.*table.* is float32\["):
+        ts.create_train_state(tformer.DecoderLM, model.cfg, o, params=bad)

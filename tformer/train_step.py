@@ -199,22 +199,47 @@ def state_shardings(model_cls, cfg: ModelConfig, tx, mesh: Mesh, rules):
 
 
 def create_train_state(model_cls, cfg: ModelConfig, o: OptimizerConfig, seed: int = 0,
-                       mesh: Mesh | None = None, rules=None):
-    """(graphdef, tx, state, state_shardings or None). Sharded at birth when a mesh is given."""
+                       mesh: Mesh | None = None, rules=None, params: Params | None = None):
+    """(graphdef, tx, state, state_shardings or None). Sharded at birth when a mesh is given.
+
+    `params` (e.g. `nnx.to_pure_dict(nnx.state(tformer.load_hf_checkpoint(path)))`)
+    starts from given weights instead of a fresh init, to fine-tune; they must
+    have the structure, shapes and dtypes of `model_cls(cfg)`'s parameters.
+    """
     graphdef, abstract = abstract_model(model_cls, cfg)
     tx = make_optimizer(o, abstract)
+    if params is not None:
+        _check_params(params, nnx.to_pure_dict(abstract))
 
-    def init():
-        params = nnx.to_pure_dict(nnx.state(model_cls(cfg, rngs=nnx.Rngs(seed))))
+    def init(given):
+        p = nnx.to_pure_dict(nnx.state(model_cls(cfg, rngs=nnx.Rngs(seed)))) if given is None else given
         return TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+            step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
             rng=jax.random.key_data(jax.random.key(seed + 1)),
         )
 
     if mesh is None:
-        return graphdef, tx, jax.jit(init)(), None
+        return graphdef, tx, jax.jit(init)(params), None
     shardings = state_shardings(model_cls, cfg, tx, mesh, rules)
-    return graphdef, tx, jax.jit(init, out_shardings=shardings)(), shardings
+    if params is not None:  # placed shard by shard: never whole on one device
+        params = jax.device_put(params, shardings.params)
+    return graphdef, tx, jax.jit(init, out_shardings=shardings)(params), shardings
+
+
+def _check_params(given: Params, expected: Params) -> None:
+    """Fail naming the first parameter whose path, shape or dtype differs from the model's."""
+    flat = lambda t: {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(t)}  # noqa: E731
+    got, want = flat(given), flat(expected)
+    for name in sorted(set(want) | set(got)):
+        if name not in got:
+            raise ValueError(f"create_train_state(params=...): parameter {name} is missing; "
+                             "pass the full parameter dict of a model built with the same ModelConfig")
+        if name not in want:
+            raise ValueError(f"create_train_state(params=...): unexpected parameter {name} for this ModelConfig")
+        g, w = got[name], want[name]
+        if tuple(g.shape) != tuple(w.shape) or jnp.dtype(g.dtype) != jnp.dtype(w.dtype):
+            raise ValueError(f"create_train_state(params=...): parameter {name} is {g.dtype}{list(g.shape)}, "
+                             f"the model needs {w.dtype}{list(w.shape)}; build the ModelConfig that made them")
 
 
 def _microbatches(batch: dict, k: int) -> dict:
