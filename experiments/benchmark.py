@@ -239,9 +239,9 @@ def bench_train(opts: Options, dev: dict) -> dict:
     tokens_per_s = b * t / step_s
     fpt = flops.train_flops_per_token(cfg, t)
     mem, mem_src = peak_memory_bytes(compiled)
-    # What `attention="auto"|"cudnn"` resolves to for this call (dense causal mask, no dropout).
+    # What `attention="auto"|"cudnn"|"blocked"` resolves to for this call (plain causal T x T, no dropout).
     probe = Masking(q_pos=None, k_pos=None, dense_free=True)
-    impl = resolve_impl(cfg, DTYPE[cfg.dtype], probe, training_dropout=False)
+    impl = resolve_impl(cfg, DTYPE[cfg.dtype], probe, training_dropout=False, seq_lens=(t, t))
     if impl == "cudnn" and "cudnn" not in compiled.as_text():
         impl = "xla (cudnn fell back)"
     return dict(
@@ -458,7 +458,7 @@ def run(opts: Options, peer_script: str | None = None, peer_modes: typing.Sequen
 def table(records: list[dict]) -> str:
     """A readable summary, one row per figure."""
     cols = ("system", "what", "round", "batch", "step_ms", "ms_per_token", "e2e_ms_per_step", "tokens_per_s",
-            "tflops", "mfu", "compile_s", "roofline_ms", "speedup", "attention", "scan_layers", "remat")
+            "tflops", "mfu", "compile_s", "roofline_ms", "speedup", "attention_resolved", "scan_layers", "remat")
     # Peers report end-to-end generate time per step as `ms_per_step`.
     records_ = [dict(r, e2e_ms_per_step=r.get("e2e_ms_per_step", r.get("ms_per_step"))) for r in records]
     rows = [[("" if r.get(c) is None else str(r.get(c, ""))) for c in cols] for r in records_]
@@ -486,7 +486,7 @@ def define_flags(fv=None) -> None:
     flags.DEFINE_integer("seq_len", None, "Train sequence length (default: the preset's).", **d)
     flags.DEFINE_integer("steps", 10, "Timed train steps (median reported).", **d)
     flags.DEFINE_integer("warmup", 2, "Untimed train steps after compilation.", **d)
-    flags.DEFINE_enum("attention", None, ["auto", "xla", "cudnn", "einsum"], "Attention implementation.", **d)
+    flags.DEFINE_enum("attention", None, list(tformer.config.ATTENTION_IMPLS), "Attention implementation.", **d)
     flags.DEFINE_bool("scan_layers", None, "lax.scan over layers (true) or unrolled (false).", **d)
     flags.DEFINE_enum("remat", None, ["none", "full", "dots", "dots_no_batch"], "Rematerialisation policy.", **d)
     flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Compute dtype.", **d)

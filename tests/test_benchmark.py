@@ -182,6 +182,18 @@ def test_run_in_process_train_and_decode():
     assert "tokens_per_s" in bm.table(records)
 
 
+def test_train_reports_blocked_attention_for_long_causal_sequences_on_cpu():
+    # `auto` resolves per call: block-causal on CPU from BLOCKED_MIN_LEN tokens, and the record says so.
+    n = tformer.attention.BLOCKED_MIN_LEN
+    opts = bm.Options(model="cpu_tiny", overrides=TINY, batch=1, seq_len=n, steps=1, warmup=0)
+    (rec,) = bm.run(opts)
+    want = "blocked" if jax.default_backend() == "cpu" else rec["attention_resolved"]
+    assert rec["attention"] == "auto" and rec["attention_resolved"] == want
+    (forced,) = bm.run(bm.Options(model="cpu_tiny", overrides=(*TINY, "attention=blocked"), batch=1, seq_len=30,
+                                  steps=1, warmup=0))
+    assert forced["attention_resolved"] == "xla"  # 30 tokens: not divisible into 4 blocks, dense fallback
+
+
 FAKE_PEER = textwrap.dedent("""
     import json, os
     def train(compile_model, B=1, steps=1):

@@ -5,6 +5,7 @@ Tiny models with a large init_std, so attention is far from uniform and the
 logits differ clearly between positions (a test that a wrong mask would fail).
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -14,7 +15,9 @@ import pytest
 from flax import nnx
 
 from tformer import DecoderLM, EncoderDecoder, ModelConfig
+from tformer import attention as attention_lib
 from tformer.attention import Masking, attend, resolve_impl
+from tformer.layers import project
 
 V = 120  # not a multiple of vocab_multiple: the padded ids are always present
 
@@ -276,7 +279,7 @@ def test_attention_implementations_agree(case):
         return Masking(q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg, causal=causal, window=window,
                        dense_free=seg is None and window is None)
 
-    impls = ("einsum", "xla", "auto", "cudnn")
+    impls = ("einsum", "xla", "auto", "cudnn", "blocked")
 
     @jax.jit
     def run(q, k, v, pos, seg):
@@ -312,6 +315,87 @@ def test_auto_attention_falls_back_on_cpu():
                       for a in ("auto", "einsum", "cudnn"))
     np.testing.assert_allclose(np.asarray(auto), np.asarray(ein), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(cud), np.asarray(ein), atol=1e-5, rtol=1e-5)
+
+
+def _causal(t, b=2, **kw):
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    return Masking(q_pos=pos, k_pos=pos, causal=True, dense_free=True, **kw)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_blocked_attention_matches_einsum_with_gradients(kv_heads):
+    cfg = ModelConfig(vocab_size=V, d_model=32, num_heads=4, num_kv_heads=kv_heads, max_len=32)
+    t = 16
+    q, k, v = _random_qkv(t=t, kh=kv_heads, seed=kv_heads)
+    masking = _causal(t)
+    assert resolve_impl(cfg.replace(attention="blocked"), jnp.float32, masking, False, (t, t)) == "blocked"
+    cot = jax.random.normal(jax.random.key(9), q.shape)
+
+    def value_and_grads(impl):
+        c = cfg.replace(attention=impl)
+        f = lambda q, k, v: jnp.sum(attend(q, k, v, masking, c) * cot)  # noqa: E731
+        return jax.jit(lambda q, k, v: (attend(q, k, v, masking, c), jax.grad(f, argnums=(0, 1, 2))(q, k, v)))(q, k, v)
+
+    out, grads = value_and_grads("blocked")
+    ref_out, ref_grads = value_and_grads("einsum")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), atol=1e-6, rtol=1e-6)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert float(jnp.max(jnp.abs(r))) > 0.1, name  # not vacuous
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=2e-6, rtol=1e-6, err_msg=f"d{name}")
+
+
+def test_blocked_attention_in_a_model_matches_einsum_with_gradients():
+    cfg = make_cfg(num_layers=2, max_len=32)
+    x = jnp.asarray(np.random.default_rng(6).integers(3, V, (2, 32)))
+    model = DecoderLM(cfg, rngs=nnx.Rngs(10))
+    graphdef, state = nnx.split(model)
+
+    def run(impl):
+        g = nnx.graphdef(DecoderLM(cfg.replace(attention=impl), rngs=nnx.Rngs(10)))
+
+        def loss(st):
+            logits = nnx.merge(g, st)(x)
+            return jnp.mean(jax.nn.log_softmax(logits[..., :V])[..., 0]), logits
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
+
+    (_, blocked), g_blocked = run("blocked")
+    (_, ref), g_ref = run("einsum")
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(ref), atol=1e-5, rtol=1e-5)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_blocked), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4, err_msg=str(path))
+
+
+def test_blocked_attention_only_where_it_applies():
+    cfg = make_cfg()
+    blocked, auto = cfg.replace(attention="blocked"), cfg.replace(attention="auto")
+    n = attention_lib.BLOCKED_MIN_LEN
+    # Windows, segments, cross-attention (different lengths), lengths not divisible: the dense path.
+    assert resolve_impl(blocked, jnp.float32, _causal(n, window=3), False, (n, n)) == "xla"
+    assert resolve_impl(blocked, jnp.float32, dataclasses.replace(_causal(n), dense_free=False), False, (n, n)) == "xla"
+    assert resolve_impl(blocked, jnp.float32, _causal(n), False, (n, n // 2)) == "xla"
+    assert resolve_impl(blocked, jnp.float32, _causal(n + 1), False, (n + 1, n + 1)) == "xla"
+    assert resolve_impl(blocked, jnp.float32, _causal(n), True, (n, n)) == "einsum"  # attention dropout
+    on_cpu = jax.default_backend() == "cpu"
+    assert resolve_impl(auto, jnp.float32, _causal(n), False, (n, n)) == ("blocked" if on_cpu else "xla")
+    assert resolve_impl(auto, jnp.float32, _causal(n // 2), False, (n // 2, n // 2)) == "xla"
+
+
+def test_project_is_the_einsum():
+    ks = jax.random.split(jax.random.key(11), 5)
+    x = jax.random.normal(ks[0], (2, 3, 8))
+    w3 = jax.random.normal(ks[1], (8, 4, 5))
+    np.testing.assert_allclose(np.asarray(project(x, w3)), np.asarray(jnp.einsum("btd,dhk->bthk", x, w3)),
+                               atol=1e-5, rtol=1e-5)
+    o = jax.random.normal(ks[2], (2, 3, 4, 5))
+    wo = jax.random.normal(ks[3], (4, 5, 8))
+    np.testing.assert_allclose(np.asarray(project(o, wo, n_in=2)), np.asarray(jnp.einsum("bthk,hkd->btd", o, wo)),
+                               atol=1e-5, rtol=1e-5)
+    table = jax.random.normal(ks[4], (7, 8))
+    np.testing.assert_allclose(np.asarray(project(x, table, w_transposed=True)),
+                               np.asarray(jnp.einsum("btd,vd->btv", x, table)), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="do not match weight axes"):
+        project(x, wo, n_in=2)
 
 
 def test_packed_seq2seq_pairs_are_independent(encdec):

@@ -9,9 +9,11 @@ documents, local windows and cached decoding:
                                     and (window is None or pos[i] - pos[j] < window)
 
 Segment 0 marks padding. Implementations: "einsum" (the reference, and the
-only one with attention dropout), "xla" (`jax.nn.dot_product_attention`), and
-"cudnn" (flash attention on GPU, bf16/fp16). "auto" picks cuDNN where it
-applies and falls back to XLA.
+only one with attention dropout), "xla" (`jax.nn.dot_product_attention`),
+"cudnn" (flash attention on GPU, bf16/fp16) and "blocked" (block-causal:
+query block i of n attends only to keys [0, (i+1) T/n), skipping the masked
+upper triangle; same maths as the dense path). "auto" picks cuDNN where it
+applies, "blocked" on CPU for long causal self-attention, else XLA.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from tformer.config import ModelConfig
-from tformer.layers import apply_rope, cast, dropout, param
+from tformer.layers import apply_rope, cast, dropout, param, project
 from tformer.sharding import constrain
 
 _NEG = -1e30  # finite, so fully masked rows (padding queries) stay NaN-free
@@ -85,12 +88,45 @@ def _einsum_attention(q, k, v, mask_bqk, rate, rng):
     return out.reshape(b, tq, h, d)
 
 
-def resolve_impl(cfg: ModelConfig, dtype, masking: Masking, training_dropout: bool) -> str:
-    """The implementation `attend` will use for this call."""
+# Block-causal attention: query block i of `BLOCKS` attends to keys
+# [0, (i+1) T/BLOCKS) only, so (BLOCKS+1)/(2 BLOCKS) of the T x T work is done
+# (5/8 for 4 blocks). Chosen by "auto" on CPU from BLOCKED_MIN_LEN tokens up
+# (both measured on XLA:CPU, see BENCHMARKS.md); GPUs use flash kernels.
+BLOCKS = 4
+BLOCKED_MIN_LEN = 128
+
+
+def _blocked_applies(masking: Masking, seq_lens: tuple[int, int] | None) -> bool:
+    """Plain causal self-attention (positions 0..T-1, no window) over T divisible by BLOCKS."""
+    if seq_lens is None or not (masking.dense_free and masking.causal and masking.window is None):
+        return False
+    tq, tk = seq_lens
+    return tq == tk and tq % BLOCKS == 0
+
+
+def _blocked_causal_attention(q, k, v, blocks: int = BLOCKS):
+    """Exact causal attention skipping the fully masked blocks above the diagonal."""
+    t = q.shape[1]
+    n = t // blocks
+    outs = []
+    for i in range(blocks):
+        end = (i + 1) * n
+        # Query i * n + a sees key j iff j <= i * n + a: a trace-time constant.
+        mask = np.arange(end)[None, :] <= np.arange(i * n, end)[:, None]
+        outs.append(_einsum_attention(q[:, i * n : end], k[:, :end], v[:, :end], mask[None], 0.0, None))
+    return jnp.concatenate(outs, axis=1)
+
+
+def resolve_impl(cfg: ModelConfig, dtype, masking: Masking, training_dropout: bool,
+                 seq_lens: tuple[int, int] | None = None) -> str:
+    """The implementation `attend` will use for this call (`seq_lens`: query and key lengths)."""
     impl = cfg.attention
     if training_dropout:
         return "einsum"  # the only path with attention dropout
     if impl == "auto":
+        if jax.default_backend() == "cpu":
+            ok = _blocked_applies(masking, seq_lens) and seq_lens[0] >= BLOCKED_MIN_LEN
+            return "blocked" if ok else "xla"
         ok = (
             jax.default_backend() == "gpu"
             and dtype in (jnp.bfloat16, jnp.float16)
@@ -101,13 +137,15 @@ def resolve_impl(cfg: ModelConfig, dtype, masking: Masking, training_dropout: bo
         return "cudnn" if ok else "xla"
     if impl == "cudnn" and not masking.dense_free:
         return "xla"  # segments/padding/cache need a dense mask
+    if impl == "blocked" and not _blocked_applies(masking, seq_lens):
+        return "xla"  # windows, segments, caches, cross-attention: dense mask
     return impl
 
 
 def attend(q_bthd, k_bskd, v_bskd, masking: Masking, cfg: ModelConfig, rng=None) -> jax.Array:
     """Scaled dot-product attention with GQA; output [B, T, H, D]."""
     training_dropout = rng is not None and cfg.attention_dropout > 0
-    impl = resolve_impl(cfg, q_bthd.dtype, masking, training_dropout)
+    impl = resolve_impl(cfg, q_bthd.dtype, masking, training_dropout, (q_bthd.shape[1], k_bskd.shape[1]))
     if impl == "cudnn":
         window = None if masking.window is None else (masking.window - 1, 0)
         try:
@@ -117,6 +155,8 @@ def attend(q_bthd, k_bskd, v_bskd, masking: Masking, cfg: ModelConfig, rng=None)
             )
         except Exception:  # unsupported shape/dtype/version: fall back, same maths
             impl = "xla"
+    if impl == "blocked":
+        return _blocked_causal_attention(q_bthd, k_bskd, v_bskd)
     mask = masking.dense()
     if impl == "xla":
         return jax.nn.dot_product_attention(q_bthd, k_bskd, v_bskd, mask=mask[:, None], implementation="xla")
@@ -146,7 +186,7 @@ class Attention(nnx.Module):
 
     def query(self, x_btd, positions_bt):
         cfg = self.cfg
-        q = jnp.einsum("btd,dhk->bthk", x_btd, cast(self.wq, cfg))
+        q = project(x_btd, cast(self.wq, cfg))
         if cfg.use_bias:
             q = q + cast(self.bq, cfg)
         q = constrain(q, ("batch", "length", "act_heads", "head_dim"))
@@ -154,8 +194,8 @@ class Attention(nnx.Module):
 
     def key_value(self, x_bsd, positions_bs):
         cfg = self.cfg
-        k = jnp.einsum("bsd,dhk->bshk", x_bsd, cast(self.wk, cfg))
-        v = jnp.einsum("bsd,dhk->bshk", x_bsd, cast(self.wv, cfg))
+        k = project(x_bsd, cast(self.wk, cfg))
+        v = project(x_bsd, cast(self.wv, cfg))
         if cfg.use_bias:
             k, v = k + cast(self.bk, cfg), v + cast(self.bv, cfg)
         k = constrain(k, ("batch", "length", "act_kv_heads", "head_dim"))
@@ -164,7 +204,7 @@ class Attention(nnx.Module):
 
     def output(self, o_bthd):
         cfg = self.cfg
-        y = jnp.einsum("bthk,hkd->btd", o_bthd, cast(self.wo, cfg))
+        y = project(o_bthd, cast(self.wo, cfg), n_in=2)
         if cfg.use_bias:
             y = y + cast(self.bo, cfg)
         return y

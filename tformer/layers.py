@@ -38,6 +38,30 @@ def cast(p: nnx.Param, cfg: ModelConfig) -> jax.Array:
     return p[...].astype(DTYPE[cfg.dtype])
 
 
+def project(x: jax.Array, w: jax.Array, n_in: int = 1, *, w_transposed: bool = False) -> jax.Array:
+    """`x[..., k1..kn] @ w[k1..kn, o1..om]` -> `[..., o1..om]`, done as ONE 2-D matmul.
+
+    Equivalent to an einsum over the `n_in` trailing axes of `x`, but the
+    activations are flattened to `[rows, k]` and the weight to `[k, out]`
+    first. For the weight gradient XLA:CPU then contracts a plain 2-D
+    cotangent instead of transposing a 3-D/4-D one (those transposes cost
+    20-30% of a CPU training step, see BENCHMARKS.md); on GPU/TPU the
+    reshapes of contiguous axes are free. `w_transposed`: `w` is `[out, k]`
+    (a tied embedding table used as the output projection, `n_in` = 1).
+    """
+    k_shape = w.shape[-n_in:] if w_transposed else w.shape[:n_in]
+    out_shape = w.shape[:-n_in] if w_transposed else w.shape[n_in:]
+    if x.shape[x.ndim - n_in:] != k_shape:
+        raise ValueError(f"project: input axes {x.shape[x.ndim - n_in:]} do not match weight axes {k_shape}")
+    k, n, lead = math.prod(k_shape), math.prod(out_shape), x.shape[: x.ndim - n_in]
+    x2 = x.reshape(math.prod(lead), k)
+    if w_transposed:
+        y2 = jax.lax.dot_general(x2, w.reshape(n, k), (((1,), (1,)), ((), ())))
+    else:
+        y2 = x2 @ w.reshape(k, n)
+    return y2.reshape(lead + out_shape)
+
+
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     """Inverted dropout with an explicit key; identity when rng is None or rate is 0."""
     if rng is None or rate == 0.0:
@@ -117,9 +141,9 @@ class Embedder(nnx.Module):
         """Logits over the padded vocabulary; padded ids get a huge negative logit."""
         cfg = self.cfg
         if cfg.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x_btd, cast(self.table, cfg))
+            logits = project(x_btd, cast(self.table, cfg), w_transposed=True)
         else:
-            logits = jnp.einsum("btd,dv->btv", x_btd, cast(self.head, cfg))
+            logits = project(x_btd, cast(self.head, cfg))
         logits = logits.astype(DTYPE[cfg.logits_dtype])
         if cfg.padded_vocab != cfg.vocab_size:
             real = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
@@ -176,15 +200,15 @@ class MLP(nnx.Module):
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         cfg = self.cfg
         act = _ACT[cfg.activation]
-        h_btf = jnp.einsum("btd,df->btf", x_btd, cast(self.w_in, cfg))
+        h_btf = project(x_btd, cast(self.w_in, cfg))
         if cfg.use_bias:
             h_btf = h_btf + cast(self.b_in, cfg)
         if cfg.gated:
-            h_btf = act(jnp.einsum("btd,df->btf", x_btd, cast(self.w_gate, cfg))) * h_btf
+            h_btf = act(project(x_btd, cast(self.w_gate, cfg))) * h_btf
         else:
             h_btf = act(h_btf)
         h_btf = constrain(h_btf, ("batch", "length", "act_mlp"))
-        y_btd = jnp.einsum("btf,fd->btd", h_btf, cast(self.w_out, cfg))
+        y_btd = project(h_btf, cast(self.w_out, cfg))
         if cfg.use_bias:
             y_btd = y_btd + cast(self.b_out, cfg)
         return y_btd
