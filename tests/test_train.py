@@ -107,19 +107,31 @@ def test_resume_equals_uninterrupted(tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    cmd = [sys.executable, str(REPO / "experiments/train.py"), f"--config={REPO}/experiments/configs/lm_tiny.py",
-           f"--workdir={tmp_path}", "--config.model.d_model=32", "--config.model.num_heads=2",
-           "--config.model.num_layers=1", "--config.model.d_ff=64", "--config.model.max_len=64",
-           "--config.data.seq_len=32", "--config.data.max_bytes=30000", "--config.train.batch_size=8",
-           "--config.train.num_steps=100000", "--config.train.log_every=5", "--config.train.checkpoint_every=100000",
-           "--config.train.eval_every=100000", "--config.mesh.data=1"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+CLI_ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+
+
+def tiny_lm_cli(workdir, *overrides):
+    """`train.py` with the tiny LM config, as a command line."""
+    return [sys.executable, str(REPO / "experiments/train.py"), f"--config={REPO}/experiments/configs/lm_tiny.py",
+            f"--workdir={workdir}", "--config.model.d_model=32", "--config.model.num_heads=2",
+            "--config.model.num_layers=1", "--config.model.d_ff=64", "--config.model.max_len=64",
+            "--config.data.seq_len=32", "--config.data.max_bytes=30000", "--config.train.batch_size=8",
+            "--config.train.eval_every=100000", "--config.mesh.data=1", *overrides]
+
+
+def start_until(cmd, marker):
+    """Start `cmd` and return it once `marker` appears in its output (or after 240 s)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     for line in proc.stdout:
-        if "step 5/" in line or time.time() > deadline:
+        if marker in line or time.time() > deadline:
             break
+    return proc
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    proc = start_until(tiny_lm_cli(tmp_path, "--config.train.num_steps=100000", "--config.train.log_every=5",
+                                   "--config.train.checkpoint_every=100000"), "step 5/")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
@@ -205,27 +217,17 @@ def test_interrupted_save_is_ignored_and_the_run_resumes(tmp_path):
 
 def test_sigkill_during_training_resumes_from_a_complete_checkpoint(tmp_path):
     """SIGKILL while checkpoints are being written every step: the next run restores and finishes."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    common = [f"--config={REPO}/experiments/configs/lm_tiny.py", f"--workdir={tmp_path}",
-              "--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.num_layers=1",
-              "--config.model.d_ff=64", "--config.model.max_len=64", "--config.data.seq_len=32",
-              "--config.data.max_bytes=30000", "--config.train.batch_size=8", "--config.train.log_every=1",
-              "--config.train.eval_every=100000", "--config.mesh.data=1", "--config.optim.total_steps=1000"]
-    cmd = [sys.executable, str(REPO / "experiments/train.py"), *common, "--config.train.num_steps=1000",
-           "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=2"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
-    for line in proc.stdout:
-        if "step 8/" in line or time.time() > deadline:
-            break
+    common = ["--config.train.log_every=1", "--config.optim.total_steps=1000"]
+    proc = start_until(tiny_lm_cli(tmp_path, *common, "--config.train.num_steps=1000",
+                                   "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=2"), "step 8/")
     proc.kill()  # SIGKILL: no handler runs, an async save may be in flight
     proc.communicate(timeout=60)
     state, _ = Checkpointer(tmp_path / "checkpoints").restore()
     killed_at = int(state.step)
     assert killed_at >= 6
-    out = subprocess.run([sys.executable, str(REPO / "experiments/train.py"), *common,
-                          f"--config.train.num_steps={killed_at + 2}", "--config.train.checkpoint_every=100000"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(tiny_lm_cli(tmp_path, *common, f"--config.train.num_steps={killed_at + 2}",
+                                     "--config.train.checkpoint_every=100000"),
+                         cwd=REPO, env=CLI_ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resumed from step {killed_at}" in out.stderr
     assert Checkpointer(tmp_path / "checkpoints").latest_step() == killed_at + 2
