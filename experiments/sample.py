@@ -58,9 +58,7 @@ def load(workdir: str | Path):
     o = ts.OptimizerConfig(**optim)
     graphdef, abstract = ts.abstract_model(model_cls, cfg)
     tx = ts.make_optimizer(o, abstract)
-    target = jax.eval_shape(lambda: ts.TrainState(
-        step=jax.numpy.zeros((), jax.numpy.int32), params=nnx.to_pure_dict(abstract),
-        opt_state=tx.init(nnx.to_pure_dict(abstract)), rng=jax.random.key_data(jax.random.key(0))))
+    target = ts.abstract_train_state(abstract, tx)
     ckpt = Checkpointer(workdir / "checkpoints")
     try:
         state, _ = ckpt.restore(target=abstract_like(target, jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), target)))

@@ -196,17 +196,15 @@ def plan(config: ConfigDict):
 
 def use_fake_cpu_devices(n: int) -> None:
     """Make the CPU backend expose `n` devices; only possible before JAX starts its backends."""
-    from jax._src import xla_bridge
-
     if n < 1:
         raise ValueError(f"--plan_devices must be >= 1, got {n}")
-    if xla_bridge.backends_are_initialized():
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:
         raise ValueError(
             "--plan_devices: JAX's backends are already initialised, so the device count can no longer "
             "change; set XLA_FLAGS=--xla_force_host_platform_device_count=N before starting Python instead"
-        )
-    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    os.environ["XLA_FLAGS"] = " ".join(kept + [f"--xla_force_host_platform_device_count={n}"])
+        ) from None
     jax.config.update("jax_platforms", "cpu")
 
 
@@ -371,7 +369,7 @@ def run(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     start = int(state.step)
     all_finite = jnp.array(True)
     last_good = ckpt.latest_step()
-    pending, t_last, step_last, tokens_done = [], time.time(), start, 0.0
+    pending, t_last, step_last = [], time.time(), start
     result: dict = {}
     try:
         for step in range(start, t.num_steps):

@@ -7,7 +7,6 @@ config is hashable (it is a static argument of jitted functions).
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
 POSITIONS = ("learned", "sinusoidal", "rope", "none")
 NORMS = ("layernorm", "rmsnorm")

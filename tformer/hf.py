@@ -510,7 +510,7 @@ def save_hf_checkpoint(model: DecoderLM, path) -> Path:
     cfg = model.cfg
     hf = config_to_hf(cfg)
     p = _to_numpy(model)
-    d, h, kh, hd, f, v = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim_, cfg.d_ff_, cfg.vocab_size
+    d, h, kh, hd, v = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim_, cfg.vocab_size
     lay, emb = p["blocks"]["layers"], p["embed"]
     out: dict[str, np.ndarray] = {}
     if hf["model_type"] == "gpt2":

@@ -26,7 +26,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from tformer import sharding as shd
@@ -250,12 +249,8 @@ def plan_train_step(
     graphdef, abstract = ts.abstract_model(model_cls, cfg)
     tx = ts.make_optimizer(o, abstract)
     state_sh = ts.state_shardings(model_cls, cfg, tx, mesh, rules)
-    params = nnx.to_pure_dict(abstract)
-    params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), params)
-    abstract_state = ts.TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=jax.eval_shape(tx.init, params),
-        rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
-    )
+    abstract_state = ts.abstract_train_state(abstract, tx)
+    params = abstract_state.params
     kind = "seq2seq" if cfg.num_encoder_layers > 0 else "lm"
     shapes = batch_shapes if batch_shapes is not None else abstract_batch(kind, batch, seq_len, src_len)
     batch_sh = ts.batch_sharding(mesh, rules, shapes)

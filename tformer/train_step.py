@@ -166,6 +166,15 @@ def abstract_model(model_cls, cfg: ModelConfig):
     return nnx.split(nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0))))
 
 
+def abstract_train_state(abstract, tx) -> TrainState:
+    """The TrainState as ShapeDtypeStructs (allocates nothing): a restore target, a plan's input."""
+    params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(abstract))
+    return TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=jax.eval_shape(tx.init, params),
+        rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
+    )
+
+
 def param_shardings(abstract_state, mesh: Mesh, rules) -> Params:
     return nnx.to_pure_dict(shd.state_shardings(abstract_state, mesh, rules))
 
