@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 import tformer
-from tformer import flops
+from tformer import flops, host
 from tformer import train_step as ts
 from tformer.attention import Masking, resolve_impl
 from tformer.layers import DTYPE
@@ -105,6 +105,9 @@ class Options:
     hbm_gbps: float | None = None
     seed: int = 0
     xla_flags: str = ""  # recorded; applied by main() before the backend starts
+    # glibc keeps freed memory (tformer.host): recorded; applied by main() before the backend starts.
+    tune_allocator: bool = False
+    peer_tune_allocator: bool = False  # the same setting in the peer's child process
 
 
 # ---------------------------------------------------------------------------
@@ -168,7 +171,8 @@ def device_facts(opts: Options) -> dict:
     peak = opts.peak_tflops if opts.peak_tflops else (spec.peak_tflops if spec else None)
     bw = opts.hbm_gbps * 1e9 if opts.hbm_gbps else (spec.hbm_bytes_per_s if spec else None)
     return dict(platform=dev.platform, device_kind=dev.device_kind, device_name=spec.name if spec else None,
-                peak_tflops=peak, hbm_bytes_per_s=bw, jax_version=jax.__version__, host_cpus=os.cpu_count())
+                peak_tflops=peak, hbm_bytes_per_s=bw, jax_version=jax.__version__, host_cpus=os.cpu_count(),
+                allocator_tuned=opts.tune_allocator)
 
 
 def peak_memory_bytes(compiled) -> tuple[int | None, str]:
@@ -209,6 +213,15 @@ def lm_batch(cfg: tformer.ModelConfig, batch: int, seq_len: int, seed: int) -> d
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": jnp.ones((batch, seq_len), jnp.float32)}
 
 
+def _minor_faults() -> int:
+    """Host page faults of this process so far (0 where the OS does not say): see tformer.host."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def bench_train(opts: Options, dev: dict) -> dict:
     """Median wall time of one jitted train step (AdamW, loss, grads), compile timed apart."""
     cfg = model_config(opts)
@@ -228,12 +241,14 @@ def bench_train(opts: Options, dev: dict) -> dict:
     for _ in range(opts.warmup):
         state, metrics = compiled(state, batch)
     jax.block_until_ready(state)
-    times = []
+    times, faults = [], []
     for _ in range(opts.steps):
+        f0 = _minor_faults()
         s0 = time.perf_counter()
         state, metrics = compiled(state, batch)
         jax.block_until_ready(state)
         times.append(time.perf_counter() - s0)
+        faults.append(_minor_faults() - f0)
 
     step_s = statistics.median(times)
     tokens_per_s = b * t / step_s
@@ -251,6 +266,7 @@ def bench_train(opts: Options, dev: dict) -> dict:
         tflops=_round(flops.model_tflops(fpt, tokens_per_s)),
         mfu=_round(flops.mfu(fpt, tokens_per_s, dev["peak_tflops"])) if dev["peak_tflops"] else None,
         compile_s=_round(t2 - t1), lower_s=_round(t1 - t0), peak_memory_bytes=mem, memory_source=mem_src,
+        host_page_faults_per_step=statistics.median(faults),
         flops_per_token=fpt, params=flops.param_count(cfg), loss=_round(metrics["loss"]),
         attention_resolved=impl, **_knobs(cfg, opts), **dev,
     )
@@ -327,7 +343,10 @@ def bench_decode(opts: Options, dev: dict) -> list[dict]:
 # Peer (run in a child process, same shape, same machine, same run).
 
 _PEER_RUNNER = r"""
-import json, runpy, sys
+import json, os, runpy, sys
+if os.environ.get("TFORMER_PEER_TUNE_ALLOCATOR") == "1":
+    from tformer import host
+    host.tune_allocator()
 g = runpy.run_path(sys.argv[1], run_name="tformer_peer")
 for job in json.loads(sys.argv[2]):
     try:
@@ -363,12 +382,14 @@ def run_peer(script: str, modes: typing.Sequence[str], opts: Options) -> list[di
     out = []
     for seq, jobs in groups.items():
         out += _peer_child(script, jobs, f"{cfg.padded_vocab},{seq},{cfg.d_model},{cfg.num_layers},{cfg.num_heads}",
-                           b, opts.steps)
+                           b, opts.steps, opts.peer_tune_allocator)
     return out
 
 
-def _peer_child(script: str, jobs: list, shape: str, batch: int, steps: int) -> list[dict]:
-    env = dict(os.environ, SHAPE=shape, BATCH=str(batch), STEPS=str(steps))
+def _peer_child(script: str, jobs: list, shape: str, batch: int, steps: int, tune_allocator: bool) -> list[dict]:
+    env = dict(os.environ, SHAPE=shape, BATCH=str(batch), STEPS=str(steps),
+               TFORMER_PEER_TUNE_ALLOCATOR="1" if tune_allocator else "0",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", _PEER_RUNNER, script, json.dumps(jobs)], env=env,
                           capture_output=True, text=True)
     out = []
@@ -376,6 +397,7 @@ def _peer_child(script: str, jobs: list, shape: str, batch: int, steps: int) -> 
         if line.startswith("{"):
             rec = json.loads(line)
             rec.setdefault("system", rec.pop("peer", Path(script).stem))
+            rec["allocator_tuned"] = tune_allocator
             if rec.get("what") == "train_step":
                 rec["what"] = "train"
             out.append(rec)
@@ -401,7 +423,8 @@ def compare(records: list[dict]) -> list[dict]:
         o = ours[p.get("round", 0)]
         rec = dict(what="compare", system="tformer", peer=p["system"], peer_compiled=p.get("compiled"),
                    round=p.get("round", 0), tformer_step_ms=o["step_ms"], peer_step_ms=p["step_ms"],
-                   speedup=_round(p["step_ms"] / o["step_ms"]))
+                   speedup=_round(p["step_ms"] / o["step_ms"]),
+                   allocator_tuned=o.get("allocator_tuned"), peer_allocator_tuned=p.get("allocator_tuned"))
         out.append(rec)
         by_peer.setdefault((p["system"], p.get("compiled")), []).append(rec)
     for (name, compiled), recs in by_peer.items():
@@ -409,7 +432,8 @@ def compare(records: list[dict]) -> list[dict]:
             out.append(dict(what="compare", system="tformer", peer=name, peer_compiled=compiled, round="median",
                             tformer_step_ms=statistics.median(r["tformer_step_ms"] for r in recs),
                             peer_step_ms=statistics.median(r["peer_step_ms"] for r in recs),
-                            speedup=_round(statistics.median(r["speedup"] for r in recs))))
+                            speedup=_round(statistics.median(r["speedup"] for r in recs)),
+                            allocator_tuned=recs[0]["allocator_tuned"], peer_allocator_tuned=recs[0]["peer_allocator_tuned"]))
     return out
 
 
@@ -505,6 +529,9 @@ def define_flags(fv=None) -> None:
     flags.DEFINE_float("hbm_gbps", None, "Memory bandwidth GB/s for the roofline (default: table).", **d)
     flags.DEFINE_integer("seed", 0, "Seed for weights and data.", **d)
     flags.DEFINE_string("xla_flags", "", "Extra XLA_FLAGS, set before the backend starts.", **d)
+    flags.DEFINE_bool("tune_allocator", True, "Keep freed host memory in the process (tformer.host): a CPU "
+                      "step then faults no pages. Also applied to the peer unless --peer_tune_allocator=false.", **d)
+    flags.DEFINE_bool("peer_tune_allocator", None, "The allocator setting for the peer (default: the same).", **d)
     flags.DEFINE_bool("gpu_xla_flags", True, f"Add {' '.join(GPU_XLA_FLAGS)} (ignored off GPU).", **d)
     flags.DEFINE_string("peer_script", None, "Peer benchmark script to run in the same run (optional).", **d)
     flags.DEFINE_list("peer_modes", ["train"], f"Peer figures: {', '.join(PEER_MODES)}.", **d)
@@ -527,6 +554,8 @@ def options_from_flags(fv) -> Options:
         prompt_len=fv.prompt_len, new_tokens=fv.new_tokens, cache_len=fv.cache_len,
         decode_param_dtype=fv.decode_param_dtype, decode_repeats=fv.decode_repeats,
         peak_tflops=fv.peak_tflops, hbm_gbps=fv.hbm_gbps, seed=fv.seed, xla_flags=xla,
+        tune_allocator=fv.tune_allocator,
+        peer_tune_allocator=fv.tune_allocator if fv.peer_tune_allocator is None else fv.peer_tune_allocator,
     )
 
 
@@ -549,6 +578,8 @@ def main(argv) -> None:
     fv = flags.FLAGS
     opts = options_from_flags(fv)
     apply_xla_flags(opts.xla_flags)
+    if opts.tune_allocator and not host.tune_allocator():
+        opts = dataclasses.replace(opts, tune_allocator=False)  # not glibc: record what really ran
     sink = open(fv.json_out, "a") if fv.json_out else None
 
     def emit(rec):

@@ -48,7 +48,7 @@ from experiments import corpora
 from experiments import input_pipeline as ip
 from experiments.metrics import MetricWriter, atomic_write, plot_loss
 from experiments.tokenizers import make_tokenizer
-from tformer import flops, sharding
+from tformer import flops, host, sharding
 from tformer import train_step as ts
 from tformer.checkpoint import Checkpointer, abstract_like
 
@@ -70,6 +70,9 @@ def define_flags() -> None:
                       "per-device memory, FLOPs and collectives, and exit (no data, no training).")
     flags.DEFINE_integer("plan_devices", None,
                          "With --plan: plan on this many fake CPU devices (e.g. 256 for a pod slice).")
+    flags.DEFINE_bool("tune_allocator", True,
+                      "Keep freed host memory in the process (tformer.host.tune_allocator): a CPU train step "
+                      "then page-faults nothing instead of its whole working set. Resident memory stays at its peak.")
 
 MODEL_KINDS = {"lm": tformer.DecoderLM, "seq2seq": tformer.EncoderDecoder}
 
@@ -381,18 +384,18 @@ def run(config: ConfigDict, workdir: str | os.PathLike) -> dict:
             done = step + 1
             stop = preempt.requested
             if done % t.log_every == 0 or done == t.num_steps or stop or done % t.checkpoint_every == 0:
-                host = jax.device_get(pending)  # the only host sync between logs
+                fetched = jax.device_get(pending)  # the only host sync between logs
                 pending = []
                 if not bool(all_finite):
-                    bad = next((start + i for i, h in enumerate(host) if not h["finite"]), done)
+                    bad = next((start + i for i, h in enumerate(fetched) if not h["finite"]), done)
                     raise FloatingPointError(
-                        f"non-finite loss at step {bad + 1} (loss={host[-1]['loss']}): stopping. The last good "
+                        f"non-finite loss at step {bad + 1} (loss={fetched[-1]['loss']}): stopping. The last good "
                         f"checkpoint is step {last_good}; lower optim.learning_rate or check the data"
                     )
                 dt = time.time() - t_last
-                tokens = sum(h["tokens"] for h in host)
+                tokens = sum(h["tokens"] for h in fetched)
                 tps = tokens / max(dt, 1e-9)
-                last = host[-1]
+                last = fetched[-1]
                 line = {"loss": last["loss"], "lr": last["lr"], "grad_norm": last["grad_norm"],
                         "tokens_per_s": tps, "tflops": tps * flops_per_token / 1e12}
                 if peak:
@@ -471,6 +474,8 @@ def main(argv):
             raise app.UsageError("--plan_devices only applies to --plan (fake CPU devices cannot train a real run)")
         if FLAGS.distributed or FLAGS.coordinator_address:
             raise app.UsageError("--plan_devices plans on one host's fake devices; drop the multi-host flags")
+    if FLAGS.tune_allocator:
+        host.tune_allocator()  # before JAX starts its threads (see tformer/host.py)
     try:
         if FLAGS.plan_devices is not None:
             use_fake_cpu_devices(FLAGS.plan_devices)

@@ -236,3 +236,25 @@ def test_cli_knobs_peer_and_json_lines(tmp_path):
         assert r["speedup"] == pytest.approx(1000.0 / o["step_ms"], rel=1e-3)
     assert cmp[2]["speedup"] == pytest.approx((cmp[0]["speedup"] + cmp[1]["speedup"]) / 2, rel=1e-3)
     assert "speedup" in proc.stderr and "step_ms" in proc.stderr  # the table
+    # --tune_allocator (default) is recorded for tformer, passed to the peer's child, and in the ratio lines.
+    assert all(r["allocator_tuned"] is True for r in ours + fake + cmp)
+    assert all(r["peer_allocator_tuned"] is True for r in cmp)
+
+
+def _train_faults(tmp_path, *flags):
+    cmd = [sys.executable, str(REPO / "experiments" / "benchmark.py"), "--model=cpu_tiny", "--what=train",
+           "--override=num_layers=1", "--batch=4", "--steps=5", "--warmup=2", *flags]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (rec,) = [json.loads(x) for x in proc.stdout.splitlines()]
+    return rec
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator tuning is Linux-only")
+def test_tuned_allocator_step_faults_no_pages(tmp_path):
+    # ~80 MB of temporaries per step: glibc returns them to the OS unless told to keep them (tformer.host).
+    tuned = _train_faults(tmp_path, "--tune_allocator")
+    default = _train_faults(tmp_path, "--notune_allocator")
+    assert (tuned["allocator_tuned"], default["allocator_tuned"]) == (True, False)
+    assert tuned["host_page_faults_per_step"] <= 50 + 0.01 * default["host_page_faults_per_step"], (tuned, default)
