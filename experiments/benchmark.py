@@ -41,6 +41,7 @@ import tformer
 from tformer import flops, host
 from tformer import train_step as ts
 from tformer.attention import Masking, resolve_impl
+from tformer.generate import decode_phases
 from tformer.layers import DTYPE
 
 # ---------------------------------------------------------------------------
@@ -99,6 +100,7 @@ class Options:
     prompt_len: int | None = None
     new_tokens: int | None = None
     cache_len: int | None = None  # None: prompt_len + new_tokens
+    decode_chunk: int | None = None  # decode steps per phase (tformer.generate); None: its default
     decode_param_dtype: str | None = None  # None: the compute dtype (serving weights)
     decode_repeats: int = 3
     peak_tflops: float | None = None
@@ -306,18 +308,22 @@ def bench_decode(opts: Options, dev: dict) -> list[dict]:
         prompts = np.random.default_rng(opts.seed).integers(3, cfg.vocab_size, (b, p)).astype(np.int32)
 
         def run(k):
-            return tformer.generate(model, prompts, max_new_tokens=k, eos_id=-1, cache_len=cache_len).tokens
+            return tformer.generate(model, prompts, max_new_tokens=k, eos_id=-1, cache_len=cache_len,
+                                    decode_chunk=opts.decode_chunk).tokens
 
         first_full = _timed(lambda: run(n))  # compile + run
         first_pre = _timed(lambda: run(1))
         # Best of the repeats: latency noise (other processes) only ever adds time.
         full = min(_timed(lambda: run(n)) for _ in range(opts.decode_repeats))
         pre = min(_timed(lambda: run(1)) for _ in range(opts.decode_repeats))
-        nbytes = flops.decode_bytes_per_step(cfg, b, cache_len, param_bytes, kv_bytes)
+        phases = decode_phases(p, n, cache_len, opts.decode_chunk)
+        slots = round(sum((hi - lo) * vis for lo, hi, vis in phases) / (n - 1)) if phases else cache_len
+        nbytes = flops.decode_bytes_per_step(cfg, b, slots, param_bytes, kv_bytes)
         roof = flops.roofline_ms(nbytes, dev["hbm_bytes_per_s"]) if dev["hbm_bytes_per_s"] else None
         rec = dict(
             what="decode", system="tformer", model=opts.model, batch=b, prompt_len=p, new_tokens=n,
-            cache_len=cache_len, ms_per_token=None, tokens_per_s=None, tflops=None, mfu=None,
+            cache_len=cache_len, decode_chunk=opts.decode_chunk, decode_phases=len(phases), kv_slots_read=slots,
+            ms_per_token=None, tokens_per_s=None, tflops=None, mfu=None,
             prefill_ms=_round(pre * 1e3), e2e_ms_per_step=_round(full / n * 1e3),
             compile_s=_round(first_full - full + first_pre - pre), bytes_per_step=nbytes,
             roofline_ms=_round(roof), roofline_ratio=None,
@@ -522,6 +528,8 @@ def define_flags(fv=None) -> None:
     flags.DEFINE_integer("prompt_len", None, "Decode prompt length.", **d)
     flags.DEFINE_integer("new_tokens", None, "Decode new tokens.", **d)
     flags.DEFINE_integer("cache_len", None, "KV cache slots (default: prompt_len + new_tokens).", **d)
+    flags.DEFINE_integer("decode_chunk", None, "Decode steps per phase; a phase reads only the cache slots "
+                         "filled by its end (default: tformer.generate's).", **d)
     flags.DEFINE_enum("decode_param_dtype", None, ["float32", "bfloat16", "float16"],
                       "Decode weights dtype (default: the compute dtype).", **d)
     flags.DEFINE_integer("decode_repeats", 3, "Timed generate calls per figure (median).", **d)
@@ -551,7 +559,7 @@ def options_from_flags(fv) -> Options:
         model=fv.model, overrides=tuple(overrides), what=tuple(fv.what), batch=fv.batch, seq_len=fv.seq_len,
         steps=fv.steps, warmup=fv.warmup, donate=fv.donate, skip_nonfinite=fv.skip_nonfinite,
         decode_batches=tuple(int(x) for x in fv.decode_batches) if fv.decode_batches else None,
-        prompt_len=fv.prompt_len, new_tokens=fv.new_tokens, cache_len=fv.cache_len,
+        prompt_len=fv.prompt_len, new_tokens=fv.new_tokens, cache_len=fv.cache_len, decode_chunk=fv.decode_chunk,
         decode_param_dtype=fv.decode_param_dtype, decode_repeats=fv.decode_repeats,
         peak_tflops=fv.peak_tflops, hbm_gbps=fv.hbm_gbps, seed=fv.seed, xla_flags=xla,
         tune_allocator=fv.tune_allocator,

@@ -176,7 +176,9 @@ def test_run_in_process_train_and_decode():
     assert dec["batch"] == 2 and dec["cache_len"] == 8 + 128
     assert dec["ms_per_token"] > 0 and dec["prefill_ms"] > 0 and dec["compile_s"] > 0
     assert dec["tokens_per_s"] == pytest.approx(2 / (dec["ms_per_token"] / 1e3), rel=1e-3)
-    assert dec["bytes_per_step"] == flops.decode_bytes_per_step(cfg, 2, 136, 4, 4)
+    # One decode phase (127 steps < 128): it reads the slots filled by its end, 8 + 127 of the 136.
+    assert dec["decode_phases"] == 1 and dec["kv_slots_read"] == 135
+    assert dec["bytes_per_step"] == flops.decode_bytes_per_step(cfg, 2, 135, 4, 4)
     assert dec["roofline_ms"] == pytest.approx(dec["bytes_per_step"] / 100e9 * 1e3, rel=1e-3)
     assert dec["roofline_ratio"] == pytest.approx(dec["ms_per_token"] / dec["roofline_ms"], rel=1e-2)
     assert "tokens_per_s" in bm.table(records)

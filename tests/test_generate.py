@@ -101,6 +101,39 @@ def test_greedy_matches_naive_encdec(encdec, encdec_naive):
     np.testing.assert_array_equal(np.asarray(out.lengths), [N] * 3)
 
 
+def test_decode_phases_cover_every_step_and_see_every_filled_slot():
+    for prompt_len, n, length, chunk in [(16, 512, 528, None), (16, 512, 1024, None), (5, 6, 11, 2), (3, 1, 4, None),
+                                         (4, 9000, 9004, None), (2, 10, 12, 3), (2, 10, 12, 100)]:
+        phases = gen_module.decode_phases(prompt_len, n, length, chunk)
+        assert [lo for lo, _, _ in phases] == [0, *(hi for _, hi, _ in phases)][: len(phases)]  # contiguous
+        assert (phases[-1][1] if phases else 0) == n - 1  # every step after the first token
+        for lo, hi, visible in phases:
+            # Step s writes slot prompt_len + s and must see it; nothing past the cache.
+            assert prompt_len + hi <= visible <= length and visible == min(length, prompt_len + hi)
+            if chunk is None:
+                assert hi - lo >= min(gen_module.MIN_CHUNK, n - 1 - lo)
+        assert len(phases) <= (gen_module.MAX_PHASES if chunk is None else -(-(n - 1) // chunk))
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_phased_decode_is_exact(chunk, lm, lm_naive, encdec, encdec_naive):
+    # Phases only narrow which cache slots attention reads: same tokens as the naive re-run, any chunk,
+    # an oversized cache, EOS mid-way, sampling (same key per step).
+    eos = int(lm_naive[0, 2])
+    want, want_len = stop_at(lm_naive, eos, lm.cfg.pad_id)
+    for cache_len in (None, 20):
+        out = generate(lm, PROMPTS, lengths=LENGTHS, max_new_tokens=N, eos_id=eos, decode_chunk=chunk,
+                       cache_len=cache_len)
+        np.testing.assert_array_equal(np.asarray(out.tokens), want)
+        np.testing.assert_array_equal(np.asarray(out.lengths), want_len)
+    bos = np.full((3, 1), encdec.cfg.bos_id)
+    out = generate(encdec, bos, src=SRC, max_new_tokens=N, eos_id=-1, decode_chunk=chunk)
+    np.testing.assert_array_equal(np.asarray(out.tokens), encdec_naive)
+    kw = dict(lengths=LENGTHS, max_new_tokens=N, eos_id=-1, temperature=1.0, rng=jax.random.key(3))
+    np.testing.assert_array_equal(np.asarray(generate(lm, PROMPTS, decode_chunk=chunk, **kw).tokens),
+                                  np.asarray(generate(lm, PROMPTS, **kw).tokens))
+
+
 def test_generate_compiles_once_per_call_shape(lm):
     before = gen_module._generate._cache_size()
     eos = -1
@@ -247,6 +280,8 @@ def test_generation_errors(lm, encdec):
         generate(lm, p, lengths=[5, 0, 4], max_new_tokens=2)
     with pytest.raises(ValueError, match=r"max_new_tokens must be >= 1, got 0"):
         generate(lm, p, max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"decode_chunk must be >= 1 \(decode steps per phase\) or None, got 0"):
+        generate(lm, p, max_new_tokens=2, decode_chunk=0)
     with pytest.raises(ValueError, match=r"beam_size must be >= 1, got 0"):
         beam_search(lm, p, max_new_tokens=2, beam_size=0)
     bos = np.ones((3, 1), int)

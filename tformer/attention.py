@@ -47,6 +47,11 @@ class Masking:
     # then `causal` alone describes the mask and flash kernels can be used.
     dense_free: bool = False
 
+    def first_keys(self, n: int) -> Masking:
+        """The same rule over keys [0, n) only: a cached decode step whose later slots are still empty."""
+        return dataclasses.replace(
+            self, k_pos=self.k_pos[:, :n], k_seg=None if self.k_seg is None else self.k_seg[:, :n])
+
     def dense(self) -> jax.Array:
         """Boolean mask [B, Tq, Tk]; True = may attend."""
         q, k = self.q_pos[:, :, None], self.k_pos[:, None, :]

@@ -77,7 +77,8 @@ def decode_bytes_per_step(cfg: ModelConfig, batch: int, context_len: int, bytes_
     Weights exclude the position table (one row per token is read, not the
     table); the token table is counted in full because the (tied) output
     projection reads all of it. `context_len` is the number of cache slots
-    attended over (tformer reads the whole cache it was given).
+    attended over (for `tformer.generate`, the mean over steps of the slots
+    its decode phase reads: see `tformer.generate.decode_phases`).
     """
     for name, v in (("batch", batch), ("context_len", context_len), ("bytes_per_param", bytes_per_param),
                     ("kv_bytes", kv_bytes)):

@@ -167,12 +167,34 @@ def _plan(mesh, rules):
     return (mesh, tuple(sorted(shd.rules_for(rules if rules is not None else "dp").items())))
 
 
+# The decode loop runs in phases of `chunk` steps, and a phase's attention reads
+# only the cache slots it can see (prompt + tokens up to the phase's end): each
+# phase is its own lax.scan with a static slice, so no step reads the empty
+# tail of the cache. More phases = fewer slots read, more step bodies to compile.
+MIN_CHUNK = 128
+MAX_PHASES = 8
+
+
+def decode_phases(prompt_len: int, n: int, length: int, chunk: int | None = None) -> list[tuple[int, int, int]]:
+    """(first step, end step, visible slots) per phase of the n - 1 decode steps after the first token.
+
+    Step s feeds token s and writes slot prompt_len + s, so steps [lo, hi)
+    see slots [0, prompt_len + hi). `chunk` None: at least MIN_CHUNK steps and
+    at most MAX_PHASES phases.
+    """
+    steps = n - 1
+    if chunk is None:
+        chunk = max(MIN_CHUNK, -(-steps // MAX_PHASES))
+    return [(lo, min(lo + chunk, steps), min(length, prompt_len + min(lo + chunk, steps)))
+            for lo in range(0, steps, chunk)]
+
+
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "n", "length", "greedy", "top_k", "eos_id", "pad_id", "plan")
+    jax.jit, static_argnames=("graphdef", "n", "length", "greedy", "top_k", "eos_id", "pad_id", "plan", "chunk")
 )
 @_with_rules
 def _generate(graphdef, state, prompt, valid, rng, src, src_seg, temperature, top_p, *, n, length, greedy, top_k,
-              eos_id, pad_id):
+              eos_id, pad_id, chunk):
     model = nnx.merge(graphdef, state)
     vocab = model.cfg.vocab_size  # sample real ids only: -1e9 / temperature is not -inf
 
@@ -187,14 +209,20 @@ def _generate(graphdef, state, prompt, valid, rng, src, src_seg, temperature, to
     first = pick(last_logits, keys[0])
     done = first == eos_id
 
-    def step(carry, key):
-        tok, cache, done = carry
-        logits, cache = model.extend(tok[:, None], cache, None, layers)
-        nxt = jnp.where(done, pad_id, pick(logits[:, 0], key))
-        return (nxt, cache, done | (nxt == eos_id)), nxt
+    def phase(visible):
+        def step(carry, key):
+            tok, cache, done = carry
+            logits, cache = model.extend(tok[:, None], cache, None, layers, visible=visible)
+            nxt = jnp.where(done, pad_id, pick(logits[:, 0], key))
+            return (nxt, cache, done | (nxt == eos_id)), nxt
 
-    (_, _, done), rest = jax.lax.scan(step, (first, cache, done), keys[1:])
-    tokens = jnp.concatenate([first[:, None], rest.T], axis=1)
+        return step
+
+    carry, new = (first, cache, done), [first[:, None]]
+    for lo, hi, visible in decode_phases(prompt.shape[1], n, length, chunk):
+        carry, rest = jax.lax.scan(phase(visible), carry, keys[1 + lo : 1 + hi])
+        new.append(rest.T)
+    tokens = jnp.concatenate(new, axis=1)
     is_eos = tokens == eos_id
     lengths = jnp.where(is_eos.any(1), jnp.argmax(is_eos, axis=1) + 1, n)
     return Generated(tokens=tokens, lengths=lengths.astype(jnp.int32))
@@ -216,6 +244,7 @@ def generate(
     src_segment_ids=None,
     mesh=None,
     rules=None,
+    decode_chunk: int | None = None,
 ) -> Generated:
     """Generate `max_new_tokens` after each prompt.
 
@@ -228,6 +257,9 @@ def generate(
     mesh, rules: trace under these sharding rules (e.g. params sharded with
       the "tp" preset): activations and the KV cache get the matching
       constraints (batch over data axes, kv heads over `tensor`).
+    decode_chunk: decode steps per phase; a phase attends only over the cache
+      slots filled by its end (default: >= 128 steps, <= 8 phases). Same
+      tokens for any value; smaller reads less cache, compiles more.
     """
     cfg = model.cfg
     sampling = Sampling(temperature, top_k, top_p)  # validates
@@ -235,6 +267,8 @@ def generate(
         raise ValueError("sampling with temperature > 0 needs an explicit rng key (jax.random.key(seed))")
     prompt, valid, p = _as_prompts(model, prompts, lengths)
     length = _check_length(cfg, p, max_new_tokens, cache_len)
+    if decode_chunk is not None and decode_chunk < 1:
+        raise ValueError(f"decode_chunk must be >= 1 (decode steps per phase) or None, got {decode_chunk}")
     src, src_segment_ids = _as_src(model, src, src_segment_ids, prompt.shape[0], "generation")
     graphdef, state = nnx.split(model)
     return _generate(
@@ -244,6 +278,7 @@ def generate(
         jnp.float32(top_p) if sampling.top_p is not None and sampling.top_p < 1.0 else None,
         n=max_new_tokens, length=length, greedy=temperature == 0.0, top_k=None if temperature == 0.0 else top_k,
         eos_id=cfg.eos_id if eos_id is None else eos_id, pad_id=cfg.pad_id, plan=_plan(mesh, rules),
+        chunk=decode_chunk,
     )
 
 

@@ -59,15 +59,22 @@ class Block(nnx.Module):
         x = self._residual(x, self.mlp_norm, self.mlp, fold(rng, 4))
         return constrain(x, ("batch", "length", "embed"))
 
-    def extend(self, x_btd, masking: Masking, k_bskd, v_bskd, index, cross=None):
-        """Like __call__ for new tokens; writes their K/V at slot `index` first."""
+    def extend(self, x_btd, masking: Masking, k_bskd, v_bskd, index, cross=None, visible: int | None = None):
+        """Like __call__ for new tokens; writes their K/V at slot `index` first.
+
+        `visible` (static): attend over cache slots [0, visible) only; the
+        caller guarantees every slot the new tokens may see lies below it.
+        """
         written = {}
 
         def self_attn(h):
             q = self.attn.query(h, masking.q_pos)
             k, v = self.attn.key_value(h, masking.q_pos)
             written["k"], written["v"] = kvcache.write(k_bskd, k, index), kvcache.write(v_bskd, v, index)
-            return self.attn.output(attend(q, written["k"], written["v"], masking, self.cfg))
+            k_att, v_att, m = written["k"], written["v"], masking
+            if visible is not None and visible < k_att.shape[1]:
+                k_att, v_att, m = k_att[:, :visible], v_att[:, :visible], masking.first_keys(visible)
+            return self.attn.output(attend(q, k_att, v_att, m, self.cfg))
 
         x = self._residual(x_btd, self.attn_norm, self_attn, None)
         if self.has_cross:
@@ -165,11 +172,14 @@ class DecoderLM(nnx.Module):
         cfg = self.cfg
         return kvcache.empty(cfg.num_layers, batch, length, cfg.kv_heads, cfg.head_dim_, dtype or DTYPE[cfg.dtype])
 
-    def extend(self, tokens_bt, cache: KVCache, valid_bt=None, layers: list[Block] | None = None):
+    def extend(self, tokens_bt, cache: KVCache, valid_bt=None, layers: list[Block] | None = None,
+               visible: int | None = None):
         """Run T new tokens against the cache: (logits [B, T, V], new cache).
 
         `valid_bt` marks real tokens (False = left padding of a short prompt).
         `layers` lets a decode loop pass blocks unstacked once, outside the loop.
+        `visible` (static): self-attention reads cache slots [0, visible) only,
+        so a decode loop need not read the slots it has not filled yet.
         """
         cfg = self.cfg
         if valid_bt is None:
@@ -179,7 +189,7 @@ class DecoderLM(nnx.Module):
         index = cache.index - tokens_bt.shape[1]
         ks, vs = [], []
         for i, blk in enumerate(layers or self.blocks.unstacked()):
-            x, k, v = blk.extend(x, masking, cache.k[i], cache.v[i], index)
+            x, k, v = blk.extend(x, masking, cache.k[i], cache.v[i], index, visible=visible)
             ks.append(k)
             vs.append(v)
         return self._head(x), dataclasses.replace(cache, k=tuple(ks), v=tuple(vs))
@@ -266,7 +276,8 @@ class EncoderDecoder(nnx.Module):
             cache, cross_k=tuple(k for k, _ in kvs), cross_v=tuple(v for _, v in kvs), src_valid=src_seg != 0
         )
 
-    def extend(self, tokens_bt, cache: KVCache, valid_bt=None, layers: list[Block] | None = None):
+    def extend(self, tokens_bt, cache: KVCache, valid_bt=None, layers: list[Block] | None = None,
+               visible: int | None = None):
         """Decoder-only step against the cache (see DecoderLM.extend)."""
         cfg = self.cfg
         if valid_bt is None:
@@ -280,7 +291,8 @@ class EncoderDecoder(nnx.Module):
         index = cache.index - tokens_bt.shape[1]
         ks, vs = [], []
         for i, blk in enumerate(layers or self.decoder.unstacked()):
-            x, k, v = blk.extend(x, masking, cache.k[i], cache.v[i], index, cross=(cache.cross_k[i], cache.cross_v[i], cross_mask))
+            x, k, v = blk.extend(x, masking, cache.k[i], cache.v[i], index,
+                                 cross=(cache.cross_k[i], cache.cross_v[i], cross_mask), visible=visible)
             ks.append(k)
             vs.append(v)
         return self._head(x), dataclasses.replace(cache, k=tuple(ks), v=tuple(vs))
