@@ -132,6 +132,11 @@ def test_phased_decode_is_exact(chunk, lm, lm_naive, encdec, encdec_naive):
     kw = dict(lengths=LENGTHS, max_new_tokens=N, eos_id=-1, temperature=1.0, rng=jax.random.key(3))
     np.testing.assert_array_equal(np.asarray(generate(lm, PROMPTS, decode_chunk=chunk, **kw).tokens),
                                   np.asarray(generate(lm, PROMPTS, **kw).tokens))
+    # Beam search reorders the cache per step: in phases, only the slots filled so far.
+    kw = dict(lengths=LENGTHS, max_new_tokens=N, eos_id=eos, beam_size=3)
+    want, got = beam_search(lm, PROMPTS, **kw), beam_search(lm, PROMPTS, decode_chunk=chunk, **kw)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    np.testing.assert_allclose(np.asarray(got.scores), np.asarray(want.scores), rtol=1e-6)
 
 
 def test_generate_compiles_once_per_call_shape(lm):
@@ -282,6 +287,8 @@ def test_generation_errors(lm, encdec):
         generate(lm, p, max_new_tokens=0)
     with pytest.raises(ValueError, match=r"decode_chunk must be >= 1 \(decode steps per phase\) or None, got 0"):
         generate(lm, p, max_new_tokens=2, decode_chunk=0)
+    with pytest.raises(ValueError, match=r"decode_chunk must be >= 1 \(decode steps per phase\) or None, got -1"):
+        beam_search(lm, p, max_new_tokens=2, decode_chunk=-1)
     with pytest.raises(ValueError, match=r"beam_size must be >= 1, got 0"):
         beam_search(lm, p, max_new_tokens=2, beam_size=0)
     bos = np.ones((3, 1), int)

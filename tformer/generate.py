@@ -291,9 +291,10 @@ def length_penalty(length, alpha: float):
     return ((5.0 + length) / 6.0) ** alpha
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n", "length", "beam", "alpha", "eos_id", "pad_id", "plan"))
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "n", "length", "beam", "alpha", "eos_id", "pad_id", "plan", "chunk"))
 @_with_rules
-def _beam_search(graphdef, state, prompt, valid, src, src_seg, *, n, length, beam, alpha, eos_id, pad_id):
+def _beam_search(graphdef, state, prompt, valid, src, src_seg, *, n, length, beam, alpha, eos_id, pad_id, chunk):
     model = nnx.merge(graphdef, state)
     b = prompt.shape[0]
     rep = lambda x: None if x is None else jnp.repeat(x, beam, axis=0)  # noqa: E731
@@ -305,7 +306,7 @@ def _beam_search(graphdef, state, prompt, valid, src, src_seg, *, n, length, bea
     fin_seq = jnp.full((b, beam, n), pad_id, jnp.int32)
     fin_score = jnp.full((b, beam), neg)
 
-    def step(carry, i):
+    def step(carry, i, visible):
         logits, cache, alive_seq, alive_lp, fin_seq, fin_score = carry
         v = model.cfg.vocab_size
         logp = jax.nn.log_softmax(logits[:, :v].astype(jnp.float32), axis=-1).reshape(b, beam, v)
@@ -330,16 +331,21 @@ def _beam_search(graphdef, state, prompt, valid, src, src_seg, *, n, length, bea
         alive_parent = jnp.take_along_axis(parent, idx, axis=1)
         last = jnp.take_along_axis(tok, idx, axis=1).reshape(b * beam)
         flat = (jnp.arange(b)[:, None] * beam + alive_parent).reshape(-1)
-        reorder = lambda x: x[flat]  # noqa: E731
+
+        def reorder(x):  # follow the surviving beams; only the slots this phase can have filled
+            return x[flat] if x.ndim == 1 or visible >= x.shape[1] else x.at[:, :visible].set(x[flat, :visible])
+
         cache = dataclasses.replace(
             cache, k=jax.tree.map(reorder, cache.k), v=jax.tree.map(reorder, cache.v),
             positions=reorder(cache.positions), valid=reorder(cache.valid), next_pos=reorder(cache.next_pos),
         )
-        logits, cache = model.extend(last[:, None], cache, None, layers)
+        logits, cache = model.extend(last[:, None], cache, None, layers, visible=visible)
         return (logits[:, 0], cache, alive_seq, alive_lp, fin_seq, fin_score), None
 
     carry = (logits, cache, alive_seq, alive_lp, fin_seq, fin_score)
-    carry, _ = jax.lax.scan(step, carry, jnp.arange(n))
+    # Step i writes slot p + i: the phases of `generate`, over n steps (see decode_phases).
+    for lo, hi, visible in decode_phases(prompt.shape[1], n + 1, length, chunk):
+        carry, _ = jax.lax.scan(functools.partial(step, visible=visible), carry, jnp.arange(lo, hi))
     _, _, alive_seq, alive_lp, fin_seq, fin_score = carry
     # Rows where nothing finished fall back to their best unfinished beam.
     alive_score = alive_lp / length_penalty(float(n), alpha)
@@ -364,14 +370,18 @@ def beam_search(
     src_segment_ids=None,
     mesh=None,
     rules=None,
+    decode_chunk: int | None = None,
 ) -> Generated:
     """Beam search (GNMT length penalty); returns the best hypothesis per row.
 
-    Same prompt conventions as `generate`. Beam size 1 equals greedy decoding.
+    Same prompt conventions and `decode_chunk` as `generate`. Beam size 1
+    equals greedy decoding.
     """
     cfg = model.cfg
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    if decode_chunk is not None and decode_chunk < 1:
+        raise ValueError(f"decode_chunk must be >= 1 (decode steps per phase) or None, got {decode_chunk}")
     prompt, valid, p = _as_prompts(model, prompts, lengths)
     length = _check_length(cfg, p, max_new_tokens, None)
     src, src_segment_ids = _as_src(model, src, src_segment_ids, prompt.shape[0], "beam search")
@@ -380,6 +390,7 @@ def beam_search(
         graphdef, state, prompt, valid, src, src_segment_ids,
         n=max_new_tokens, length=length, beam=beam_size, alpha=float(length_alpha),
         eos_id=cfg.eos_id if eos_id is None else eos_id, pad_id=cfg.pad_id, plan=_plan(mesh, rules),
+        chunk=decode_chunk,
     )
 
 
