@@ -189,6 +189,11 @@ def decode_phases(prompt_len: int, n: int, length: int, chunk: int | None = None
             for lo in range(0, steps, chunk)]
 
 
+def _check_decode_chunk(decode_chunk: int | None) -> None:
+    if decode_chunk is not None and decode_chunk < 1:
+        raise ValueError(f"decode_chunk must be >= 1 (decode steps per phase) or None, got {decode_chunk}")
+
+
 @functools.partial(
     jax.jit, static_argnames=("graphdef", "n", "length", "greedy", "top_k", "eos_id", "pad_id", "plan", "chunk")
 )
@@ -267,8 +272,7 @@ def generate(
         raise ValueError("sampling with temperature > 0 needs an explicit rng key (jax.random.key(seed))")
     prompt, valid, p = _as_prompts(model, prompts, lengths)
     length = _check_length(cfg, p, max_new_tokens, cache_len)
-    if decode_chunk is not None and decode_chunk < 1:
-        raise ValueError(f"decode_chunk must be >= 1 (decode steps per phase) or None, got {decode_chunk}")
+    _check_decode_chunk(decode_chunk)
     src, src_segment_ids = _as_src(model, src, src_segment_ids, prompt.shape[0], "generation")
     graphdef, state = nnx.split(model)
     return _generate(
@@ -380,8 +384,7 @@ def beam_search(
     cfg = model.cfg
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-    if decode_chunk is not None and decode_chunk < 1:
-        raise ValueError(f"decode_chunk must be >= 1 (decode steps per phase) or None, got {decode_chunk}")
+    _check_decode_chunk(decode_chunk)
     prompt, valid, p = _as_prompts(model, prompts, lengths)
     length = _check_length(cfg, p, max_new_tokens, None)
     src, src_segment_ids = _as_src(model, src, src_segment_ids, prompt.shape[0], "beam search")
