@@ -398,6 +398,26 @@ def test_project_is_the_einsum():
         project(x, wo, n_in=2)
 
 
+@pytest.mark.parametrize("k, n", [(24, 8), (8, 24), (16, 16)])  # k > n takes the (dy^T x)^T weight gradient
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_project_gradients_are_the_einsum_gradients(k, n, dtype):
+    ks = jax.random.split(jax.random.key(k * n), 3)
+    x = jax.random.normal(ks[0], (2, 5, k)).astype(dtype)
+    w = jax.random.normal(ks[1], (k, n)).astype(dtype)
+    ct = jax.random.normal(ks[2], (2, 5, n)).astype(dtype)
+
+    def grads(f):
+        y, vjp = jax.vjp(f, x, w)
+        return (y, *vjp(ct))
+
+    got = jax.jit(lambda: grads(project))()
+    want = jax.jit(lambda: grads(lambda x, w: jnp.einsum("btk,kn->btn", x, w)))()
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for g, e in zip(got, want):
+        assert g.dtype == e.dtype and g.shape == e.shape
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32), atol=tol, rtol=tol)
+
+
 def test_packed_seq2seq_pairs_are_independent(encdec):
     rng = np.random.default_rng(5)
     src_a, src_b = rng.integers(3, V, 4), rng.integers(3, V, 3)
