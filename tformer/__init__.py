@@ -8,6 +8,7 @@
     out = tformer.generate(model, prompts, max_new_tokens=32)  # prefill + lax.scan decode
 """
 
+from tformer import host  # tformer.host.tune_allocator(), first thing in a CPU training script
 from tformer.config import ModelConfig, gpt2_small, transformer_base
 from tformer.generate import Generated, Sampling, beam_search, generate, sample_logits, sequence_logprob
 from tformer.hf import config_from_hf, load_hf_checkpoint, save_hf_checkpoint  # safetensors imported lazily
@@ -23,4 +24,5 @@ __all__ = [
     "OptimizerConfig", "TrainState", "create_train_state", "make_train_step", "make_eval_step",
     "make_mesh", "rules_for", "PRESETS",
     "config_from_hf", "load_hf_checkpoint", "save_hf_checkpoint",
+    "host",
 ]
