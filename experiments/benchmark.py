@@ -395,7 +395,8 @@ def run_peer(script: str, modes: typing.Sequence[str], opts: Options) -> list[di
 def _peer_child(script: str, jobs: list, shape: str, batch: int, steps: int, tune_allocator: bool) -> list[dict]:
     env = dict(os.environ, SHAPE=shape, BATCH=str(batch), STEPS=str(steps),
                TFORMER_PEER_TUNE_ALLOCATOR="1" if tune_allocator else "0",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-c", _PEER_RUNNER, script, json.dumps(jobs)], env=env,
                           capture_output=True, text=True)
     out = []

@@ -38,20 +38,15 @@ def cast(p: nnx.Param, cfg: ModelConfig) -> jax.Array:
     return p[...].astype(DTYPE[cfg.dtype])
 
 
-def _rows_t_dot(a_rk: jax.Array, b_rn: jax.Array) -> jax.Array:
-    """a^T b [k, n], contracting the rows."""
-    return jax.lax.dot_general(a_rk, b_rn, (((0,), (0,)), ((), ())))
-
-
 @jax.custom_vjp
-def _cpu_matmul(x_rk: jax.Array, w_kn: jax.Array) -> jax.Array:
-    """x @ w whose weight gradient takes XLA:CPU's faster orientation.
+def _cpu_matmul_k_gt_n(x_rk: jax.Array, w_kn: jax.Array) -> jax.Array:
+    """x @ w for a weight with k > n, whose gradient takes XLA:CPU's faster orientation.
 
     XLA:CPU hands the weight gradient x^T dy (contracting the B*T rows) to
     Eigen, which is ~1.5x slower for [rows, k]^T [rows, n] with k > n (the MLP
-    output projection) than for the transposed problem; computing (dy^T x)^T
-    there, behind a barrier so XLA does not fold the transpose back, makes the
-    CPU train step ~3% faster (BENCHMARKS.md). Same maths, same residuals.
+    output projection) than for the transposed problem; computing (dy^T x)^T,
+    behind a barrier so XLA does not fold the transpose back, makes the CPU
+    train step 2-4% faster (BENCHMARKS.md). Same maths, same residuals.
     """
     return x_rk @ w_kn
 
@@ -62,12 +57,11 @@ def _cpu_matmul_fwd(x_rk, w_kn):
 
 def _cpu_matmul_bwd(res, dy_rn):
     x_rk, w_kn = res
-    k, n = w_kn.shape
-    dw = jax.lax.optimization_barrier(_rows_t_dot(dy_rn, x_rk)).T if k > n else _rows_t_dot(x_rk, dy_rn)
-    return dy_rn @ w_kn.T, dw
+    dw_nk = jax.lax.dot_general(dy_rn, x_rk, (((0,), (0,)), ((), ())))  # dy^T x, contracting the rows
+    return dy_rn @ w_kn.T, jax.lax.optimization_barrier(dw_nk).T
 
 
-_cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
+_cpu_matmul_k_gt_n.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
 
 
 def project(x: jax.Array, w: jax.Array, n_in: int = 1, *, w_transposed: bool = False) -> jax.Array:
@@ -89,8 +83,8 @@ def project(x: jax.Array, w: jax.Array, n_in: int = 1, *, w_transposed: bool = F
     x2 = x.reshape(math.prod(lead), k)
     if w_transposed:
         y2 = jax.lax.dot_general(x2, w.reshape(n, k), (((1,), (1,)), ((), ())))
-    elif jax.default_backend() == "cpu":
-        y2 = _cpu_matmul(x2, w.reshape(k, n))
+    elif k > n and jax.default_backend() == "cpu":
+        y2 = _cpu_matmul_k_gt_n(x2, w.reshape(k, n))
     else:
         y2 = x2 @ w.reshape(k, n)
     return y2.reshape(lead + out_shape)
