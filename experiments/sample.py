@@ -48,9 +48,10 @@ def load(workdir: str | Path):
     if not meta_path.exists():
         raise FileNotFoundError(f"{meta_path} not found: is {workdir} a training run's workdir?")
     meta = json.loads(meta_path.read_text())
-    cfg = tformer.ModelConfig(**meta["model"])
-    kind = meta["config"]["model"]["kind"]
-    model_cls = tformer.DecoderLM if kind == "lm" else tformer.EncoderDecoder
+    from experiments.train import MODEL_KINDS
+
+    model_cls = MODEL_KINDS[meta["config"]["model"]["kind"]]
+    cfg = getattr(model_cls, "config_class", tformer.ModelConfig)(**meta["model"])
     data = meta["config"]["data"]
     tok = make_tokenizer(meta["tokenizer"], workdir, (), data["vocab_size"])
     optim = {k: v for k, v in meta["config"]["optim"].items()}
@@ -70,7 +71,7 @@ def load(workdir: str | Path):
 def main(argv):
     del argv
     model, tok, meta = load(FLAGS.workdir)
-    if meta["config"]["model"]["kind"] == "seq2seq":
+    if meta["config"]["model"]["kind"] in ("seq2seq", "rnn_seq2seq"):
         from experiments.train import translate
 
         lines = list(FLAGS.input)

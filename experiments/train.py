@@ -48,7 +48,7 @@ from experiments import corpora
 from experiments import input_pipeline as ip
 from experiments.metrics import MetricWriter, atomic_write, plot_loss
 from experiments.tokenizers import make_tokenizer
-from tformer import flops, host, sharding
+from tformer import flops, host, rnn, sharding
 from tformer import train_step as ts
 from tformer.checkpoint import Checkpointer, abstract_like
 
@@ -74,7 +74,23 @@ def define_flags() -> None:
                       "Keep freed host memory in the process (tformer.host.tune_allocator): a CPU train step "
                       "then page-faults nothing instead of its whole working set. Resident memory stays at its peak.")
 
-MODEL_KINDS = {"lm": tformer.DecoderLM, "seq2seq": tformer.EncoderDecoder}
+MODEL_KINDS = {"lm": tformer.DecoderLM, "seq2seq": tformer.EncoderDecoder,
+               "rnn_lm": rnn.RNNLM, "rnn_seq2seq": rnn.RNNSeq2Seq}
+TASK_KINDS = {"lm": "lm", "seq2seq": "seq2seq", "rnn_lm": "lm", "rnn_seq2seq": "seq2seq"}  # model kind -> data
+
+
+def model_kind(config: ConfigDict):
+    """(model class, its config dataclass) of `config.model.kind`."""
+    kind = config.model.kind
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"config.model.kind: unknown {kind!r}; choose one of {sorted(MODEL_KINDS)}")
+    cls = MODEL_KINDS[kind]
+    return cls, getattr(cls, "config_class", tformer.ModelConfig)
+
+
+def decoders(model):
+    """(generate, beam_search) for `model`: the RNNs decode with a carried state, not a KV cache."""
+    return (rnn.generate, rnn.beam_search) if rnn.is_rnn(model) else (tformer.generate, tformer.beam_search)
 
 
 def to_dataclass(cls, section: dict, name: str):
@@ -107,9 +123,8 @@ class Task:
 
 
 def build_task(config: ConfigDict, workdir: Path) -> Task:
-    d, kind = config.data, config.model.kind
-    if kind not in MODEL_KINDS:
-        raise ValueError(f"config.model.kind: unknown {kind!r}; choose one of {sorted(MODEL_KINDS)}")
+    model_kind(config)
+    d, kind = config.data, TASK_KINDS[config.model.kind]
     max_bytes = d.max_bytes or None
     if kind == "lm":
         corpus = corpora.stdlib_corpus(max_bytes) if d.corpus == "stdlib" else corpora.read_text_corpus(d.corpus)
@@ -132,7 +147,7 @@ def build_task(config: ConfigDict, workdir: Path) -> Task:
     return Task(kind, tok, sets["train"], sets["validation"], pairs["validation"])
 
 
-def model_config(config: ConfigDict, task: Task) -> tformer.ModelConfig:
+def model_config(config: ConfigDict, task: Task):
     m = {k: v for k, v in config.model.to_dict().items() if k != "kind"}
     if not m.get("vocab_size"):
         m["vocab_size"] = task.tokenizer.vocab_size
@@ -142,7 +157,7 @@ def model_config(config: ConfigDict, task: Task) -> tformer.ModelConfig:
             f"{task.tokenizer.vocab_size}; set it to 0 to follow the tokenizer"
         )
     m.update(pad_id=task.tokenizer.pad_id, bos_id=task.tokenizer.bos_id, eos_id=task.tokenizer.eos_id)
-    return to_dataclass(tformer.ModelConfig, m, "model")
+    return to_dataclass(model_kind(config)[1], m, "model")
 
 
 def optim_config(config: ConfigDict) -> ts.OptimizerConfig:
@@ -186,8 +201,8 @@ def plan(config: ConfigDict):
 
     validate(config)
     kind = config.model.kind
-    if kind not in MODEL_KINDS:
-        raise ValueError(f"config.model.kind: unknown {kind!r}; choose one of {sorted(MODEL_KINDS)}")
+    if model_kind(config)[1] is not tformer.ModelConfig:
+        raise ValueError(f"config.model.kind: --plan plans the Transformer kinds (lm, seq2seq), not {kind!r}")
     cfg, o = plan_model_config(config), optim_config(config)
     mesh = make_run_mesh(config)
     rules = sharding.rules_for(config.mesh.preset)
@@ -270,10 +285,11 @@ def translate(model, tok, sources: list[str], src_len: int, max_new: int, beam_s
         ids = (list(tok.encode(s)) + [tok.eos_id])[:src_len]
         src[i, : len(ids)] = ids
     bos = np.full((len(sources), 1), tok.bos_id, np.int32)
+    generate, beam_search = decoders(model)
     if beam_size > 1:
-        out = tformer.beam_search(model, bos, src=src, max_new_tokens=max_new, beam_size=beam_size)
+        out = beam_search(model, bos, src=src, max_new_tokens=max_new, beam_size=beam_size)
     else:
-        out = tformer.generate(model, bos, src=src, max_new_tokens=max_new)
+        out = generate(model, bos, src=src, max_new_tokens=max_new)
     return [tok.decode(row) for row in np.asarray(out.tokens)]
 
 
@@ -301,7 +317,7 @@ def complete(model, tok, prompts: list[str], max_new: int, rng, temperature: flo
     for i, e in enumerate(enc):
         arr[i, : len(e)] = e
     n = min(max_new, model.cfg.max_len - width)
-    out = tformer.generate(model, arr, lengths=[len(e) for e in enc], max_new_tokens=n, rng=rng,
+    out = decoders(model)[0](model, arr, lengths=[len(e) for e in enc], max_new_tokens=n, rng=rng,
                            temperature=temperature, top_k=top_k, top_p=top_p)
     return [p + tok.decode(row) for p, row in zip(prompts, np.asarray(out.tokens))]
 
@@ -337,11 +353,12 @@ def run(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         task = build_task(config, workdir)
     cfg, o = model_config(config, task), optim_config(config)
     t = config.train
-    model_cls = MODEL_KINDS[config.model.kind]
+    model_cls = model_kind(config)[0]
 
     mesh = make_run_mesh(config)
     rules = sharding.rules_for(config.mesh.preset)
-    sharding.check_divisibility(cfg, mesh, rules, t.batch_size)
+    if isinstance(cfg, tformer.ModelConfig):
+        sharding.check_divisibility(cfg, mesh, rules, t.batch_size)
     logging.info("mesh %s (preset %r) over %d process(es), %d devices", dict(mesh.shape), config.mesh.preset,
                  jax.process_count(), mesh.size)
     graphdef, tx, state, state_sh = ts.create_train_state(model_cls, cfg, o, t.seed, mesh, rules)
@@ -358,7 +375,10 @@ def run(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         atomic_write(workdir / "config.json", json.dumps(
             {"config": config.to_dict(), "model": dataclasses.asdict(cfg), "tokenizer": config.data.tokenizer}, indent=2))
     writer = MetricWriter(workdir, enabled=main)
-    flops_per_token = flops.train_flops_per_token(cfg, example["tgt_inputs" if "src" in example else "inputs"].shape[1])
+    if isinstance(cfg, rnn.RNNConfig):
+        flops_per_token = rnn.train_flops_per_token(cfg, seq2seq="src" in example)
+    else:
+        flops_per_token = flops.train_flops_per_token(cfg, example["tgt_inputs" if "src" in example else "inputs"].shape[1])
     peak = _peak_tflops()
 
     def model_now():
