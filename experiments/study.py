@@ -13,7 +13,8 @@ Writes to --out one PNG per part, `study.json` (every figure) and `study.md`
      Transformer with the KV cache, Transformer re-running the full forward,
      LSTM (one step of its carry);
   c. `equal_time.png`: quality after the same training time on this machine:
-     the numbers task (exact match) and the stdlib LM (bits per byte);
+     the numbers task (exact match) and the stdlib LM (bits per byte); the
+     two models' steps are interleaved, each clocking only its own steps;
   d. `parallelism_plan.png`: per-device memory and collective bytes vs device
      count for each sharding preset, from plan mode (compiled, never run) on
      fake CPU devices in a subprocess, for GPT-2 small and a ~1B config.
@@ -48,9 +49,10 @@ PRESETS = ("dp", "fsdp", "tp", "fsdp_tp")
 def define_flags() -> None:
     flags.DEFINE_string("out", None, "Directory for the PNGs, study.json and study.md.")
     flags.DEFINE_bool("smoke", False, "Tiny settings (CI): every part runs, in about a minute.")
-    flags.DEFINE_string("parts", PARTS, "Which parts to run, e.g. 'ab'.")
+    flags.DEFINE_string("parts", PARTS, "Which parts to run, e.g. 'ab'; the other parts' figures already in "
+                        "--out/study.json are kept.")
     flags.DEFINE_float("train_seconds", None, "Part c: training time per model (default 60 s, smoke 2 s).")
-    flags.DEFINE_string("plan_worker", None, "Internal: run part d's plans in this process and write JSON here.")
+    flags.DEFINE_string("plan_worker", None, "Internal: run the plans of this folder's request.json (part d).")
 
 
 # ---------------------------------------------------------------------------
@@ -112,7 +114,8 @@ def matched_models(s: Settings, max_len: int, vocab: int = 256):
     abstract = nnx.state(nnx.eval_shape(lambda: tformer.DecoderLM(tf, rngs=nnx.Rngs(0))))
     n_tf = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))
     d = min(range(8, 8 * s.d_model),
-            key=lambda w: abs(rnn.param_count(rnn.RNNConfig(vocab_size=vocab, d_model=w, num_layers=s.num_layers)) - n_tf))
+            key=lambda w: abs(rnn.param_count(rnn.RNNConfig(vocab_size=vocab, d_model=w, num_layers=s.num_layers))
+                              - n_tf))
     lstm = rnn.RNNConfig(vocab_size=vocab, d_model=d, num_layers=s.num_layers, cell="lstm", max_len=max_len)
     return tf, lstm, n_tf, rnn.param_count(lstm)
 
@@ -128,7 +131,8 @@ def _lm_step(model_cls, cfg, batch: int, length: int):
     graphdef, tx, state, _ = tformer.create_train_state(model_cls, cfg, o, seed=0)
     step = tformer.make_train_step(graphdef, tx, o, donate=False)
     tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, length + 1)).astype(np.int32)
-    b = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((batch, length), np.float32)})
+    b = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                        "weights": np.ones((batch, length), np.float32)})
     return lambda: step(state, b)[1]["loss"]
 
 
@@ -148,7 +152,8 @@ def part_a(s: Settings) -> dict:
                      "lstm_critical_path": length + s.num_layers - 1, "transformer_critical_path": s.num_layers})
         print(f"[a] T={length:5d} batch={batch:4d}  transformer {rows[-1]['transformer_ms']:8.1f} ms  "
               f"lstm {rows[-1]['lstm_ms']:8.1f} ms", flush=True)
-    return {"transformer": dataclasses.asdict(tf) | {"params": n_tf}, "lstm": dataclasses.asdict(lstm) | {"params": n_lstm},
+    return {"transformer": dataclasses.asdict(tf) | {"params": n_tf},
+            "lstm": dataclasses.asdict(lstm) | {"params": n_lstm},
             "tokens_per_step": s.tokens_per_step, "rows": rows}
 
 
@@ -207,41 +212,68 @@ def part_b(s: Settings) -> dict:
 # c. Quality at equal training time.
 
 
-def _train_for(config, seconds: float, workdir: Path) -> dict:
-    """Train `config` for `seconds` of wall clock after compilation, then evaluate; returns the figures."""
-    import jax
+class _Trainer:
+    """One model of part c: its task, state and jitted steps; `step()` trains one batch and clocks it."""
 
-    import tformer
-    from experiments import input_pipeline as ip
-    from experiments import train
+    def __init__(self, config, workdir: Path):
+        import jax
 
-    task = train.build_task(config, workdir)
-    cfg = train.model_config(config, task)
-    o = dataclasses.replace(train.optim_config(config), schedule="constant")  # no horizon: time, not steps, ends it
-    graphdef, tx, state, _ = tformer.create_train_state(train.model_kind(config)[0], cfg, o, seed=0)
-    step_fn, eval_fn = tformer.make_train_step(graphdef, tx, o), tformer.make_eval_step(graphdef, o)
-    bs = config.train.batch_size
-    state, m = step_fn(state, ip.batch_at(task.train, 0, bs))  # compiles; not counted
-    jax.block_until_ready(m["loss"])
-    curve, step, start = [], 1, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        state, m = step_fn(state, ip.batch_at(task.train, step, bs))
-        step += 1
-        curve.append((time.perf_counter() - start, float(m["loss"])))
-    out = {"steps": step, "seconds": curve[-1][0] if curve else 0.0, "curve": curve[:: max(len(curve) // 200, 1)]}
-    if task.kind == "lm":
-        sums = None
-        for i, b in enumerate(ip.eval_batches(task.valid, bs)):
-            if i >= config.train.eval_batches:
-                break
-            r = eval_fn(state.params, b)
-            sums = r if sums is None else jax.tree.map(lambda a, c: a + c, sums, r)
-        out["bits_per_byte"] = ip.bits_per_byte(float(sums["nll_sum"]), float(sums["weight_sum"]), task.valid)
-    else:
+        import tformer
+        from experiments import input_pipeline as ip
+        from experiments import train
+
+        self.config, self.ip, self.train = config, ip, train
+        self.task = train.build_task(config, workdir)
+        cfg = train.model_config(config, self.task)
+        # A constant rate after warm-up: time, not a step count, ends the run, so there is no horizon to decay to.
+        self.o = dataclasses.replace(train.optim_config(config), schedule="constant")
+        self.graphdef, tx, self.state, _ = tformer.create_train_state(train.model_kind(config)[0], cfg, self.o, seed=0)
+        self.step_fn = tformer.make_train_step(self.graphdef, tx, self.o)
+        self.bs = config.train.batch_size
+        self.steps, self.elapsed, self.curve = 0, 0.0, []
+        self.state, m = self.step_fn(self.state, ip.batch_at(self.task.train, 0, self.bs))  # compiles: not clocked
+        jax.block_until_ready(m["loss"])
+        self.steps = 1
+
+    def step(self) -> None:
+        t = time.perf_counter()
+        self.state, m = self.step_fn(self.state, self.ip.batch_at(self.task.train, self.steps, self.bs))
+        loss = float(m["loss"])  # waits for the step
+        self.elapsed += time.perf_counter() - t
+        self.steps += 1
+        self.curve.append((self.elapsed, loss))
+
+    def result(self) -> dict:
+        import jax
         from flax import nnx
 
-        out.update(train.translate_eval(nnx.merge(graphdef, state.params), task, config))
-    return out
+        import tformer
+
+        out = {"steps": self.steps, "seconds": self.elapsed, "curve": self.curve[:: max(len(self.curve) // 200, 1)]}
+        if self.task.kind == "lm":
+            eval_fn, sums = tformer.make_eval_step(self.graphdef, self.o), None
+            for i, b in enumerate(self.ip.eval_batches(self.task.valid, self.bs)):
+                if i >= self.config.train.eval_batches:
+                    break
+                r = eval_fn(self.state.params, b)
+                sums = r if sums is None else jax.tree.map(lambda a, c: a + c, sums, r)
+            out["bits_per_byte"] = self.ip.bits_per_byte(float(sums["nll_sum"]), float(sums["weight_sum"]),
+                                                         self.task.valid)
+        else:
+            out.update(self.train.translate_eval(nnx.merge(self.graphdef, self.state.params), self.task, self.config))
+        return out
+
+
+def train_equal_time(configs: dict, seconds: float, workdir: Path) -> dict:
+    """Train each config for `seconds` of its own step time, interleaved (the one behind steps next), so a
+    shared machine's load falls on every model alike; compilation is not counted. Then evaluate each."""
+    trainers = {name: _Trainer(c, workdir / name) for name, c in configs.items()}
+    while True:
+        behind = min(trainers.values(), key=lambda t: t.elapsed)
+        if behind.elapsed >= seconds:
+            break
+        behind.step()
+    return {name: t.result() for name, t in trainers.items()}
 
 
 def part_c(s: Settings, seconds: float) -> dict:
@@ -266,8 +298,9 @@ def part_c(s: Settings, seconds: float) -> dict:
     out = {"seconds_each": seconds}
     with tempfile.TemporaryDirectory() as tmp:
         for task, pair in (("lm", (lm_tiny, lm_tiny_rnn)), ("numbers", (seq2seq_tiny, seq2seq_tiny_rnn))):
-            for name, mod in zip(("transformer", "rnn"), pair):
-                r = _train_for(configure(mod.get_config(), task == "lm"), seconds, Path(tmp) / f"{task}_{name}")
+            names = ("transformer", "rnn")
+            configs = {name: configure(mod.get_config(), task == "lm") for name, mod in zip(names, pair)}
+            for name, r in train_equal_time(configs, seconds, Path(tmp) / task).items():
                 out[f"{task}_{name}"] = r
                 score = r.get("bits_per_byte", r.get("exact_match"))
                 print(f"[c] {task} {name}: {r['steps']} steps in {r['seconds']:.0f} s -> {score:.4f}", flush=True)
@@ -288,27 +321,29 @@ def _plan_model(name: str):
     return tformer.ModelConfig(vocab_size=256, d_model=32, num_heads=4, num_layers=2, max_len=64), 64
 
 
-def _mesh_shape(preset: str, n: int, heads: int) -> dict[str, int]:
+def mesh_shape(preset: str, n: int, heads: int) -> dict[str, int]:
     tensor = math.gcd(n, heads, 8)  # Megatron within a (fake) host: at most 8-way, dividing the heads
     return {"dp": {"data": n}, "fsdp": {"fsdp": n}, "tp": {"data": n // tensor, "tensor": tensor},
             "fsdp_tp": {"fsdp": n // tensor, "tensor": tensor}}[preset]
 
 
-def plan_worker(s: Settings, path: str) -> None:
+def plan_worker(folder: str) -> None:
+    """Plan every (model, device count, preset) of `folder`/request.json; write `folder`/plans.json."""
     import jax
 
     import tformer
     from tformer import plan as plan_lib
     from tformer import sharding
 
+    request = json.loads((Path(folder) / "request.json").read_text())
     rows = []
     o = tformer.OptimizerConfig()
-    for name in s.plan_models:
+    for name in request["models"]:
         cfg, seq = _plan_model(name)
-        batch = max(s.plan_devices)  # a fixed global batch, split ever finer: strong scaling
-        for n in s.plan_devices:
+        batch = max(request["devices"])  # a fixed global batch, split ever finer: strong scaling
+        for n in request["devices"]:
             for preset in PRESETS:
-                shape = {"data": 1, "fsdp": 1, "tensor": 1, **_mesh_shape(preset, n, cfg.num_heads)}
+                shape = {"data": 1, "fsdp": 1, "tensor": 1, **mesh_shape(preset, n, cfg.num_heads)}
                 mesh = sharding.make_mesh(shape, devices=jax.devices()[:n])
                 p = plan_lib.plan_train_step(tformer.DecoderLM, cfg, o, mesh, preset, batch=batch, seq_len=seq)
                 rows.append({"model": name, "params": p.num_params, "devices": n, "preset": preset, "mesh": shape,
@@ -317,22 +352,23 @@ def plan_worker(s: Settings, path: str) -> None:
                 print(f"[d] {name} {n:4d} devices {preset:8s} state {p.state_bytes / 2**20:10.1f} MiB  peak "
                       f"{(p.peak_bytes or 0) / 2**20:10.1f} MiB  collectives {p.collective_bytes / 2**20:9.1f} MiB",
                       flush=True)
-    Path(path).write_text(json.dumps(rows))
+    (Path(folder) / "plans.json").write_text(json.dumps(rows))
 
 
-def part_d(s: Settings, smoke: bool) -> dict:
+def part_d(s: Settings) -> dict:
+    """Plans in a subprocess whose CPU backend has max(s.plan_devices) fake devices."""
     n = max(s.plan_devices)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
            "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]),
                                                      os.environ.get("PYTHONPATH")) if p)}
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "plans.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), f"--plan_worker={path}", "--out=" + tmp]
-        proc = subprocess.run(cmd + (["--smoke"] if smoke else []), env=env, capture_output=True, text=True)
+        (Path(tmp) / "request.json").write_text(json.dumps({"devices": s.plan_devices, "models": s.plan_models}))
+        cmd = [sys.executable, str(Path(__file__).resolve()), f"--plan_worker={tmp}"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         print(proc.stdout, end="", flush=True)
         if proc.returncode:
             raise RuntimeError(f"plan subprocess failed:\n{proc.stderr[-3000:]}")
-        return {"rows": json.loads(path.read_text())}
+        return {"rows": json.loads((Path(tmp) / "plans.json").read_text())}
 
 
 # ---------------------------------------------------------------------------
@@ -345,7 +381,8 @@ def _plot_a(r: dict, path: Path) -> None:
     rows = r["rows"]
     ts = [x["T"] for x in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
-    ax1.plot(ts, [x["transformer_ms"] for x in rows], "o-", label=f"Transformer ({r['transformer']['params']:,} params)")
+    ax1.plot(ts, [x["transformer_ms"] for x in rows], "o-",
+             label=f"Transformer ({r['transformer']['params']:,} params)")
     ax1.plot(ts, [x["lstm_ms"] for x in rows], "s-", label=f"LSTM ({r['lstm']['params']:,} params)")
     ax1.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="ms per train step",
             title=f"train step, {r['tokens_per_step']} tokens per step")
@@ -383,7 +420,8 @@ def _plot_c(r: dict, path: Path) -> None:
     for ax, task, metric in zip(axes, ("lm", "numbers"), ("bits_per_byte", "exact_match")):
         for name in ("transformer", "rnn"):
             x = r[f"{task}_{name}"]
-            label = f"{'Transformer' if name == 'transformer' else 'LSTM'}: {x['steps']} steps, {metric} {x[metric]:.3f}"
+            who = "Transformer" if name == "transformer" else "LSTM"
+            label = f"{who}: {x['steps']} steps, {metric} {x[metric]:.3f}"
             ax.plot([c[0] for c in x["curve"]], [c[1] for c in x["curve"]], label=label)
         ax.set(xlabel="training seconds (after compiling)", ylabel="train loss (nats/token)", yscale="log",
                title=f"{'stdlib LM' if task == 'lm' else 'numbers task'}, {r['seconds_each']:.0f} s each")
@@ -459,19 +497,22 @@ def headlines(results: dict) -> list[str]:
         for m in dict.fromkeys(x["model"] for x in rows):
             n = max(x["devices"] for x in rows if x["model"] == m)
             by = {x["preset"]: x for x in rows if x["model"] == m and x["devices"] == n}
-            out.append(f"{m} on {n} devices: params + optimizer state per device {by['dp']['state_bytes'] / 2**20:,.0f} "
+            out.append(f"{m} on {n} devices: params + optimizer state per device "
+                       f"{by['dp']['state_bytes'] / 2**20:,.0f} "
                        f"MiB replicated (dp) vs {by['fsdp']['state_bytes'] / 2**20:,.1f} MiB sharded (fsdp); "
                        f"collectives per step dp {by['dp']['collective_bytes'] / 2**20:,.0f} MiB, fsdp "
-                       f"{by['fsdp']['collective_bytes'] / 2**20:,.0f} MiB, tp {by['tp']['collective_bytes'] / 2**20:,.0f} MiB.")
+                       f"{by['fsdp']['collective_bytes'] / 2**20:,.0f} MiB, "
+                       f"tp {by['tp']['collective_bytes'] / 2**20:,.0f} MiB.")
     return out
 
 
 def markdown(results: dict) -> str:
-    lines = ["# Transformer vs RNN, data vs model parallelism: measured", "", f"Conditions: {results['conditions']}", ""]
+    lines = ["# Transformer vs RNN, data vs model parallelism: measured", "",
+             f"Conditions: {results['conditions']}", ""]
     lines += [f"* {h}" for h in headlines(results)] + [""]
     if "a" in results:
-        lines += ["## a. Train step vs sequence length", "", "| T | batch | Transformer ms | LSTM ms | LSTM / Transformer |",
-                  "|---|---|---|---|---|"]
+        lines += ["## a. Train step vs sequence length", "",
+                  "| T | batch | Transformer ms | LSTM ms | LSTM / Transformer |", "|---|---|---|---|---|"]
         lines += [f"| {x['T']} | {x['batch']} | {x['transformer_ms']:.1f} | {x['lstm_ms']:.1f} | "
                   f"{x['lstm_ms'] / x['transformer_ms']:.2f} |" for x in results["a"]["rows"]] + [""]
     if "b" in results:
@@ -481,8 +522,8 @@ def markdown(results: dict) -> str:
                   for x in results["b"]["rows"]] + [""]
     if "c" in results:
         c = results["c"]
-        lines += [f"## c. Equal training time ({c['seconds_each']:.0f} s each)", "", "| task | model | steps | result |",
-                  "|---|---|---|---|"]
+        lines += [f"## c. Equal training time ({c['seconds_each']:.0f} s each)", "",
+                  "| task | model | steps | result |", "|---|---|---|---|"]
         for key, metric in (("lm", "bits_per_byte"), ("numbers", "exact_match")):
             for name in ("transformer", "rnn"):
                 x = c[f"{key}_{name}"]
@@ -510,20 +551,26 @@ def write_report(results: dict, out: Path) -> None:
     (out / "study.md").write_text(markdown(results))
 
 
-def run(out: str | os.PathLike, smoke: bool = False, parts: str = PARTS, train_seconds: float | None = None) -> dict:
-    """Run the chosen parts, writing the report after each; returns every figure."""
+def run(out: str | os.PathLike, smoke: bool = False, parts: str = PARTS, train_seconds: float | None = None,
+        settings: Settings | None = None) -> dict:
+    """Run the chosen parts, writing the report after each; returns every figure.
+
+    `settings` replaces the full (or, with `smoke`, the tiny) settings, e.g. a shorter study in a notebook.
+    """
     import jax
 
     bad = sorted(set(parts) - set(PARTS))
     if bad:
         raise ValueError(f"--parts: unknown part(s) {bad}; choose from {PARTS!r}")
-    s = SMOKE if smoke else Settings()
+    s = settings or (SMOKE if smoke else Settings())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    results: dict = {"conditions": f"{jax.device_count()} x {jax.devices()[0].device_kind} ({os.cpu_count()} CPU cores "
+    previous = out / "study.json"
+    results: dict = json.loads(previous.read_text()) if parts != PARTS and previous.exists() else {}
+    results |= {"conditions": f"{jax.device_count()} x {jax.devices()[0].device_kind} ({os.cpu_count()} CPU cores "
                                    f"visible), jax {jax.__version__}{', smoke settings' if smoke else ''}"}
-    runners = {"a": lambda: part_a(s), "b": lambda: part_b(s), "d": lambda: part_d(s, smoke),
+    runners = {"a": lambda: part_a(s), "b": lambda: part_b(s), "d": lambda: part_d(s),
                "c": lambda: part_c(s, train_seconds or s.train_seconds)}
     for part in PARTS:
         if part in parts:
@@ -540,12 +587,11 @@ def run(out: str | os.PathLike, smoke: bool = False, parts: str = PARTS, train_s
 
 def main(argv):
     del argv
+    if FLAGS.plan_worker:
+        plan_worker(FLAGS.plan_worker)
+        return
     if FLAGS.out is None:
         raise app.UsageError("--out is required")
-    s = SMOKE if FLAGS.smoke else Settings()
-    if FLAGS.plan_worker:
-        plan_worker(s, FLAGS.plan_worker)
-        return
     try:
         run(FLAGS.out, FLAGS.smoke, FLAGS.parts, FLAGS.train_seconds)
     except ValueError as e:

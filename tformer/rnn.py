@@ -261,7 +261,9 @@ def _prompts(model, prompts, lengths, src):
     prompt = jnp.asarray(prompts, jnp.int32)
     if prompt.ndim != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompts must be [batch, length >= 1] token ids, got shape {prompt.shape}")
-    lengths = jnp.full((prompt.shape[0],), prompt.shape[1], jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+    if lengths is None:
+        lengths = jnp.full((prompt.shape[0],), prompt.shape[1], jnp.int32)
+    lengths = jnp.asarray(lengths, jnp.int32)
     if lengths.shape != (prompt.shape[0],):
         raise ValueError(f"lengths must be [batch={prompt.shape[0]}], got shape {lengths.shape}")
     if isinstance(model, RNNSeq2Seq):
