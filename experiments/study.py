@@ -51,7 +51,7 @@ def define_flags() -> None:
     flags.DEFINE_bool("smoke", False, "Tiny settings (CI): every part runs, in about a minute.")
     flags.DEFINE_string("parts", PARTS, "Which parts to run, e.g. 'ab'; the other parts' figures already in "
                         "--out/study.json are kept.")
-    flags.DEFINE_float("train_seconds", None, "Part c: training time per model (default 60 s, smoke 2 s).")
+    flags.DEFINE_float("train_seconds", None, "Part c: training time per model (default 90 s, smoke 1 s).")
     flags.DEFINE_string("plan_worker", None, "Internal: run the plans of this folder's request.json (part d).")
 
 
@@ -65,10 +65,10 @@ class Settings:
     tokens_per_step: int = 4096
     d_model: int = 128  # the Transformer's; the LSTM's width is solved for the same parameter count
     num_layers: int = 2
-    step_repeats: int = 5
+    step_repeats: int = 3
     positions: tuple[int, ...] = (1, 64, 128, 256, 512, 768, 1024)
     decode_repeats: int = 20
-    train_seconds: float = 60.0
+    train_seconds: float = 90.0
     lm_max_bytes: int = 2_000_000
     numbers_train: int = 20_000
     eval_decode_examples: int = 500
@@ -76,9 +76,9 @@ class Settings:
     plan_models: tuple[str, ...] = ("gpt2_small", "1b")
 
 
-SMOKE = Settings(lengths=(32, 64), tokens_per_step=128, d_model=32, num_layers=1, step_repeats=2,
-                 positions=(1, 32), decode_repeats=3, train_seconds=2.0, lm_max_bytes=50_000,
-                 numbers_train=300, eval_decode_examples=8, plan_devices=(1, 4), plan_models=("tiny",))
+SMOKE = Settings(lengths=(16, 32), tokens_per_step=64, d_model=16, num_layers=1, step_repeats=1, positions=(1, 16),
+                 decode_repeats=2, train_seconds=1.0, lm_max_bytes=30_000, numbers_train=200, eval_decode_examples=4,
+                 plan_devices=(2,), plan_models=("tiny",))
 
 
 def _median_interleaved(fns: dict, repeats: int) -> dict[str, float]:
@@ -287,7 +287,7 @@ def part_c(s: Settings, seconds: float) -> dict:
             c.data.update(num_train=s.numbers_train)
             c.train.update(eval_decode_examples=s.eval_decode_examples)
         if s is SMOKE:
-            c.train.update(batch_size=8, eval_batches=2)
+            c.train.update(batch_size=8, eval_batches=1)
             c.model.update(d_model=32, num_layers=1, max_len=c.model.max_len)
             if "num_encoder_layers" in c.model:
                 c.model.update(num_encoder_layers=1, d_ff=64, num_heads=2)
