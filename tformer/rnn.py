@@ -94,10 +94,15 @@ def _dtype(name: str):
     return jnp.dtype(name)
 
 
+def _axes(*names: str) -> dict:
+    """Variable metadata naming a weight's logical axes (what tformer.sharding reads)."""
+    return {"axes": names}
+
+
 def _stack(cfg: RNNConfig, rngs: nnx.Rngs) -> nnx.List:
     """`num_layers` cells, each scanned over time by `nnx.RNN` (returning its final carry)."""
-    meta = dict(kernel_metadata={"axes": ("embed", "rnn")}, recurrent_kernel_metadata={"axes": ("rnn_in", "rnn")},
-                bias_metadata={"axes": ("rnn",)})
+    meta = dict(kernel_metadata=_axes("embed", "rnn"), recurrent_kernel_metadata=_axes("rnn_in", "rnn"),
+                bias_metadata=_axes("rnn"))
     return nnx.List([
         nnx.RNN(CELLS[cfg.cell](cfg.d_model, cfg.d_model, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
                                 rngs=rngs, **meta), return_carry=True, unroll=cfg.unroll, rngs=False)
@@ -141,11 +146,11 @@ class _EmbedHead(nnx.Module):
         self.table = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=_dtype(cfg.dtype),
                                param_dtype=_dtype(cfg.param_dtype), rngs=rngs,
                                embedding_init=nnx.initializers.normal(cfg.d_model ** -0.5),
-                               embedding_metadata={"axes": ("vocab", "embed")})
+                               embedding_metadata=_axes("vocab", "embed"))
         if not cfg.tie_embeddings:
             self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, dtype=_dtype(cfg.dtype),
                                    param_dtype=_dtype(cfg.param_dtype), rngs=rngs,
-                                   kernel_metadata={"axes": ("embed", "vocab")}, bias_metadata={"axes": ("vocab",)})
+                                   kernel_metadata=_axes("embed", "vocab"), bias_metadata=_axes("vocab"))
 
     def __call__(self, tokens_bt):
         return self.table(tokens_bt)
@@ -159,6 +164,7 @@ class RNNLM(nnx.Module):
     """Stacked LSTM / GRU language model: the recurrent counterpart of `DecoderLM`."""
 
     config_class = RNNConfig
+    kind = "lm"  # the batch layout it trains on
 
     def __init__(self, cfg: RNNConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -196,6 +202,7 @@ class RNNSeq2Seq(nnx.Module):
     """
 
     config_class = RNNConfig
+    kind = "seq2seq"
 
     def __init__(self, cfg: RNNConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -204,8 +211,8 @@ class RNNSeq2Seq(nnx.Module):
         self.decoder = _stack(cfg, rngs)
         if cfg.attention == "luong":
             kw = dict(use_bias=False, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), rngs=rngs)
-            self.score = nnx.Linear(cfg.d_model, cfg.d_model, kernel_metadata={"axes": ("rnn_in", "embed")}, **kw)
-            self.combine = nnx.Linear(2 * cfg.d_model, cfg.d_model, kernel_metadata={"axes": ("rnn_in", "embed")}, **kw)
+            self.score = nnx.Linear(cfg.d_model, cfg.d_model, kernel_metadata=_axes("rnn_in", "embed"), **kw)
+            self.combine = nnx.Linear(2 * cfg.d_model, cfg.d_model, kernel_metadata=_axes("rnn_in", "embed"), **kw)
 
     def init_state(self, src_bs, *, src_segment_ids=None) -> dict:
         """Encode the source (right-padded with pad_id) once: decoder carry, encoder outputs, source mask."""
