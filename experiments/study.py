@@ -19,8 +19,10 @@ Writes to --out one PNG per part, `study.json` (every figure) and `study.md`
      count for each sharding preset, from plan mode (compiled, never run) on
      fake CPU devices in a subprocess, for GPT-2 small and a ~1B config.
 
-Timings are medians of steps interleaved between the models compared, so a
-shared machine slows both alike; compare ratios, not absolute times.
+Timings interleave the calls of the models compared, so a shared machine
+slows both alike, and report the fastest of the repeats (the call least
+disturbed by other processes; medians are in study.json): compare ratios,
+not absolute times.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class Settings:
     num_layers: int = 2
     step_repeats: int = 3
     positions: tuple[int, ...] = (1, 64, 128, 256, 512, 768, 1024)
-    decode_repeats: int = 20
+    decode_repeats: int = 30
     train_seconds: float = 90.0
     lm_max_bytes: int = 2_000_000
     numbers_train: int = 20_000
@@ -81,8 +83,9 @@ SMOKE = Settings(lengths=(16, 32), tokens_per_step=64, d_model=16, num_layers=1,
                  plan_devices=(2,), plan_models=("tiny",))
 
 
-def _median_interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each zero-argument function, called in turn `repeats` times (after one warm-up)."""
+def _interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Seconds per call of each zero-argument function, called in turn `repeats` times after a warm-up:
+    `{name}` the fastest call (the one least disturbed by other processes), `{name}_median` the median."""
     import jax
 
     for f in fns.values():
@@ -93,7 +96,7 @@ def _median_interleaved(fns: dict, repeats: int) -> dict[str, float]:
             t = time.perf_counter()
             jax.block_until_ready(f())
             times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {**{k: min(v) for k, v in times.items()}, **{f"{k}_median": statistics.median(v) for k, v in times.items()}}
 
 
 # ---------------------------------------------------------------------------
@@ -144,9 +147,9 @@ def part_a(s: Settings) -> dict:
     rows = []
     for length in s.lengths:
         batch = max(s.tokens_per_step // length, 1)
-        t = _median_interleaved({"transformer": _lm_step(tformer.DecoderLM, tf, batch, length),
-                                 "lstm": _lm_step(rnn.RNNLM, lstm, batch, length)}, s.step_repeats)
-        rows.append({"T": length, "batch": batch, "transformer_ms": 1e3 * t["transformer"], "lstm_ms": 1e3 * t["lstm"],
+        t = _interleaved({"transformer": _lm_step(tformer.DecoderLM, tf, batch, length),
+                          "lstm": _lm_step(rnn.RNNLM, lstm, batch, length)}, s.step_repeats)
+        rows.append({"T": length, "batch": batch, **{f"{k}_ms": 1e3 * v for k, v in t.items()},
                      # Dependent steps a forward pass must take one after another: the LSTM's layer l
                      # at time t waits for (l, t - 1) and (l - 1, t); a Transformer layer sees all T at once.
                      "lstm_critical_path": length + s.num_layers - 1, "transformer_critical_path": s.num_layers})
@@ -197,7 +200,7 @@ def part_b(s: Settings) -> dict:
     for p in s.positions:  # p tokens already seen; time the step that reads token p and predicts p + 1
         cache = prefill(tf_params, tokens[:, :p], nnx.merge(tf_gd, tf_params).init_cache(1, top + 1))
         tok = tokens[:, p : p + 1]
-        t = _median_interleaved({
+        t = _interleaved({
             "cached": lambda: cached(tf_params, tok, cache, p + 1),
             "uncached": lambda: uncached(tf_params, tokens[:, : p + 1]),
             "rnn": lambda: rnn_step(rnn_params, tok[:, 0], rnn_state),
