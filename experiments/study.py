@@ -267,10 +267,9 @@ class _Trainer:
         return out
 
 
-def train_equal_time(configs: dict, seconds: float, workdir: Path) -> dict:
-    """Train each config for `seconds` of its own step time, interleaved (the one behind steps next), so a
-    shared machine's load falls on every model alike; compilation is not counted. Then evaluate each."""
-    trainers = {name: _Trainer(c, workdir / name) for name, c in configs.items()}
+def train_equal_time(trainers: dict, seconds: float) -> dict:
+    """Train each `_Trainer` for `seconds` of its own step time, interleaved (the one behind steps next), so
+    a shared machine's load falls on every model alike; compilation is not counted. Then evaluate each."""
     while True:
         behind = min(trainers.values(), key=lambda t: t.elapsed)
         if behind.elapsed >= seconds:
@@ -303,7 +302,8 @@ def part_c(s: Settings, seconds: float) -> dict:
         for task, pair in (("lm", (lm_tiny, lm_tiny_rnn)), ("numbers", (seq2seq_tiny, seq2seq_tiny_rnn))):
             names = ("transformer", "rnn")
             configs = {name: configure(mod.get_config(), task == "lm") for name, mod in zip(names, pair)}
-            for name, r in train_equal_time(configs, seconds, Path(tmp) / task).items():
+            trainers = {name: _Trainer(c, Path(tmp) / task / name) for name, c in configs.items()}
+            for name, r in train_equal_time(trainers, seconds).items():
                 out[f"{task}_{name}"] = r
                 score = r.get("bits_per_byte", r.get("exact_match"))
                 print(f"[c] {task} {name}: {r['steps']} steps in {r['seconds']:.0f} s -> {score:.4f}", flush=True)

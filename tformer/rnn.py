@@ -10,9 +10,10 @@ The models mirror the Transformer's interface so the runner treats them alike:
   * `__call__`: teacher-forced logits for a whole batch, same signature as
     `DecoderLM` / `EncoderDecoder` (`positions` / `segment_ids` are accepted
     and ignored: the LM reads packed rows as one stream, BOS marks a document);
-  * `init_state` + `extend`: tokens against a carried state, the RNN's KV
-    cache; `extend` by a prompt then by one token at a time computes exactly
-    the logits of `__call__` (tests/test_rnn.py).
+  * `init_state` + `extend` / `step`: tokens against a carried state, the
+    RNN's KV cache; `extend` by a prompt, then `step` one token at a time,
+    computes the logits of `__call__` (tests/test_rnn.py). A step costs the
+    same at every position: the state does not grow.
 `generate` and `beam_search` below decode with that state.
 
 Every weight carries logical `axes` metadata like the Transformer's (the cell
