@@ -367,12 +367,13 @@ def part_d(s: Settings) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "request.json").write_text(json.dumps({"devices": s.plan_devices, "models": s.plan_models}))
         cmd = [sys.executable, str(Path(__file__).resolve()), f"--plan_worker={tmp}"]
-        with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        log = Path(tmp) / "stderr.txt"
+        with open(log, "w") as err, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err,
+                                                     text=True) as proc:
             for line in proc.stdout:  # as each plan finishes (a notebook shows a subprocess's output this way only)
                 print(line, end="", flush=True)
-            err = proc.stderr.read()
         if proc.returncode:
-            raise RuntimeError(f"plan subprocess failed:\n{err[-3000:]}")
+            raise RuntimeError(f"plan subprocess failed:\n{log.read_text()[-3000:]}")
         return {"rows": json.loads((Path(tmp) / "plans.json").read_text())}
 
 
