@@ -444,18 +444,22 @@ def _plot_d(r: dict, path: Path) -> None:
     fig, axes = plt.subplots(len(models), 2, figsize=(9, 3.2 * len(models)), squeeze=False)
     for (ax1, ax2), m in zip(axes, models):
         mine = [x for x in rows if x["model"] == m]
-        for preset in PRESETS:
+        for i, preset in enumerate(PRESETS):
             pr = [x for x in mine if x["preset"] == preset]
-            devs = [x["devices"] for x in pr]
-            ax1.plot(devs, [x["peak_bytes"] / 2**30 for x in pr], "o-", label=preset)
-            ax2.plot(devs, [max(x["collective_bytes"], 1) / 2**30 for x in pr], "o-", label=preset)
+            devs, color = [x["devices"] for x in pr], f"C{i}"
+            ax1.plot(devs, [x["state_bytes"] / 2**30 for x in pr], "o-", color=color, label=f"{preset}: params + Adam")
+            ax1.plot(devs, [(x["peak_bytes"] or 0) / 2**30 for x in pr], ":", color=color, alpha=0.6)
+            multi = [x for x in pr if x["devices"] > 1]  # one device sends nothing
+            ax2.plot([x["devices"] for x in multi], [x["collective_bytes"] / 2**30 for x in multi], "o-", color=color,
+                     label=preset)
         title = f"{m} ({mine[0]['params'] / 1e6:.0f}M params, batch {mine[0]['batch']} x {mine[0]['seq_len']})"
-        ax1.set(xscale="log", yscale="log", xlabel="devices", ylabel="GiB per device (peak)", title=title)
-        ax2.set(xscale="log", yscale="log", xlabel="devices", ylabel="GiB of collectives per device per step",
-                title="collective traffic")
+        ax1.set(xscale="log", yscale="log", xlabel="devices", ylabel="GiB per device", title=title)
+        ax1.plot([], [], ":", color="gray", label="peak incl. activations")
+        ax2.set(xscale="log", yscale="log", xlabel="devices", ylabel="GiB of collective results / device / step",
+                title="collective traffic (compiled step)")
         for ax in (ax1, ax2):
             ax.set_xticks(devs, [str(d) for d in devs], fontsize=7)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6)
             ax.grid(alpha=0.3)
     _save(fig, path)
 
