@@ -69,7 +69,7 @@ class Settings:
     num_layers: int = 2
     step_repeats: int = 3
     positions: tuple[int, ...] = (1, 64, 128, 256, 512, 768, 1024)
-    decode_repeats: int = 30
+    decode_repeats: int = 10
     train_seconds: float = 90.0
     lm_max_bytes: int = 2_000_000
     numbers_train: int = 20_000
@@ -83,9 +83,11 @@ SMOKE = Settings(lengths=(16, 32), tokens_per_step=64, d_model=16, num_layers=1,
                  plan_devices=(2,), plan_models=("tiny",))
 
 
-def _interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Seconds per call of each zero-argument function, called in turn `repeats` times after a warm-up:
-    `{name}` the fastest call (the one least disturbed by other processes), `{name}_median` the median."""
+def _interleaved(fns: dict, repeats: int, block: int = 1) -> dict[str, float]:
+    """Seconds per call of each zero-argument function, in rounds of `block` back-to-back calls of each in
+    turn, `repeats` rounds after a warm-up: `{name}` the fastest call (the one least disturbed by other
+    processes), `{name}_median` the median. A `block` > 1 lets a small call run warm after a big one
+    has flushed the CPU caches."""
     import jax
 
     for f in fns.values():
@@ -93,9 +95,10 @@ def _interleaved(fns: dict, repeats: int) -> dict[str, float]:
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
-            t = time.perf_counter()
-            jax.block_until_ready(f())
-            times[k].append(time.perf_counter() - t)
+            for _ in range(block):
+                t = time.perf_counter()
+                jax.block_until_ready(f())
+                times[k].append(time.perf_counter() - t)
     return {**{k: min(v) for k, v in times.items()}, **{f"{k}_median": statistics.median(v) for k, v in times.items()}}
 
 
@@ -204,7 +207,7 @@ def part_b(s: Settings) -> dict:
             "cached": lambda: cached(tf_params, tok, cache, p + 1),
             "uncached": lambda: uncached(tf_params, tokens[:, : p + 1]),
             "rnn": lambda: rnn_step(rnn_params, tok[:, 0], rnn_state),
-        }, s.decode_repeats)
+        }, s.decode_repeats, block=3)
         rows.append({"position": p, **{f"{k}_ms": 1e3 * v for k, v in t.items()}})
         print(f"[b] position {p:5d}  cached {rows[-1]['cached_ms']:.3f} ms  no cache {rows[-1]['uncached_ms']:.3f} ms"
               f"  lstm {rows[-1]['rnn_ms']:.3f} ms", flush=True)
@@ -500,7 +503,8 @@ def headlines(results: dict) -> list[str]:
                    f"{c['lm_transformer']['bits_per_byte']:.3f} vs LSTM {c['lm_rnn']['bits_per_byte']:.3f} "
                    f"({c['lm_transformer']['steps']} vs {c['lm_rnn']['steps']} steps); numbers task exact match "
                    f"Transformer {c['numbers_transformer']['exact_match']:.1%} vs LSTM + attention "
-                   f"{c['numbers_rnn']['exact_match']:.1%} ({c['numbers_transformer']['steps']} vs "
+                   f"{c['numbers_rnn']['exact_match']:.1%}, BLEU {c['numbers_transformer']['bleu']:.1f} vs "
+                   f"{c['numbers_rnn']['bleu']:.1f} ({c['numbers_transformer']['steps']} vs "
                    f"{c['numbers_rnn']['steps']} steps).")
     if "d" in results:
         rows = results["d"]["rows"]
@@ -537,7 +541,8 @@ def markdown(results: dict) -> str:
         for key, metric in (("lm", "bits_per_byte"), ("numbers", "exact_match")):
             for name in ("transformer", "rnn"):
                 x = c[f"{key}_{name}"]
-                lines.append(f"| {key} | {name} | {x['steps']} | {metric} {x[metric]:.4f} |")
+                extra = f", BLEU {x['bleu']:.2f}" if "bleu" in x else ""
+                lines.append(f"| {key} | {name} | {x['steps']} | {metric} {x[metric]:.4f}{extra} |")
         lines.append("")
     if "d" in results:
         lines += ["## d. Plan mode: per device", "", "| model | devices | preset | mesh | state MiB | peak MiB | "
