@@ -39,7 +39,7 @@ from flax import nnx
 
 import tformer
 from tformer import flops, host
-from tformer import train_step as ts
+from tformer import training as ts
 from tformer.attention import Masking, resolve_impl
 from tformer.generate import decode_phases
 from tformer.layers import DTYPE

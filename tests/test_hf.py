@@ -346,7 +346,7 @@ def test_core_import_does_not_need_safetensors():
 
 def test_fine_tuning_starts_from_loaded_weights(llama_dir):
     """create_train_state(params=...) trains from the HF weights, sharded too, and names a bad tensor."""
-    from tformer import train_step as ts
+    from tformer import training as ts
 
     model = thf.load_hf_checkpoint(llama_dir)
     params = nnx.to_pure_dict(nnx.state(model))

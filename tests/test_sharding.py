@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 import tformer
 from tformer import plan as plan_lib
 from tformer import sharding as shd
-from tformer import train_step as ts
+from tformer import training as ts
 
 # 8 query heads / 4 KV heads (GQA), d_ff 128 and a padded vocab of 256 all
 # split 4 ways, so every preset works up to tensor=4. No biases: the gradient

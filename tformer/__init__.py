@@ -15,7 +15,7 @@ from tformer.hf import config_from_hf, load_hf_checkpoint, save_hf_checkpoint  #
 from tformer.kvcache import KVCache
 from tformer.models import DecoderLM, EncoderDecoder
 from tformer.sharding import PRESETS, make_mesh, rules_for
-from tformer.train_step import OptimizerConfig, TrainState, create_train_state, make_eval_step, make_train_step
+from tformer.training import OptimizerConfig, TrainState, create_train_state, make_eval_step, make_train_step
 
 __all__ = [
     "ModelConfig", "gpt2_small", "transformer_base",

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from tformer.train_step import TrainState
+from tformer.training import TrainState
 
 log = logging.getLogger(__name__)
 

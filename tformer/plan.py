@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from tformer import sharding as shd
-from tformer import train_step as ts
+from tformer import training as ts
 from tformer.config import ModelConfig
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
@@ -234,7 +234,7 @@ def _cost(compiled) -> dict:
 def plan_train_step(
     model_cls,
     cfg: ModelConfig,
-    o: ts.OptimizerConfig,
+    optim: ts.OptimizerConfig,
     mesh: Mesh,
     rules,
     *,
@@ -247,7 +247,7 @@ def plan_train_step(
     rules = shd.rules_for(rules)
     shd.check_divisibility(cfg, mesh, rules, batch)
     graphdef, abstract = ts.abstract_model(model_cls, cfg)
-    tx = ts.make_optimizer(o, abstract)
+    tx = ts.make_optimizer(optim, abstract)
     state_sh = ts.state_shardings(model_cls, cfg, tx, mesh, rules)
     abstract_state = ts.abstract_train_state(abstract, tx)
     params = abstract_state.params
@@ -260,7 +260,7 @@ def plan_train_step(
 
     state_in = jax.tree.map(with_sharding, abstract_state, state_sh)
     batch_in = jax.tree.map(with_sharding, shapes, batch_sh)
-    step = ts.make_train_step(graphdef, tx, o, mesh=mesh, rules=rules, state_sharding=state_sh, batch_sharding=batch_sh)
+    step = ts.make_train_step(graphdef, tx, optim, mesh=mesh, rules=rules, state_sharding=state_sh, batch_sharding=batch_sh)
     compiled = step.lower(state_in, batch_in).compile()
 
     mem = None
