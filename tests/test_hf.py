@@ -81,7 +81,7 @@ def assert_same_greedy(hf_model, model, n_new=12):
         ref = hf_model.generate(torch.tensor(prompts), attention_mask=torch.ones(prompts.shape, dtype=torch.long),
                                 max_new_tokens=n_new, do_sample=False, pad_token_id=0)
     ref = ref[:, prompts.shape[1]:].numpy()
-    out = tformer.generate(model, prompts, max_new_tokens=n_new, eos_id=-1)
+    out = tformer.generate(model, prompts, tformer.Decode(n_new, eos_id=-1))
     assert ref.shape == (3, n_new)
     np.testing.assert_array_equal(np.asarray(out.tokens), ref)
     assert len(np.unique(ref)) > 3  # not a degenerate repeat-one-token model

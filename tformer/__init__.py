@@ -10,7 +10,7 @@
 
 from tformer import host  # tformer.host.tune_allocator(), first thing in a CPU training script
 from tformer.config import ModelConfig, gpt2_small, transformer_base
-from tformer.generate import Generated, Sampling, beam_search, generate, sample_logits, sequence_logprob
+from tformer.generate import Decode, Generated, Sampling, beam_search, generate, sample_logits, sequence_logprob
 from tformer.hf import config_from_hf, load_hf_checkpoint, save_hf_checkpoint  # safetensors imported lazily
 from tformer.kvcache import KVCache
 from tformer.models import DecoderLM, EncoderDecoder
@@ -20,7 +20,7 @@ from tformer.training import OptimizerConfig, TrainState, create_train_state, ma
 __all__ = [
     "ModelConfig", "gpt2_small", "transformer_base",
     "DecoderLM", "EncoderDecoder", "KVCache",
-    "generate", "beam_search", "sequence_logprob", "sample_logits", "Sampling", "Generated",
+    "generate", "beam_search", "sequence_logprob", "sample_logits", "Decode", "Sampling", "Generated",
     "OptimizerConfig", "TrainState", "create_train_state", "make_train_step", "make_eval_step",
     "make_mesh", "rules_for", "PRESETS",
     "config_from_hf", "load_hf_checkpoint", "save_hf_checkpoint",

@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from tformer import batch as batch_lib
 from tformer import sharding as shd
 from tformer.config import ModelConfig
 
@@ -145,28 +146,9 @@ def cross_entropy(logits_btv, targets_bt, weights_bt, z_loss: float = 0.0, label
     }
 
 
-def batch_logits(model, batch: dict, dropout_rng=None):
-    """Teacher-forced logits and (targets, weights) for an LM or a seq2seq batch."""
-    if "src" in batch:
-        logits = model(
-            batch["src"], batch["tgt_inputs"],
-            tgt_segment_ids=batch.get("tgt_segment_ids"), src_segment_ids=batch.get("src_segment_ids"),
-            dropout_rng=dropout_rng,
-        )
-        return logits, batch["tgt_targets"], batch["tgt_weights"]
-    logits = model(
-        batch["inputs"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
-        dropout_rng=dropout_rng,
-    )
-    weights = batch.get("weights")
-    if weights is None:
-        weights = jnp.ones(batch["targets"].shape, jnp.float32)
-    return logits, batch["targets"], weights
-
-
 def loss_sums(graphdef, params, batch, optim: OptimizerConfig, dropout_rng=None):
     model = nnx.merge(graphdef, params)
-    logits, targets, weights = batch_logits(model, batch, dropout_rng)
+    logits, targets, weights = batch_lib.logits_and_targets(model, batch, dropout_rng)
     return cross_entropy(logits, targets, weights, optim.z_loss, optim.label_smoothing)
 
 
@@ -192,24 +174,6 @@ def param_shardings(abstract_state, mesh: Mesh, rules) -> Params:
     return nnx.to_pure_dict(shd.state_shardings(abstract_state, mesh, rules))
 
 
-def _opt_shardings(abstract_opt, params_shardings: Params, params_abstract: Params, mesh: Mesh):
-    """Optimizer leaves mirroring a parameter (mu, nu, ...) get its sharding."""
-    by_path = {}
-    for path, s in jax.tree_util.tree_leaves_with_path(params_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)):
-        by_path[tuple(str(k) for k in path)] = s
-    shapes = {tuple(str(k) for k in p): a.shape for p, a in jax.tree_util.tree_leaves_with_path(params_abstract)}
-
-    def pick(path, leaf):
-        keys = tuple(str(k) for k in path)
-        for start in range(len(keys)):
-            suffix = keys[start:]
-            if suffix in by_path and shapes[suffix] == leaf.shape:
-                return by_path[suffix]
-        return NamedSharding(mesh, P())
-
-    return jax.tree_util.tree_map_with_path(pick, abstract_opt)
-
-
 def state_shardings(model_cls, cfg: ModelConfig, tx, mesh: Mesh, rules):
     """NamedSharding pytree of a TrainState, from the rule table."""
     _, abstract = abstract_model(model_cls, cfg)
@@ -217,7 +181,7 @@ def state_shardings(model_cls, cfg: ModelConfig, tx, mesh: Mesh, rules):
     p_abs = nnx.to_pure_dict(abstract)
     opt_abs = jax.eval_shape(tx.init, p_abs)
     rep = NamedSharding(mesh, P())
-    return TrainState(step=rep, params=p_sh, opt_state=_opt_shardings(opt_abs, p_sh, p_abs, mesh), rng=rep)
+    return TrainState(step=rep, params=p_sh, opt_state=shd.optimizer_shardings(tx, opt_abs, p_sh, mesh), rng=rep)
 
 
 def create_train_state(model_cls, cfg: ModelConfig, optim: OptimizerConfig, seed: int = 0,
@@ -273,9 +237,13 @@ def _microbatches(batch: dict, k: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def train_step(graphdef, tx, optim: OptimizerConfig, state: TrainState, batch: dict, *, mesh=None, rules=None):
-    """One optimizer step (pure). Loss is normalised over the whole (accumulated) batch."""
-    with shd.use_rules(mesh, rules):
+def train_step(graphdef, tx, optim: OptimizerConfig, state: TrainState, batch: dict, *,
+               layout: shd.Layout | None = None):
+    """One optimizer step (pure). Loss is normalised over the whole (accumulated) batch.
+
+    `layout` (static): the mesh and rule table activation constraints follow.
+    """
+    with shd.use_layout(layout):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         def sums_and_grads(params, mb, i):
             rng = jax.random.fold_in(key, i)
@@ -297,7 +265,8 @@ def train_step(graphdef, tx, optim: OptimizerConfig, state: TrainState, batch: d
                 s, g = sums_and_grads(state.params, mb, i)
                 return jax.tree.map(jnp.add, acc, (s, g)), None
 
-            zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: sums_and_grads(state.params, jax.tree.map(lambda x: x[0], mbs), 0)))
+            first = jax.tree.map(lambda x: x[0], mbs)
+            zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: sums_and_grads(state.params, first, 0)))
             (sums, grads), _ = jax.lax.scan(body, zero, (mbs, jnp.arange(optim.grad_accum_steps)))
 
         denom = jnp.maximum(sums["weight_sum"], 1.0)
@@ -326,7 +295,7 @@ def train_step(graphdef, tx, optim: OptimizerConfig, state: TrainState, batch: d
 def make_train_step(graphdef, tx, optim: OptimizerConfig, *, mesh: Mesh | None = None, rules=None,
                     state_sharding=None, batch_sharding=None, donate: bool = True) -> Callable:
     """Jitted `step(state, batch) -> (state, metrics)` with shardings and donated state."""
-    fn = functools.partial(train_step, graphdef, tx, optim, mesh=mesh, rules=rules)
+    fn = functools.partial(train_step, graphdef, tx, optim, layout=shd.layout(mesh, rules))
     kw = {}
     if state_sharding is not None:
         kw["in_shardings"] = (state_sharding, batch_sharding)
@@ -334,14 +303,15 @@ def make_train_step(graphdef, tx, optim: OptimizerConfig, *, mesh: Mesh | None =
     return jax.jit(fn, donate_argnums=(0,) if donate else (), **kw)
 
 
-def eval_sums(graphdef, optim: OptimizerConfig, params, batch, *, mesh=None, rules=None):
+def eval_sums(graphdef, optim: OptimizerConfig, params, batch, *, layout: shd.Layout | None = None):
     """Summed NLL / weights / correct over a batch, no dropout."""
-    with shd.use_rules(mesh, rules):
+    with shd.use_layout(layout):
         return loss_sums(graphdef, params, batch, optim, None)
 
 
-def make_eval_step(graphdef, optim: OptimizerConfig, *, mesh=None, rules=None, params_sharding=None, batch_sharding=None):
-    fn = functools.partial(eval_sums, graphdef, optim, mesh=mesh, rules=rules)
+def make_eval_step(graphdef, optim: OptimizerConfig, *, mesh=None, rules=None, params_sharding=None,
+                   batch_sharding=None):
+    fn = functools.partial(eval_sums, graphdef, optim, layout=shd.layout(mesh, rules))
     kw = {} if params_sharding is None else {"in_shardings": (params_sharding, batch_sharding)}
     return jax.jit(fn, **kw)
 
