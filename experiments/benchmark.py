@@ -280,12 +280,12 @@ def bench_train(opts: Options, dev: dict) -> dict:
 # Generation.
 
 
-def plant_eos(model, position: int, seed: int) -> None:
+def plant_eos(model, position: int, seed: int) -> int:
     """Make every row emit EOS from the logits at `position` (learned positions, tied embeddings).
 
     That position's embedding gets a large component along a random unit
     direction u, and EOS's embedding row becomes u: after the final norm the
-    hidden state there points along u, so EOS has the top logit in every row.
+    hidden state there points along u, so EOS has the top logit in every row. Returns the EOS id.
     """
     cfg = model.cfg
     if cfg.positions != "learned" or not cfg.tie_embeddings:
@@ -295,6 +295,7 @@ def plant_eos(model, position: int, seed: int) -> None:
     emb = model.embed
     emb.pos_table[...] = emb.pos_table[...].at[position].add(100.0 * u.astype(np.float32))
     emb.table[...] = emb.table[...].at[cfg.eos_id].set(u.astype(np.float32))
+    return cfg.eos_id
 
 
 def _timed(fn) -> float:
@@ -320,12 +321,8 @@ def bench_decode(opts: Options, dev: dict) -> list[dict]:
     if cache_len > cfg.max_len:
         cfg = cfg.replace(max_len=cache_len)
     model = tformer.DecoderLM(cfg, rngs=nnx.Rngs(opts.seed))
-    eos_id = -1
-    if opts.decode_eos_after is not None:
-        plant_eos(model, p - 1 + opts.decode_eos_after - 1, opts.seed)
-        eos_id = cfg.eos_id
-    param_bytes = np.dtype(DTYPE[cfg.param_dtype]).itemsize
-    kv_bytes = np.dtype(DTYPE[cfg.dtype]).itemsize
+    eos_id = -1 if opts.decode_eos_after is None else plant_eos(model, p - 1 + opts.decode_eos_after - 1, opts.seed)
+    param_bytes, kv_bytes = (np.dtype(DTYPE[name]).itemsize for name in (cfg.param_dtype, cfg.dtype))
     records = []
     for b in opts.decode_batches or preset.decode_batches:
         prompts = np.random.default_rng(opts.seed).integers(3, cfg.vocab_size, (b, p)).astype(np.int32)
@@ -348,17 +345,15 @@ def bench_decode(opts: Options, dev: dict) -> list[dict]:
             cache_len=cache_len, decode_chunk=opts.decode_chunk, decode_phases=len(phases), kv_slots_read=slots,
             ms_per_token=None, tokens_per_s=None, tflops=None, mfu=None,
             prefill_ms=_round(pre * 1e3), e2e_ms_per_step=_round(full / n * 1e3), e2e_ms=_round(full * 1e3),
-            eos_after=opts.decode_eos_after,
-            compile_s=_round(first_full - full + first_pre - pre), bytes_per_step=nbytes,
-            roofline_ms=_round(roof), roofline_ratio=None,
-            params=flops.param_count(cfg), **_knobs(cfg, opts), **dev,
+            eos_after=opts.decode_eos_after, compile_s=_round(first_full - full + first_pre - pre), bytes_per_step=nbytes,
+            roofline_ms=_round(roof), roofline_ratio=None, params=flops.param_count(cfg), **_knobs(cfg, opts),
+            **dev,
         )
         if opts.decode_eos_after is not None:
             rec["error"] = "rows stop early: per-step figures do not apply, see e2e_ms"
         elif full > pre:
             step_s = (full - pre) / (n - 1)
-            tokens_per_s = b / step_s
-            fpt = flops.decode_flops_per_token(cfg, p + n / 2)
+            tokens_per_s, fpt = b / step_s, flops.decode_flops_per_token(cfg, p + n / 2)
             rec.update(
                 ms_per_token=_round(step_s * 1e3), tokens_per_s=round(tokens_per_s),
                 tflops=_round(flops.model_tflops(fpt, tokens_per_s)),

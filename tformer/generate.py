@@ -370,8 +370,11 @@ def _beam_loop(model, prompt, valid, src, src_seg, decode: Decode, beam: int, al
     # Step i writes slot p + i: the phases of `generate`, over n steps (see decode_phases).
     for lo, hi, visible in decode_phases(prompt.shape[1], n + 1, decode.cache_len, decode.chunk):
         carry, _ = jax.lax.scan(functools.partial(step, visible=visible), carry, jnp.arange(lo, hi))
-    _, _, alive_seq, alive_lp, fin_seq, fin_score = carry
-    # Rows where nothing finished fall back to their best unfinished beam.
+    return _best_hypothesis(*carry[2:], n, alpha, eos_id, neg)
+
+
+def _best_hypothesis(alive_seq, alive_lp, fin_seq, fin_score, n: int, alpha: float, eos_id: int, neg) -> Generated:
+    """The best finished hypothesis per row; rows where nothing finished fall back to their best unfinished beam."""
     alive_score = alive_lp / length_penalty(float(n), alpha)
     use_fin = fin_score[:, 0] > neg / 2
     best_seq = jnp.where(use_fin[:, None], fin_seq[:, 0], alive_seq[:, 0])

@@ -255,7 +255,10 @@ def plan_train_step(
         mem = compiled.memory_analysis()
     except Exception:  # noqa: BLE001 - not every backend reports it
         pass
-    get = lambda f: None if mem is None else int(getattr(mem, f, 0))  # noqa: E731
+
+    def get(field):
+        return None if mem is None else int(getattr(mem, field, 0))
+
     cost = _cost(compiled)
     return Plan(
         mesh_shape=dict(mesh.shape),

@@ -214,7 +214,9 @@ def create_train_state(model_cls, cfg: ModelConfig, optim: OptimizerConfig, seed
 
 def _check_params(given: Params, expected: Params) -> None:
     """Fail naming the first parameter whose path, shape or dtype differs from the model's."""
-    flat = lambda t: {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(t)}  # noqa: E731
+    def flat(tree):
+        return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
     got, want = flat(given), flat(expected)
     for name in sorted(set(want) | set(got)):
         if name not in got:
@@ -277,7 +279,9 @@ def train_step(graphdef, tx, optim: OptimizerConfig, state: TrainState, batch: d
         loss = sums["loss_sum"] / denom
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if optim.skip_nonfinite:
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+            def keep(new, old):
+                return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
             params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
         metrics = {
