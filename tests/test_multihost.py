@@ -50,7 +50,7 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
     for key, value in OVERRIDES.items():
         section, field = key.split(".")
         config[section][field] = value
-    train.run(config, tmp_path / "single")
+    train.train_and_evaluate(config, tmp_path / "single")
     single = train_losses(tmp_path / "single")
     assert sorted(single) == list(range(1, STEPS + 1))
 

@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("ml_collections")
 pytest.importorskip("orbax.checkpoint")
 
-from experiments import train  # noqa: E402
+from experiments import decode, train  # noqa: E402
 from experiments.configs import lm_tiny, seq2seq_tiny  # noqa: E402
 from tformer.checkpoint import Checkpointer  # noqa: E402
 
@@ -53,7 +53,7 @@ def read_jsonl(workdir):
 
 
 def test_lm_run_end_to_end(tmp_path, capsys):
-    result = train.run(tiny_lm(), tmp_path)
+    result = train.train_and_evaluate(tiny_lm(), tmp_path)
     assert math.isfinite(result["bits_per_byte"]) and result["bits_per_byte"] > 0
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-5)
     assert Checkpointer(tmp_path / "checkpoints").all_steps()[-1] == 6
@@ -67,19 +67,19 @@ def test_lm_run_end_to_end(tmp_path, capsys):
     from experiments import sample
 
     model, tok, _ = sample.load(tmp_path)
-    [text] = train.complete(model, tok, ["def "], 5, jax.random.key(0))
+    [text] = decode.complete(model, tok, ["def "], 5, jax.random.key(0))
     assert text.startswith("def ")
 
 
 def test_seq2seq_run_end_to_end(tmp_path, capsys):
-    result = train.run(tiny_seq2seq(), tmp_path)
+    result = train.train_and_evaluate(tiny_seq2seq(), tmp_path)
     assert 0.0 <= result["exact_match"] <= 1.0 and 0.0 <= result["bleu"] <= 100.0
     assert "(reference:" in capsys.readouterr().out
     from experiments import sample
 
     model, tok, meta = sample.load(tmp_path)
     assert meta["config"]["model"]["kind"] == "seq2seq"
-    assert len(train.translate(model, tok, ["123", "45"], 8, 10)) == 2
+    assert len(decode.translate(model, tok, ["123", "45"], 8, 10)) == 2
 
 
 def _params(workdir):
@@ -96,9 +96,9 @@ def test_resume_equals_uninterrupted(tmp_path):
         c.optim.total_steps = 2 * n  # the same schedule whether or not interrupted
         return c
 
-    train.run(cfg(2 * n), straight)
-    train.run(cfg(n), resumed)  # stops (and saves) at step n
-    train.run(cfg(2 * n), resumed)  # resumes from step n
+    train.train_and_evaluate(cfg(2 * n), straight)
+    train.train_and_evaluate(cfg(n), resumed)  # stops (and saves) at step n
+    train.train_and_evaluate(cfg(2 * n), resumed)  # resumes from step n
 
     loss = lambda w: {r["step"]: r["loss"] for r in read_jsonl(w) if r["split"] == "train"}  # noqa: E731
     assert sorted(loss(resumed)) == list(range(1, 2 * n + 1))
@@ -144,7 +144,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 
 def test_corrupted_latest_checkpoint_falls_back(tmp_path, caplog):
-    train.run(tiny_lm(num_steps=6, checkpoint_every=3), tmp_path)
+    train.train_and_evaluate(tiny_lm(num_steps=6, checkpoint_every=3), tmp_path)
     ckpt_dir = tmp_path / "checkpoints"
     assert Checkpointer(ckpt_dir).all_steps() == [3, 6]
     for f in (ckpt_dir / "6").rglob("*"):
@@ -172,7 +172,7 @@ def test_bad_config_errors_name_the_field(tmp_path, section, field, value, match
     with c.unlocked():
         c[section][field] = value
     with pytest.raises(ValueError, match=match):
-        train.run(c, tmp_path)
+        train.train_and_evaluate(c, tmp_path)
 
 
 def test_bad_data_file_error_names_the_file(tmp_path):
@@ -181,14 +181,14 @@ def test_bad_data_file_error_names_the_file(tmp_path):
     c = tiny_lm()
     c.data.corpus = str(bad)
     with pytest.raises(ValueError, match=r"corpus.txt.*line 3"):
-        train.run(c, tmp_path / "run")
+        train.train_and_evaluate(c, tmp_path / "run")
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     c = tiny_lm(num_steps=40, log_every=2, checkpoint_every=2, eval_every=1000)
     c.optim.update(learning_rate=1e6, warmup_steps=0, clip_norm=None)
     with pytest.raises(FloatingPointError, match="non-finite loss at step"):
-        train.run(c, tmp_path)
+        train.train_and_evaluate(c, tmp_path)
     ckpt = Checkpointer(tmp_path / "checkpoints")
     if ckpt.latest_step() is not None:
         state, _ = ckpt.restore()
@@ -197,7 +197,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_interrupted_save_is_ignored_and_the_run_resumes(tmp_path):
     """A save cut off by SIGKILL leaves only orbax's temporary directory: restore and resume skip it."""
-    train.run(tiny_lm(num_steps=3, checkpoint_every=3), tmp_path)
+    train.train_and_evaluate(tiny_lm(num_steps=3, checkpoint_every=3), tmp_path)
     ckpt_dir = tmp_path / "checkpoints"
     # What a process killed mid-save leaves: step 4's files half-written under a temporary name.
     partial = ckpt_dir / "4.orbax-checkpoint-tmp-1234567890"
@@ -210,7 +210,7 @@ def test_interrupted_save_is_ignored_and_the_run_resumes(tmp_path):
     assert Checkpointer(ckpt_dir).all_steps() == [3]
     state, extra = Checkpointer(ckpt_dir).restore()
     assert int(state.step) == 3 == extra["data_step"]
-    train.run(tiny_lm(num_steps=6, checkpoint_every=3), tmp_path)  # resumes from 3, not from scratch
+    train.train_and_evaluate(tiny_lm(num_steps=6, checkpoint_every=3), tmp_path)  # resumes from 3, not from scratch
     steps = [r["step"] for r in read_jsonl(tmp_path) if r["split"] == "train"]
     assert steps[-2:] == [4, 6] and steps.count(2) == 1
 
