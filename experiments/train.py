@@ -4,8 +4,16 @@ r"""Train a tformer model from a config file.
         --config.train.num_steps=500 --config.model.num_layers=2
 
 A run resumes from the newest readable checkpoint in its workdir (params,
-optimizer state, step, RNG and data position), saves on SIGTERM before
-exiting, and stops with a clear message on a non-finite loss.
+optimizer state, step, RNG and data position) if the model is the same,
+holds a lock on the workdir while it runs, saves on SIGTERM or Ctrl-C before
+exiting, and stops with a clear message on a non-finite loss. An error it
+raises on purpose prints one `error: ...` line and exits 1 (`--verbose` adds
+the traceback).
+
+`main` only reads flags; `train_and_evaluate` is the run: `setup_run` builds
+data, model, steps and state, `train_steps` is the loop (its helpers `report`,
+`save_checkpoint` and `evaluate` do the logging, checkpointing and eval), and
+`finish` saves, evaluates and samples. Text generation lives in decode.py.
 
 Plan a mesh without training (or any data): compile the step from abstract
 shapes and print per-device memory, FLOPs and collectives, here for 256 fake
@@ -19,7 +27,9 @@ Multi-process: `--coordinator_address=host:port --num_processes=N --process_id=i
 on each process (any platform; CPU uses gloo collectives), or `--distributed`
 where JAX detects the cluster itself (Cloud TPU slices, SLURM). Each process
 reads only its slice of every global batch; process 0 writes logs and metrics;
-checkpoints are written by all processes together.
+checkpoints are written by all processes together. A process that stops
+sending heartbeats for `--heartbeat_timeout` seconds (killed, host lost) stops
+every other process with an error naming it; rerun them all to resume.
 """
 
 from __future__ import annotations
@@ -704,11 +714,39 @@ def main(argv):
     except (ValueError, FloatingPointError, CheckpointError, OSError) as e:
         if FLAGS.verbose:
             raise
-        logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+    """The first `--config.<section>.<field>` of `argv` that the config does not have, as an error line."""
+    from experiments.configs.base import base_config
+
+    ref = base_config()
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config."):].split("=", 1)[0].split(".")
+        if path[0] not in ref:
+            return f"--config.{path[0]}: unknown section; valid sections are {sorted(ref.keys())}"
+        if len(path) > 1 and path[1] not in ref[path[0]]:
+            return (f"--config.{'.'.join(path)}: unknown field {path[1]!r} of config.{path[0]}; valid fields are "
+                    f"{sorted(ref[path[0]].keys())}")
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with an override of a field the config lacks as one `error:` line."""
+    try:
+        return FLAGS(argv)
+    except (AttributeError, KeyError):  # what ml_collections raises for such an override
+        line = _unknown_override(argv)
+        if line is None or "--verbose" in argv:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         sys.exit(1)
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
