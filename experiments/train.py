@@ -544,7 +544,7 @@ def report(run: Run, window: Window, done: int) -> Window:
     if bad is not None:
         saved = "no checkpoint has been saved yet" if run.last_saved is None else \
             f"the last good checkpoint is step {run.last_saved}"
-        raise FloatingPointError(f"non-finite loss at step {window.start + bad + 1} (loss={fetched[bad]['loss']:.4g}, "
+        raise FloatingPointError(f"non-finite loss or gradient at step {window.start + bad + 1} (loss={fetched[bad]['loss']:.4g}, "
                                  f"grad_norm={fetched[bad]['grad_norm']:.4g}): stopping; {saved}. "
                                  "Lower optim.learning_rate or check the data")
     dt = max(time.time() - window.time, 1e-9)

@@ -191,7 +191,7 @@ def test_bad_data_file_error_names_the_file(tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     c = tiny_lm(num_steps=40, log_every=2, checkpoint_every=2, eval_every=1000)
     c.optim.update(learning_rate=1e6, warmup_steps=0, clip_norm=None)
-    with pytest.raises(FloatingPointError, match="non-finite loss at step"):
+    with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step"):
         train.train_and_evaluate(c, tmp_path)
     ckpt = Checkpointer(tmp_path / "checkpoints")
     if ckpt.latest_step() is not None:
@@ -303,8 +303,9 @@ def test_non_finite_loss_names_the_first_bad_step_and_the_last_good_checkpoint(t
     with pytest.raises(FloatingPointError) as info:
         train.train_and_evaluate(c, tmp_path)
     msg = str(info.value)
-    bad, loss = re.search(r"non-finite loss at step (\d+) \(loss=(\S+),", msg).groups()
-    assert not math.isfinite(float(loss))
+    bad, loss, grad_norm = re.search(r"non-finite loss or gradient at step (\d+) \(loss=(\S+), grad_norm=(\S+)\)",
+                                     msg).groups()
+    assert not (math.isfinite(float(loss)) and math.isfinite(float(grad_norm)))
     ckpt = Checkpointer(tmp_path / "checkpoints")
     ckpt.wait()
     assert ckpt.latest_step() == int(bad) - 1  # every finite step was saved (checkpoint_every=1)
@@ -379,12 +380,13 @@ def test_cli_overrides_any_field_and_errors_are_one_line(tmp_path):
         ("data", "tokenizer", "wordpiece", r"config.data.tokenizer: unknown 'wordpiece'"),
         ("data", "validation_fraction", 1.0, r"config.data.validation_fraction must be in \[0, 1\)"),
         ("mesh", "tensor", 0, r"config.mesh.tensor must be >= 1, or -1"),
-        ("mesh", "fsdp", -1, r"config.mesh: at most one axis may be -1"),
+        ("mesh", "fsdp", -1, r"config.mesh: at most one axis may be -1"),  # with data=-1
         ("mesh", "preset", "zero3", r"config.mesh.preset: unknown 'zero3'"),
     ],
 )
 def test_runner_fields_are_range_checked_before_anything_runs(tmp_path, section, field, value, match):
     c = tiny_lm()
+    c.mesh.data = -1
     c[section][field] = value
     with pytest.raises(ValueError, match=match):
         train.train_and_evaluate(c, tmp_path / "w")
