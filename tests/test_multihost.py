@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -114,7 +115,12 @@ def _wait_for(path: Path, marker: str, procs, timeout: float = 240) -> None:
 
 
 def test_a_lost_peer_stops_the_other_process_and_a_rerun_resumes(tmp_path):
-    """SIGKILL one of two processes: the other exits non-zero within 60 s naming the lost one; a rerun resumes."""
+    """A process that stops (SIGSTOP: a hung or lost host, then SIGKILL): the other exits non-zero within 60 s
+    naming it (JAX's heartbeat); rerunning both resumes from the last checkpoint.
+
+    SIGSTOP keeps the peer's sockets open, so the survivor must notice the silence through the heartbeat; a
+    SIGKILL closes them, and the survivor may then stop even sooner, in the collective transport (gloo).
+    """
     workdir, logs = tmp_path / "run", [tmp_path / f"process{i}.log" for i in range(2)]
     killed = 1
     common = ["--config.train.num_steps=100000", "--config.train.checkpoint_every=3",
@@ -122,11 +128,12 @@ def test_a_lost_peer_stops_the_other_process_and_a_rerun_resumes(tmp_path):
     procs = _start_pair(workdir, logs, *common)
     try:
         _wait_for(logs[0], "step 7/", procs)
-        procs[killed].kill()
+        procs[killed].send_signal(signal.SIGSTOP)
         t0 = time.time()
         survivor = procs[1 - killed]
         survivor.wait(timeout=60)
         waited = time.time() - t0
+        procs[killed].kill()
     finally:
         for p in procs:
             if p.poll() is None:
