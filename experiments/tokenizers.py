@@ -122,7 +122,7 @@ def _vocab_size_errors(vocab_size: int):
         if "ocabulary size" not in text:
             raise
         detail = text.strip().splitlines()[-1].split("] ")[-1].strip()
-        raise ValueError(f"config.data.vocab_size={vocab_size} does not fit the training text "
+        raise ValueError(f"config.data.vocab_size={vocab_size} does not fit the text "
                          f"(sentencepiece: {detail}); choose a vocab_size in the range it names") from None
 
 

@@ -150,7 +150,8 @@ def _validate_mesh(mesh: ConfigDict) -> None:
         if mesh[axis] != -1 and mesh[axis] < 1:
             raise ValueError(f"config.mesh.{axis} must be >= 1, or -1 for the remaining devices; got {mesh[axis]}")
     if sum(mesh[a] == -1 for a in sharding.MESH_AXES) > 1:
-        raise ValueError(f"config.mesh: at most one axis may be -1, got {dict((a, mesh[a]) for a in sharding.MESH_AXES)}")
+        shape = {a: mesh[a] for a in sharding.MESH_AXES}
+        raise ValueError(f"config.mesh: at most one axis may be -1, got {shape}")
     if mesh.preset not in sharding.PRESETS:
         raise ValueError(f"config.mesh.preset: unknown {mesh.preset!r}; choose one of {sorted(sharding.PRESETS)}")
 
@@ -238,7 +239,8 @@ def _seq2seq_task(d: ConfigDict, workdir: Path) -> Task:
     tok = make_tokenizer(d.tokenizer, workdir, texts, d.vocab_size)
     sets = ip.make_seq2seq_datasets(tok, tok, pairs, d.src_len, d.tgt_len)
     if sets["validation"].num_truncated:
-        logging.warning("%d validation pairs exceed src_len/tgt_len and were truncated", sets["validation"].num_truncated)
+        logging.warning("%d validation pairs exceed src_len/tgt_len and were truncated",
+                        sets["validation"].num_truncated)
     return Task("seq2seq", tok, sets["train"], sets["validation"], pairs["validation"])
 
 
@@ -544,8 +546,9 @@ def report(run: Run, window: Window, done: int) -> Window:
     if bad is not None:
         saved = "no checkpoint has been saved yet" if run.last_saved is None else \
             f"the last good checkpoint is step {run.last_saved}"
-        raise FloatingPointError(f"non-finite loss or gradient at step {window.start + bad + 1} (loss={fetched[bad]['loss']:.4g}, "
-                                 f"grad_norm={fetched[bad]['grad_norm']:.4g}): stopping; {saved}. "
+        first = fetched[bad]
+        raise FloatingPointError(f"non-finite loss or gradient at step {window.start + bad + 1} "
+                                 f"(loss={first['loss']:.4g}, grad_norm={first['grad_norm']:.4g}): stopping; {saved}. "
                                  "Lower optim.learning_rate or check the data")
     dt = max(time.time() - window.time, 1e-9)
     tps = sum(m["tokens"] for m in fetched) / dt

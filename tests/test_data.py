@@ -424,5 +424,5 @@ def test_seq2seq_numbers_task_end_to_end():
                                               (50_000, r"too high \(50000\)\. Please set it to a value <= \d+")])
 def test_sentencepiece_vocab_that_does_not_fit_names_the_field(tmp_path, vocab_size, match):
     pytest.importorskip("sentencepiece")
-    with pytest.raises(ValueError, match=rf"config.data.vocab_size={vocab_size} does not fit the training text .*{match}"):
+    with pytest.raises(ValueError, match=rf"config.data.vocab_size={vocab_size} does not fit the text .*{match}"):
         tokenizers.make_tokenizer("sentencepiece", tmp_path, ["hello world, some text\n"] * 50, vocab_size=vocab_size)

@@ -68,9 +68,15 @@ def test_lm_run_end_to_end(tmp_path, capsys):
     # sample.py's loader restores the run and generates.
     from experiments import sample
 
-    model, tok, _ = sample.load(tmp_path)
+    model, tok, _ = sample.load(tmp_path)  # parameters only (restore_params): no optimizer is built
+    from flax import nnx
+
+    for x, y in zip(jax.tree.leaves(nnx.to_pure_dict(nnx.state(model))), jax.tree.leaves(_params(tmp_path))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     [text] = decode.complete(model, tok, ["def "], 5, jax.random.key(0))
     assert text.startswith("def ")
+    with pytest.raises(ValueError, match=r"prompt 'x+' is 65 tokens with BOS, .* max_len is 64; shorten the prompt"):
+        decode.complete(model, tok, ["x" * 64], 5, jax.random.key(0))
 
 
 def test_seq2seq_run_end_to_end(tmp_path, capsys):
@@ -421,3 +427,19 @@ def test_sample_py_errors_are_one_line(tmp_path):
     out = sample(f"--workdir={tmp_path}")
     assert (out.returncode, out.stderr.strip()) == (
         1, f"error: {tmp_path / 'config.json'} not found: is {tmp_path} a training run's workdir?")
+
+
+def test_checkpointer_save_force_replaces_an_existing_step(tmp_path):
+    def state(v):
+        return train.ts.TrainState(step=np.int32(v), params={"w": np.full((3,), v, np.float32)}, opt_state={},
+                                   rng=np.zeros(2, np.uint32))
+
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    assert ckpt.save(2, state(1))
+    assert not ckpt.save(2, state(5))  # kept
+    assert ckpt.restore_params({"w": jax.ShapeDtypeStruct((3,), np.float32)})["w"].tolist() == [1, 1, 1]
+    assert ckpt.save(2, state(5), force=True)  # replaced
+    ckpt.close()
+    assert Checkpointer(tmp_path).restore_params({"w": jax.ShapeDtypeStruct((3,), np.float32)})["w"].tolist() == [5] * 3
+    with pytest.raises(ValueError, match="max_to_keep must be >= 1"):
+        Checkpointer(tmp_path, max_to_keep=0)

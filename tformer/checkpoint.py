@@ -100,25 +100,29 @@ class Checkpointer:
 
     def restore_params(self, params_target, step: int | None = None):
         """Only the parameters of `step` (default: the newest readable), into `params_target`'s shapes and
-        shardings: what serving needs, without building an optimizer (the rest is skipped, never read)."""
-
-        def args_for(_):
-            target = {"params": params_target}
-            return ocp.args.Composite(state=ocp.args.PyTreeRestore(
-                target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
-
-        restored, _ = self._restore_newest(step, args_for)
+        shardings: what serving needs, without building an optimizer (its state is never read)."""
+        target = {"params": params_target}
+        args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+        self._mngr.wait_until_finished()
+        # A manager that saved `state` with StandardSave refuses other restore args for it: read with a fresh one.
+        reader = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(read_only=True))
+        try:
+            restored, _ = self._restore_newest(step, lambda _: args, mngr=reader)
+        finally:
+            reader.close()
         return restored["state"]["params"]
 
-    def _restore_newest(self, step: int | None, args_for, move_aside: bool = False):
+    def _restore_newest(self, step: int | None, args_for, move_aside: bool = False, mngr=None):
         """(restored, step) of the newest step that restores with `args_for(step)`."""
-        steps = [step] if step is not None else sorted(self._mngr.all_steps(), reverse=True)
+        mngr = mngr or self._mngr
+        steps = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         failed = []
         for s in steps:
             try:
-                restored = self._mngr.restore(s, args=args_for(s))
+                restored = mngr.restore(s, args=args_for(s))
             except Exception as e:  # noqa: BLE001 - any failure means: try an older one
                 log.warning("checkpoint %s/%d is unreadable (%s)%s", self.directory, s, _first_line(e),
                             "" if step is not None else "; trying an older one")
