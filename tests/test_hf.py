@@ -377,3 +377,32 @@ def test_fine_tuning_starts_from_loaded_weights(llama_dir):
     bad["embed"]["table"] = bad["embed"]["table"][:-1]
     with pytest.raises(ValueError, match=r"params=\.\.\.\): parameter .*embed.*table.* is float32\["):
         ts.create_train_state(tformer.DecoderLM, model.cfg, o, params=bad)
+
+
+@pytest.mark.parametrize("keep", [0, 0.5])  # empty, truncated halfway
+def test_truncated_or_empty_safetensors_names_the_file(llama_dir, tmp_path, keep):
+    d = rewrite(llama_dir, tmp_path / "c")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: int(f.stat().st_size * keep)])
+    with pytest.raises(ValueError, match=r"model.safetensors: not a readable safetensors file .*truncated"):
+        thf.load_hf_checkpoint(d)
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda c: {k: v for k, v in c.items() if k != "hidden_size"}, r"missing the field 'hidden_size'"),
+        (lambda c: c | {"num_hidden_layers": "2"}, r"field 'num_hidden_layers' must be an integer, got '2'"),
+    ],
+)
+def test_hf_config_with_a_missing_or_mistyped_field_names_it(llama_dir, tmp_path, edit, match):
+    d = rewrite(llama_dir, tmp_path / "c", edit_config=edit)
+    with pytest.raises(ValueError, match=match):
+        thf.load_hf_checkpoint(d)
+
+
+def test_hf_config_that_is_not_json_names_the_file(llama_dir, tmp_path):
+    d = rewrite(llama_dir, tmp_path / "c")
+    (d / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON"):
+        thf.load_hf_checkpoint(d)

@@ -281,6 +281,7 @@ def initialize_distributed(
     process_id: int | None = None,
     *,
     auto: bool = False,
+    **init_kwargs,
 ) -> bool:
     """Join a multi-process JAX run; returns whether `jax.distributed.initialize` was called.
 
@@ -288,7 +289,8 @@ def initialize_distributed(
     `process_id`, the processes rendezvous there (any platform, CPU included).
     With `auto=True` and no address, JAX detects the cluster itself (Cloud TPU
     slices, SLURM, Open MPI, or the JAX_COORDINATOR_ADDRESS environment
-    variable). Must run before anything touches the devices.
+    variable). Must run before anything touches the devices. `init_kwargs` go to
+    `jax.distributed.initialize` (e.g. `heartbeat_timeout_seconds`).
     """
     if coordinator_address is None and not auto:
         if num_processes not in (None, 1) or process_id not in (None, 0):
@@ -308,5 +310,5 @@ def initialize_distributed(
     # gloo over TCP); GPU and TPU backends ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+                               process_id=process_id, **init_kwargs)
     return True
