@@ -147,7 +147,8 @@ class SentencePieceTokenizer(_Specials):
 
         path = pathlib.Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no sentencepiece model there; train one with SentencePieceTokenizer.train")
+            raise FileNotFoundError(f"{path}: no sentencepiece model there; "
+                                    "train one with SentencePieceTokenizer.train")
         return cls(spm.SentencePieceProcessor(model_file=str(path)))
 
     @classmethod
@@ -218,7 +219,8 @@ class SentencePieceTokenizer(_Specials):
         return self._sp.decode(self._content_ids(ids))
 
 
-def make_tokenizer(kind: str, workdir=None, train_texts: Iterable[str] = (), vocab_size: int = 8000, name: str = "tokenizer") -> Tokenizer:
+def make_tokenizer(kind: str, workdir=None, train_texts: Iterable[str] = (), vocab_size: int = 8000,
+                   name: str = "tokenizer") -> Tokenizer:
     """The tokenizer of kind 'byte' or 'sentencepiece' for a run.
 
     For 'sentencepiece' the model lives at `<workdir>/<name>.model`: it is

@@ -484,8 +484,12 @@ def setup_run(config: ConfigDict, workdir: Path) -> Run:
     eval_fn = ts.make_eval_step(graphdef, o, params_sharding=state_sh.params, **kw)
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=t.keep_checkpoints)
     if ckpt.latest_step() is not None:
-        check_resume(workdir, task.kind, cfg, o)
-        state, extra = ckpt.restore(target=abstract_like(state, state_sh), move_aside=True)
+        try:
+            check_resume(workdir, task.kind, cfg, o)
+            state, extra = ckpt.restore(target=abstract_like(state, state_sh), move_aside=True)
+        except BaseException:
+            ckpt.close()
+            raise
         logging.info("resumed from step %d (data position %s)", int(state.step), extra.get("data_step"))
     if jax.process_index() == 0:
         atomic_write(workdir / "config.json", json.dumps({

@@ -144,7 +144,7 @@ def test_a_lost_peer_stops_the_other_process_and_a_rerun_resumes(tmp_path):
     # JAX's coordination service names the silent task: "... unhealthy (stopped sending heartbeats):\n1".
     assert re.search(rf"stopped sending heartbeats\):\s+{killed}\b", out), out[-3000:]
     saved = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved >= 6
+    assert saved >= 3  # step 6 may still have been in flight: a save needs both processes
     procs = _start_pair(workdir, logs, f"--config.train.num_steps={saved + 2}", "--config.train.checkpoint_every=3",
                         "--config.optim.total_steps=1000")
     try:
