@@ -31,8 +31,8 @@ def complete(model, tok, prompts: list[str], max_new: int, rng, temperature: flo
     for i, e in enumerate(enc):
         arr[i, : len(e)] = e
     n = min(max_new, model.cfg.max_len - width)
-    out = tformer.generate(model, arr, lengths=[len(e) for e in enc], max_new_tokens=n, rng=rng,
-                           temperature=temperature, top_k=top_k, top_p=top_p)
+    out = tformer.generate(model, arr, tformer.Decode(n), tformer.Sampling(temperature, top_k, top_p),
+                           lengths=[len(e) for e in enc], rng=rng)
     return [p + tok.decode(row) for p, row in zip(prompts, np.asarray(out.tokens))]
 
 
@@ -54,9 +54,9 @@ def translate(model, tok, sources: list[str], src_len: int, max_new: int, beam_s
     max_new = min(max_new, model.cfg.max_len - 1)
     bos = np.full((len(sources), 1), tok.bos_id, np.int32)
     if beam_size > 1:
-        out = tformer.beam_search(model, bos, src=src, max_new_tokens=max_new, beam_size=beam_size)
+        out = tformer.beam_search(model, bos, tformer.Decode(max_new), src=src, beam_size=beam_size)
     else:
-        out = tformer.generate(model, bos, src=src, max_new_tokens=max_new)
+        out = tformer.generate(model, bos, tformer.Decode(max_new), src=src)
     return [tok.decode(row) for row in np.asarray(out.tokens)]
 
 

@@ -24,7 +24,7 @@ from flax import nnx
 import tformer
 from experiments import decode
 from experiments.tokenizers import make_tokenizer
-from tformer import train_step as ts
+from tformer import training as ts
 from tformer.checkpoint import CheckpointError, Checkpointer
 
 FLAGS = flags.FLAGS

@@ -61,7 +61,7 @@ from experiments import input_pipeline as ip
 from experiments.metrics import MetricWriter, atomic_write, plot_loss
 from experiments.tokenizers import make_tokenizer
 from tformer import flops, host, sharding
-from tformer import train_step as ts
+from tformer import training as ts
 from tformer.checkpoint import CheckpointError, Checkpointer, abstract_like
 
 FLAGS = flags.FLAGS
