@@ -230,10 +230,11 @@ class _Trainer:
 
         self.config, self.ip, self.train = config, ip, train
         self.task = train.build_task(config, workdir)
-        cfg = train.model_config(config, self.task)
+        cfg = train.model_config(config, self.task.tokenizer)
         # A constant rate after warm-up: time, not a step count, ends the run, so there is no horizon to decay to.
         self.o = dataclasses.replace(train.optim_config(config), schedule="constant")
-        self.graphdef, tx, self.state, _ = tformer.create_train_state(train.model_kind(config)[0], cfg, self.o, seed=0)
+        model_cls = train.MODEL_KINDS[config.model.kind]
+        self.graphdef, tx, self.state, _ = tformer.create_train_state(model_cls, cfg, self.o, seed=0)
         self.step_fn = tformer.make_train_step(self.graphdef, tx, self.o)
         self.bs = config.train.batch_size
         self.steps, self.elapsed, self.curve = 0, 0.0, []
@@ -266,7 +267,13 @@ class _Trainer:
             out["bits_per_byte"] = self.ip.bits_per_byte(float(sums["nll_sum"]), float(sums["weight_sum"]),
                                                          self.task.valid)
         else:
-            out.update(self.train.translate_eval(nnx.merge(self.graphdef, self.state.params), self.task, self.config))
+            from experiments import decode
+
+            c = self.config
+            pairs = self.task.valid_pairs[: c.train.eval_decode_examples]
+            model = nnx.merge(self.graphdef, self.state.params)
+            out.update(decode.translation_scores(model, self.task.tokenizer, pairs, c.data.src_len, c.data.tgt_len,
+                                                 c.train.beam_size))
         return out
 
 
@@ -293,10 +300,10 @@ def part_c(s: Settings, seconds: float) -> dict:
             c.train.update(eval_decode_examples=s.eval_decode_examples)
         if s is SMOKE:
             c.train.update(batch_size=8, eval_batches=1)
-            c.model.update(d_model=32, num_layers=1, max_len=c.model.max_len)
-            if "num_encoder_layers" in c.model:
+            c.model.update(d_model=32, num_layers=1)
+            if c.model.kind == "seq2seq":
                 c.model.update(num_encoder_layers=1, d_ff=64, num_heads=2)
-            elif "d_ff" in c.model:
+            elif c.model.kind == "lm":
                 c.model.update(d_ff=64, num_heads=2)
         return c
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import tformer
 from tformer import rnn
 
 
@@ -76,17 +77,19 @@ def test_beam_one_equals_greedy_and_beams_score_at_least_greedy():
     model = seq2seq()
     src = jnp.array([[5, 6, 7, 2], [8, 9, 2, 0]])
     bos = np.ones((2, 1), np.int32)
-    greedy = rnn.generate(model, bos, src=src, max_new_tokens=7, eos_id=-1)
-    beam1 = rnn.beam_search(model, bos, src=src, max_new_tokens=7, beam_size=1, eos_id=-1, length_alpha=0.0)
+    seven = tformer.Decode(7, eos_id=-1)
+    greedy = rnn.generate(model, bos, seven, src=src)
+    beam1 = rnn.beam_search(model, bos, seven, src=src, beam_size=1, length_alpha=0.0)
     np.testing.assert_array_equal(greedy.tokens, beam1.tokens)
-    beam4 = rnn.beam_search(model, bos, src=src, max_new_tokens=7, beam_size=4, eos_id=-1, length_alpha=0.0)
+    beam4 = rnn.beam_search(model, bos, seven, src=src, beam_size=4, length_alpha=0.0)
     assert np.all(np.asarray(beam4.scores) >= np.asarray(beam1.scores) - 1e-5)
 
 
 def test_generate_right_padded_prompts_equal_one_by_one():
     model = lm()
-    out = rnn.generate(model, np.asarray(TOKENS[:2, :6]), lengths=[6, 3], max_new_tokens=5, eos_id=-1)
-    short = rnn.generate(model, np.asarray(TOKENS[1:2, :3]), max_new_tokens=5, eos_id=-1)
+    five = tformer.Decode(5, eos_id=-1)
+    out = rnn.generate(model, np.asarray(TOKENS[:2, :6]), five, lengths=[6, 3])
+    short = rnn.generate(model, np.asarray(TOKENS[1:2, :3]), five)
     np.testing.assert_array_equal(out.tokens[1], short.tokens[0])
 
 
@@ -103,7 +106,7 @@ def test_bad_config_names_the_field():
 pytest.importorskip("ml_collections")
 pytest.importorskip("orbax.checkpoint")
 
-from experiments import sample, train  # noqa: E402
+from experiments import decode, sample, train  # noqa: E402
 from experiments.configs import lm_tiny_rnn, seq2seq_tiny_rnn  # noqa: E402
 from tformer.checkpoint import Checkpointer  # noqa: E402
 
@@ -133,10 +136,10 @@ def test_rnn_lm_resume_equals_uninterrupted(tmp_path, capsys):
         c.optim.total_steps = 4
         return c
 
-    result = train.run(cfg(4), straight)
+    result = train.train_and_evaluate(cfg(4), straight)
     assert np.isfinite(result["bits_per_byte"]) and "--- sample ---" in capsys.readouterr().out
-    train.run(cfg(2), resumed)  # stops (and saves) at step 2
-    train.run(cfg(4), resumed)  # resumes from step 2
+    train.train_and_evaluate(cfg(2), resumed)  # stops (and saves) at step 2
+    train.train_and_evaluate(cfg(4), resumed)  # resumes from step 2
     assert sorted(_losses(resumed)) == [1, 2, 3, 4] and _losses(straight) == _losses(resumed)
     a, _ = Checkpointer(straight / "checkpoints").restore()
     b, _ = Checkpointer(resumed / "checkpoints").restore()
@@ -144,7 +147,7 @@ def test_rnn_lm_resume_equals_uninterrupted(tmp_path, capsys):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     model, tok, _ = sample.load(straight)
     assert isinstance(model, rnn.RNNLM)
-    [text] = train.complete(model, tok, ["def "], 5, jax.random.key(0), temperature=0.8, top_k=5)
+    [text] = decode.complete(model, tok, ["def "], 5, jax.random.key(0), temperature=0.8, top_k=5)
     assert text.startswith("def ")
 
 
@@ -156,8 +159,8 @@ def test_rnn_seq2seq_runs_through_the_runner_with_beam_search(tmp_path, capsys):
     c.train.update(batch_size=8, num_steps=2, log_every=1, eval_every=100, eval_batches=1, checkpoint_every=100,
                    num_samples=1, eval_decode_examples=4, beam_size=2)
     c.mesh.update(data=1)
-    result = train.run(c, tmp_path)
+    result = train.train_and_evaluate(c, tmp_path)
     assert 0.0 <= result["exact_match"] <= 1.0 and "(reference:" in capsys.readouterr().out
     model, tok, meta = sample.load(tmp_path)
     assert isinstance(model, rnn.RNNSeq2Seq) and meta["config"]["model"]["kind"] == "rnn_seq2seq"
-    assert len(train.translate(model, tok, ["123", "45"], 8, 10, beam_size=2)) == 2
+    assert len(decode.translate(model, tok, ["123", "45"], 8, 10, beam_size=2)) == 2

@@ -16,7 +16,7 @@ The models mirror the Transformer's interface so the runner treats them alike:
     same at every position: the state does not grow.
 `generate` and `beam_search` below decode with that state.
 
-Every weight carries logical `axes` metadata like the Transformer's (the cell
+Every weight carries logical axis names (NNX `out_sharding` metadata) like the Transformer's (the cell
 size is the logical axis `rnn`, which no preset shards), so the rule tables,
 weight decay mask and checkpoints work unchanged: data parallel and FSDP over
 `embed` split an RNN, tensor parallelism has nothing of it to split.
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tformer.generate import Generated, Sampling, length_penalty, sample_logits
+from tformer.generate import GREEDY, Decode, Generated, Sampling, length_penalty, sample_logits
 
 CELLS = {"lstm": nnx.LSTMCell, "optimized_lstm": nnx.OptimizedLSTMCell, "gru": nnx.GRUCell}
 ATTENTION = ("none", "luong")
@@ -96,8 +96,9 @@ def _dtype(name: str):
 
 
 def _axes(*names: str) -> dict:
-    """Variable metadata naming a weight's logical axes (what tformer.sharding reads)."""
-    return {"axes": names}
+    """Variable metadata naming a weight's logical axes, as tformer.layers.param sets it: NNX sharding
+    metadata that tformer.sharding resolves by its rule table (no eager sharding at creation)."""
+    return {"out_sharding": names, "eager_sharding": False}
 
 
 def _stack(cfg: RNNConfig, rngs: nnx.Rngs) -> nnx.List:
@@ -310,22 +311,23 @@ def _generate(graphdef, params, prompt, lengths, src, rng, *, n, sampling, eos_i
     return Generated(tokens=tokens, lengths=jnp.where(is_eos.any(1), jnp.argmax(is_eos, 1) + 1, n).astype(jnp.int32))
 
 
-def generate(model, prompts, *, max_new_tokens: int, lengths=None, rng=None, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None, src=None) -> Generated:
+def generate(model, prompts, decode: Decode, sampling: Sampling = GREEDY, *, lengths=None, rng=None,
+             src=None) -> Generated:
     """`tformer.generate` for the RNN models: prompts [B, P] right-padded to `lengths`; one carry per row.
 
-    Each new token costs one step of every layer, whatever its position.
+    Produces `decode.max_new_tokens` per row (`decode.cache_len` and `chunk` do not apply: the state does
+    not grow); each new token costs one step of every layer, whatever its position.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature > 0 and rng is None:
+    if not isinstance(sampling, Sampling):
+        raise ValueError(f"sampling must be a tformer.Sampling(temperature=..., top_k=..., top_p=...), "
+                         f"got {sampling!r}")
+    if not sampling.greedy and rng is None:
         raise ValueError("sampling with temperature > 0 needs an explicit rng key (jax.random.key(seed))")
-    sampling = Sampling(temperature, top_k if temperature > 0 else None, top_p)
     prompt, lengths, src = _prompts(model, prompts, lengths, src)
     graphdef, params = nnx.split(model)
+    eos_id = model.cfg.eos_id if decode.eos_id is None else decode.eos_id
     return _generate(graphdef, params, prompt, lengths, src, jax.random.key(0) if rng is None else rng,
-                     n=max_new_tokens, sampling=sampling, eos_id=model.cfg.eos_id if eos_id is None else eos_id,
-                     pad_id=model.cfg.pad_id)
+                     n=decode.max_new_tokens, sampling=sampling, eos_id=eos_id, pad_id=model.cfg.pad_id)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n", "beam", "alpha", "eos_id", "pad_id"))
@@ -365,15 +367,13 @@ def _beam_search(graphdef, params, prompt, lengths, src, *, n, beam, alpha, eos_
                      scores=score)
 
 
-def beam_search(model, prompts, *, max_new_tokens: int, beam_size: int = 4, length_alpha: float = 0.6,
-                lengths=None, eos_id: int | None = None, src=None) -> Generated:
+def beam_search(model, prompts, decode: Decode, *, beam_size: int = 4, length_alpha: float = 0.6, lengths=None,
+                src=None) -> Generated:
     """`tformer.beam_search` for the RNN models (GNMT length penalty); the state follows each surviving beam."""
-    if beam_size < 1:
-        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not (isinstance(beam_size, int) and beam_size >= 1):
+        raise ValueError(f"beam_size must be an integer >= 1, got {beam_size}")
     prompt, lengths, src = _prompts(model, prompts, lengths, src)
     graphdef, params = nnx.split(model)
-    return _beam_search(graphdef, params, prompt, lengths, src, n=max_new_tokens, beam=beam_size,
-                        alpha=float(length_alpha), eos_id=model.cfg.eos_id if eos_id is None else eos_id,
+    return _beam_search(graphdef, params, prompt, lengths, src, n=decode.max_new_tokens, beam=beam_size,
+                        alpha=float(length_alpha), eos_id=model.cfg.eos_id if decode.eos_id is None else decode.eos_id,
                         pad_id=model.cfg.pad_id)
