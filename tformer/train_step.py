@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from tformer import pipeline
 from tformer import sharding as shd
 from tformer.config import ModelConfig
 
@@ -132,8 +133,20 @@ def cross_entropy(logits_btv, targets_bt, weights_bt, z_loss: float = 0.0, label
     }
 
 
-def batch_logits(model, batch: dict, dropout_rng=None):
-    """Teacher-forced logits and (targets, weights) for an LM or a seq2seq batch."""
+def batch_logits(model, batch: dict, dropout_rng=None, microbatches: int | None = None):
+    """Teacher-forced logits and (targets, weights) for an LM or a seq2seq batch.
+
+    Under active rules on a mesh with a `stage` axis the blocks run as a
+    pipeline of `microbatches` (default 2 x stages; see tformer.pipeline).
+    """
+    mesh, _ = shd.active()
+    if pipeline.num_stages(mesh) > 1:
+        if "src" in batch:
+            pipeline.decoder_logits(model, batch["tgt_inputs"], mesh=mesh, microbatches=1)  # raises: not a DecoderLM
+        logits = pipeline.decoder_logits(
+            model, batch["inputs"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+            dropout_rng=dropout_rng, mesh=mesh, microbatches=pipeline.resolve_microbatches(mesh, microbatches))
+        return logits, batch["targets"], _weights(batch)
     if "src" in batch:
         logits = model(
             batch["src"], batch["tgt_inputs"],
@@ -145,15 +158,17 @@ def batch_logits(model, batch: dict, dropout_rng=None):
         batch["inputs"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
         dropout_rng=dropout_rng,
     )
+    return logits, batch["targets"], _weights(batch)
+
+
+def _weights(batch: dict) -> jax.Array:
     weights = batch.get("weights")
-    if weights is None:
-        weights = jnp.ones(batch["targets"].shape, jnp.float32)
-    return logits, batch["targets"], weights
+    return jnp.ones(batch["targets"].shape, jnp.float32) if weights is None else weights
 
 
-def loss_sums(graphdef, params, batch, o: OptimizerConfig, dropout_rng=None):
+def loss_sums(graphdef, params, batch, o: OptimizerConfig, dropout_rng=None, microbatches: int | None = None):
     model = nnx.merge(graphdef, params)
-    logits, targets, weights = batch_logits(model, batch, dropout_rng)
+    logits, targets, weights = batch_logits(model, batch, dropout_rng, microbatches)
     return cross_entropy(logits, targets, weights, o.z_loss, o.label_smoothing)
 
 
@@ -260,15 +275,19 @@ def _microbatches(batch: dict, k: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def train_step(graphdef, tx, o: OptimizerConfig, state: TrainState, batch: dict, *, mesh=None, rules=None):
-    """One optimizer step (pure). Loss is normalised over the whole (accumulated) batch."""
+def train_step(graphdef, tx, o: OptimizerConfig, state: TrainState, batch: dict, *, mesh=None, rules=None,
+               microbatches: int | None = None):
+    """One optimizer step (pure). Loss is normalised over the whole (accumulated) batch.
+
+    `microbatches`: the pipeline schedule's count on a mesh with a `stage` axis (default 2 x stages).
+    """
     with shd.use_rules(mesh, rules):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         def sums_and_grads(params, mb, i):
             rng = jax.random.fold_in(key, i)
 
             def f(p):
-                s = loss_sums(graphdef, p, mb, o, rng)
+                s = loss_sums(graphdef, p, mb, o, rng, microbatches)
                 return s["loss_sum"], s
 
             (_, s), g = jax.value_and_grad(f, has_aux=True)(params)
@@ -311,9 +330,10 @@ def train_step(graphdef, tx, o: OptimizerConfig, state: TrainState, batch: dict,
 
 
 def make_train_step(graphdef, tx, o: OptimizerConfig, *, mesh: Mesh | None = None, rules=None,
-                    state_sharding=None, batch_sharding=None, donate: bool = True) -> Callable:
+                    state_sharding=None, batch_sharding=None, donate: bool = True,
+                    microbatches: int | None = None) -> Callable:
     """Jitted `step(state, batch) -> (state, metrics)` with shardings and donated state."""
-    fn = functools.partial(train_step, graphdef, tx, o, mesh=mesh, rules=rules)
+    fn = functools.partial(train_step, graphdef, tx, o, mesh=mesh, rules=rules, microbatches=microbatches)
     kw = {}
     if state_sharding is not None:
         kw["in_shardings"] = (state_sharding, batch_sharding)
@@ -321,14 +341,15 @@ def make_train_step(graphdef, tx, o: OptimizerConfig, *, mesh: Mesh | None = Non
     return jax.jit(fn, donate_argnums=(0,) if donate else (), **kw)
 
 
-def eval_sums(graphdef, o: OptimizerConfig, params, batch, *, mesh=None, rules=None):
+def eval_sums(graphdef, o: OptimizerConfig, params, batch, *, mesh=None, rules=None, microbatches: int | None = None):
     """Summed NLL / weights / correct over a batch, no dropout."""
     with shd.use_rules(mesh, rules):
-        return loss_sums(graphdef, params, batch, o, None)
+        return loss_sums(graphdef, params, batch, o, None, microbatches)
 
 
-def make_eval_step(graphdef, o: OptimizerConfig, *, mesh=None, rules=None, params_sharding=None, batch_sharding=None):
-    fn = functools.partial(eval_sums, graphdef, o, mesh=mesh, rules=rules)
+def make_eval_step(graphdef, o: OptimizerConfig, *, mesh=None, rules=None, params_sharding=None, batch_sharding=None,
+                   microbatches: int | None = None):
+    fn = functools.partial(eval_sums, graphdef, o, mesh=mesh, rules=rules, microbatches=microbatches)
     kw = {} if params_sharding is None else {"in_shardings": (params_sharding, batch_sharding)}
     return jax.jit(fn, **kw)
 

@@ -1,0 +1,143 @@
+"""Pipeline (layer) parallelism: a GPipe fill-drain schedule over the `stage` mesh axis.
+
+The stacked decoder blocks (leading `layers` axis, split over `stage` by the
+rule `layers -> stage`) form `S` contiguous groups of `L / S` layers; stage
+`s` holds only its group's weights (and so only their Adam moments). The
+global batch is cut into `M` microbatches. At tick `t` (0 <= t < M + S - 1)
+stage `s` runs its layers on microbatch `t - s` (when 0 <= t - s < M) and
+passes the result to stage `s + 1` with one `ppermute`; stage 0 reads the
+embedded microbatches, the last stage's outputs go to the head. Idle ticks
+(the bubble, a fraction (S - 1) / (M + S - 1) of each stage's time) compute on
+zeros and their results are discarded, so gradients (plain `jax.grad`
+through `shard_map`, `scan` and `ppermute`) are exactly those of the
+unpipelined model.
+
+Only the `stage` axis is manual inside the `shard_map`; `data`, `fsdp` and
+`tensor` stay automatic, so the rule table's other splits compose unchanged.
+The embedding and the output head run outside the pipeline on every stage
+(replicated over `stage`, split by the other rules).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
+
+from tformer import sharding as shd
+from tformer.attention import Masking
+from tformer.layers import dropout, fold
+from tformer.models import DecoderLM, _check_tokens, _default_positions
+
+AXIS = "stage"
+
+_REMAT = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def num_stages(mesh: Mesh | None) -> int:
+    return shd.axis_size(mesh, AXIS)
+
+
+def resolve_microbatches(mesh: Mesh | None, microbatches: int | None) -> int:
+    """The microbatch count: the given one, or 2 x stages by default (0 / None)."""
+    return microbatches if microbatches else 2 * num_stages(mesh)
+
+
+def bubble_fraction(stages: int, microbatches: int) -> float:
+    """Idle fraction of each stage's time in a GPipe fill-drain schedule: (S - 1) / (M + S - 1)."""
+    return (stages - 1) / (microbatches + stages - 1)
+
+
+def _split_microbatches(a: jax.Array, m: int) -> jax.Array:
+    """[B, ...] -> [M, B / M, ...] with microbatch i = rows i, i + M, i + 2M, ...
+
+    Row r = j * M + i goes to (i, j): each device's contiguous slice of the
+    batch (the data axes split rows) holds a slice of every microbatch, so
+    the split moves nothing between devices.
+    """
+    return jnp.swapaxes(a.reshape((a.shape[0] // m, m) + a.shape[1:]), 0, 1)
+
+
+def _merge_microbatches(a: jax.Array) -> jax.Array:
+    """Inverse of `_split_microbatches`."""
+    a = jnp.swapaxes(a, 0, 1)
+    return a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
+
+
+def _stage_layers(graphdef, state, x, masking: Masking, first_layer, cfg, rng):
+    """This stage's L / S blocks on one microbatch (scanned, or unrolled like `Stack`)."""
+
+    def body(x, inp):
+        layer_state, i = inp
+        return nnx.merge(graphdef, layer_state)(x, masking, rng=fold(rng, i)), None
+
+    if cfg.remat != "none":
+        body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
+    n = jax.tree.leaves(state)[0].shape[0]
+    layer_ids = first_layer + jnp.arange(n)
+    if cfg.scan_layers:
+        return jax.lax.scan(body, x, (state, layer_ids))[0]
+    for i in range(n):
+        x, _ = body(x, (jax.tree.map(lambda a, i=i: a[i], state), layer_ids[i]))
+    return x
+
+
+def run_blocks(stack, x_mbtd, pos_mbt, seg_mbt, *, mesh: Mesh, dense_free: bool, rng=None):
+    """The GPipe schedule over `stack`'s layers: [M, b, T, D] microbatches in, same shape out."""
+    cfg = stack.cfg
+    graphdef, state = nnx.split(stack.layers)
+    stages, m = num_stages(mesh), x_mbtd.shape[0]
+    per_stage = stack.n // stages
+    forward = [(i, i + 1) for i in range(stages - 1)]
+
+    def stage_program(state, x_mbtd, masks):
+        pos_mbt, seg_mbt = masks["pos"], masks.get("seg")
+        s = jax.lax.axis_index(AXIS)
+        carry = jnp.zeros_like(x_mbtd[0])
+        outs = []
+        for t in range(m + stages - 1):  # static: each tick's collective-permute shows in the HLO
+            mb = jnp.clip(t - s, 0, m - 1)  # the microbatch this stage works on at tick t
+            x = jnp.where(s == 0, x_mbtd[min(t, m - 1)], carry)
+            seg = None if seg_mbt is None else seg_mbt[mb]
+            masking = Masking(q_pos=pos_mbt[mb], k_pos=pos_mbt[mb], q_seg=seg, k_seg=seg, causal=True,
+                              window=cfg.local_window, dense_free=dense_free)
+            y = _stage_layers(graphdef, state, x, masking, s * per_stage, cfg, fold(rng, mb))
+            if t >= stages - 1:
+                outs.append(y)  # meaningful on the last stage only: microbatch t - (S - 1)
+            if t < m + stages - 2:
+                carry = jax.lax.ppermute(y, AXIS, forward)
+        return jnp.stack(outs)[None]
+
+    run = jax.shard_map(stage_program, mesh=mesh, in_specs=(P(AXIS), P(), P()), out_specs=P(AXIS),
+                        axis_names=frozenset({AXIS}), check_vma=False)
+    masks = {"pos": pos_mbt} if seg_mbt is None else {"pos": pos_mbt, "seg": seg_mbt}
+    return run(state, x_mbtd, masks)[stages - 1]
+
+
+def decoder_logits(model, tokens_bt, *, positions=None, segment_ids=None, dropout_rng=None,
+                   mesh: Mesh, microbatches: int):
+    """`DecoderLM.__call__` with the blocks run as a pipeline over `mesh`'s `stage` axis."""
+    if not isinstance(model, DecoderLM):
+        raise ValueError(f"pipeline parallelism (mesh.stage={num_stages(mesh)}) supports DecoderLM only, not "
+                         f"{type(model).__name__}; use mesh.stage=1 (data / fsdp / tensor / sequence) for it")
+    cfg = model.cfg
+    _check_tokens(tokens_bt, cfg)
+    b = tokens_bt.shape[0]
+    if b % microbatches:
+        raise ValueError(f"batch size {b} is not divisible by mesh.microbatches={microbatches}")
+    if cfg.num_layers % num_stages(mesh):
+        raise ValueError(f"ModelConfig.num_layers={cfg.num_layers} is not divisible by "
+                         f"mesh.stage={num_stages(mesh)}")
+    pos = _default_positions(tokens_bt, positions)
+    dense_free = segment_ids is None and positions is None
+    x = dropout(model.embed.encode(tokens_bt, pos), cfg.dropout, fold(dropout_rng, 0))
+    split = _split_microbatches
+    seg = None if segment_ids is None else split(segment_ids, microbatches)
+    y = run_blocks(model.blocks, split(x, microbatches), split(pos, microbatches), seg, mesh=mesh,
+                   dense_free=dense_free, rng=fold(dropout_rng, 1))
+    return model._head(_merge_microbatches(y))
