@@ -193,8 +193,8 @@ def plan(config: ConfigDict):
     rules = sharding.rules_for(config.mesh.preset)
     d = config.data
     seq, src = (d.seq_len, None) if kind == "lm" else (d.tgt_len, d.src_len)
-    return plan_lib.plan_train_step(MODEL_KINDS[kind], cfg, o, mesh, rules,
-                                    batch=config.train.batch_size, seq_len=seq, src_len=src)
+    return plan_lib.plan_train_step(MODEL_KINDS[kind], cfg, o, mesh, rules, batch=config.train.batch_size,
+                                    seq_len=seq, src_len=src, microbatches=config.mesh.microbatches or None)
 
 
 def use_fake_cpu_devices(n: int) -> None:
@@ -213,7 +213,7 @@ def use_fake_cpu_devices(n: int) -> None:
 
 def make_run_mesh(config: ConfigDict):
     """The run's mesh; without a -1, a mesh smaller than the host uses its first devices."""
-    shape = {k: config.mesh[k] for k in sharding.MESH_AXES}
+    shape = {k: config.mesh[k] for k in sharding.MESH_AXES + sharding.OPTIONAL_AXES}
     devices = jax.devices()
     if -1 not in shape.values() and math.prod(shape.values()) < len(devices):
         devices = devices[: math.prod(shape.values())]
@@ -341,14 +341,20 @@ def run(config: ConfigDict, workdir: str | os.PathLike) -> dict:
 
     mesh = make_run_mesh(config)
     rules = sharding.rules_for(config.mesh.preset)
-    sharding.check_divisibility(cfg, mesh, rules, t.batch_size)
+    microbatches = config.mesh.microbatches or None
+    sharding.check_divisibility(cfg, mesh, rules, t.batch_size, microbatches=microbatches,
+                                seq_len=config.data.seq_len if config.model.kind == "lm" else config.data.tgt_len)
+    if (t.eval_batch_size or t.batch_size) != t.batch_size:
+        sharding.check_divisibility(cfg, mesh, rules, t.eval_batch_size, microbatches=microbatches)
     logging.info("mesh %s (preset %r) over %d process(es), %d devices", dict(mesh.shape), config.mesh.preset,
                  jax.process_count(), mesh.size)
     graphdef, tx, state, state_sh = ts.create_train_state(model_cls, cfg, o, t.seed, mesh, rules)
     example = ip.batch_at(task.train, 0, t.batch_size)
     batch_sh = ts.batch_sharding(mesh, rules, example)
-    train_fn = ts.make_train_step(graphdef, tx, o, mesh=mesh, rules=rules, state_sharding=state_sh, batch_sharding=batch_sh)
-    eval_fn = ts.make_eval_step(graphdef, o, mesh=mesh, rules=rules, params_sharding=state_sh.params, batch_sharding=batch_sh)
+    train_fn = ts.make_train_step(graphdef, tx, o, mesh=mesh, rules=rules, state_sharding=state_sh, batch_sharding=batch_sh,
+                                  microbatches=microbatches)
+    eval_fn = ts.make_eval_step(graphdef, o, mesh=mesh, rules=rules, params_sharding=state_sh.params, batch_sharding=batch_sh,
+                                microbatches=microbatches)
 
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=t.keep_checkpoints)
     if ckpt.latest_step() is not None:
