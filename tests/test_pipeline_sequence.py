@@ -158,3 +158,68 @@ def test_each_stage_holds_only_its_layers(shape, mb):
         stacked += 1
     # Every stacked weight, its Adam first moment and its second moment.
     assert stacked == 3 * len(jax.tree.leaves(state.params["blocks"])), stacked
+
+
+# ---------------------------------------------------------------------------
+# What the compiled programs send.
+
+
+def permutes_of(hlo: str, shape: tuple[int, ...]) -> list:
+    return [c for c in plan_lib.parse_collectives(hlo) if c.kind == "collective-permute"
+            and any(s == shape for _, s in c.shapes)]
+
+
+@pytest.mark.parametrize("shape,mb", [PP_CASES[1], PP_CASES[3]], ids=[case_id(*PP_CASES[1]), case_id(*PP_CASES[3])])
+def test_pipeline_sends_activations_between_stages(shape, mb):
+    hlo = run(tuple(shape.items()), mb, "packed")[3]
+    stages, local_rows = shape["stage"], B // mb // shape.get("data", 1)
+    # GPipe: every tick but the last passes one microbatch's [rows, T, D]
+    # activations to the next stage (forward), and the backward pass sends
+    # their gradients back once per tick: 2 (M + S - 2) sends.
+    sends = permutes_of(hlo, (local_rows, T, CFG.d_model))
+    assert len(sends) == 2 * (mb + stages - 2), f"{len(sends)} activation collective-permutes"
+
+
+@pytest.mark.parametrize("shape", [SP_CASES[1][0], SP_CASES[2][0]], ids=[case_id(SP_CASES[1][0], None),
+                                                                         case_id(SP_CASES[2][0], None)])
+def test_ring_passes_kv_blocks(shape):
+    hlo = run(tuple(shape.items()), None, "packed")[3]
+    n, rows = shape["sequence"], B // shape.get("data", 1)
+    # Forward: K and V blocks move N - 1 times; backward: their gradients go
+    # back the same N - 1 hops.
+    block = (rows, T // n, CFG.kv_heads, CFG.head_dim_)
+    assert len(permutes_of(hlo, block)) == 4 * (n - 1)
+    # The visiting keys' positions and segment ids travel with them (forward only).
+    assert len(permutes_of(hlo, (rows, T // n))) == 2 * (n - 1)
+
+
+def largest_array(hlo: str) -> int:
+    return max(math.prod(int(x) for x in dims.split(",") if x) for _, dims in plan_lib._ARRAY.findall(hlo))
+
+
+def test_ring_attention_never_holds_the_full_score_matrix():
+    # Einsum attention on one device materialises [B, H, T, T] fp32 scores;
+    # the 4-way sequence-parallel step at T = 2,048 must not, on any device:
+    # its largest array is one [B, H, T / 4, T / 4] block of scores, and all
+    # its temporaries together stay below the one score matrix.
+    cfg = tformer.ModelConfig(vocab_size=64, d_model=32, num_heads=2, num_layers=1, max_len=2048, attention="einsum",
+                              positions="rope", norm="rmsnorm", use_bias=False)
+    b, t, h = 1, 2048, cfg.num_heads
+    full = b * h * t * t
+    batch = {"inputs": jax.ShapeDtypeStruct((b, t), jnp.int32), "targets": jax.ShapeDtypeStruct((b, t), jnp.int32)}
+    one = plan_lib.plan_train_step(tformer.DecoderLM, cfg, OPT, mesh_of({"data": 1}), "dp", batch=b, seq_len=t,
+                                   batch_shapes=batch)
+    assert one.temp_bytes >= 4 * full, "the one-device reference should hold the fp32 [B, H, T, T] scores"
+    mesh = mesh_of({"sequence": 4})
+    graphdef, abstract = ts.abstract_model(tformer.DecoderLM, cfg)
+    tx = ts.make_optimizer(OPT, abstract)
+    sh = ts.state_shardings(tformer.DecoderLM, cfg, tx, mesh, RULES)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         ts.abstract_train_state(abstract, tx), sh)
+    step = ts.make_train_step(graphdef, tx, OPT, mesh=mesh, rules=RULES, state_sharding=sh,
+                              batch_sharding=ts.batch_sharding(mesh, RULES, batch))
+    compiled = step.lower(state, batch).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < 4 * full, f"{temp} temporary bytes per device; one [B, H, T, T] fp32 matrix is {4 * full}"
+    biggest = largest_array(compiled.as_text())
+    assert biggest <= full // 16, f"an array of {biggest} elements: more than one [B, H, T/4, T/4] block"
