@@ -223,3 +223,109 @@ def test_ring_attention_never_holds_the_full_score_matrix():
     assert temp < 4 * full, f"{temp} temporary bytes per device; one [B, H, T, T] fp32 matrix is {4 * full}"
     biggest = largest_array(compiled.as_text())
     assert biggest <= full // 16, f"an array of {biggest} elements: more than one [B, H, T/4, T/4] block"
+
+
+# ---------------------------------------------------------------------------
+# Bad meshes fail before anything compiles, naming the field.
+
+
+def test_bad_meshes_fail_naming_the_field():
+    with pytest.raises(ValueError, match=r"num_layers=4 is not divisible by mesh.stage=3; valid stage sizes are "
+                                         r"\[1, 2, 4\]"):
+        shd.check_divisibility(CFG, mesh_of({"stage": 3}), RULES, B)
+    with pytest.raises(ValueError, match=r"global batch size 8 is not divisible by data axes \(2\) x "
+                                         r"mesh.microbatches \(8\); valid microbatches for this batch are \[1, 2, 4\]"):
+        shd.check_divisibility(CFG, mesh_of({"data": 2, "stage": 4}), RULES, B)  # default 2 x 4 microbatches
+    with pytest.raises(ValueError, match=r"sequence length 18 is not divisible by mesh.sequence=4; valid sequence "
+                                         r"sizes are \[1, 2, 3, 6, 9, 18\]"):
+        shd.check_divisibility(CFG, mesh_of({"sequence": 4}), RULES, B, seq_len=18)
+    with pytest.raises(ValueError, match=r"mesh.stage=2 and mesh.sequence=2: pipeline and sequence parallelism"):
+        shd.check_divisibility(CFG, mesh_of({"stage": 2, "sequence": 2}), RULES, B)
+    with pytest.raises(ValueError, match=r"unknown mesh axes \['pipe'\]"):
+        shd.make_mesh({"pipe": 2})
+
+
+def abstract_step(model_cls, cfg, mesh, batch, microbatches=None):
+    """Trace (never compile) a train step: errors raised while tracing come before any compile."""
+    graphdef, abstract = ts.abstract_model(model_cls, cfg)
+    tx = ts.make_optimizer(OPT, abstract)
+    state = ts.abstract_train_state(abstract, tx)
+    step = functools.partial(ts.train_step, graphdef, tx, OPT, mesh=mesh, rules=RULES, microbatches=microbatches)
+    return jax.eval_shape(step, state, batch)
+
+
+def test_step_refuses_what_the_mesh_cannot_run():
+    lm_batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), plain_batches()[0])
+    with pytest.raises(ValueError, match=r"batch size 8 is not divisible by mesh.microbatches=3"):
+        abstract_step(tformer.DecoderLM, CFG, mesh_of({"stage": 2}), lm_batch, microbatches=3)
+    with pytest.raises(ValueError, match=r"lengths 16 \(queries\) and 16 \(keys\) must be divisible by "
+                                         r"mesh.sequence=3"):
+        abstract_step(tformer.DecoderLM, CFG, mesh_of({"sequence": 3}), lm_batch)
+    s2s = CFG.replace(num_encoder_layers=2)
+    i32 = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    s2s_batch = {"src": i32, "tgt_inputs": i32, "tgt_targets": i32, "tgt_weights": i32}
+    with pytest.raises(ValueError, match=r"pipeline parallelism \(mesh.stage=2\) supports DecoderLM only, not "
+                                         r"EncoderDecoder"):
+        abstract_step(tformer.EncoderDecoder, s2s, mesh_of({"stage": 2}), s2s_batch)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints, generation and the plan.
+
+
+def test_checkpoint_saved_under_a_pipeline_restores_anywhere(tmp_path):
+    from tformer.checkpoint import Checkpointer, abstract_like
+
+    save_mesh = mesh_of({"data": 2, "stage": 4})
+    _, tx, state, _ = ts.create_train_state(tformer.DecoderLM, CFG, OPT, 7, save_mesh, RULES)
+    state = ts.TrainState(step=state.step + 5, params=state.params,
+                          opt_state=jax.tree.map(lambda m: m + 0.5 if m.dtype == jnp.float32 else m, state.opt_state),
+                          rng=state.rng)
+    wq = state.params["blocks"]["layers"]["attn"]["wq"]
+    assert wq.sharding.shard_shape(wq.shape)[0] == 1, "saved with one layer per stage"
+    expected = jax.tree.map(np.asarray, state)
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    ckpt.save(5, state)
+    ckpt.wait()
+    dp = ts.state_shardings(tformer.DecoderLM, CFG, tx, mesh_of({"data": 8}), shd.rules_for("dp"))
+    one = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), state)
+    for name, shardings in (("(8,1,1)", dp), ("one device", one)):
+        restored, _ = Checkpointer(tmp_path).restore(5, target=abstract_like(state, shardings))
+        for (path, got), want, sh in zip(jax.tree_util.tree_leaves_with_path(restored), jax.tree.leaves(expected),
+                                         jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(
+                                             x, (NamedSharding, SingleDeviceSharding)))):
+            assert got.sharding.is_equivalent_to(sh, got.ndim), f"{name}: {jax.tree_util.keystr(path)} sharding"
+            np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{name}: {jax.tree_util.keystr(path)}")
+
+
+def test_generation_with_pipeline_placed_parameters():
+    cfg = CFG.replace(init_std=0.3, eos_id=2)  # spread logits: greedy choices are not near-ties
+    model = tformer.DecoderLM(cfg, rngs=nnx.Rngs(3))
+    prompts = np.random.default_rng(0).integers(3, 250, (B, 5)).astype(np.int32)
+    lengths = [5, 3, 4, 5, 2, 5, 1, 4]
+    ref = tformer.generate(model, prompts, lengths=lengths, max_new_tokens=6, eos_id=-1)
+    assert len(np.unique(np.asarray(ref.tokens))) > 8, "degenerate reference: the comparison would prove little"
+    mesh = mesh_of({"data": 2, "stage": 4})
+    graphdef, state = nnx.split(model)
+    placed = nnx.merge(graphdef, jax.device_put(state, shd.state_shardings(state, mesh, RULES)))
+    wq = placed.blocks.layers.attn.wq[...]
+    assert wq.sharding.shard_shape(wq.shape)[0] == 1, "one layer per stage"
+    out = tformer.generate(placed, prompts, lengths=lengths, max_new_tokens=6, eos_id=-1, mesh=mesh, rules=RULES)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+
+
+def test_plan_reports_the_schedule():
+    mesh = mesh_of({"data": 2, "stage": 4})
+    p = plan_lib.plan_train_step(tformer.DecoderLM, CFG, OPT, mesh, RULES, batch=B, seq_len=T, microbatches=4)
+    assert (p.stages, p.microbatches) == (4, 4)
+    assert p.bubble_fraction == pytest.approx(3 / 7)
+    assert "4 stages x 4 microbatches (GPipe), bubble 42.9%" in p.table()
+    # Per device: the embedding and head whole, one of the four layers (fp32; Adam: 2 moments + a counter).
+    c = CFG
+    layer = c.d_model * c.num_heads * c.head_dim_ * 2 + 2 * c.d_model * c.kv_heads * c.head_dim_ \
+        + 3 * c.d_model * c.d_ff_ + 2 * c.d_model
+    ends = 2 * c.padded_vocab * c.d_model + c.d_model
+    assert p.param_bytes == 4 * (ends + layer)
+    # 2 (M + S - 2) activation sends of [1 row, T, D] fp32, plus the last stage's outputs handed to the head.
+    act = [x for x in p.collectives if x.kind == "collective-permute" and x.shapes == (("f32", (1, T, c.d_model)),)]
+    assert len(act) == 2 * (4 + 4 - 2) and sum(x.bytes for x in act) == 12 * 4 * T * c.d_model
