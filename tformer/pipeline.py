@@ -95,7 +95,10 @@ def run_blocks(stack, x_mbtd, pos_mbt, seg_mbt, *, mesh: Mesh, dense_free: bool,
     per_stage = stack.n // stages
     forward = [(i, i + 1) for i in range(stages - 1)]
 
+    dtype = x_mbtd.dtype
+
     def stage_program(state, x_mbtd, masks):
+        x_mbtd = x_mbtd.astype(dtype)
         pos_mbt, seg_mbt = masks["pos"], masks.get("seg")
         s = jax.lax.axis_index(AXIS)
         carry = jnp.zeros_like(x_mbtd[0])
@@ -111,12 +114,16 @@ def run_blocks(stack, x_mbtd, pos_mbt, seg_mbt, *, mesh: Mesh, dense_free: bool,
                 outs.append(y)  # meaningful on the last stage only: microbatch t - (S - 1)
             if t < m + stages - 2:
                 carry = jax.lax.ppermute(y, AXIS, forward)
-        return jnp.stack(outs)[None]
+        return jnp.stack(outs).astype(jnp.float32)[None]
 
     run = jax.shard_map(stage_program, mesh=mesh, in_specs=(P(AXIS), P(), P()), out_specs=P(AXIS),
                         axis_names=frozenset({AXIS}), check_vma=False)
     masks = {"pos": pos_mbt} if seg_mbt is None else {"pos": pos_mbt, "seg": seg_mbt}
-    return run(state, x_mbtd, masks)[stages - 1]
+    # Activations cross the shard_map boundary in fp32 (and are cast back inside):
+    # the gradient of the stage-replicated input is an all-reduce over stages,
+    # and XLA:CPU fails to compile that all-reduce in bf16 ("Invalid binary
+    # instruction opcode copy"). The stage-to-stage sends keep the compute dtype.
+    return run(state, x_mbtd.astype(jnp.float32), masks)[stages - 1].astype(x_mbtd.dtype)
 
 
 def decoder_logits(model, tokens_bt, *, positions=None, segment_ids=None, dropout_rng=None,
