@@ -14,11 +14,14 @@ unpipelined model.
 
 Only the `stage` axis is manual inside the `shard_map`; `data`, `fsdp` and
 `tensor` stay automatic, so the rule table's other splits compose unchanged.
-The embedding and the output head run outside the pipeline on every stage
-(replicated over `stage`, split by the other rules).
+The embedding runs outside the pipeline on every stage (replicated over
+`stage`); the output head and the loss run outside it too, with the batch
+rows split over `stage` as well, so each stage computes 1 / S of the logits.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -88,24 +91,47 @@ def _stage_layers(graphdef, state, x, masking: Masking, first_layer, cfg, rng):
 
 
 def run_blocks(stack, x_mbtd, pos_mbt, seg_mbt, *, mesh: Mesh, dense_free: bool, rng=None):
-    """The GPipe schedule over `stack`'s layers: [M, b, T, D] microbatches in, same shape out."""
+    """The GPipe schedule over `stack`'s layers: [M, b, T, D] microbatches in, same shape out.
+
+    When S divides M, microbatches [k M / S, (k + 1) M / S) enter and leave on
+    stage k (in and out split over `stage`): stage 0 fetches each input with
+    one collective-permute and the last stage hands each output block back
+    with one, so the head that follows runs split over stages. Otherwise the
+    inputs and outputs are replicated over `stage` (an all-reduce / all-gather).
+    """
     cfg = stack.cfg
     graphdef, state = nnx.split(stack.layers)
     stages, m = num_stages(mesh), x_mbtd.shape[0]
     per_stage = stack.n // stages
     forward = [(i, i + 1) for i in range(stages - 1)]
-
+    spread = m % stages == 0
+    chunk = m // stages if spread else m
     dtype = x_mbtd.dtype
 
-    def stage_program(state, x_mbtd, masks):
-        x_mbtd = x_mbtd.astype(dtype)
+    def fetch(x_local, t):
+        """Stage 0's input at tick t (garbage on the other stages, which read their carry)."""
+        owner, i = divmod(min(t, m - 1), chunk)
+        return x_local[i] if owner == 0 else jax.lax.ppermute(x_local[i], AXIS, [(owner, 0)])
+
+    def deliver(outs, s):
+        """The last stage's outputs, microbatch block k to stage k (receivers of nothing get zeros)."""
+        if not spread:
+            return jnp.stack(outs).astype(jnp.float32)[None]
+        blocks = [jnp.stack(outs[k * chunk:(k + 1) * chunk]) for k in range(stages)]
+        mine = jnp.where(s == stages - 1, blocks[-1], 0)
+        for k in range(stages - 1):
+            mine = mine + jax.lax.ppermute(blocks[k], AXIS, [(stages - 1, k)])
+        return mine
+
+    def stage_program(state, x_local, masks):
+        x_local = x_local.astype(dtype)
         pos_mbt, seg_mbt = masks["pos"], masks.get("seg")
         s = jax.lax.axis_index(AXIS)
-        carry = jnp.zeros_like(x_mbtd[0])
+        carry = jnp.zeros_like(x_local[0])
         outs = []
         for t in range(m + stages - 1):  # static: each tick's collective-permute shows in the HLO
             mb = jnp.clip(t - s, 0, m - 1)  # the microbatch this stage works on at tick t
-            x = jnp.where(s == 0, x_mbtd[min(t, m - 1)], carry)
+            x = jnp.where(s == 0, fetch(x_local, t), carry)
             seg = None if seg_mbt is None else seg_mbt[mb]
             masking = Masking(q_pos=pos_mbt[mb], k_pos=pos_mbt[mb], q_seg=seg, k_seg=seg, causal=True,
                               window=cfg.local_window, dense_free=dense_free)
@@ -114,16 +140,18 @@ def run_blocks(stack, x_mbtd, pos_mbt, seg_mbt, *, mesh: Mesh, dense_free: bool,
                 outs.append(y)  # meaningful on the last stage only: microbatch t - (S - 1)
             if t < m + stages - 2:
                 carry = jax.lax.ppermute(y, AXIS, forward)
-        return jnp.stack(outs).astype(jnp.float32)[None]
+        return deliver(outs, s)
 
-    run = jax.shard_map(stage_program, mesh=mesh, in_specs=(P(AXIS), P(), P()), out_specs=P(AXIS),
+    x_spec = P(AXIS) if spread else P()
+    run = jax.shard_map(stage_program, mesh=mesh, in_specs=(P(AXIS), x_spec, P()), out_specs=P(AXIS),
                         axis_names=frozenset({AXIS}), check_vma=False)
     masks = {"pos": pos_mbt} if seg_mbt is None else {"pos": pos_mbt, "seg": seg_mbt}
-    # Activations cross the shard_map boundary in fp32 (and are cast back inside):
-    # the gradient of the stage-replicated input is an all-reduce over stages,
-    # and XLA:CPU fails to compile that all-reduce in bf16 ("Invalid binary
-    # instruction opcode copy"). The stage-to-stage sends keep the compute dtype.
-    return run(state, x_mbtd.astype(jnp.float32), masks)[stages - 1].astype(x_mbtd.dtype)
+    if spread:
+        return run(state, x_mbtd, masks)
+    # Replicated over stages, the input's gradient is an all-reduce over them,
+    # which XLA:CPU fails to compile in bf16 ("Invalid binary instruction
+    # opcode copy"): cross the boundary in fp32 (cast back inside).
+    return run(state, x_mbtd.astype(jnp.float32), masks)[stages - 1].astype(dtype)
 
 
 def decoder_logits(model, tokens_bt, *, positions=None, segment_ids=None, dropout_rng=None,
@@ -147,4 +175,21 @@ def decoder_logits(model, tokens_bt, *, positions=None, segment_ids=None, dropou
     seg = None if segment_ids is None else split(segment_ids, microbatches)
     y = run_blocks(model.blocks, split(x, microbatches), split(pos, microbatches), seg, mesh=mesh,
                    dense_free=dense_free, rng=fold(dropout_rng, 1))
-    return model._head(_merge_microbatches(y))
+    with shd.use_rules(mesh, _head_rules(mesh, b)):
+        return model._head(_merge_microbatches(y))
+
+
+def _head_rules(mesh: Mesh, batch: int):
+    """The active rules with the batch also split over `stage` (when it divides).
+
+    The output head (the largest matmul of a small model, and its logits the
+    largest activation) would otherwise run on the whole batch on every
+    stage; split by rows, each stage does 1 / S of it.
+    """
+    _, rules = shd.active()
+    if rules is None:
+        return None
+    axes = shd.logical_to_spec(("batch",), rules, mesh)[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    parts = math.prod(mesh.shape[a] for a in axes) * num_stages(mesh)
+    return rules if batch % parts else {**rules, "batch": axes + (AXIS,)}
