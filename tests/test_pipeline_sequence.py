@@ -173,11 +173,23 @@ def permutes_of(hlo: str, shape: tuple[int, ...]) -> list:
 def test_pipeline_sends_activations_between_stages(shape, mb):
     hlo = run(tuple(shape.items()), mb, "packed")[3]
     stages, local_rows = shape["stage"], B // mb // shape.get("data", 1)
-    # GPipe: every tick but the last passes one microbatch's [rows, T, D]
-    # activations to the next stage (forward), and the backward pass sends
-    # their gradients back once per tick: 2 (M + S - 2) sends.
-    sends = permutes_of(hlo, (local_rows, T, CFG.d_model))
-    assert len(sends) == 2 * (mb + stages - 2), f"{len(sends)} activation collective-permutes"
+    assert len(expected_sends(stages, mb)) == 2
+    for send_shape, count in expected_sends(stages, mb).items():
+        sends = permutes_of(hlo, send_shape + (local_rows, T, CFG.d_model))
+        assert len(sends) == count, f"{len(sends)} collective-permutes of {send_shape} microbatches, want {count}"
+
+
+def expected_sends(stages: int, microbatches: int) -> dict[tuple[int, ...], int]:
+    """Collective-permutes of the GPipe schedule, by leading shape, forward and backward.
+
+    Every tick but the last passes one microbatch's [rows, T, D] activations
+    to the next stage, and the backward pass sends their gradients back:
+    2 (M + S - 2). Microbatches start on stage k = i // (M / S): stage 0
+    fetches the M - M / S that are not its own, one send each way; the last
+    stage hands each other stage its block of M / S outputs, one send each way.
+    """
+    chunk = microbatches // stages
+    return {(): 2 * (microbatches + stages - 2) + 2 * (microbatches - chunk), (chunk,): 2 * (stages - 1)}
 
 
 @pytest.mark.parametrize("shape", [SP_CASES[1][0], SP_CASES[2][0]], ids=[case_id(SP_CASES[1][0], None),
@@ -326,6 +338,8 @@ def test_plan_reports_the_schedule():
         + 3 * c.d_model * c.d_ff_ + 2 * c.d_model
     ends = 2 * c.padded_vocab * c.d_model + c.d_model
     assert p.param_bytes == 4 * (ends + layer)
-    # 2 (M + S - 2) activation sends of [1 row, T, D] fp32, plus the last stage's outputs handed to the head.
-    act = [x for x in p.collectives if x.kind == "collective-permute" and x.shapes == (("f32", (1, T, c.d_model)),)]
-    assert len(act) == 2 * (4 + 4 - 2) and sum(x.bytes for x in act) == 12 * 4 * T * c.d_model
+    # Activation sends of [1 row, T, D] fp32 (see expected_sends), with their bytes.
+    for lead, count in expected_sends(4, 4).items():
+        shape = ("f32", lead + (1, T, c.d_model))
+        act = [x for x in p.collectives if x.kind == "collective-permute" and x.shapes == (shape,)]
+        assert len(act) == count and sum(x.bytes for x in act) == count * 4 * math.prod(shape[1])
