@@ -109,8 +109,8 @@ def run_blocks(stack, x_mbtd, pos_mbt, seg_mbt, *, mesh: Mesh, dense_free: bool,
     dtype = x_mbtd.dtype
 
     def fetch(x_local, t):
-        """Stage 0's input at tick t (garbage on the other stages, which read their carry)."""
-        owner, i = divmod(min(t, m - 1), chunk)
+        """Stage 0's input at tick t < M (garbage on the other stages, which read their carry)."""
+        owner, i = divmod(t, chunk)
         return x_local[i] if owner == 0 else jax.lax.ppermute(x_local[i], AXIS, [(owner, 0)])
 
     def deliver(outs, s):
@@ -131,7 +131,7 @@ def run_blocks(stack, x_mbtd, pos_mbt, seg_mbt, *, mesh: Mesh, dense_free: bool,
         outs = []
         for t in range(m + stages - 1):  # static: each tick's collective-permute shows in the HLO
             mb = jnp.clip(t - s, 0, m - 1)  # the microbatch this stage works on at tick t
-            x = jnp.where(s == 0, fetch(x_local, t), carry)
+            x = jnp.where(s == 0, fetch(x_local, t), carry) if t < m else carry  # stage 0 idle from tick M
             seg = None if seg_mbt is None else seg_mbt[mb]
             masking = Masking(q_pos=pos_mbt[mb], k_pos=pos_mbt[mb], q_seg=seg, k_seg=seg, causal=True,
                               window=cfg.local_window, dense_free=dense_free)
