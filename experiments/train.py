@@ -351,10 +351,10 @@ def run(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     graphdef, tx, state, state_sh = ts.create_train_state(model_cls, cfg, o, t.seed, mesh, rules)
     example = ip.batch_at(task.train, 0, t.batch_size)
     batch_sh = ts.batch_sharding(mesh, rules, example)
-    train_fn = ts.make_train_step(graphdef, tx, o, mesh=mesh, rules=rules, state_sharding=state_sh, batch_sharding=batch_sh,
-                                  microbatches=microbatches)
-    eval_fn = ts.make_eval_step(graphdef, o, mesh=mesh, rules=rules, params_sharding=state_sh.params, batch_sharding=batch_sh,
-                                microbatches=microbatches)
+    train_fn = ts.make_train_step(graphdef, tx, o, mesh=mesh, rules=rules, state_sharding=state_sh,
+                                  batch_sharding=batch_sh, microbatches=microbatches)
+    eval_fn = ts.make_eval_step(graphdef, o, mesh=mesh, rules=rules, params_sharding=state_sh.params,
+                                batch_sharding=batch_sh, microbatches=microbatches)
 
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=t.keep_checkpoints)
     if ckpt.latest_step() is not None:

@@ -20,7 +20,6 @@ from flax import nnx
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
 import tformer
-from tformer import pipeline
 from tformer import plan as plan_lib
 from tformer import sharding as shd
 from tformer import train_step as ts
@@ -107,7 +106,7 @@ def assert_same_training(got, ref, what):
     for path, value in jax.tree_util.tree_leaves_with_path(got[1].params):
         want = flat_ref[path]
         np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(want))),
-                                   err_msg=f"{what}: parameter {jax.tree_util.keystr(path)} differs after {STEPS} steps")
+                                   err_msg=f"{what}: {jax.tree_util.keystr(path)} differs after {STEPS} steps")
 
 
 PP_CASES = [  # (mesh, microbatches)
