@@ -10,7 +10,8 @@ embedded microbatches, the last stage's outputs go to the head. Idle ticks
 (the bubble, a fraction (S - 1) / (M + S - 1) of each stage's time) compute on
 zeros and their results are discarded, so gradients (plain `jax.grad`
 through `shard_map`, `scan` and `ppermute`) are exactly those of the
-unpipelined model.
+unpipelined model. (With dropout, each microbatch draws its own masks, so
+the pipelined model is the same in distribution, not bit for bit.)
 
 Only the `stage` axis is manual inside the `shard_map`; `data`, `fsdp` and
 `tensor` stay automatic, so the rule table's other splits compose unchanged.
@@ -31,15 +32,9 @@ from jax.sharding import Mesh, PartitionSpec as P
 from tformer import sharding as shd
 from tformer.attention import Masking
 from tformer.layers import dropout, fold
-from tformer.models import DecoderLM, _check_tokens, _default_positions
+from tformer.models import _REMAT, DecoderLM, _check_tokens, _default_positions
 
 AXIS = "stage"
-
-_REMAT = {
-    "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
 
 
 def num_stages(mesh: Mesh | None) -> int:
