@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 import tformer
 from tformer import plan as plan_lib
 from tformer import sharding as shd
-from tformer import train_step as ts
+from tformer import training as ts
 
 # 4 layers (split 2 or 4 ways), 8 query / 4 KV heads (GQA, split over tensor),
 # no biases (see test_sharding.py: a key bias's gradient is pure rounding noise).
@@ -261,7 +261,8 @@ def abstract_step(model_cls, cfg, mesh, batch, microbatches=None):
     graphdef, abstract = ts.abstract_model(model_cls, cfg)
     tx = ts.make_optimizer(OPT, abstract)
     state = ts.abstract_train_state(abstract, tx)
-    step = functools.partial(ts.train_step, graphdef, tx, OPT, mesh=mesh, rules=RULES, microbatches=microbatches)
+    step = functools.partial(ts.train_step, graphdef, tx, OPT, layout=shd.layout(mesh, RULES),
+                             microbatches=microbatches)
     return jax.eval_shape(step, state, batch)
 
 
@@ -314,14 +315,14 @@ def test_generation_with_pipeline_placed_parameters():
     model = tformer.DecoderLM(cfg, rngs=nnx.Rngs(3))
     prompts = np.random.default_rng(0).integers(3, 250, (B, 5)).astype(np.int32)
     lengths = [5, 3, 4, 5, 2, 5, 1, 4]
-    ref = tformer.generate(model, prompts, lengths=lengths, max_new_tokens=6, eos_id=-1)
+    ref = tformer.generate(model, prompts, tformer.Decode(6, eos_id=-1), lengths=lengths)
     assert len(np.unique(np.asarray(ref.tokens))) > 8, "degenerate reference: the comparison would prove little"
     mesh = mesh_of({"data": 2, "stage": 4})
     graphdef, state = nnx.split(model)
     placed = nnx.merge(graphdef, jax.device_put(state, shd.state_shardings(state, mesh, RULES)))
     wq = placed.blocks.layers.attn.wq[...]
     assert wq.sharding.shard_shape(wq.shape)[0] == 1, "one layer per stage"
-    out = tformer.generate(placed, prompts, lengths=lengths, max_new_tokens=6, eos_id=-1, mesh=mesh, rules=RULES)
+    out = tformer.generate(placed, prompts, tformer.Decode(6, eos_id=-1), lengths=lengths, mesh=mesh, rules=RULES)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
 
 

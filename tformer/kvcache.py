@@ -33,20 +33,12 @@ class KVCache:
     cross_v: tuple[jax.Array, ...] = ()
     src_valid: jax.Array | None = None  # [B, S_src] bool
 
-    @property
-    def length(self) -> int:
-        return self.positions.shape[1]
-
-    @property
-    def batch(self) -> int:
-        return self.positions.shape[0]
-
 
 def empty(num_layers: int, batch: int, length: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
-    # Batch over the data axes, kv heads over `tensor` (when rules are active).
-    z = lambda: constrain(  # noqa: E731
-        jnp.zeros((batch, length, kv_heads, head_dim), dtype), ("batch", "length", "act_kv_heads", "head_dim")
-    )
+    def z():  # batch over the data axes, kv heads over `tensor` (when rules are active)
+        return constrain(jnp.zeros((batch, length, kv_heads, head_dim), dtype),
+                         ("batch", "length", "act_kv_heads", "head_dim"))
+
     return KVCache(
         k=tuple(z() for _ in range(num_layers)),
         v=tuple(z() for _ in range(num_layers)),

@@ -30,9 +30,9 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from tformer import sharding as shd
-from tformer.attention import Masking
+from tformer.attention import Masking, self_masking
 from tformer.layers import dropout, fold
-from tformer.models import _REMAT, DecoderLM, _check_tokens, _default_positions
+from tformer.models import _REMAT, _default_positions, check_tokens
 
 AXIS = "stage"
 
@@ -85,7 +85,7 @@ def _stage_layers(graphdef, state, x, masking: Masking, first_layer, cfg, rng):
     return x
 
 
-def run_blocks(stack, x_mbtd, pos_mbt, seg_mbt, *, mesh: Mesh, dense_free: bool, rng=None):
+def run_blocks(stack, x_mbtd, pos_mbt, seg_mbt, *, mesh: Mesh, default_positions: bool, rng=None):
     """The GPipe schedule over `stack`'s layers: [M, b, T, D] microbatches in, same shape out.
 
     When S divides M, microbatches [k M / S, (k + 1) M / S) enter and leave on
@@ -128,8 +128,7 @@ def run_blocks(stack, x_mbtd, pos_mbt, seg_mbt, *, mesh: Mesh, dense_free: bool,
             mb = jnp.clip(t - s, 0, m - 1)  # the microbatch this stage works on at tick t
             x = jnp.where(s == 0, fetch(x_local, t), carry) if t < m else carry  # stage 0 idle from tick M
             seg = None if seg_mbt is None else seg_mbt[mb]
-            masking = Masking(q_pos=pos_mbt[mb], k_pos=pos_mbt[mb], q_seg=seg, k_seg=seg, causal=True,
-                              window=cfg.local_window, dense_free=dense_free)
+            masking = self_masking(pos_mbt[mb], seg, cfg, causal=True, default_positions=default_positions)
             y = _stage_layers(graphdef, state, x, masking, s * per_stage, cfg, fold(rng, mb))
             if t >= stages - 1:
                 outs.append(y)  # meaningful on the last stage only: microbatch t - (S - 1)
@@ -149,14 +148,23 @@ def run_blocks(stack, x_mbtd, pos_mbt, seg_mbt, *, mesh: Mesh, dense_free: bool,
     return run(state, x_mbtd.astype(jnp.float32), masks)[stages - 1].astype(dtype)
 
 
+def logits_and_targets(model, batch: dict, dropout_rng=None, *, mesh: Mesh, microbatches: int | None = None):
+    """`tformer.batch.logits_and_targets` with the decoder blocks run as a pipeline (DecoderLM batches only)."""
+    if model.kind != "lm":
+        raise ValueError(f"pipeline parallelism (mesh.stage={num_stages(mesh)}) supports DecoderLM only, not "
+                         f"{type(model).__name__}; use mesh.stage=1 (data / fsdp / tensor / sequence) for it")
+    logits = decoder_logits(model, batch["inputs"], positions=batch.get("positions"),
+                            segment_ids=batch.get("segment_ids"), dropout_rng=dropout_rng, mesh=mesh,
+                            microbatches=resolve_microbatches(mesh, microbatches))
+    weights = batch.get("weights")
+    return logits, batch["targets"], jnp.ones(batch["targets"].shape, jnp.float32) if weights is None else weights
+
+
 def decoder_logits(model, tokens_bt, *, positions=None, segment_ids=None, dropout_rng=None,
                    mesh: Mesh, microbatches: int):
     """`DecoderLM.__call__` with the blocks run as a pipeline over `mesh`'s `stage` axis."""
-    if not isinstance(model, DecoderLM):
-        raise ValueError(f"pipeline parallelism (mesh.stage={num_stages(mesh)}) supports DecoderLM only, not "
-                         f"{type(model).__name__}; use mesh.stage=1 (data / fsdp / tensor / sequence) for it")
     cfg = model.cfg
-    _check_tokens(tokens_bt, cfg)
+    check_tokens(tokens_bt, cfg)
     b = tokens_bt.shape[0]
     if b % microbatches:
         raise ValueError(f"batch size {b} is not divisible by mesh.microbatches={microbatches}")
@@ -164,12 +172,11 @@ def decoder_logits(model, tokens_bt, *, positions=None, segment_ids=None, dropou
         raise ValueError(f"ModelConfig.num_layers={cfg.num_layers} is not divisible by "
                          f"mesh.stage={num_stages(mesh)}")
     pos = _default_positions(tokens_bt, positions)
-    dense_free = segment_ids is None and positions is None
     x = dropout(model.embed.encode(tokens_bt, pos), cfg.dropout, fold(dropout_rng, 0))
     split = _split_microbatches
     seg = None if segment_ids is None else split(segment_ids, microbatches)
     y = run_blocks(model.blocks, split(x, microbatches), split(pos, microbatches), seg, mesh=mesh,
-                   dense_free=dense_free, rng=fold(dropout_rng, 1))
+                   default_positions=positions is None, rng=fold(dropout_rng, 1))
     with shd.use_rules(mesh, _head_rules(mesh, b)):
         return model._head(_merge_microbatches(y))
 
