@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tformer import ring_attention
 from tformer.config import ModelConfig
 from tformer.layers import apply_rope, cast, dropout, param, project
 from tformer.sharding import constrain
@@ -220,4 +221,9 @@ class Attention(nnx.Module):
         """Attention over `kv_src` (cross) or `x` itself, all positions at once."""
         q = self.query(x_btd, masking.q_pos)
         k, v = self.key_value(x_btd if kv_src is None else kv_src, masking.k_pos)
+        if ring_attention.applies(q.shape[1], k.shape[1]):  # a mesh with a `sequence` axis
+            if rng is not None and self.cfg.attention_dropout > 0:
+                raise ValueError("ModelConfig.attention_dropout > 0 is not supported with sequence parallelism "
+                                 "(mesh.sequence > 1); set attention_dropout=0 or mesh.sequence=1")
+            return self.output(ring_attention.attend(q, k, v, masking))
         return self.output(attend(q, k, v, masking, self.cfg, rng))
