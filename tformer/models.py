@@ -22,7 +22,7 @@ from tformer import kvcache
 from tformer.attention import Attention, Masking, attend, self_masking
 from tformer.config import ModelConfig
 from tformer.kvcache import KVCache
-from tformer.layers import DTYPE, MLP, Embedder, Norm, dropout, fold
+from tformer.layers import MLP, Embedder, Norm, dropout, fold
 from tformer.sharding import constrain
 
 _REMAT = {
@@ -35,11 +35,11 @@ _REMAT = {
 class Block(nnx.Module):
     """One layer: self-attention, optional cross-attention, MLP; pre- or post-LN."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, cross: bool = False):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, cross: bool = False, encoder: bool = False):
         self.cfg = cfg
         self.has_cross = cross
         self.attn_norm = Norm(cfg, rngs=rngs)
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs, lowrank=encoder)  # encoder: cfg.attention_lowrank applies
         if cross:
             self.cross_norm = Norm(cfg, rngs=rngs)
             self.cross_attn = Attention(cfg, rngs=rngs, cross=True)
@@ -90,9 +90,9 @@ class Block(nnx.Module):
 class Stack(nnx.Module):
     """`n` blocks whose weights are stacked on a leading `layers` axis."""
 
-    def __init__(self, cfg: ModelConfig, n: int, *, rngs: nnx.Rngs, cross: bool = False):
+    def __init__(self, cfg: ModelConfig, n: int, *, rngs: nnx.Rngs, cross: bool = False, encoder: bool = False):
         self.cfg, self.n = cfg, n
-        make = lambda key: Block(cfg, rngs=nnx.Rngs(key), cross=cross)  # noqa: E731
+        make = lambda key: Block(cfg, rngs=nnx.Rngs(key), cross=cross, encoder=encoder)  # noqa: E731
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: make(jax.random.key(0))))
         keys = jax.random.split(rngs.params(), n)
         self.layers = nnx.merge(graphdef, jax.vmap(lambda k: nnx.state(make(k)))(keys))
@@ -141,6 +141,9 @@ class DecoderLM(nnx.Module):
     """Decoder-only language model (GPT-2 / Llama family, by config)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if cfg.attention_lowrank is not None:
+            raise ValueError("ModelConfig.attention_lowrank: a DecoderLM is causal; low-rank attention is for the "
+                             "bidirectional encoder of an EncoderDecoder. Set attention_lowrank=None")
         self.cfg = cfg
         self.embed = Embedder(cfg, rngs=rngs)
         self.blocks = Stack(cfg, cfg.num_layers, rngs=rngs)
@@ -170,7 +173,7 @@ class DecoderLM(nnx.Module):
 
     def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
         cfg = self.cfg
-        return kvcache.empty(cfg.num_layers, batch, length, cfg.kv_heads, cfg.head_dim_, dtype or DTYPE[cfg.dtype])
+        return kvcache.for_config(cfg, batch, length, dtype)
 
     def extend(self, tokens_bt, cache: KVCache, valid_bt=None, layers: list[Block] | None = None,
                visible: int | None = None):
@@ -209,7 +212,7 @@ class EncoderDecoder(nnx.Module):
             raise ValueError("ModelConfig.num_encoder_layers: EncoderDecoder needs >= 1 encoder layer")
         self.cfg = cfg
         self.embed = Embedder(cfg, rngs=rngs)
-        self.encoder = Stack(cfg, cfg.num_encoder_layers, rngs=rngs)
+        self.encoder = Stack(cfg, cfg.num_encoder_layers, rngs=rngs, encoder=True)
         self.decoder = Stack(cfg, cfg.num_layers, rngs=rngs, cross=True)
         if cfg.norm_placement == "pre" and cfg.final_norm:
             self.encoder_norm = Norm(cfg, rngs=rngs)
@@ -269,7 +272,7 @@ class EncoderDecoder(nnx.Module):
         cfg = self.cfg
         enc = self.encode(src_bs, src_segment_ids=src_segment_ids)
         src_seg = self._src_segments(src_bs, src_segment_ids)
-        cache = kvcache.empty(cfg.num_layers, src_bs.shape[0], length, cfg.kv_heads, cfg.head_dim_, dtype or DTYPE[cfg.dtype])
+        cache = kvcache.for_config(cfg, src_bs.shape[0], length, dtype)
         zeros = jnp.zeros_like(src_seg)
         kvs = [blk.cross_attn.key_value(enc, zeros) for blk in self.decoder.unstacked()]
         return dataclasses.replace(
