@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -110,10 +112,29 @@ def compress_mlp(model, rank: int, method: str = "svd", seed: int = 0):
             delattr(mlp, name)
             setattr(mlp, name + "_u", nnx.Param(u.astype(w.dtype), axes=(axes[0], "mlp_rank")))
             setattr(mlp, name + "_v", nnx.Param(v.astype(w.dtype), axes=("mlp_rank", axes[1])))
+    return _set_config(model, cfg, new_cfg)
+
+
+def _set_config(model, old, new):
     for _, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Module) and getattr(node, "cfg", None) == cfg:
-            node.cfg = new_cfg
+        if isinstance(node, nnx.Module) and getattr(node, "cfg", None) == old:
+            node.cfg = new
     return model
+
+
+def with_config(model, **changes):
+    """A copy of `model` whose ModelConfig has `changes`, for fields that leave the parameters as they are.
+
+    E.g. `with_config(model, kv_cache_dtype="int8")` decodes a trained model
+    with an int8 cache, `with_config(model, attention_topk=8)` tries top-k
+    attention on it. Fields that change parameter shapes raise ValueError.
+    """
+    new_cfg = model.cfg.replace(**changes)
+    before = jax.tree.map(jnp.shape, nnx.state(nnx.eval_shape(lambda: type(model)(model.cfg, rngs=nnx.Rngs(0)))))
+    after = jax.tree.map(jnp.shape, nnx.state(nnx.eval_shape(lambda: type(model)(new_cfg, rngs=nnx.Rngs(0)))))
+    if before != after:
+        raise ValueError(f"with_config: {sorted(changes)} change the parameters; build and train a new model instead")
+    return _set_config(_copy(model), model.cfg, new_cfg)
 
 
 def param_bytes(model) -> int:
