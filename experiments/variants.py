@@ -19,7 +19,6 @@ One JSON line per figure on stdout.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import sys
 import time
@@ -51,9 +50,9 @@ flags.DEFINE_integer("rounds", 5, "Speed: interleaved timing rounds (median repo
 # lm_tiny: d_model 128, d_ff 384, so min(d_model, d_ff) = 128 bounds a factorization's rank.
 LM_TRAINED = {
     "dense": {},
+    "window32": {"local_window": 32}, "window64": {"local_window": 64},
     "topk8": {"attention_topk": 8}, "topk32": {"attention_topk": 32},
     "threshold0.01": {"attention_threshold": 0.01}, "threshold0.05": {"attention_threshold": 0.05},
-    "window32": {"local_window": 32}, "window64": {"local_window": 64},
     "mlp_rank64": {"mlp_rank": 64}, "mlp_rank32": {"mlp_rank": 32},
 }
 S2S_TRAINED = {
@@ -172,11 +171,129 @@ def run_seq2seq() -> None:
              examples=min(len(task.valid_pairs), config.train.eval_decode_examples))
 
 
-def run_window_speed():
-    raise NotImplementedError
+# ---------------------------------------------------------------------------
+# Speed and memory.
+
+SPEED_MODEL = dict(vocab_size=256, d_model=128, num_heads=4, num_layers=2, d_ff=512, positions="rope")
+RUN_LIMIT_BYTES = 3 << 30  # compile everything (for its peak bytes), run only what fits a shared 24 GB machine
 
 
-run_encoder_speed = run_decode = run_window_speed
+def _interleaved(fns: dict, rounds: int) -> dict:
+    """Median seconds per call of each fn, timed round-robin after one warm-up call each."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _peak_bytes(compiled) -> int:
+    m = compiled.memory_analysis()
+    return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
+
+
+def _train_step(cfg, t: int):
+    """A compiled batch-1 train step at length t, its arguments and its peak bytes."""
+    o = tformer.OptimizerConfig(learning_rate=1e-3, warmup_steps=1, total_steps=10)
+    graphdef, tx, state, _ = tformer.create_train_state(tformer.DecoderLM, cfg, o, 0)
+    step = tformer.make_train_step(graphdef, tx, o, donate=False)
+    toks = np.random.default_rng(0).integers(3, 256, (1, t + 1)).astype(np.int32)
+    batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:]}
+    compiled = step.lower(state, batch).compile()
+    return (lambda: compiled(state, batch)), _peak_bytes(compiled)
+
+
+def run_window_speed() -> None:
+    variants = {"dense": {}, "window64": {"local_window": 64}, "window256": {"local_window": 256},
+                "topk32": {"attention_topk": 32}, "threshold0.01": {"attention_threshold": 0.01}}
+    for t in [int(x) for x in FLAGS.lengths.split(",")]:
+        fns, peaks = {}, {}
+        for name in _selected(list(variants)):
+            cfg = tformer.ModelConfig(max_len=t, **SPEED_MODEL, **variants[name])
+            fn, peaks[name] = _train_step(cfg, t)
+            if peaks[name] <= RUN_LIMIT_BYTES:
+                fns[name] = fn
+        secs = _interleaved(fns, FLAGS.rounds if t <= 4096 else max(2, FLAGS.rounds // 2))
+        for name in peaks:
+            emit(what="train_step", variant=name, seq_len=t, batch=1, peak_bytes=peaks[name],
+                 ms=round(secs[name] * 1e3, 1) if name in secs else None,
+                 vs_dense=round(secs["dense"] / secs[name], 2) if name in secs and "dense" in secs else None,
+                 model=SPEED_MODEL)
+
+
+def run_encoder_speed() -> None:
+    variants = {"dense": {}, "linformer32": {"attention_lowrank": "linformer", "lowrank_dim": 32},
+                "nystrom32": {"attention_lowrank": "nystrom", "lowrank_dim": 32}}
+    for s in (1024, 4096):
+        fns, peaks = {}, {}
+        for name in _selected(list(variants)):
+            cfg = tformer.ModelConfig(max_len=s, num_encoder_layers=2, **{**SPEED_MODEL, "positions": "sinusoidal"},
+                                      **variants[name])
+            graphdef, state = nnx.split(tformer.EncoderDecoder(cfg, rngs=nnx.Rngs(0)))
+            src = jnp.asarray(np.random.default_rng(0).integers(3, 256, (1, s)), jnp.int32)
+
+            def loss(state, src, graphdef=graphdef):
+                return jnp.mean(nnx.merge(graphdef, state).encode(src) ** 2)
+
+            compiled = jax.jit(jax.value_and_grad(loss)).lower(state, src).compile()
+            peaks[name] = _peak_bytes(compiled)
+            fns[name] = lambda c=compiled, st=state, x=src: c(st, x)
+        secs = _interleaved(fns, FLAGS.rounds)
+        for name in peaks:
+            emit(what="encoder_step", variant=name, src_len=s, batch=1, peak_bytes=peaks[name],
+                 ms=round(secs[name] * 1e3, 1), vs_dense=round(secs["dense"] / secs[name], 2) if "dense" in secs else None)
+
+
+def _decode_loop(model, batch: int, prompt_len: int, cache_len: int, steps: int):
+    """(fn running `steps` greedy decode steps after a fixed prefilled cache, the cache)."""
+    graphdef, state = nnx.split(model)
+    prompt = jnp.asarray(np.random.default_rng(0).integers(3, 256, (batch, prompt_len)), jnp.int32)
+    prefill = jax.jit(lambda st, p: nnx.merge(graphdef, st).extend(p, nnx.merge(graphdef, st).init_cache(
+        batch, cache_len)))
+    logits, cache = prefill(state, prompt)
+    first = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
+
+    @jax.jit
+    def decode(state, cache, tok):
+        m = nnx.merge(graphdef, state)
+
+        def step(carry, _):
+            tok, cache = carry
+            logits, cache = m.extend(tok[:, None], cache)
+            return (jnp.argmax(logits[:, 0], -1).astype(jnp.int32), cache), None
+
+        (tok, _), _ = jax.lax.scan(step, (tok, cache), None, length=steps)
+        return tok
+
+    return (lambda: decode(state, cache, first)), cache
+
+
+def run_decode() -> None:
+    steps = 128
+    # int8 KV cache: batch 8, a 2,048-slot cache filled to 1,920 before the timed 128 steps.
+    base = tformer.ModelConfig(vocab_size=256, d_model=256, num_heads=4, num_layers=4, max_len=2048)
+    fns, caches = {}, {}
+    for name, kv in (("fp32_cache", None), ("int8_cache", "int8")):
+        model = tformer.DecoderLM(base.replace(kv_cache_dtype=kv), rngs=nnx.Rngs(0))
+        fns[name], caches[name] = _decode_loop(model, 8, 2048 - steps, 2048, steps)
+    secs = _interleaved(fns, FLAGS.rounds)
+    for name in fns:
+        emit(what="decode_cache", variant=name, batch=8, cache_len=2048, cache_bytes=kvcache.nbytes(caches[name]),
+             ms_per_token=round(secs[name] / steps * 1e3, 3), vs_fp32=round(secs["fp32_cache"] / secs[name], 2))
+    # int8 weights: the cpu_tiny shape, prompt 16, 128 new tokens, batch 1 and 8.
+    cfg = tformer.ModelConfig(vocab_size=256, d_model=256, num_heads=4, num_layers=4, max_len=256)
+    dense = tformer.DecoderLM(cfg, rngs=nnx.Rngs(0))
+    models = {"fp32_weights": dense, "int8_weights": tformer.quantize_weights(dense, "int8")}
+    for batch in (1, 8):
+        fns = {name: _decode_loop(m, batch, 16, 16 + steps, steps)[0] for name, m in models.items()}
+        secs = _interleaved(fns, FLAGS.rounds)
+        for name, m in models.items():
+            emit(what="decode_weights", variant=name, batch=batch, param_bytes=param_bytes(m),
+                 ms_per_token=round(secs[name] / steps * 1e3, 3), vs_fp32=round(secs["fp32_weights"] / secs[name], 2))
 
 
 def main(argv):

@@ -161,6 +161,8 @@ def _banded_attention(q, k, v, masking: Masking, rate, rng, topk=None, threshold
         return x.reshape((b * n, c) + x.shape[2:])
 
     def with_prev(x):  # [B * n, c, ...] -> [B * n, 2c, ...]: previous block (zeros before the first), then own
+        if n == 1:  # window >= T: one block holds every key
+            return x
         x = x.reshape((b, n) + x.shape[1:])
         prev = jnp.pad(x, [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2))[:, :-1]
         return jnp.concatenate([prev, x], axis=2).reshape((b * n, 2 * c) + x.shape[3:])
