@@ -245,7 +245,8 @@ def run_encoder_speed() -> None:
         secs = _interleaved(fns, FLAGS.rounds)
         for name in peaks:
             emit(what="encoder_step", variant=name, src_len=s, batch=1, peak_bytes=peaks[name],
-                 ms=round(secs[name] * 1e3, 1), vs_dense=round(secs["dense"] / secs[name], 2) if "dense" in secs else None)
+                 ms=round(secs[name] * 1e3, 1),
+                 vs_dense=round(secs["dense"] / secs[name], 2) if "dense" in secs else None)
 
 
 def _decode_loop(model, batch: int, prompt_len: int, cache_len: int, steps: int):

@@ -65,7 +65,7 @@ def value_and_grads(fn, q, k, v):
 
 def assert_close(a, b, tol):
     """Each pair equal to `tol` relative to its largest entry (gradients reach ~10: fp32 sums reorder)."""
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         y = np.asarray(y)
         np.testing.assert_allclose(np.asarray(x), y, atol=tol * max(1.0, float(np.abs(y).max())), rtol=0)
 
@@ -236,14 +236,12 @@ def test_int8_cache_bytes():
 # A briefly trained lm_tiny decodes the same tokens with int8 cache / weights.
 
 
-def _text_batches(seq, batch, steps):
-    root = Path(tformer.__file__).parent
-    data = np.frombuffer(b"".join(p.read_bytes() for p in sorted(root.glob("*.py"))), np.uint8).astype(np.int32) + 3
+def _text_batches(data, seq, batch, steps):
     rng = np.random.default_rng(0)
     for _ in range(steps):
         starts = rng.integers(0, len(data) - seq - 1, batch)
         rows = np.stack([data[s : s + seq + 1] for s in starts])
-        yield {"inputs": rows[:, :-1], "targets": rows[:, 1:]}, data
+        yield {"inputs": rows[:, :-1], "targets": rows[:, 1:]}
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +252,9 @@ def trained_lm():
     o = tformer.OptimizerConfig(learning_rate=4e-3, warmup_steps=30, total_steps=250, weight_decay=0.1)
     graphdef, tx, state, _ = tformer.create_train_state(tformer.DecoderLM, cfg, o, 0)
     step = tformer.make_train_step(graphdef, tx, o)
-    for batch, data in _text_batches(64, 16, 250):
+    root = Path(tformer.__file__).parent  # byte ids shifted past pad/bos/eos
+    data = np.frombuffer(b"".join(p.read_bytes() for p in sorted(root.glob("*.py"))), np.uint8).astype(np.int32) + 3
+    for batch in _text_batches(data, 64, 16, 250):
         state, m = step(state, batch)
     assert float(m["loss"]) < 2.5  # it has learned something
     return nnx.merge(graphdef, state.params), data

@@ -303,7 +303,7 @@ def nystrom_attention(q_bthd, k_bskd, v_bskd, masking: Masking, landmarks: int) 
     pseudo-inverse (SVD), so landmarks = S (one per token) is exact attention.
     O(S m + m^3) per head. Empty groups (all padding) are dropped.
     """
-    b, t, h, d = q_bthd.shape
+    b, _, h, d = q_bthd.shape
     s, kh = k_bskd.shape[1], k_bskd.shape[2]
     f32 = jnp.float32
     q = q_bthd.astype(f32) / math.sqrt(d)
