@@ -261,10 +261,11 @@ def _decode_loop(model, batch: int, prompt_len: int, cache_len: int, steps: int)
     @jax.jit
     def decode(state, cache, tok):
         m = nnx.merge(graphdef, state)
+        layers = m.decode_layers()  # unstacked once, outside the loop, as `generate` does
 
         def step(carry, _):
             tok, cache = carry
-            logits, cache = m.extend(tok[:, None], cache)
+            logits, cache = m.extend(tok[:, None], cache, None, layers)
             return (jnp.argmax(logits[:, 0], -1).astype(jnp.int32), cache), None
 
         (tok, _), _ = jax.lax.scan(step, (tok, cache), None, length=steps)
