@@ -1,10 +1,11 @@
 r"""What each cheaper variant costs: held-out quality, train/encoder step time and memory, decode.
 
-    python experiments/variants.py --what=lm --steps=300 > lm.jsonl           # lm_tiny bits per byte
-    python experiments/variants.py --what=seq2seq --steps=600 > s2s.jsonl     # seq2seq_tiny exact match
-    python experiments/variants.py --what=window_speed > speed.jsonl           # dense vs banded window, top-k...
-    python experiments/variants.py --what=encoder_speed                        # Linformer / Nystrom vs dense
-    python experiments/variants.py --what=decode                               # int8 cache / int8 weights
+    python experiments/variants.py --what=lm --steps=150 > lm.jsonl          # lm_tiny bits per byte
+    python experiments/variants.py --what=seq2seq --steps=900 \
+        --only=dense,linformer16,linformer32,nystrom16,nystrom32 > s2s.jsonl  # seq2seq_tiny exact match
+    python experiments/variants.py --what=window_speed --rounds=3            # dense vs banded window, top-k, threshold
+    python experiments/variants.py --what=encoder_speed --rounds=3           # Linformer / Nystrom vs dense
+    python experiments/variants.py --what=decode --rounds=3                  # int8 cache / int8 weights
 
 Quality: every trained variant gets the same protocol (config, seed, data
 order, `--steps`), dense included; the post-training variants (compress_mlp,
