@@ -33,13 +33,14 @@ if __package__ in (None, ""):  # `python experiments/benchmark.py`: make the rep
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax
-import jax.numpy as jnp
+import jax.extend
 import numpy as np
 from flax import nnx
 
 import tformer
+from tformer import batch as batch_lib
 from tformer import flops, host
-from tformer import train_step as ts
+from tformer import training as ts
 from tformer.attention import Masking, resolve_impl
 from tformer.generate import decode_phases
 from tformer.layers import DTYPE
@@ -103,6 +104,8 @@ class Options:
     decode_chunk: int | None = None  # decode steps per phase (tformer.generate); None: its default
     decode_param_dtype: str | None = None  # None: the compute dtype (serving weights)
     decode_repeats: int = 3
+    # Plant EOS so every row ends after this many new tokens (None: never stop): times the early stop.
+    decode_eos_after: int | None = None
     peak_tflops: float | None = None
     hbm_gbps: float | None = None
     seed: int = 0
@@ -210,9 +213,8 @@ def _round(x, sig=4):
 
 
 def lm_batch(cfg: tformer.ModelConfig, batch: int, seq_len: int, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq_len + 1)), jnp.int32)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": jnp.ones((batch, seq_len), jnp.float32)}
+    tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, seq_len + 1))
+    return batch_lib.lm_batch(tokens)
 
 
 def _minor_faults() -> int:
@@ -257,7 +259,7 @@ def bench_train(opts: Options, dev: dict) -> dict:
     fpt = flops.train_flops_per_token(cfg, t)
     mem, mem_src = peak_memory_bytes(compiled)
     # What `attention="auto"|"cudnn"|"blocked"` resolves to for this call (plain causal T x T, no dropout).
-    probe = Masking(q_pos=None, k_pos=None, dense_free=True)
+    probe = Masking(q_pos=None, k_pos=None, plain_causal=True)
     impl = resolve_impl(cfg, DTYPE[cfg.dtype], probe, training_dropout=False, seq_lens=(t, t))
     if impl == "cudnn" and "cudnn" not in compiled.as_text():
         impl = "xla (cudnn fell back)"
@@ -276,6 +278,24 @@ def bench_train(opts: Options, dev: dict) -> dict:
 
 # ---------------------------------------------------------------------------
 # Generation.
+
+
+def plant_eos(model, position: int, seed: int) -> int:
+    """Make every row emit EOS from the logits at `position` (learned positions, tied embeddings).
+
+    That position's embedding gets a large component along a random unit
+    direction u, and EOS's embedding row becomes u: after the final norm the
+    hidden state there points along u, so EOS has the top logit in every row. Returns the EOS id.
+    """
+    cfg = model.cfg
+    if cfg.positions != "learned" or not cfg.tie_embeddings:
+        raise ValueError("--decode_eos_after needs positions=learned and tie_embeddings=true")
+    u = np.random.default_rng(seed).standard_normal(cfg.d_model)
+    u = (u - u.mean()) / np.linalg.norm(u - u.mean())
+    emb = model.embed
+    emb.pos_table[...] = emb.pos_table[...].at[position].add(100.0 * u.astype(np.float32))
+    emb.table[...] = emb.table[...].at[cfg.eos_id].set(u.astype(np.float32))
+    return cfg.eos_id
 
 
 def _timed(fn) -> float:
@@ -301,15 +321,15 @@ def bench_decode(opts: Options, dev: dict) -> list[dict]:
     if cache_len > cfg.max_len:
         cfg = cfg.replace(max_len=cache_len)
     model = tformer.DecoderLM(cfg, rngs=nnx.Rngs(opts.seed))
-    param_bytes = np.dtype(DTYPE[cfg.param_dtype]).itemsize
-    kv_bytes = np.dtype(DTYPE[cfg.dtype]).itemsize
+    eos_id = -1 if opts.decode_eos_after is None else plant_eos(model, p - 1 + opts.decode_eos_after - 1, opts.seed)
+    param_bytes, kv_bytes = (np.dtype(DTYPE[name]).itemsize for name in (cfg.param_dtype, cfg.dtype))
     records = []
     for b in opts.decode_batches or preset.decode_batches:
         prompts = np.random.default_rng(opts.seed).integers(3, cfg.vocab_size, (b, p)).astype(np.int32)
 
         def run(k):
-            return tformer.generate(model, prompts, max_new_tokens=k, eos_id=-1, cache_len=cache_len,
-                                    decode_chunk=opts.decode_chunk).tokens
+            decode = tformer.Decode(k, eos_id=eos_id, cache_len=cache_len, chunk=opts.decode_chunk)
+            return tformer.generate(model, prompts, decode).tokens
 
         first_full = _timed(lambda: run(n))  # compile + run
         first_pre = _timed(lambda: run(1))
@@ -324,15 +344,16 @@ def bench_decode(opts: Options, dev: dict) -> list[dict]:
             what="decode", system="tformer", model=opts.model, batch=b, prompt_len=p, new_tokens=n,
             cache_len=cache_len, decode_chunk=opts.decode_chunk, decode_phases=len(phases), kv_slots_read=slots,
             ms_per_token=None, tokens_per_s=None, tflops=None, mfu=None,
-            prefill_ms=_round(pre * 1e3), e2e_ms_per_step=_round(full / n * 1e3),
-            compile_s=_round(first_full - full + first_pre - pre), bytes_per_step=nbytes,
-            roofline_ms=_round(roof), roofline_ratio=None,
-            params=flops.param_count(cfg), **_knobs(cfg, opts), **dev,
+            prefill_ms=_round(pre * 1e3), e2e_ms_per_step=_round(full / n * 1e3), e2e_ms=_round(full * 1e3),
+            eos_after=opts.decode_eos_after, compile_s=_round(first_full - full + first_pre - pre), bytes_per_step=nbytes,
+            roofline_ms=_round(roof), roofline_ratio=None, params=flops.param_count(cfg), **_knobs(cfg, opts),
+            **dev,
         )
-        if full > pre:
+        if opts.decode_eos_after is not None:
+            rec["error"] = "rows stop early: per-step figures do not apply, see e2e_ms"
+        elif full > pre:
             step_s = (full - pre) / (n - 1)
-            tokens_per_s = b / step_s
-            fpt = flops.decode_flops_per_token(cfg, p + n / 2)
+            tokens_per_s, fpt = b / step_s, flops.decode_flops_per_token(cfg, p + n / 2)
             rec.update(
                 ms_per_token=_round(step_s * 1e3), tokens_per_s=round(tokens_per_s),
                 tflops=_round(flops.model_tflops(fpt, tokens_per_s)),
@@ -534,6 +555,8 @@ def define_flags(fv=None) -> None:
     flags.DEFINE_enum("decode_param_dtype", None, ["float32", "bfloat16", "float16"],
                       "Decode weights dtype (default: the compute dtype).", **d)
     flags.DEFINE_integer("decode_repeats", 3, "Timed generate calls per figure (median).", **d)
+    flags.DEFINE_integer("decode_eos_after", None, "Plant EOS so every decode row ends after this many new "
+                         "tokens (times the early stop; needs learned positions, tied embeddings).", **d)
     flags.DEFINE_float("peak_tflops", None, "Device peak TFLOP/s for MFU (default: known-device table).", **d)
     flags.DEFINE_float("hbm_gbps", None, "Memory bandwidth GB/s for the roofline (default: table).", **d)
     flags.DEFINE_integer("seed", 0, "Seed for weights and data.", **d)
@@ -562,19 +585,28 @@ def options_from_flags(fv) -> Options:
         decode_batches=tuple(int(x) for x in fv.decode_batches) if fv.decode_batches else None,
         prompt_len=fv.prompt_len, new_tokens=fv.new_tokens, cache_len=fv.cache_len, decode_chunk=fv.decode_chunk,
         decode_param_dtype=fv.decode_param_dtype, decode_repeats=fv.decode_repeats,
+        decode_eos_after=fv.decode_eos_after,
         peak_tflops=fv.peak_tflops, hbm_gbps=fv.hbm_gbps, seed=fv.seed, xla_flags=xla,
         tune_allocator=fv.tune_allocator,
         peer_tune_allocator=fv.tune_allocator if fv.peer_tune_allocator is None else fv.peer_tune_allocator,
     )
 
 
+def _backend_started() -> bool:
+    """Whether jax has created a backend (after which XLA_FLAGS are ignored).
+
+    `jax.extend.backend.get_backend` is the public entry every device query goes
+    through, and it caches the backends it creates: a non-empty cache means
+    started. (Asking `jax.devices()` would start the backend itself.)
+    """
+    return jax.extend.backend.get_backend.cache_info().currsize > 0
+
+
 def apply_xla_flags(extra: str) -> None:
     """Append to XLA_FLAGS; only effective before the first device query, so refuse afterwards."""
     if not extra:
         return
-    from jax._src import xla_bridge  # no public query for "backend already started"
-
-    if xla_bridge.backends_are_initialized():
+    if _backend_started():
         raise RuntimeError(
             "--xla_flags must be applied before jax starts its backend; run the benchmark in a fresh process")
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {extra}".strip()

@@ -214,7 +214,7 @@ def _split_single_file(path, text: str, validation_fraction: float, doc_per_line
         if len(lines) < 2:
             raise DataError(
                 f"{_where(path, 1)}: a single-line file cannot be split into train and validation. "
-                "Add lines, pass a directory of files, or use validation_fraction=0."
+                "Add lines or pass a directory of files (data.validation_fraction is the share of lines held out)."
             )
         n_valid = min(len(lines) - 1, max(1, round(len(lines) * validation_fraction)))
         train, valid = lines[:-n_valid], lines[-n_valid:]

@@ -4,7 +4,8 @@ r"""Generate from the latest checkpoint of a training run.
     python experiments/sample.py --workdir=runs/seq2seq_tiny --input=40213 --input=777
     python experiments/sample.py --workdir=runs/seq2seq_tiny --input_file=numbers.txt --beam_size=4
 
-Everything else (model config, tokenizer) is read from the workdir.
+Everything else (model config, tokenizer) is read from the workdir; only the
+parameters are read from the checkpoint (`Checkpointer.restore_params`).
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 
 import tformer
+from experiments import decode
 from experiments.tokenizers import make_tokenizer
-from tformer import train_step as ts
-from tformer.checkpoint import Checkpointer, abstract_like
+from tformer import training as ts
+from tformer.checkpoint import CheckpointError, Checkpointer
 
 FLAGS = flags.FLAGS
+MODEL_KINDS = {"lm": tformer.DecoderLM, "seq2seq": tformer.EncoderDecoder}
 
 
 def define_flags() -> None:
@@ -39,56 +42,81 @@ def define_flags() -> None:
     flags.DEFINE_float("top_p", None, "Nucleus sampling mass.")
     flags.DEFINE_integer("beam_size", 1, "seq2seq: beam size (1 = greedy).")
     flags.DEFINE_integer("seed", 0, "PRNG seed for sampling.")
+    flags.DEFINE_bool("verbose", False, "On an error, print the traceback too (not just the one-line message).")
+
+
+def read_run(workdir: Path) -> dict:
+    """The run's saved config.json (model config, run config, tokenizer kind)."""
+    if not workdir.is_dir():
+        raise ValueError(f"--workdir={workdir} does not exist")
+    meta_path = workdir / "config.json"
+    if not meta_path.exists():
+        raise ValueError(f"{meta_path} not found: is {workdir} a training run's workdir?")
+    try:
+        meta = json.loads(meta_path.read_text())
+        for needed in (meta["model"], meta["config"]["model"]["kind"], meta["config"]["data"]["src_len"]):
+            del needed  # each lookup fails with KeyError when the file lacks it
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{meta_path} is not a run config ({type(e).__name__}: {e}); rerun train.py to rewrite it")
+    return meta
 
 
 def load(workdir: str | Path):
     """(model with the newest checkpoint's weights, tokenizer, saved run config dict)."""
     workdir = Path(workdir)
-    meta_path = workdir / "config.json"
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{meta_path} not found: is {workdir} a training run's workdir?")
-    meta = json.loads(meta_path.read_text())
+    meta = read_run(workdir)
     cfg = tformer.ModelConfig(**meta["model"])
-    kind = meta["config"]["model"]["kind"]
-    model_cls = tformer.DecoderLM if kind == "lm" else tformer.EncoderDecoder
     data = meta["config"]["data"]
+    if meta["tokenizer"] == "sentencepiece" and not (workdir / "tokenizer.model").is_file():
+        raise ValueError(f"{workdir / 'tokenizer.model'} is missing: the run's tokenizer is needed to read its ids")
     tok = make_tokenizer(meta["tokenizer"], workdir, (), data["vocab_size"])
-    optim = {k: v for k, v in meta["config"]["optim"].items()}
-    optim["total_steps"] = optim.get("total_steps") or meta["config"]["train"]["num_steps"]
-    o = ts.OptimizerConfig(**optim)
-    graphdef, abstract = ts.abstract_model(model_cls, cfg)
-    tx = ts.make_optimizer(o, abstract)
-    target = ts.abstract_train_state(abstract, tx)
+    graphdef, abstract = ts.abstract_model(MODEL_KINDS[meta["config"]["model"]["kind"]], cfg)
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device),
+                          nnx.to_pure_dict(abstract))
     ckpt = Checkpointer(workdir / "checkpoints")
     try:
-        state, _ = ckpt.restore(target=abstract_like(target, jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), target)))
+        params = ckpt.restore_params(target)
     finally:
         ckpt.close()
-    return nnx.merge(graphdef, state.params), tok, meta
+    return nnx.merge(graphdef, params), tok, meta
+
+
+def source_lines() -> list[str]:
+    lines = list(FLAGS.input)
+    if FLAGS.input_file:
+        with open(FLAGS.input_file, encoding="utf-8") as f:
+            lines += [line.rstrip("\n") for line in f if line.strip()]
+    if not lines:
+        raise app.UsageError("give --input or --input_file for a seq2seq model")
+    return lines
+
+
+def run(model, tok, meta: dict) -> list[str]:
+    """The lines to print: translations (seq2seq) or prompt continuations (LM)."""
+    if meta["config"]["model"]["kind"] == "seq2seq":
+        lines, src_len = source_lines(), meta["config"]["data"]["src_len"]
+        _, cut = decode.encode_sources(tok, lines, src_len)
+        if cut:
+            logging.warning("%d input(s) are longer than the model's src_len=%d tokens and were cut", cut, src_len)
+        hyps = decode.translate(model, tok, lines, src_len, FLAGS.max_new_tokens, FLAGS.beam_size)
+        return [f"{src}\t{hyp}" for src, hyp in zip(lines, hyps)]
+    texts = decode.complete(model, tok, FLAGS.prompt or [""], FLAGS.max_new_tokens, jax.random.key(FLAGS.seed),
+                            FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+    return [f"{text}\n{'-' * 40}" for text in texts]
 
 
 def main(argv):
     del argv
-    model, tok, meta = load(FLAGS.workdir)
-    if meta["config"]["model"]["kind"] == "seq2seq":
-        from experiments.train import translate
-
-        lines = list(FLAGS.input)
-        if FLAGS.input_file:
-            lines += [l.rstrip("\n") for l in open(FLAGS.input_file, encoding="utf-8") if l.strip()]
-        if not lines:
-            raise app.UsageError("give --input or --input_file for a seq2seq model")
-        d = meta["config"]["data"]
-        for src, hyp in zip(lines, translate(model, tok, lines, d["src_len"], min(FLAGS.max_new_tokens, model.cfg.max_len - 1), FLAGS.beam_size)):
-            print(f"{src}\t{hyp}")
-        return
-    from experiments.train import complete
-
-    texts = complete(model, tok, FLAGS.prompt or [""], FLAGS.max_new_tokens, jax.random.key(FLAGS.seed),
-                     FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
-    for text in texts:
-        print(text)
-        print("-" * 40)
+    try:
+        model, tok, meta = load(FLAGS.workdir)
+        for line in run(model, tok, meta):
+            print(line)
+    except (ValueError, CheckpointError, OSError) as e:
+        if FLAGS.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

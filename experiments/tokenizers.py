@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 from collections.abc import Iterable, Iterator
@@ -111,6 +112,20 @@ def _training_lines(texts: Iterable[str]) -> Iterator[str]:
             yield line
 
 
+@contextlib.contextmanager
+def _vocab_size_errors(vocab_size: int):
+    """sentencepiece's RuntimeError about the vocabulary size -> a ValueError naming data.vocab_size."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e)
+        if "ocabulary size" not in text:
+            raise
+        detail = text.strip().splitlines()[-1].split("] ")[-1].strip()
+        raise ValueError(f"config.data.vocab_size={vocab_size} does not fit the text "
+                         f"(sentencepiece: {detail}); choose a vocab_size in the range it names") from None
+
+
 class SentencePieceTokenizer(_Specials):
     """A sentencepiece model set up for exact round trips of any text.
 
@@ -132,7 +147,8 @@ class SentencePieceTokenizer(_Specials):
 
         path = pathlib.Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no sentencepiece model there; train one with SentencePieceTokenizer.train")
+            raise FileNotFoundError(f"{path}: no sentencepiece model there; "
+                                    "train one with SentencePieceTokenizer.train")
         return cls(spm.SentencePieceProcessor(model_file=str(path)))
 
     @classmethod
@@ -155,7 +171,7 @@ class SentencePieceTokenizer(_Specials):
         prefix = pathlib.Path(model_prefix_path)
         prefix.parent.mkdir(parents=True, exist_ok=True)
         tmp_prefix = prefix.with_name(f"{prefix.name}.tmp{os.getpid()}")
-        with open(os.devnull, "w") as quiet:
+        with open(os.devnull, "w") as quiet, _vocab_size_errors(vocab_size):
             spm.SentencePieceTrainer.train(
                 sentence_iterator=_training_lines(texts),
                 model_prefix=str(tmp_prefix),
@@ -203,7 +219,8 @@ class SentencePieceTokenizer(_Specials):
         return self._sp.decode(self._content_ids(ids))
 
 
-def make_tokenizer(kind: str, workdir=None, train_texts: Iterable[str] = (), vocab_size: int = 8000, name: str = "tokenizer") -> Tokenizer:
+def make_tokenizer(kind: str, workdir=None, train_texts: Iterable[str] = (), vocab_size: int = 8000,
+                   name: str = "tokenizer") -> Tokenizer:
     """The tokenizer of kind 'byte' or 'sentencepiece' for a run.
 
     For 'sentencepiece' the model lives at `<workdir>/<name>.model`: it is

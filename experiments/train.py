@@ -4,8 +4,16 @@ r"""Train a tformer model from a config file.
         --config.train.num_steps=500 --config.model.num_layers=2
 
 A run resumes from the newest readable checkpoint in its workdir (params,
-optimizer state, step, RNG and data position), saves on SIGTERM before
-exiting, and stops with a clear message on a non-finite loss.
+optimizer state, step, RNG and data position) if the model is the same,
+holds a lock on the workdir while it runs, saves on SIGTERM or Ctrl-C before
+exiting, and stops with a clear message on a non-finite loss. An error it
+raises on purpose prints one `error: ...` line and exits 1 (`--verbose` adds
+the traceback).
+
+`main` only reads flags; `train_and_evaluate` is the run: `setup_run` builds
+data, model, steps and state, `train_steps` is the loop (its helpers `report`,
+`save_checkpoint` and `evaluate` do the logging, checkpointing and eval), and
+`finish` saves, evaluates and samples. Text generation lives in decode.py.
 
 Plan a mesh without training (or any data): compile the step from abstract
 shapes and print per-device memory, FLOPs and collectives, here for 256 fake
@@ -19,12 +27,18 @@ Multi-process: `--coordinator_address=host:port --num_processes=N --process_id=i
 on each process (any platform; CPU uses gloo collectives), or `--distributed`
 where JAX detects the cluster itself (Cloud TPU slices, SLURM). Each process
 reads only its slice of every global batch; process 0 writes logs and metrics;
-checkpoints are written by all processes together.
+checkpoints are written by all processes together. A process that stops
+sending heartbeats for `--heartbeat_timeout` seconds (killed, host lost) stops
+every other process with an error naming it; rerun them all to resume.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import collections
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging as logging_std
 import math
@@ -38,19 +52,17 @@ if __package__ in (None, ""):  # `python experiments/train.py`: make the repo im
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 import tformer
-from experiments import corpora
+from experiments import corpora, decode
 from experiments import input_pipeline as ip
 from experiments.metrics import MetricWriter, atomic_write, plot_loss
 from experiments.tokenizers import make_tokenizer
 from tformer import flops, host, sharding
-from tformer import train_step as ts
-from tformer.checkpoint import Checkpointer, abstract_like
+from tformer import training as ts
+from tformer.checkpoint import CheckpointError, Checkpointer, abstract_like
 
 FLAGS = flags.FLAGS
 
@@ -65,6 +77,9 @@ def define_flags() -> None:
     flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0 (any platform).")
     flags.DEFINE_integer("num_processes", None, "Multi-process: how many processes (with --coordinator_address).")
     flags.DEFINE_integer("process_id", None, "Multi-process: this process's rank (with --coordinator_address).")
+    flags.DEFINE_integer("heartbeat_timeout", 30,
+                         "Multi-process: seconds without a heartbeat after which a process counts as lost and "
+                         "every other process stops with an error naming it.")
     flags.DEFINE_bool("plan", False,
                       "Dry run: compile the train step for the config's mesh from abstract shapes, print "
                       "per-device memory, FLOPs and collectives, and exit (no data, no training).")
@@ -73,26 +88,112 @@ def define_flags() -> None:
     flags.DEFINE_bool("tune_allocator", True,
                       "Keep freed host memory in the process (tformer.host.tune_allocator): a CPU train step "
                       "then page-faults nothing instead of its whole working set. Resident memory stays at its peak.")
+    flags.DEFINE_bool("verbose", False, "On an error, print the traceback too (not just the one-line message).")
+
 
 MODEL_KINDS = {"lm": tformer.DecoderLM, "seq2seq": tformer.EncoderDecoder}
+
+# ---------------------------------------------------------------------------
+# Config: sections -> dataclasses, range checks.
+
+# Runner fields that must be >= the bound (an int or float); `eval_batch_size` 0 means `batch_size`.
+_AT_LEAST = {
+    "train": dict(batch_size=1, num_steps=1, seed=0, log_every=1, eval_every=1, eval_batches=1, eval_batch_size=0,
+                  checkpoint_every=1, keep_checkpoints=1, num_samples=0, sample_tokens=1, temperature=0.0,
+                  top_k=0, beam_size=1, eval_decode_examples=1),
+    "data": dict(vocab_size=2, seq_len=1, src_len=1, tgt_len=1, max_bytes=0, num_train=1, num_valid=1),
+}
+_CHOICES = {("data", "tokenizer"): ("byte", "sentencepiece")}
 
 
 def to_dataclass(cls, section: dict, name: str):
     """Build a config dataclass; unknown fields fail naming the field and the valid ones."""
-    valid = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(section) - valid)
-    if unknown:
-        raise ValueError(f"config.{name}: unknown field(s) {unknown}; valid fields are {sorted(valid)}")
+    _check_fields(section, name, {f.name for f in dataclasses.fields(cls)})
     try:
         return cls(**section)
     except (TypeError, ValueError) as e:
         raise ValueError(f"config.{name}: {e}") from None
 
 
-def _check_section(section: ConfigDict, name: str, valid: set[str]) -> None:
+def _check_fields(section, name: str, valid: set[str]) -> None:
     unknown = sorted(set(section.keys()) - valid)
     if unknown:
         raise ValueError(f"config.{name}: unknown field(s) {unknown}; valid fields are {sorted(valid)}")
+
+
+def validate(config: ConfigDict) -> None:
+    """Every section present with known fields, and every runner field in range: before anything runs."""
+    from experiments.configs.base import base_config
+
+    ref = base_config()
+    for name in ("model", "optim", "data", "train", "mesh"):
+        if name not in config:
+            raise ValueError(f"config.{name}: section missing; start from experiments/configs/base.py")
+        _check_fields(config[name], name, set(ref[name].keys()))
+    if config.model.kind not in MODEL_KINDS:
+        raise ValueError(f"config.model.kind: unknown {config.model.kind!r}; choose one of {sorted(MODEL_KINDS)}")
+    for section, bounds in _AT_LEAST.items():
+        for field, low in bounds.items():
+            value = config[section][field]
+            if not value >= low:  # `not >=` also rejects NaN
+                raise ValueError(f"config.{section}.{field} must be >= {low}, got {value}")
+    for (section, field), choices in _CHOICES.items():
+        if config[section][field] not in choices:
+            raise ValueError(f"config.{section}.{field}: unknown {config[section][field]!r}; choose one of {choices}")
+    if not 0.0 <= config.data.validation_fraction < 1.0:
+        raise ValueError(f"config.data.validation_fraction must be in [0, 1), got {config.data.validation_fraction}")
+    _validate_mesh(config.mesh)
+
+
+def _validate_mesh(mesh: ConfigDict) -> None:
+    for axis in sharding.MESH_AXES:
+        if mesh[axis] != -1 and mesh[axis] < 1:
+            raise ValueError(f"config.mesh.{axis} must be >= 1, or -1 for the remaining devices; got {mesh[axis]}")
+    if sum(mesh[a] == -1 for a in sharding.MESH_AXES) > 1:
+        shape = {a: mesh[a] for a in sharding.MESH_AXES}
+        raise ValueError(f"config.mesh: at most one axis may be -1, got {shape}")
+    if mesh.preset not in sharding.PRESETS:
+        raise ValueError(f"config.mesh.preset: unknown {mesh.preset!r}; choose one of {sorted(sharding.PRESETS)}")
+
+
+def _model_fields(config: ConfigDict) -> dict:
+    return {k: v for k, v in config.model.to_dict().items() if k != "kind"}
+
+
+def model_config(config: ConfigDict, tok) -> tformer.ModelConfig:
+    """The ModelConfig of a run: vocab_size 0 follows the tokenizer, whose special ids are used."""
+    m = _model_fields(config)
+    if not m["vocab_size"]:
+        m["vocab_size"] = tok.vocab_size
+    elif m["vocab_size"] < tok.vocab_size:
+        raise ValueError(f"config.model.vocab_size={m['vocab_size']} is smaller than the tokenizer's "
+                         f"{tok.vocab_size}; set it to 0 to follow the tokenizer")
+    m.update(pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    return to_dataclass(tformer.ModelConfig, m, "model")
+
+
+def plan_model_config(config: ConfigDict) -> tformer.ModelConfig:
+    """The model config without building the data: vocab from the config or the tokenizer's known size."""
+    from experiments.tokenizers import ByteTokenizer
+
+    if config.data.tokenizer == "byte" or config.model.vocab_size:
+        return model_config(config, ByteTokenizer())
+    # A sentencepiece model has exactly the vocab_size it is trained with; ids as the byte tokenizer's.
+    with config.unlocked():
+        sized = ConfigDict(config.to_dict())
+    sized.model.vocab_size = config.data.vocab_size
+    return model_config(sized, ByteTokenizer())
+
+
+def optim_config(config: ConfigDict) -> ts.OptimizerConfig:
+    o = config.optim.to_dict()
+    if not o["total_steps"]:
+        o["total_steps"] = config.train.num_steps
+    return to_dataclass(ts.OptimizerConfig, o, "optim")
+
+
+# ---------------------------------------------------------------------------
+# Data.
 
 
 @dataclasses.dataclass
@@ -107,94 +208,439 @@ class Task:
 
 
 def build_task(config: ConfigDict, workdir: Path) -> Task:
-    d, kind = config.data, config.model.kind
-    if kind not in MODEL_KINDS:
-        raise ValueError(f"config.model.kind: unknown {kind!r}; choose one of {sorted(MODEL_KINDS)}")
-    max_bytes = d.max_bytes or None
-    if kind == "lm":
-        corpus = corpora.stdlib_corpus(max_bytes) if d.corpus == "stdlib" else corpora.read_text_corpus(d.corpus)
-        if not corpus["train"] or not corpus["validation"]:
-            raise corpora.DataError(f"{d.corpus}: too little text for both a train and a validation split")
-        tok = make_tokenizer(d.tokenizer, workdir, corpus["train"], d.vocab_size)
-        sets = ip.make_lm_datasets(tok, corpus, d.seq_len)
-        return Task(kind, tok, sets["train"], sets["validation"])
+    if config.model.kind == "lm":
+        return _lm_task(config.data, workdir)
+    return _seq2seq_task(config.data, workdir)
+
+
+def _lm_task(d: ConfigDict, workdir: Path) -> Task:
+    if d.corpus == "stdlib":
+        corpus = corpora.stdlib_corpus(d.max_bytes or None)
+    else:
+        corpus = corpora.read_text_corpus(d.corpus, validation_fraction=d.validation_fraction)
+    if not corpus["train"] or not corpus["validation"]:
+        raise corpora.DataError(f"{d.corpus}: too little text for both a train and a validation split")
+    tok = make_tokenizer(d.tokenizer, workdir, corpus["train"], d.vocab_size)
+    sets = ip.make_lm_datasets(tok, corpus, d.seq_len)
+    return Task("lm", tok, sets["train"], sets["validation"])
+
+
+def _seq2seq_task(d: ConfigDict, workdir: Path) -> Task:
     if d.corpus.startswith("numbers:"):
         pairs = corpora.numbers_task(d.corpus.split(":", 1)[1], d.num_train, d.num_valid, seed=0)
     else:
         all_pairs = corpora.read_parallel_corpus(*d.corpus.split(",")[:2])
+        if len(all_pairs) < 2:
+            raise corpora.DataError(f"{d.corpus}: {len(all_pairs)} sentence pair(s); a run needs at least 2 "
+                                    "(one to train on, one to validate on)")
         n_valid = max(1, min(d.num_valid, len(all_pairs) // 10))
         pairs = {"train": all_pairs[:-n_valid], "validation": all_pairs[-n_valid:]}
     texts = [s for s, _ in pairs["train"]] + [t for _, t in pairs["train"]]
     tok = make_tokenizer(d.tokenizer, workdir, texts, d.vocab_size)
     sets = ip.make_seq2seq_datasets(tok, tok, pairs, d.src_len, d.tgt_len)
     if sets["validation"].num_truncated:
-        logging.warning("%d validation pairs exceed src_len/tgt_len and were truncated", sets["validation"].num_truncated)
-    return Task(kind, tok, sets["train"], sets["validation"], pairs["validation"])
+        logging.warning("%d validation pairs exceed src_len/tgt_len and were truncated",
+                        sets["validation"].num_truncated)
+    return Task("seq2seq", tok, sets["train"], sets["validation"], pairs["validation"])
 
 
-def model_config(config: ConfigDict, task: Task) -> tformer.ModelConfig:
-    m = {k: v for k, v in config.model.to_dict().items() if k != "kind"}
-    if not m.get("vocab_size"):
-        m["vocab_size"] = task.tokenizer.vocab_size
-    elif m["vocab_size"] < task.tokenizer.vocab_size:
-        raise ValueError(
-            f"config.model.vocab_size={m['vocab_size']} is smaller than the tokenizer's "
-            f"{task.tokenizer.vocab_size}; set it to 0 to follow the tokenizer"
-        )
-    m.update(pad_id=task.tokenizer.pad_id, bos_id=task.tokenizer.bos_id, eos_id=task.tokenizer.eos_id)
-    return to_dataclass(tformer.ModelConfig, m, "model")
+def load_task(config: ConfigDict, workdir: Path) -> Task:
+    """build_task; in a multi-process run one process trains a sentencepiece tokenizer, the others load it."""
+    if jax.process_count() == 1 or config.data.tokenizer != "sentencepiece":
+        return build_task(config, workdir)
+    from jax.experimental import multihost_utils
+
+    task = build_task(config, workdir) if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("tformer:tokenizer")
+    return task or build_task(config, workdir)
 
 
-def optim_config(config: ConfigDict) -> ts.OptimizerConfig:
-    o = config.optim.to_dict()
-    if not o.get("total_steps"):
-        o["total_steps"] = config.train.num_steps
-    return to_dataclass(ts.OptimizerConfig, o, "optim")
+def _global_batch(local: dict, shardings: dict, global_batch: int) -> dict:
+    return {
+        k: jax.make_array_from_process_local_data(shardings[k], v, (global_batch,) + v.shape[1:])
+        for k, v in local.items()
+    }
 
 
-def validate(config: ConfigDict) -> None:
-    from experiments.configs.base import base_config
+class Prefetcher:
+    """Iterates `make(step)` over `steps`, building the next `depth` batches on a background thread.
 
-    ref = base_config()
-    for name in ("data", "train", "mesh"):
-        if name not in config:
-            raise ValueError(f"config.{name}: section missing; start from experiments/configs/base.py")
-        _check_section(config[name], name, set(ref[name].keys()))
-    t = config.train
-    for field in ("batch_size", "num_steps", "log_every", "eval_every", "checkpoint_every"):
-        if t[field] < 1:
-            raise ValueError(f"config.train.{field} must be >= 1, got {t[field]}")
+    The batch for step s+1 is gathered and placed on the devices while step s
+    runs, so the accelerator never waits for the host's numpy work.
+    """
+
+    def __init__(self, make, steps: range, depth: int = 2):
+        self._make, self._steps = make, iter(steps)
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        self._queue = collections.deque()
+        for _ in range(depth):
+            self._submit_next()
+
+    def _submit_next(self) -> None:
+        step = next(self._steps, None)
+        if step is not None:
+            self._queue.append(self._pool.submit(self._make, step))
+
+    def __iter__(self):
+        while self._queue:
+            batch = self._queue.popleft().result()
+            self._submit_next()
+            yield batch
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def plan_model_config(config: ConfigDict) -> tformer.ModelConfig:
-    """The model config without building the data: vocab from the config or the tokenizer's known size."""
-    from experiments.tokenizers import ByteTokenizer
-
-    m = {k: v for k, v in config.model.to_dict().items() if k != "kind"}
-    if not m.get("vocab_size"):
-        if config.data.tokenizer == "byte":
-            tok = ByteTokenizer()
-            m.update(vocab_size=tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
-        else:  # a sentencepiece model has exactly the vocab_size it is trained with
-            m["vocab_size"] = config.data.vocab_size
-    return to_dataclass(tformer.ModelConfig, m, "model")
+# ---------------------------------------------------------------------------
+# The workdir: one run at a time, resumed only under the same model.
 
 
-def plan(config: ConfigDict):
-    """Compile (never run) the run's train step on its mesh; returns a `tformer.plan.Plan`."""
-    from tformer import plan as plan_lib
+class WorkdirLock:
+    """An exclusive lock on `<workdir>/.lock` that records the holder's PID.
 
+    It is an flock, so the kernel drops it when its process dies in any way
+    (SIGKILL included): a stale lock file never blocks the next run.
+    """
+
+    def __init__(self, workdir: Path):
+        self.path = Path(workdir) / ".lock"
+        self._fd: int | None = None
+
+    def __enter__(self):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ValueError(f"--workdir={self.path.parent} is in use by process {holder} (it holds {self.path}); "
+                             "wait for that run to end or stop it, or choose another --workdir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self._fd)  # closing the descriptor releases the flock
+        self._fd = None
+
+
+def prepare_workdir(workdir) -> Path:
+    """Create `workdir` and make sure this process can write there; fail in one line if not."""
+    w = Path(workdir)
+    try:
+        w.mkdir(parents=True, exist_ok=True)
+        probe = w / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--workdir={w}: cannot create or write there ({e.strerror or e})") from None
+    return w
+
+
+_SCHEDULE_FIELDS = ("learning_rate", "warmup_steps", "total_steps", "schedule", "min_lr_ratio")
+
+
+def _diff(old: dict, new: dict) -> list[str]:
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def check_resume(workdir: Path, kind: str, cfg: tformer.ModelConfig, o: ts.OptimizerConfig) -> None:
+    """A workdir with checkpoints resumes only under the model it was trained with.
+
+    Any model difference fails listing the fields (old -> new); optimizer
+    differences are allowed, with a warning when the learning-rate schedule
+    differs from the one the run started with.
+    """
+    saved_path = workdir / "config.json"
+    if not saved_path.exists():
+        return
+    saved = json.loads(saved_path.read_text())
+    old_model = {"kind": saved["config"]["model"]["kind"], **saved["model"]}
+    changed = _diff(old_model, {"kind": kind, **dataclasses.asdict(cfg)})
+    if changed:
+        raise ValueError(f"--workdir={workdir} holds checkpoints of a different model; changed: {'; '.join(changed)}. "
+                         "Resume with the old settings, or start fresh with a new --workdir "
+                         f"(or delete {workdir / 'checkpoints'})")
+    old_optim = saved.get("optim")
+    if old_optim is None:
+        return
+    new_optim = dataclasses.asdict(o)
+    if (old_optim.get("clip_norm") is None) != (o.clip_norm is None):  # the optimizer state's structure changes
+        raise ValueError(f"--workdir={workdir}: optim.clip_norm {old_optim.get('clip_norm')!r} -> {o.clip_norm!r} "
+                         "changes the optimizer state's structure, so its checkpoints cannot resume; keep "
+                         "clip_norm on (or off) as it was, or start fresh with a new --workdir")
+    sched = _diff({k: old_optim.get(k) for k in _SCHEDULE_FIELDS}, {k: new_optim[k] for k in _SCHEDULE_FIELDS})
+    if sched:
+        logging.warning("resuming with a different learning-rate schedule than the run started with: %s",
+                        "; ".join(sched))
+    other = _diff({k: v for k, v in old_optim.items() if k not in _SCHEDULE_FIELDS},
+                  {k: v for k, v in new_optim.items() if k not in _SCHEDULE_FIELDS})
+    if other:
+        logging.warning("resuming with changed optimizer settings: %s", "; ".join(other))
+
+
+# ---------------------------------------------------------------------------
+# Signals.
+
+
+class Preemption:
+    """SIGTERM (a preemptible VM being reclaimed) or Ctrl-C (SIGINT) -> save and exit at the next step.
+
+    A second Ctrl-C aborts at once (KeyboardInterrupt), without saving.
+    """
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._prev = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        logging.warning("%s received: saving a checkpoint and exiting%s", name,
+                        " (Ctrl-C again to abort without saving)" if signum == signal.SIGINT else "")
+        self.requested = name
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def restore(self) -> None:
+        for s, prev in self._prev.items():
+            signal.signal(s, prev)
+
+
+# ---------------------------------------------------------------------------
+# One run: its parts, and small helpers for logging, checkpointing and eval.
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything the training loop touches (`state` changes every step)."""
+
+    config: ConfigDict
+    workdir: Path
+    task: Task
+    cfg: tformer.ModelConfig
+    graphdef: object
+    state: ts.TrainState
+    train_fn: object
+    eval_fn: object
+    batch_sh: dict
+    ckpt: Checkpointer
+    writer: MetricWriter
+    last_saved: int | None  # newest checkpoint step known good (None: nothing saved yet)
+    flops_per_token: float
+    peak_tflops: float | None
+
+    def model(self):
+        from flax import nnx
+
+        return nnx.merge(self.graphdef, self.state.params)
+
+    def train_batch(self, step: int) -> dict:
+        t = self.config.train
+        local = ip.batch_at(self.task.train, step, t.batch_size, t.seed,
+                            process_index=jax.process_index(), process_count=jax.process_count())
+        return _global_batch(local, self.batch_sh, t.batch_size)
+
+
+def _peak_tflops() -> float | None:
+    """Dense bf16 peak of this run's devices (all of them), or None where unknown (CPU)."""
+    spec = flops.device_spec(jax.devices()[0].device_kind)
+    return None if spec is None else spec.peak_tflops * jax.device_count()
+
+
+def make_run_mesh(config: ConfigDict):
+    """The run's mesh; without a -1, a mesh smaller than the host uses its first devices."""
+    shape = {k: config.mesh[k] for k in sharding.MESH_AXES}
+    devices = jax.devices()
+    if -1 not in shape.values() and math.prod(shape.values()) < len(devices):
+        devices = devices[: math.prod(shape.values())]
+    return sharding.make_mesh(shape, devices=devices)
+
+
+def check_sample_prompts(config: ConfigDict, task: Task, cfg: tformer.ModelConfig) -> None:
+    """The end-of-run samples must fit the model: checked before training, not after it."""
+    if task.kind != "lm":
+        return
+    try:
+        decode.encode_prompts(task.tokenizer, decode.sample_prompts(config.train.sample_prompts,
+                                                                    config.train.num_samples), cfg.max_len)
+    except ValueError as e:
+        raise ValueError(f"config.train.sample_prompts: {e}") from None
+
+
+def setup_run(config: ConfigDict, workdir: Path) -> Run:
+    """Data, model, optimizer, mesh, jitted steps, and the state: restored from the newest readable checkpoint."""
+    task = load_task(config, workdir)
+    cfg, o, t = model_config(config, task.tokenizer), optim_config(config), config.train
+    check_sample_prompts(config, task, cfg)
+    mesh, rules = make_run_mesh(config), sharding.rules_for(config.mesh.preset)
+    sharding.check_divisibility(cfg, mesh, rules, t.batch_size)
+    logging.info("mesh %s (preset %r) over %d process(es), %d devices", dict(mesh.shape), config.mesh.preset,
+                 jax.process_count(), mesh.size)
+    graphdef, tx, state, state_sh = ts.create_train_state(MODEL_KINDS[task.kind], cfg, o, t.seed, mesh, rules)
+    example = ip.batch_at(task.train, 0, t.batch_size)
+    batch_sh = ts.batch_sharding(mesh, rules, example)
+    kw = dict(mesh=mesh, rules=rules, batch_sharding=batch_sh)
+    train_fn = ts.make_train_step(graphdef, tx, o, state_sharding=state_sh, **kw)
+    eval_fn = ts.make_eval_step(graphdef, o, params_sharding=state_sh.params, **kw)
+    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=t.keep_checkpoints)
+    if ckpt.latest_step() is not None:
+        try:
+            check_resume(workdir, task.kind, cfg, o)
+            state, extra = ckpt.restore(target=abstract_like(state, state_sh), move_aside=True)
+        except BaseException:
+            ckpt.close()
+            raise
+        logging.info("resumed from step %d (data position %s)", int(state.step), extra.get("data_step"))
+    if jax.process_index() == 0:
+        atomic_write(workdir / "config.json", json.dumps({
+            "config": config.to_dict(), "model": dataclasses.asdict(cfg), "optim": dataclasses.asdict(o),
+            "tokenizer": config.data.tokenizer}, indent=2))
+    seq = example["tgt_inputs" if "src" in example else "inputs"].shape[1]
+    return Run(config, workdir, task, cfg, graphdef, state, train_fn, eval_fn, batch_sh, ckpt,
+               MetricWriter(workdir, enabled=jax.process_index() == 0),
+               last_saved=ckpt.latest_step(), flops_per_token=flops.train_flops_per_token(cfg, seq),
+               peak_tflops=_peak_tflops())
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    run.ckpt.save(step, run.state, {"data_step": step, "model_kind": run.task.kind})
+    run.last_saved = step
+
+
+def evaluate(run: Run) -> dict:
+    """Mean loss / accuracy over `train.eval_batches` validation batches, plus perplexity and bits per byte
+    (LM) or exact match and BLEU (seq2seq)."""
+    t, task = run.config.train, run.task
+    bs = t.eval_batch_size or t.batch_size
+    sums = None
+    batches = ip.eval_batches(task.valid, bs, jax.process_index(), jax.process_count())
+    for _, batch in zip(range(t.eval_batches), batches):
+        s = run.eval_fn(run.state.params, _global_batch(batch, run.batch_sh, bs))
+        sums = s if sums is None else jax.tree.map(lambda a, b: a + b, sums, s)
+    sums = jax.tree.map(float, sums)
+    w = max(sums["weight_sum"], 1.0)
+    out = {"loss": sums["nll_sum"] / w, "accuracy": sums["correct_sum"] / w}
+    if task.kind == "lm":
+        out["perplexity"] = math.exp(min(out["loss"], 50.0))
+        out["bits_per_byte"] = ip.bits_per_byte(sums["nll_sum"], sums["weight_sum"], task.valid)
+    else:
+        d = run.config.data
+        out.update(decode.translation_scores(run.model(), task.tokenizer, task.valid_pairs[: t.eval_decode_examples],
+                                             d.src_len, d.tgt_len, t.beam_size))
+    return out
+
+
+def _fmt(d: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in d.items())
+
+
+@dataclasses.dataclass
+class Window:
+    """The steps since the last host sync: their metrics stay on the device until `report`."""
+
+    start: int  # steps done before the window
+    time: float
+    metrics: list = dataclasses.field(default_factory=list)
+
+
+def report(run: Run, window: Window, done: int) -> Window:
+    """The one host sync between logs: check every step of the window is finite, write a train line."""
+    fetched = jax.device_get(window.metrics)
+    bad = next((i for i, m in enumerate(fetched) if not m["finite"]), None)
+    if bad is not None:
+        saved = "no checkpoint has been saved yet" if run.last_saved is None else \
+            f"the last good checkpoint is step {run.last_saved}"
+        first = fetched[bad]
+        raise FloatingPointError(f"non-finite loss or gradient at step {window.start + bad + 1} "
+                                 f"(loss={first['loss']:.4g}, grad_norm={first['grad_norm']:.4g}): stopping; {saved}. "
+                                 "Lower optim.learning_rate or check the data")
+    dt = max(time.time() - window.time, 1e-9)
+    tps = sum(m["tokens"] for m in fetched) / dt
+    last = fetched[-1]
+    line = {"loss": last["loss"], "lr": last["lr"], "grad_norm": last["grad_norm"], "tokens_per_s": tps,
+            "tflops": tps * run.flops_per_token / 1e12}
+    if run.peak_tflops:
+        line["mfu"] = line["tflops"] / run.peak_tflops
+    run.writer.write(done, "train", line)
+    t = run.config.train
+    if done % t.log_every == 0 or done == t.num_steps:
+        eta = (t.num_steps - done) * dt / max(done - window.start, 1)
+        logging.info("step %d/%d loss %.4f lr %.2e %.0f tok/s %.3f TFLOP/s%s ETA %.0fs", done, t.num_steps,
+                     last["loss"], last["lr"], tps, line["tflops"],
+                     f" MFU {line['mfu']:.1%}" if run.peak_tflops else "", eta)
+    return Window(done, time.time())
+
+
+def train_steps(run: Run, preempt: Preemption) -> bool:
+    """Train from the state's step to `train.num_steps`; False when a signal stopped it (state saved)."""
+    t = run.config.train
+    start = int(run.state.step)
+    window = Window(start, time.time())
+    batches = Prefetcher(run.train_batch, range(start, t.num_steps))
+    try:
+        for done, batch in enumerate(batches, start + 1):
+            run.state, metrics = run.train_fn(run.state, batch)
+            window.metrics.append(metrics)
+            stop = preempt.requested
+            if stop or done % t.log_every == 0 or done % t.checkpoint_every == 0 or done == t.num_steps:
+                window = report(run, window, done)
+            if stop:
+                save_checkpoint(run, done)
+                run.ckpt.wait()
+                logging.warning("saved step %d after %s; exiting", done, stop)
+                return False
+            if done % t.checkpoint_every == 0 and done != t.num_steps:
+                save_checkpoint(run, done)
+            if done % t.eval_every == 0 and done != t.num_steps:
+                ev = evaluate(run)
+                run.writer.write(done, "eval", ev)
+                logging.info("eval @%d: %s", done, _fmt(ev))
+    finally:
+        batches.close()
+    return True
+
+
+def finish(run: Run) -> dict:
+    """Save the final state first (nothing after it can lose the run), then evaluate, sample and summarise."""
+    step = int(run.state.step)
+    save_checkpoint(run, step)
+    run.ckpt.wait()
+    result = evaluate(run)
+    run.writer.write(step, "eval", result)
+    logging.info("final eval @%d: %s", step, _fmt(result))
+    # Every process takes part in generating (the parameters may span hosts); process 0 prints.
+    t, main = run.config.train, jax.process_index() == 0
+    lines = decode.sample_lines(run.model(), run.task.tokenizer, t, run.config.data, run.task.kind,
+                                run.task.valid_pairs, jax.random.key(t.seed))
+    if main:
+        print("\n".join(lines))
+        plot_loss(run.workdir)
+        atomic_write(run.workdir / "final_metrics.json", json.dumps({"step": step, **result}, indent=2))
+    return result
+
+
+def train_and_evaluate(config: ConfigDict, workdir: str | os.PathLike) -> dict:
+    """Train (or resume) per `config` in `workdir`; returns the final eval metrics ({"preempted_at": step}
+    when a signal stopped the run)."""
     validate(config)
-    kind = config.model.kind
-    if kind not in MODEL_KINDS:
-        raise ValueError(f"config.model.kind: unknown {kind!r}; choose one of {sorted(MODEL_KINDS)}")
-    cfg, o = plan_model_config(config), optim_config(config)
-    mesh = make_run_mesh(config)
-    rules = sharding.rules_for(config.mesh.preset)
-    d = config.data
-    seq, src = (d.seq_len, None) if kind == "lm" else (d.tgt_len, d.src_len)
-    return plan_lib.plan_train_step(MODEL_KINDS[kind], cfg, o, mesh, rules,
-                                    batch=config.train.batch_size, seq_len=seq, src_len=src)
+    workdir = prepare_workdir(workdir)
+    # Process 0 holds the lock for the whole run; the others share its workdir.
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        run = setup_run(config, workdir)
+        preempt = Preemption()
+        try:
+            if not train_steps(run, preempt):
+                return {"preempted_at": int(run.state.step)}
+            return finish(run)
+        finally:
+            preempt.restore()
+            run.writer.close()
+            run.ckpt.close()
+
+
+# ---------------------------------------------------------------------------
+# Planning (no data, no training).
 
 
 def use_fake_cpu_devices(n: int) -> None:
@@ -211,250 +657,24 @@ def use_fake_cpu_devices(n: int) -> None:
     jax.config.update("jax_platforms", "cpu")
 
 
-def make_run_mesh(config: ConfigDict):
-    """The run's mesh; without a -1, a mesh smaller than the host uses its first devices."""
-    shape = {k: config.mesh[k] for k in sharding.MESH_AXES}
-    devices = jax.devices()
-    if -1 not in shape.values() and math.prod(shape.values()) < len(devices):
-        devices = devices[: math.prod(shape.values())]
-    return sharding.make_mesh(shape, devices=devices)
+def print_plan(config: ConfigDict):
+    """Compile (never run) the run's train step on its mesh, print its table; returns the `tformer.plan.Plan`."""
+    from tformer import plan as plan_lib
 
-
-class Preemption:
-    """SIGTERM (a preemptible VM being reclaimed) -> save and exit at the next step."""
-
-    def __init__(self):
-        self.requested = False
-        self._prev = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and exiting")
-        self.requested = True
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._prev)
-
-
-def _global_batch(local: dict, shardings: dict, global_batch: int) -> dict:
-    return {
-        k: jax.make_array_from_process_local_data(shardings[k], v, (global_batch,) + v.shape[1:])
-        for k, v in local.items()
-    }
-
-
-def evaluate(task: Task, eval_step, params, config, batch_sh, model=None) -> dict:
-    t = config.train
-    bs = t.eval_batch_size or t.batch_size
-    sums = None
-    n, p = jax.process_count(), jax.process_index()
-    for i, batch in enumerate(ip.eval_batches(task.valid, bs, p, n)):
-        if t.eval_batches and i >= t.eval_batches:
-            break
-        s = eval_step(params, _global_batch(batch, batch_sh, bs))
-        sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
-    sums = jax.tree.map(float, sums)
-    w = max(sums["weight_sum"], 1.0)
-    out = {"loss": sums["nll_sum"] / w, "accuracy": sums["correct_sum"] / w}
-    if task.kind == "lm":
-        out["perplexity"] = math.exp(min(out["loss"], 50.0))
-        out["bits_per_byte"] = ip.bits_per_byte(sums["nll_sum"], sums["weight_sum"], task.valid)
-    elif model is not None:
-        out.update(translate_eval(model, task, config))
-    return out
-
-
-def translate(model, tok, sources: list[str], src_len: int, max_new: int, beam_size: int = 1) -> list[str]:
-    """Greedy (beam 1) or beam-search translations of `sources`."""
-    src = np.zeros((len(sources), src_len), np.int32)
-    for i, s in enumerate(sources):
-        ids = (list(tok.encode(s)) + [tok.eos_id])[:src_len]
-        src[i, : len(ids)] = ids
-    bos = np.full((len(sources), 1), tok.bos_id, np.int32)
-    if beam_size > 1:
-        out = tformer.beam_search(model, bos, src=src, max_new_tokens=max_new, beam_size=beam_size)
-    else:
-        out = tformer.generate(model, bos, src=src, max_new_tokens=max_new)
-    return [tok.decode(row) for row in np.asarray(out.tokens)]
-
-
-def translate_eval(model, task: Task, config: ConfigDict) -> dict:
-    import sacrebleu
-
-    pairs = task.valid_pairs[: config.train.eval_decode_examples]
-    max_new = min(config.data.tgt_len, model.cfg.max_len - 1)
-    hyps = []
-    for i in range(0, len(pairs), 256):
-        chunk = pairs[i : i + 256]
-        hyps += translate(model, task.tokenizer, [s for s, _ in chunk], config.data.src_len, max_new, config.train.beam_size)
-    refs = [t for _, t in pairs]
-    exact = sum(h.strip() == r.strip() for h, r in zip(hyps, refs)) / len(refs)
-    bleu = sacrebleu.corpus_bleu(hyps, [refs]).score
-    return {"exact_match": exact, "bleu": bleu}
-
-
-def complete(model, tok, prompts: list[str], max_new: int, rng, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None) -> list[str]:
-    """LM continuations of `prompts` (each starts after BOS, as documents do in training)."""
-    enc = [[tok.bos_id] + list(tok.encode(p)) for p in prompts]
-    width = max(map(len, enc))
-    arr = np.zeros((len(enc), width), np.int32)
-    for i, e in enumerate(enc):
-        arr[i, : len(e)] = e
-    n = min(max_new, model.cfg.max_len - width)
-    out = tformer.generate(model, arr, lengths=[len(e) for e in enc], max_new_tokens=n, rng=rng,
-                           temperature=temperature, top_k=top_k, top_p=top_p)
-    return [p + tok.decode(row) for p, row in zip(prompts, np.asarray(out.tokens))]
-
-
-def lm_samples(model, tok, config: ConfigDict, rng) -> list[str]:
-    prompts = [p for p in config.train.sample_prompts.split("|") if p][: config.train.num_samples]
-    if not prompts:
-        return []
-    return complete(model, tok, prompts, config.train.sample_tokens, rng, config.train.temperature,
-                    config.train.top_k or None)
-
-
-def _peak_tflops() -> float | None:
-    """Dense bf16 peak of this run's devices (all of them), or None where unknown (CPU)."""
-    spec = flops.device_spec(jax.devices()[0].device_kind)
-    return None if spec is None else spec.peak_tflops * jax.device_count()
-
-
-def run(config: ConfigDict, workdir: str | os.PathLike) -> dict:
-    """Train (or resume) per `config` in `workdir`; returns the final eval metrics."""
     validate(config)
-    workdir = Path(workdir)
-    main = jax.process_index() == 0
-    workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_count() > 1 and config.data.tokenizer == "sentencepiece":
-        # One process trains the tokenizer into the (shared) workdir; the others load it.
-        from jax.experimental import multihost_utils
-
-        task = build_task(config, workdir) if main else None
-        multihost_utils.sync_global_devices("tformer:tokenizer")
-        task = task or build_task(config, workdir)
-    else:
-        task = build_task(config, workdir)
-    cfg, o = model_config(config, task), optim_config(config)
-    t = config.train
-    model_cls = MODEL_KINDS[config.model.kind]
-
-    mesh = make_run_mesh(config)
-    rules = sharding.rules_for(config.mesh.preset)
-    sharding.check_divisibility(cfg, mesh, rules, t.batch_size)
-    logging.info("mesh %s (preset %r) over %d process(es), %d devices", dict(mesh.shape), config.mesh.preset,
-                 jax.process_count(), mesh.size)
-    graphdef, tx, state, state_sh = ts.create_train_state(model_cls, cfg, o, t.seed, mesh, rules)
-    example = ip.batch_at(task.train, 0, t.batch_size)
-    batch_sh = ts.batch_sharding(mesh, rules, example)
-    train_fn = ts.make_train_step(graphdef, tx, o, mesh=mesh, rules=rules, state_sharding=state_sh, batch_sharding=batch_sh)
-    eval_fn = ts.make_eval_step(graphdef, o, mesh=mesh, rules=rules, params_sharding=state_sh.params, batch_sharding=batch_sh)
-
-    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=t.keep_checkpoints)
-    if ckpt.latest_step() is not None:
-        state, extra = ckpt.restore(target=abstract_like(state, state_sh))
-        logging.info("resumed from step %d (data position %s)", int(state.step), extra.get("data_step"))
-    if main:
-        atomic_write(workdir / "config.json", json.dumps(
-            {"config": config.to_dict(), "model": dataclasses.asdict(cfg), "tokenizer": config.data.tokenizer}, indent=2))
-    writer = MetricWriter(workdir, enabled=main)
-    flops_per_token = flops.train_flops_per_token(cfg, example["tgt_inputs" if "src" in example else "inputs"].shape[1])
-    peak = _peak_tflops()
-
-    def model_now():
-        from flax import nnx
-        return nnx.merge(graphdef, state.params)
-
-    def save(step):
-        ckpt.save(step, state, {"data_step": step, "model_kind": config.model.kind})
-
-    preempt = Preemption()
-    start = int(state.step)
-    all_finite = jnp.array(True)
-    last_good = ckpt.latest_step()
-    pending, t_last, step_last = [], time.time(), start
-    result: dict = {}
-    try:
-        for step in range(start, t.num_steps):
-            local = ip.batch_at(task.train, step, t.batch_size, t.seed,
-                                process_index=jax.process_index(), process_count=jax.process_count())
-            state, m = train_fn(state, _global_batch(local, batch_sh, t.batch_size))
-            all_finite = jnp.logical_and(all_finite, m["finite"])  # device-side: no sync
-            pending.append(m)
-            done = step + 1
-            stop = preempt.requested
-            if done % t.log_every == 0 or done == t.num_steps or stop or done % t.checkpoint_every == 0:
-                fetched = jax.device_get(pending)  # the only host sync between logs
-                pending = []
-                if not bool(all_finite):
-                    bad = next((start + i for i, h in enumerate(fetched) if not h["finite"]), done)
-                    raise FloatingPointError(
-                        f"non-finite loss at step {bad + 1} (loss={fetched[-1]['loss']}): stopping. The last good "
-                        f"checkpoint is step {last_good}; lower optim.learning_rate or check the data"
-                    )
-                dt = time.time() - t_last
-                tokens = sum(h["tokens"] for h in fetched)
-                tps = tokens / max(dt, 1e-9)
-                last = fetched[-1]
-                line = {"loss": last["loss"], "lr": last["lr"], "grad_norm": last["grad_norm"],
-                        "tokens_per_s": tps, "tflops": tps * flops_per_token / 1e12}
-                if peak:
-                    line["mfu"] = line["tflops"] / peak
-                writer.write(done, "train", line)
-                if done % t.log_every == 0 or done == t.num_steps:
-                    eta = (t.num_steps - done) * dt / max(done - step_last, 1)
-                    logging.info("step %d/%d loss %.4f lr %.2e %.0f tok/s %.3f TFLOP/s%s ETA %.0fs", done, t.num_steps,
-                                 last["loss"], last["lr"], tps, line["tflops"],
-                                 f" MFU {line['mfu']:.1%}" if peak else "", eta)
-                t_last, step_last = time.time(), done
-            if stop:
-                save(done)
-                ckpt.wait()
-                logging.warning("saved step %d after SIGTERM; exiting", done)
-                return {"preempted_at": done}
-            if done % t.checkpoint_every == 0 and done != t.num_steps:
-                save(done)
-                last_good = done
-            if done % t.eval_every == 0 and done != t.num_steps:
-                ev = evaluate(task, eval_fn, state.params, config, batch_sh, model_now() if task.kind == "seq2seq" else None)
-                writer.write(done, "eval", ev)
-                logging.info("eval @%d: %s", done, _fmt(ev))
-        result = evaluate(task, eval_fn, state.params, config, batch_sh, model_now())
-        writer.write(int(state.step), "eval", result)
-        logging.info("final eval @%d: %s", int(state.step), _fmt(result))
-        save(int(state.step))
-        ckpt.wait()
-        # Every process takes part in generating (the parameters may span hosts); process 0 prints.
-        show_samples(model_now(), task, config, echo=main)
-        if main:
-            plot_loss(workdir)
-            atomic_write(workdir / "final_metrics.json", json.dumps({"step": int(state.step), **result}, indent=2))
-        return result
-    finally:
-        preempt.restore()
-        writer.close()
-        ckpt.close()
+    kind, d = config.model.kind, config.data
+    cfg, o = plan_model_config(config), optim_config(config)
+    mesh, rules = make_run_mesh(config), sharding.rules_for(config.mesh.preset)
+    seq, src = (d.seq_len, None) if kind == "lm" else (d.tgt_len, d.src_len)
+    p = plan_lib.plan_train_step(MODEL_KINDS[kind], cfg, o, mesh, rules, batch=config.train.batch_size,
+                                 seq_len=seq, src_len=src)
+    print(f"plan: {kind} model, preset {config.mesh.preset!r}, "
+          f"{jax.device_count()} {jax.devices()[0].platform} devices\n{p.table()}")
+    return p
 
 
-def _fmt(d: dict) -> str:
-    return " ".join(f"{k}={v:.4g}" for k, v in d.items())
-
-
-def show_samples(model, task: Task, config: ConfigDict, echo: bool = True) -> None:
-    if task.kind == "lm":
-        for s in lm_samples(model, task.tokenizer, config, jax.random.key(config.train.seed)):
-            if echo:
-                print(f"--- sample ---\n{s}\n")
-    else:
-        n = config.train.num_samples
-        srcs = [s for s, _ in task.valid_pairs[:n]]
-        if not srcs:
-            return
-        hyps = translate(model, task.tokenizer, srcs, config.data.src_len,
-                         min(config.data.tgt_len, model.cfg.max_len - 1), config.train.beam_size)
-        for (s, ref), h in zip(task.valid_pairs[:n], hyps):
-            if echo:
-                print(f"{s}  ->  {h}   (reference: {ref})")
+# ---------------------------------------------------------------------------
+# Entry point: flags only.
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -464,9 +684,7 @@ class _QuietLibraries(logging_std.Filter):
         return record.levelno >= logging_std.WARNING or "orbax" not in record.pathname
 
 
-def main(argv):
-    del argv
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+def _check_flags() -> None:
     if FLAGS.config is None:
         raise app.UsageError("--config is required")
     if FLAGS.plan_devices is not None:
@@ -474,28 +692,68 @@ def main(argv):
             raise app.UsageError("--plan_devices only applies to --plan (fake CPU devices cannot train a real run)")
         if FLAGS.distributed or FLAGS.coordinator_address:
             raise app.UsageError("--plan_devices plans on one host's fake devices; drop the multi-host flags")
+    if not FLAGS.plan and FLAGS.workdir is None:
+        raise app.UsageError("--workdir is required (except with --plan)")
+
+
+def _start_processes() -> None:
+    """Join a multi-process run (if asked); a peer silent for --heartbeat_timeout seconds stops every process."""
+    timeouts = dict(heartbeat_timeout_seconds=FLAGS.heartbeat_timeout, shutdown_timeout_seconds=FLAGS.heartbeat_timeout)
+    if sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                       auto=FLAGS.distributed, **timeouts) and jax.process_index() != 0:
+        logging.set_verbosity(logging.WARNING)  # process 0 reports progress
+
+
+def main(argv):
+    del argv
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    _check_flags()
     if FLAGS.tune_allocator:
         host.tune_allocator()  # before JAX starts its threads (see tformer/host.py)
     try:
         if FLAGS.plan_devices is not None:
             use_fake_cpu_devices(FLAGS.plan_devices)
-        if sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                                           auto=FLAGS.distributed) and jax.process_index() != 0:
-            logging.set_verbosity(logging.WARNING)  # process 0 reports progress
+        _start_processes()
         if FLAGS.plan:
-            p = plan(FLAGS.config)
-            print(f"plan: {FLAGS.config.model.kind} model, preset {FLAGS.config.mesh.preset!r}, "
-                  f"{jax.device_count()} {jax.devices()[0].platform} devices\n{p.table()}")
-            return
-        if FLAGS.workdir is None:
-            raise app.UsageError("--workdir is required (except with --plan)")
-        run(FLAGS.config, FLAGS.workdir)
-    except (ValueError, FloatingPointError) as e:
-        logging.error("%s", e)
+            print_plan(FLAGS.config)
+        else:
+            train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (ValueError, FloatingPointError, CheckpointError, OSError) as e:
+        if FLAGS.verbose:
+            raise
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+    """The first `--config.<section>.<field>` of `argv` that the config does not have, as an error line."""
+    from experiments.configs.base import base_config
+
+    ref = base_config()
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config."):].split("=", 1)[0].split(".")
+        if path[0] not in ref:
+            return f"--config.{path[0]}: unknown section; valid sections are {sorted(ref.keys())}"
+        if len(path) > 1 and path[1] not in ref[path[0]]:
+            return (f"--config.{'.'.join(path)}: unknown field {path[1]!r} of config.{path[0]}; valid fields are "
+                    f"{sorted(ref[path[0]].keys())}")
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with an override of a field the config lacks as one `error:` line."""
+    try:
+        return FLAGS(argv)
+    except (AttributeError, KeyError):  # what ml_collections raises for such an override
+        line = _unknown_override(argv)
+        if line is None or "--verbose" in argv:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         sys.exit(1)
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

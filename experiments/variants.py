@@ -36,6 +36,7 @@ from flax import nnx
 
 import tformer
 from experiments import input_pipeline as ip
+from experiments import decode as dec
 from experiments import train as tr
 from tformer import kvcache
 from tformer.compress import param_bytes, with_config
@@ -89,7 +90,7 @@ def _config(name: str):
 
 def train_variant(config, task, overrides: dict):
     """Train `config`'s model with `overrides` for config.train.num_steps; returns the model."""
-    cfg = tr.model_config(config, task).replace(**overrides)
+    cfg = tr.model_config(config, task.tokenizer).replace(**overrides)
     o, t = tr.optim_config(config), config.train
     model_cls = tr.MODEL_KINDS[config.model.kind]
     graphdef, tx, state, _ = tformer.create_train_state(model_cls, cfg, o, t.seed)
@@ -166,7 +167,8 @@ def run_seq2seq() -> None:
     task = tr.build_task(config, Path(FLAGS.workdir))
     for name in _selected(list(S2S_TRAINED)):
         model, loss, secs = train_variant(config, task, S2S_TRAINED[name])
-        ev = tr.translate_eval(model, task, config)
+        ev = dec.translation_scores(model, task.tokenizer, task.valid_pairs[: config.train.eval_decode_examples],
+                                    config.data.src_len, config.data.tgt_len)
         emit(what="seq2seq", variant=name, exact_match=ev["exact_match"], bleu=ev["bleu"], train_loss=loss,
              train_s=round(secs, 1), steps=FLAGS.steps, src_len=config.data.src_len,
              examples=min(len(task.valid_pairs), config.train.eval_decode_examples))

@@ -7,6 +7,18 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from tformer.config import ModelConfig  # noqa: E402  (after XLA_FLAGS: imports jax)
+
+V = 120  # test vocabulary: not a multiple of vocab_multiple, so padded ids are always present
+
+
+def make_cfg(**kw) -> ModelConfig:
+    """The small model the model and generation tests share (a large init spreads the logits)."""
+    base = dict(vocab_size=V, d_model=32, num_heads=4, num_layers=1, d_ff=64, max_len=24, vocab_multiple=64,
+                init_std=0.3)
+    base.update(kw)
+    return ModelConfig(**base)
+
 
 def pytest_sessionfinish(session, exitstatus):
     """In CI every dependency is installed (`.[test]`), so a skip there hides a failure: fail the run."""

@@ -63,8 +63,19 @@ def test_param_count_matches_decoder_lm(kw):
 
 def test_param_count_matches_encoder_decoder():
     cfg = tformer.ModelConfig(vocab_size=100, d_model=32, num_heads=4, num_layers=2, num_encoder_layers=1)
-    assert flops.param_count(cfg, encoder_decoder=True, include_positions=True) == real_params(
-        tformer.EncoderDecoder, cfg)
+    assert flops.param_count(cfg, include_positions=True) == real_params(tformer.EncoderDecoder, cfg)
+
+
+def test_train_flops_encoder_decoder_by_hand():
+    # The model kind comes from the config: encoder layers and cross-attention are counted.
+    # d 32, 4 heads of 8, d_ff 128, LayerNorm, biases, tied, vocab 100 -> 128; 1 encoder + 2 decoder layers.
+    cfg = tformer.ModelConfig(vocab_size=100, d_model=32, num_heads=4, num_layers=2, num_encoder_layers=1)
+    attn = 4 * 32 * 32 + 3 * 32 + 32  # Q, K, V, O weights; their biases
+    mlp = 2 * 32 * 128 + 128 + 32
+    norm = 2 * 32  # LayerNorm scale + bias
+    n = 1 * (attn + mlp + 2 * norm) + 2 * (2 * attn + mlp + 3 * norm) + 128 * 32 + 2 * norm
+    assert flops.param_count(cfg) == n == 50_912
+    assert flops.train_flops_per_token(cfg, 16) == 6 * n + 12 * 2 * 32 * 16
 
 
 def test_train_flops_small_config_by_hand():

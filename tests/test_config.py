@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from tformer import DecoderLM, EncoderDecoder, ModelConfig, gpt2_small, transformer_base
+from tformer import DecoderLM, EncoderDecoder, ModelConfig, OptimizerConfig, gpt2_small, transformer_base
 
 OK = dict(vocab_size=100, d_model=32, num_heads=4, num_layers=1, max_len=16)
 
@@ -76,3 +76,29 @@ def test_model_level_errors():
         model(jnp.zeros((1, 5), jnp.int32))
     with pytest.raises(ValueError, match=r"tokens must be \[batch, length\], got shape \(5,\)"):
         model(jnp.zeros((5,), jnp.int32))
+
+
+OPT_BAD = [
+    (dict(learning_rate=0.0), r"OptimizerConfig.learning_rate: must be > 0, got 0.0"),
+    (dict(learning_rate=float("nan")), r"OptimizerConfig.learning_rate: must be > 0, got nan"),
+    (dict(warmup_steps=-1), r"OptimizerConfig.warmup_steps: must be >= 0, got -1"),
+    (dict(total_steps=0), r"OptimizerConfig.total_steps: must be >= 1, got 0"),
+    (dict(schedule="cubic"), r"OptimizerConfig.schedule: unknown 'cubic'; choose one of \('cosine', "),
+    (dict(min_lr_ratio=1.5), r"OptimizerConfig.min_lr_ratio: must be in \[0, 1\], got 1.5"),
+    (dict(b1=1.0), r"OptimizerConfig.b1: must be in \[0, 1\), got 1.0"),
+    (dict(b2=1.5), r"OptimizerConfig.b2: must be in \[0, 1\), got 1.5"),
+    (dict(eps=0.0), r"OptimizerConfig.eps: must be > 0, got 0.0"),
+    (dict(weight_decay=-5.0), r"OptimizerConfig.weight_decay: must be >= 0, got -5.0"),
+    (dict(clip_norm=0.0), r"OptimizerConfig.clip_norm: must be > 0 or None \(no clipping\), got 0.0"),
+    (dict(clip_norm=-1.0), r"OptimizerConfig.clip_norm: must be > 0 or None \(no clipping\), got -1.0"),
+    (dict(grad_accum_steps=0), r"OptimizerConfig.grad_accum_steps: must be >= 1, got 0"),
+    (dict(z_loss=-1e-4), r"OptimizerConfig.z_loss: must be >= 0 \(0 = off\), got -0.0001"),
+    (dict(label_smoothing=1.0), r"OptimizerConfig.label_smoothing: must be in \[0, 1\), got 1.0"),
+]
+
+
+@pytest.mark.parametrize("bad,message", OPT_BAD, ids=[f"{k}={v}" for b, _ in OPT_BAD for k, v in b.items()])
+def test_bad_optimizer_field_is_named(bad, message):
+    with pytest.raises(ValueError, match=message):
+        OptimizerConfig(**bad)
+    OptimizerConfig(clip_norm=None, weight_decay=0.0, b1=0.0, warmup_steps=0)  # the edges that are allowed

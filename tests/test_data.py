@@ -418,3 +418,11 @@ def test_seq2seq_numbers_task_end_to_end():
     src, tgt = task["validation"][0]
     assert tok.decode(b["src"][0]) == src and tok.decode(b["tgt_targets"][0]) == tgt
     assert b["tgt_weights"][20:].sum() == 0
+
+
+@pytest.mark.parametrize("vocab_size,match", [(100, r"smaller than required_chars\. 100 vs \d+"),
+                                              (50_000, r"too high \(50000\)\. Please set it to a value <= \d+")])
+def test_sentencepiece_vocab_that_does_not_fit_names_the_field(tmp_path, vocab_size, match):
+    pytest.importorskip("sentencepiece")
+    with pytest.raises(ValueError, match=rf"config.data.vocab_size={vocab_size} does not fit the text .*{match}"):
+        tokenizers.make_tokenizer("sentencepiece", tmp_path, ["hello world, some text\n"] * 50, vocab_size=vocab_size)

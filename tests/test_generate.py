@@ -10,23 +10,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tformer import (DecoderLM, EncoderDecoder, ModelConfig, Sampling, beam_search, generate, sample_logits,
+from conftest import V, make_cfg
+from tformer import (Decode, DecoderLM, EncoderDecoder, Sampling, beam_search, generate, sample_logits,
                      sequence_logprob)
 
 gen_module = importlib.import_module("tformer.generate")  # `tformer.generate` is also the function
 
-V = 120
 N = 6  # new tokens
 PROMPTS = np.array([[11, 12, 13, 14, 15], [21, 22, 999, 999, 999], [31, 32, 33, 34, 999]])  # 999: padding
 LENGTHS = [5, 2, 4]
 SRC = np.array([[5, 6, 7, 8, 9, 10], [11, 12, 0, 0, 0, 0], [13, 14, 15, 16, 0, 0]])
-
-
-def make_cfg(**kw):
-    base = dict(vocab_size=V, d_model=32, num_heads=4, num_layers=1, d_ff=64, max_len=24, vocab_multiple=64,
-                init_std=0.3)
-    base.update(kw)
-    return ModelConfig(**base)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +80,7 @@ def test_greedy_matches_naive_decoder(lm, lm_naive):
     assert len(set(lm_naive[0].tolist())) > 1, "a degenerate model would make this test weak"
     # An EOS that row 0 emits mid-way, so both the stop and the pass-through paths run.
     eos = int(lm_naive[0, 2])
-    out = generate(lm, PROMPTS, lengths=LENGTHS, max_new_tokens=N, eos_id=eos)
+    out = generate(lm, PROMPTS, Decode(N, eos_id=eos), lengths=LENGTHS)
     want, want_len = stop_at(lm_naive, eos, lm.cfg.pad_id)
     assert want_len[0] <= 3 and (want_len == N).any()
     np.testing.assert_array_equal(np.asarray(out.tokens), want)
@@ -96,7 +89,7 @@ def test_greedy_matches_naive_decoder(lm, lm_naive):
 
 def test_greedy_matches_naive_encdec(encdec, encdec_naive):
     bos = np.full((3, 1), encdec.cfg.bos_id)
-    out = generate(encdec, bos, src=SRC, max_new_tokens=N, eos_id=-1)
+    out = generate(encdec, bos, Decode(N, eos_id=-1), src=SRC)
     np.testing.assert_array_equal(np.asarray(out.tokens), encdec_naive)
     np.testing.assert_array_equal(np.asarray(out.lengths), [N] * 3)
 
@@ -122,19 +115,21 @@ def test_phased_decode_is_exact(chunk, lm, lm_naive, encdec, encdec_naive):
     eos = int(lm_naive[0, 2])
     want, want_len = stop_at(lm_naive, eos, lm.cfg.pad_id)
     for cache_len in (None, 20):
-        out = generate(lm, PROMPTS, lengths=LENGTHS, max_new_tokens=N, eos_id=eos, decode_chunk=chunk,
-                       cache_len=cache_len)
+        out = generate(lm, PROMPTS, Decode(N, eos_id=eos, cache_len=cache_len, chunk=chunk), lengths=LENGTHS)
         np.testing.assert_array_equal(np.asarray(out.tokens), want)
         np.testing.assert_array_equal(np.asarray(out.lengths), want_len)
     bos = np.full((3, 1), encdec.cfg.bos_id)
-    out = generate(encdec, bos, src=SRC, max_new_tokens=N, eos_id=-1, decode_chunk=chunk)
+    out = generate(encdec, bos, Decode(N, eos_id=-1, chunk=chunk), src=SRC)
     np.testing.assert_array_equal(np.asarray(out.tokens), encdec_naive)
-    kw = dict(lengths=LENGTHS, max_new_tokens=N, eos_id=-1, temperature=1.0, rng=jax.random.key(3))
-    np.testing.assert_array_equal(np.asarray(generate(lm, PROMPTS, decode_chunk=chunk, **kw).tokens),
-                                  np.asarray(generate(lm, PROMPTS, **kw).tokens))
+    kw = dict(lengths=LENGTHS, rng=jax.random.key(3))
+    hot = Sampling(temperature=1.0)
+    phased = generate(lm, PROMPTS, Decode(N, eos_id=-1, chunk=chunk), hot, **kw)
+    np.testing.assert_array_equal(np.asarray(phased.tokens),
+                                  np.asarray(generate(lm, PROMPTS, Decode(N, eos_id=-1), hot, **kw).tokens))
     # Beam search reorders the cache per step: in phases, only the slots filled so far.
-    kw = dict(lengths=LENGTHS, max_new_tokens=N, eos_id=eos, beam_size=3)
-    want, got = beam_search(lm, PROMPTS, **kw), beam_search(lm, PROMPTS, decode_chunk=chunk, **kw)
+    kw = dict(lengths=LENGTHS, beam_size=3)
+    want = beam_search(lm, PROMPTS, Decode(N, eos_id=eos), **kw)
+    got = beam_search(lm, PROMPTS, Decode(N, eos_id=eos, chunk=chunk), **kw)
     np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
     np.testing.assert_allclose(np.asarray(got.scores), np.asarray(want.scores), rtol=1e-6)
 
@@ -142,22 +137,22 @@ def test_phased_decode_is_exact(chunk, lm, lm_naive, encdec, encdec_naive):
 def test_generate_compiles_once_per_call_shape(lm):
     before = gen_module._generate._cache_size()
     eos = -1
-    a = generate(lm, PROMPTS, lengths=LENGTHS, max_new_tokens=N, eos_id=eos)
+    a = generate(lm, PROMPTS, Decode(N, eos_id=eos), lengths=LENGTHS)
     after_first = gen_module._generate._cache_size()
     # Other token values, other lengths, another model of the same config: no retrace.
     other = DecoderLM(lm.cfg, rngs=nnx.Rngs(42))
-    b = generate(other, PROMPTS[::-1] % V, lengths=LENGTHS[::-1], max_new_tokens=N, eos_id=eos)
-    generate(lm, PROMPTS, lengths=[1, 1, 1], max_new_tokens=N, eos_id=eos)
+    b = generate(other, PROMPTS[::-1] % V, Decode(N, eos_id=eos), lengths=LENGTHS[::-1])
+    generate(lm, PROMPTS, Decode(N, eos_id=eos), lengths=[1, 1, 1])
     assert gen_module._generate._cache_size() == after_first <= before + 1
     assert not np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
     # A new shape does compile.
-    generate(lm, PROMPTS[:2], lengths=LENGTHS[:2], max_new_tokens=N, eos_id=eos)
+    generate(lm, PROMPTS[:2], Decode(N, eos_id=eos), lengths=LENGTHS[:2])
     assert gen_module._generate._cache_size() == after_first + 1
     # Temperature and top_p are values: sweeping them reuses one program.
-    kw = dict(lengths=LENGTHS, max_new_tokens=N, eos_id=eos, rng=jax.random.key(0))
-    hot = generate(lm, PROMPTS, temperature=0.5, top_p=0.9, **kw)
+    kw = dict(lengths=LENGTHS, rng=jax.random.key(0))
+    hot = generate(lm, PROMPTS, Decode(N, eos_id=eos), Sampling(temperature=0.5, top_p=0.9), **kw)
     size = gen_module._generate._cache_size()
-    hotter = generate(lm, PROMPTS, temperature=50.0, top_p=0.95, **kw)
+    hotter = generate(lm, PROMPTS, Decode(N, eos_id=eos), Sampling(temperature=50.0, top_p=0.95), **kw)
     assert gen_module._generate._cache_size() == size
     assert not np.array_equal(np.asarray(hot.tokens), np.asarray(hotter.tokens))
 
@@ -209,7 +204,7 @@ def test_sampling_is_reproducible_and_never_picks_padded_ids(lm):
     prompts = np.tile(PROMPTS, (32, 1))  # 96 rows x 6 tokens
     lengths = LENGTHS * 32
     # A temperature so high that -1e9 / T no longer hides the padded ids.
-    kw = dict(lengths=lengths, max_new_tokens=N, temperature=1e9, eos_id=-1)
+    kw = dict(decode=Decode(N, eos_id=-1), sampling=Sampling(temperature=1e9), lengths=lengths)
     a = np.asarray(generate(lm, prompts, rng=jax.random.key(1), **kw).tokens)
     a2 = np.asarray(generate(lm, prompts, rng=jax.random.key(1), **kw).tokens)
     b = np.asarray(generate(lm, prompts, rng=jax.random.key(2), **kw).tokens)
@@ -224,7 +219,7 @@ def test_sampling_is_reproducible_and_never_picks_padded_ids(lm):
 
 
 def test_beam_size_one_is_greedy(lm, lm_naive):
-    out = beam_search(lm, PROMPTS, lengths=LENGTHS, max_new_tokens=N, beam_size=1, length_alpha=0.0, eos_id=-1)
+    out = beam_search(lm, PROMPTS, Decode(N, eos_id=-1), lengths=LENGTHS, beam_size=1, length_alpha=0.0)
     np.testing.assert_array_equal(np.asarray(out.tokens), lm_naive)
 
 
@@ -236,7 +231,7 @@ def test_beam_beats_greedy_and_scores_its_output(kind, lm, encdec, lm_naive, enc
         model, prompts, kw, greedy = encdec, np.full((3, 1), encdec.cfg.bos_id), dict(src=SRC), encdec_naive
     # A frequent greedy token as EOS, so hypotheses finish at different lengths.
     eos = int(np.bincount(greedy.ravel()).argmax())
-    out = beam_search(model, prompts, max_new_tokens=N, beam_size=4, length_alpha=0.0, eos_id=eos, **kw)
+    out = beam_search(model, prompts, Decode(N, eos_id=eos), beam_size=4, length_alpha=0.0, **kw)
     greedy_tokens, _ = stop_at(greedy, eos, model.cfg.pad_id)
     greedy_lp = np.asarray(sequence_logprob(model, prompts, greedy_tokens, eos_id=eos, **kw))
     beam_lp = np.asarray(sequence_logprob(model, prompts, np.asarray(out.tokens), eos_id=eos, **kw))
@@ -248,7 +243,7 @@ def test_beam_beats_greedy_and_scores_its_output(kind, lm, encdec, lm_naive, enc
 
 
 def test_beam_search_compiles_once_per_call_shape(lm):
-    kw = dict(max_new_tokens=N, beam_size=1, length_alpha=0.0, eos_id=-1)
+    kw = dict(decode=Decode(N, eos_id=-1), beam_size=1, length_alpha=0.0)
     beam_search(lm, PROMPTS, lengths=LENGTHS, **kw)
     size = gen_module._beam_search._cache_size()
     beam_search(lm, PROMPTS[::-1] % V, lengths=[1, 2, 3], **kw)
@@ -262,39 +257,61 @@ def test_beam_search_compiles_once_per_call_shape(lm):
 def test_generation_errors(lm, encdec):
     p = PROMPTS % V
     with pytest.raises(ValueError, match=r"prompt length 5 \+ max_new_tokens 20 = 25 exceeds the model's max_len=24"):
-        generate(lm, p, max_new_tokens=20)
+        generate(lm, p, Decode(20))
     with pytest.raises(ValueError, match=r"= 9 exceeds cache_len=8"):
-        generate(lm, p, max_new_tokens=4, cache_len=8)
+        generate(lm, p, Decode(4, cache_len=8))
     bad = p.copy()
     bad[1, 1] = V + 5
     with pytest.raises(ValueError, match=rf"prompt token id {V + 5} at \[1, 1\] is outside the vocabulary \[0, {V}\)"):
-        generate(lm, bad, max_new_tokens=2)
+        generate(lm, bad, Decode(2))
     bad[1, 1] = -3
     with pytest.raises(ValueError, match=r"prompt token id -3 at \[1, 1\]"):
-        beam_search(lm, bad, max_new_tokens=2)
+        beam_search(lm, bad, Decode(2))
     with pytest.raises(ValueError, match=r"temperature > 0 needs an explicit rng"):
-        generate(lm, p, max_new_tokens=2, temperature=0.7)
-    with pytest.raises(ValueError, match=r"Sampling.temperature must be >= 0, got -1"):
-        generate(lm, p, max_new_tokens=2, temperature=-1.0)
-    with pytest.raises(ValueError, match=r"Sampling.top_k must be >= 1 or None, got 0"):
-        generate(lm, p, max_new_tokens=2, temperature=1.0, top_k=0, rng=jax.random.key(0))
+        generate(lm, p, Decode(2), Sampling(temperature=0.7))
+    with pytest.raises(ValueError, match=r"Sampling.temperature must be a finite number >= 0, got -1"):
+        generate(lm, p, Decode(2), Sampling(temperature=-1.0))
+    with pytest.raises(ValueError, match=r"Sampling.top_k must be an integer >= 1 or None, got 0"):
+        generate(lm, p, Decode(2), Sampling(temperature=1.0, top_k=0), rng=jax.random.key(0))
     for top_p in (0.0, 1.5):
         with pytest.raises(ValueError, match=rf"Sampling.top_p must be in \(0, 1\] or None, got {top_p}"):
-            generate(lm, p, max_new_tokens=2, temperature=1.0, top_p=top_p, rng=jax.random.key(0))
+            generate(lm, p, Decode(2), Sampling(temperature=1.0, top_p=top_p), rng=jax.random.key(0))
     with pytest.raises(ValueError, match=r"lengths must be \[batch\] with 1 <= length <= 5, got \[5, 0, 4\]"):
-        generate(lm, p, lengths=[5, 0, 4], max_new_tokens=2)
-    with pytest.raises(ValueError, match=r"max_new_tokens must be >= 1, got 0"):
-        generate(lm, p, max_new_tokens=0)
-    with pytest.raises(ValueError, match=r"decode_chunk must be >= 1 \(decode steps per phase\) or None, got 0"):
-        generate(lm, p, max_new_tokens=2, decode_chunk=0)
-    with pytest.raises(ValueError, match=r"decode_chunk must be >= 1 \(decode steps per phase\) or None, got -1"):
-        beam_search(lm, p, max_new_tokens=2, decode_chunk=-1)
-    with pytest.raises(ValueError, match=r"beam_size must be >= 1, got 0"):
-        beam_search(lm, p, max_new_tokens=2, beam_size=0)
+        generate(lm, p, Decode(2), lengths=[5, 0, 4])
+    with pytest.raises(ValueError, match=r"Decode.max_new_tokens must be an integer >= 1, got 0"):
+        generate(lm, p, Decode(0))
+    with pytest.raises(ValueError, match=r"Decode.chunk must be an integer >= 1 \(decode steps per phase\) .* got 0"):
+        generate(lm, p, Decode(2, chunk=0))
+    with pytest.raises(ValueError, match=r"Decode.chunk must be an integer >= 1 \(decode steps per phase\) .* got -1"):
+        beam_search(lm, p, Decode(2, chunk=-1))
+    with pytest.raises(ValueError, match=r"beam_size must be an integer >= 1, got 0"):
+        beam_search(lm, p, Decode(2), beam_size=0)
     bos = np.ones((3, 1), int)
     with pytest.raises(ValueError, match=r"EncoderDecoder generation needs src="):
-        generate(encdec, bos, max_new_tokens=2)
+        generate(encdec, bos, Decode(2))
     with pytest.raises(ValueError, match=r"EncoderDecoder beam search needs src="):
-        beam_search(encdec, bos, max_new_tokens=2)
+        beam_search(encdec, bos, Decode(2))
     with pytest.raises(ValueError, match=r"src must be \[batch=3, src_len\] to match the prompts, got shape \(2, 6\)"):
-        generate(encdec, bos, src=SRC[:2], max_new_tokens=2)
+        generate(encdec, bos, Decode(2), src=SRC[:2])
+
+
+def test_library_inputs_are_checked_when_concrete(lm):
+    """Bad values that JAX would otherwise accept silently (NaN, floats truncated, ids out of range)."""
+    p = PROMPTS % V
+    with pytest.raises(ValueError, match=r"Sampling.temperature must be a finite number >= 0, got nan"):
+        generate(lm, p, Decode(2), Sampling(temperature=float("nan")), rng=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"Sampling.top_k must be an integer >= 1 or None, got 2.5"):
+        Sampling(temperature=1.0, top_k=2.5)
+    with pytest.raises(ValueError, match=r"Decode.max_new_tokens must be an integer >= 1, got 2.5"):
+        Decode(2.5)
+    with pytest.raises(ValueError, match=r"lengths must be integers \(tokens per prompt\), got \[2.7, 5.0, 4.0\]"):
+        generate(lm, p, Decode(2), lengths=[2.7, 5.0, 4.0])
+    with pytest.raises(ValueError, match=r"length_alpha must be a finite number \(0 = raw log-prob\), got nan"):
+        beam_search(lm, p, Decode(2), length_alpha=float("nan"))
+    for bad in (-1, V):
+        cont = np.full((3, 2), 5)
+        cont[2, 1] = bad
+        with pytest.raises(ValueError, match=rf"continuation token id {bad} at \[2, 1\] is outside the vocabulary"):
+            sequence_logprob(lm, p, cont)
+    with pytest.raises(ValueError, match=r"decode must be a tformer.Decode\(max_new_tokens=...\), got 4"):
+        generate(lm, p, 4)

@@ -81,7 +81,7 @@ def assert_same_greedy(hf_model, model, n_new=12):
         ref = hf_model.generate(torch.tensor(prompts), attention_mask=torch.ones(prompts.shape, dtype=torch.long),
                                 max_new_tokens=n_new, do_sample=False, pad_token_id=0)
     ref = ref[:, prompts.shape[1]:].numpy()
-    out = tformer.generate(model, prompts, max_new_tokens=n_new, eos_id=-1)
+    out = tformer.generate(model, prompts, tformer.Decode(n_new, eos_id=-1))
     assert ref.shape == (3, n_new)
     np.testing.assert_array_equal(np.asarray(out.tokens), ref)
     assert len(np.unique(ref)) > 3  # not a degenerate repeat-one-token model
@@ -346,7 +346,7 @@ def test_core_import_does_not_need_safetensors():
 
 def test_fine_tuning_starts_from_loaded_weights(llama_dir):
     """create_train_state(params=...) trains from the HF weights, sharded too, and names a bad tensor."""
-    from tformer import train_step as ts
+    from tformer import training as ts
 
     model = thf.load_hf_checkpoint(llama_dir)
     params = nnx.to_pure_dict(nnx.state(model))
@@ -377,3 +377,32 @@ def test_fine_tuning_starts_from_loaded_weights(llama_dir):
     bad["embed"]["table"] = bad["embed"]["table"][:-1]
     with pytest.raises(ValueError, match=r"params=\.\.\.\): parameter .*embed.*table.* is float32\["):
         ts.create_train_state(tformer.DecoderLM, model.cfg, o, params=bad)
+
+
+@pytest.mark.parametrize("keep", [0, 0.5])  # empty, truncated halfway
+def test_truncated_or_empty_safetensors_names_the_file(llama_dir, tmp_path, keep):
+    d = rewrite(llama_dir, tmp_path / "c")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: int(f.stat().st_size * keep)])
+    with pytest.raises(ValueError, match=r"model.safetensors: not a readable safetensors file .*truncated"):
+        thf.load_hf_checkpoint(d)
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda c: {k: v for k, v in c.items() if k != "hidden_size"}, r"missing the field 'hidden_size'"),
+        (lambda c: c | {"num_hidden_layers": "2"}, r"field 'num_hidden_layers' must be an integer, got '2'"),
+    ],
+)
+def test_hf_config_with_a_missing_or_mistyped_field_names_it(llama_dir, tmp_path, edit, match):
+    d = rewrite(llama_dir, tmp_path / "c", edit_config=edit)
+    with pytest.raises(ValueError, match=match):
+        thf.load_hf_checkpoint(d)
+
+
+def test_hf_config_that_is_not_json_names_the_file(llama_dir, tmp_path):
+    d = rewrite(llama_dir, tmp_path / "c")
+    (d / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON"):
+        thf.load_hf_checkpoint(d)

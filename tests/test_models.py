@@ -14,19 +14,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import V, make_cfg
 from tformer import DecoderLM, EncoderDecoder, ModelConfig
 from tformer import attention as attention_lib
 from tformer.attention import Masking, attend, resolve_impl
 from tformer.layers import project
 
-V = 120  # not a multiple of vocab_multiple: the padded ids are always present
-
-
-def make_cfg(**kw):
-    base = dict(vocab_size=V, d_model=32, num_heads=4, num_layers=1, d_ff=64, max_len=24, vocab_multiple=64,
-                init_std=0.3)
-    base.update(kw)
-    return ModelConfig(**base)
 
 
 def left_align(prompts_bp, lengths_b):
@@ -277,7 +270,7 @@ def test_attention_implementations_agree(case):
         causal = False
     def masking_of(pos, seg):
         return Masking(q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg, causal=causal, window=window,
-                       dense_free=seg is None and window is None)
+                       plain_causal=seg is None and window is None)
 
     impls = ("einsum", "xla", "auto", "cudnn", "blocked")
 
@@ -308,7 +301,7 @@ def test_auto_attention_falls_back_on_cpu():
     cfg = make_cfg(num_kv_heads=2, dtype="bfloat16")
     q, k, v = _random_qkv()
     masking = Masking(q_pos=jnp.broadcast_to(jnp.arange(7), (2, 7)), k_pos=jnp.broadcast_to(jnp.arange(7), (2, 7)),
-                      dense_free=True)
+                      plain_causal=True)
     assert resolve_impl(cfg, jnp.bfloat16, masking, False) == ("cudnn" if jax.default_backend() == "gpu" else "xla")
     x = jnp.asarray([[5, 6, 7, 8, 9]])
     auto, ein, cud = (_jit_call(DecoderLM(make_cfg(attention=a, num_layers=1), rngs=nnx.Rngs(8)))(x)
@@ -319,7 +312,7 @@ def test_auto_attention_falls_back_on_cpu():
 
 def _causal(t, b=2, **kw):
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    return Masking(q_pos=pos, k_pos=pos, causal=True, dense_free=True, **kw)
+    return Masking(q_pos=pos, k_pos=pos, causal=True, plain_causal=True, **kw)
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
@@ -372,7 +365,8 @@ def test_blocked_attention_only_where_it_applies():
     n = attention_lib.BLOCKED_MIN_LEN
     # Windows take the banded path; segments, cross-attention (different lengths), lengths not divisible: dense.
     assert resolve_impl(blocked, jnp.float32, _causal(n, window=3), False, (n, n)) == "banded"
-    assert resolve_impl(blocked, jnp.float32, dataclasses.replace(_causal(n), dense_free=False), False, (n, n)) == "xla"
+    not_plain = dataclasses.replace(_causal(n), plain_causal=False)
+    assert resolve_impl(blocked, jnp.float32, not_plain, False, (n, n)) == "xla"
     assert resolve_impl(blocked, jnp.float32, _causal(n), False, (n, n // 2)) == "xla"
     assert resolve_impl(blocked, jnp.float32, _causal(n + 1), False, (n + 1, n + 1)) == "xla"
     assert resolve_impl(blocked, jnp.float32, _causal(n), True, (n, n)) == "einsum"  # attention dropout
@@ -438,3 +432,21 @@ def test_packed_seq2seq_pairs_are_independent(encdec):
     alone = np.asarray(call(jnp.asarray(alone_src), jnp.asarray(alone_tgt)))
     np.testing.assert_allclose(packed[0, :3], alone[0, :3], atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(packed[0, 3:], alone[1, :5], atol=1e-5, rtol=1e-5)
+
+
+def test_out_of_range_token_ids_are_named_when_concrete():
+    cfg = make_cfg()
+    model = DecoderLM(cfg, rngs=nnx.Rngs(0))
+    for bad in (-1, V):
+        tokens = np.full((2, 4), 3)
+        tokens[1, 2] = bad
+        with pytest.raises(ValueError, match=rf"tokens: token id {bad} is outside the vocabulary \[0, {V}\)"):
+            model(tokens)
+    encdec = EncoderDecoder(make_cfg(num_encoder_layers=1), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=rf"src: token id {V} is outside the vocabulary"):
+        encdec(np.full((2, 4), V), np.full((2, 3), 3))
+    # Inside jit the ids are traced values: not checked (documented), and the call still runs.
+    assert jax.jit(lambda t: model(t))(jnp.full((2, 4), 3)).shape == (2, 4, cfg.padded_vocab)
+    with pytest.raises(ValueError, match=r"ModelConfig.num_encoder_layers=1: a DecoderLM has no encoder"):
+        DecoderLM(make_cfg(num_encoder_layers=1), rngs=nnx.Rngs(0))
+    assert (DecoderLM.kind, EncoderDecoder.kind, cfg.kind, encdec.cfg.kind) == ("lm", "seq2seq", "lm", "seq2seq")

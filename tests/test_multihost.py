@@ -9,9 +9,11 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,7 +52,7 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
     for key, value in OVERRIDES.items():
         section, field = key.split(".")
         config[section][field] = value
-    train.run(config, tmp_path / "single")
+    train.train_and_evaluate(config, tmp_path / "single")
     single = train_losses(tmp_path / "single")
     assert sorted(single) == list(range(1, STEPS + 1))
 
@@ -88,3 +90,71 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
     assert not re.search(r"step \d+/\d+ loss", out[1]), out[1][-2000:]
     assert (workdir / "final_metrics.json").exists()
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [str(STEPS)]
+
+
+def _start_pair(workdir: Path, logs: list[Path], *extra: str) -> list[subprocess.Popen]:
+    port = free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    cmd = [sys.executable, str(REPO / "experiments/train.py"), f"--config={REPO}/experiments/configs/lm_tiny.py",
+           f"--workdir={workdir}", f"--coordinator_address=localhost:{port}", "--num_processes=2",
+           "--heartbeat_timeout=10"]
+    cmd += [f"--config.{k}={v}" for k, v in OVERRIDES.items()] + list(extra)
+    procs = []
+    for i in range(2):
+        with open(logs[i], "w") as log:
+            procs.append(subprocess.Popen(cmd + [f"--process_id={i}"], cwd=REPO, env=env, stdout=log,
+                                          stderr=subprocess.STDOUT))
+    return procs
+
+
+def _wait_for(path: Path, marker: str, procs, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while marker not in path.read_text():
+        assert time.time() < deadline and all(p.poll() is None for p in procs), path.read_text()[-3000:]
+        time.sleep(0.2)
+
+
+def test_a_lost_peer_stops_the_other_process_and_a_rerun_resumes(tmp_path):
+    """A process that stops (SIGSTOP: a hung or lost host, then SIGKILL): the other exits non-zero within 60 s
+    naming it (JAX's heartbeat); rerunning both resumes from the last checkpoint.
+
+    SIGSTOP keeps the peer's sockets open, so the survivor must notice the silence through the heartbeat; a
+    SIGKILL closes them, and the survivor may then stop even sooner, in the collective transport (gloo).
+    """
+    workdir, logs = tmp_path / "run", [tmp_path / f"process{i}.log" for i in range(2)]
+    killed = 1
+    common = ["--config.train.num_steps=100000", "--config.train.checkpoint_every=3",
+              "--config.optim.total_steps=1000"]
+    procs = _start_pair(workdir, logs, *common)
+    try:
+        _wait_for(logs[0], "step 7/", procs)
+        procs[killed].send_signal(signal.SIGSTOP)
+        t0 = time.time()
+        survivor = procs[1 - killed]
+        survivor.wait(timeout=60)
+        waited = time.time() - t0
+        procs[killed].kill()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    out = logs[1 - killed].read_text()
+    assert survivor.returncode != 0 and waited < 60, out[-3000:]
+    # JAX's coordination service names the silent task: "... unhealthy (stopped sending heartbeats):\n1".
+    assert re.search(rf"stopped sending heartbeats\):\s+{killed}\b", out), out[-3000:]
+    saved = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved >= 3  # step 6 may still have been in flight: a save needs both processes
+    procs = _start_pair(workdir, logs, f"--config.train.num_steps={saved + 2}", "--config.train.checkpoint_every=3",
+                        "--config.optim.total_steps=1000")
+    try:
+        for p in procs:
+            p.wait(timeout=300)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    out = [log.read_text() for log in logs]
+    assert [p.returncode for p in procs] == [0, 0], out[0][-3000:] + out[1][-3000:]
+    assert f"resumed from step {saved}" in out[0]

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 import tformer
 from tformer import plan as plan_lib
 from tformer import sharding as shd
-from tformer import train_step as ts
+from tformer import training as ts
 
 # 8 query heads / 4 KV heads (GQA), d_ff 128 and a padded vocab of 256 all
 # split 4 ways, so every preset works up to tensor=4. No biases: the gradient
@@ -307,14 +307,14 @@ def test_generation_is_mesh_independent():
     model = tformer.DecoderLM(cfg, rngs=nnx.Rngs(3))
     prompts = np.random.default_rng(0).integers(3, 250, (B, 5)).astype(np.int32)
     lengths = [5, 3, 4, 5, 2, 5, 1, 4]
-    ref = tformer.generate(model, prompts, lengths=lengths, max_new_tokens=8, eos_id=-1)
+    ref = tformer.generate(model, prompts, tformer.Decode(8, eos_id=-1), lengths=lengths)
     assert len(np.unique(np.asarray(ref.tokens))) > 8, "degenerate reference: the comparison would prove little"
     for preset, shape in [("tp", (1, 1, 4)), ("dp_tp", (4, 1, 2))]:  # tensor alone; data x tensor
         mesh, rules = mesh_of(shape), shd.rules_for(preset)
         sharded = shard_model(model, mesh, rules)
         wq = sharded.blocks.layers.attn.wq[...]
         assert wq.sharding.shard_shape(wq.shape)[2] == CFG.num_heads // shape[2], "query heads split over tensor"
-        out = tformer.generate(sharded, prompts, lengths=lengths, max_new_tokens=8, eos_id=-1, mesh=mesh, rules=rules)
+        out = tformer.generate(sharded, prompts, tformer.Decode(8, eos_id=-1), lengths=lengths, mesh=mesh, rules=rules)
         np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens), err_msg=f"{preset} {shape}")
 
 
@@ -461,3 +461,18 @@ def test_plan_command_line_on_fake_devices():
     bad = subprocess.run(cmd + ["--config.mesh.tensor=8", "--config.mesh.data=2"], cwd=repo, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "num_heads=4 is not divisible by the 8-way" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_rule_table_conflicts_raise_and_presets_are_separate_tables():
+    rules = {"batch": ("data", "fsdp"), "embed": "fsdp"}
+    with pytest.raises(ValueError, match=r"logical axes 'batch' and 'embed' of one array \('batch', 'length', "
+                                         r"'embed'\) both map to mesh axis 'fsdp'"):
+        shd.logical_to_spec(("batch", "length", "embed"), rules)
+    assert shd.logical_to_spec(("embed", "mlp"), rules) == jax.sharding.PartitionSpec("fsdp", None)
+    assert shd.PRESETS["dp_tp"] is not shd.PRESETS["tp"] and shd.PRESETS["dp_tp"] == shd.PRESETS["tp"]
+    shd.rules_for("dp_tp")["heads"] = None  # a copy: the preset is untouched
+    assert shd.PRESETS["dp_tp"]["heads"] == "tensor"
+    # Logical names live in Flax NNX sharding metadata, the stacked `layers` axis included.
+    _, abstract = ts.abstract_model(tformer.DecoderLM, CFG)
+    assert abstract["blocks"]["layers"]["attn"]["wq"].get_metadata()["out_sharding"] == (
+        "layers", "embed", "heads", "head_dim")

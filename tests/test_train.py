@@ -1,9 +1,11 @@
 """The experiment runner end to end: train, evaluate, checkpoint, resume, preempt, fail clearly."""
 
+import dataclasses
 import json
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,9 +19,9 @@ import pytest
 pytest.importorskip("ml_collections")
 pytest.importorskip("orbax.checkpoint")
 
-from experiments import train  # noqa: E402
+from experiments import decode, train  # noqa: E402
 from experiments.configs import lm_tiny, seq2seq_tiny  # noqa: E402
-from tformer.checkpoint import Checkpointer  # noqa: E402
+from tformer.checkpoint import CheckpointError, Checkpointer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +55,7 @@ def read_jsonl(workdir):
 
 
 def test_lm_run_end_to_end(tmp_path, capsys):
-    result = train.run(tiny_lm(), tmp_path)
+    result = train.train_and_evaluate(tiny_lm(), tmp_path)
     assert math.isfinite(result["bits_per_byte"]) and result["bits_per_byte"] > 0
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-5)
     assert Checkpointer(tmp_path / "checkpoints").all_steps()[-1] == 6
@@ -66,20 +68,26 @@ def test_lm_run_end_to_end(tmp_path, capsys):
     # sample.py's loader restores the run and generates.
     from experiments import sample
 
-    model, tok, _ = sample.load(tmp_path)
-    [text] = train.complete(model, tok, ["def "], 5, jax.random.key(0))
+    model, tok, _ = sample.load(tmp_path)  # parameters only (restore_params): no optimizer is built
+    from flax import nnx
+
+    for x, y in zip(jax.tree.leaves(nnx.to_pure_dict(nnx.state(model))), jax.tree.leaves(_params(tmp_path))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    [text] = decode.complete(model, tok, ["def "], 5, jax.random.key(0))
     assert text.startswith("def ")
+    with pytest.raises(ValueError, match=r"prompt 'x+' is 65 tokens with BOS, .* max_len is 64; shorten the prompt"):
+        decode.complete(model, tok, ["x" * 64], 5, jax.random.key(0))
 
 
 def test_seq2seq_run_end_to_end(tmp_path, capsys):
-    result = train.run(tiny_seq2seq(), tmp_path)
+    result = train.train_and_evaluate(tiny_seq2seq(), tmp_path)
     assert 0.0 <= result["exact_match"] <= 1.0 and 0.0 <= result["bleu"] <= 100.0
     assert "(reference:" in capsys.readouterr().out
     from experiments import sample
 
     model, tok, meta = sample.load(tmp_path)
     assert meta["config"]["model"]["kind"] == "seq2seq"
-    assert len(train.translate(model, tok, ["123", "45"], 8, 10)) == 2
+    assert len(decode.translate(model, tok, ["123", "45"], 8, 10)) == 2
 
 
 def _params(workdir):
@@ -96,9 +104,9 @@ def test_resume_equals_uninterrupted(tmp_path):
         c.optim.total_steps = 2 * n  # the same schedule whether or not interrupted
         return c
 
-    train.run(cfg(2 * n), straight)
-    train.run(cfg(n), resumed)  # stops (and saves) at step n
-    train.run(cfg(2 * n), resumed)  # resumes from step n
+    train.train_and_evaluate(cfg(2 * n), straight)
+    train.train_and_evaluate(cfg(n), resumed)  # stops (and saves) at step n
+    train.train_and_evaluate(cfg(2 * n), resumed)  # resumes from step n
 
     loss = lambda w: {r["step"]: r["loss"] for r in read_jsonl(w) if r["split"] == "train"}  # noqa: E731
     assert sorted(loss(resumed)) == list(range(1, 2 * n + 1))
@@ -129,13 +137,15 @@ def start_until(cmd, marker):
     return proc
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_and_exits_cleanly(tmp_path, sig):
+    """SIGTERM (preemption) and Ctrl-C (SIGINT) both save the current step and exit 0."""
     proc = start_until(tiny_lm_cli(tmp_path, "--config.train.num_steps=100000", "--config.train.log_every=5",
                                    "--config.train.checkpoint_every=100000"), "step 5/")
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
-    assert "after SIGTERM" in out
+    assert f"after {sig.name}" in out and "Traceback" not in out
     ckpt = Checkpointer(tmp_path / "checkpoints")
     step = ckpt.latest_step()
     assert step is not None and step >= 5
@@ -144,7 +154,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 
 def test_corrupted_latest_checkpoint_falls_back(tmp_path, caplog):
-    train.run(tiny_lm(num_steps=6, checkpoint_every=3), tmp_path)
+    train.train_and_evaluate(tiny_lm(num_steps=6, checkpoint_every=3), tmp_path)
     ckpt_dir = tmp_path / "checkpoints"
     assert Checkpointer(ckpt_dir).all_steps() == [3, 6]
     for f in (ckpt_dir / "6").rglob("*"):
@@ -172,7 +182,7 @@ def test_bad_config_errors_name_the_field(tmp_path, section, field, value, match
     with c.unlocked():
         c[section][field] = value
     with pytest.raises(ValueError, match=match):
-        train.run(c, tmp_path)
+        train.train_and_evaluate(c, tmp_path)
 
 
 def test_bad_data_file_error_names_the_file(tmp_path):
@@ -181,14 +191,14 @@ def test_bad_data_file_error_names_the_file(tmp_path):
     c = tiny_lm()
     c.data.corpus = str(bad)
     with pytest.raises(ValueError, match=r"corpus.txt.*line 3"):
-        train.run(c, tmp_path / "run")
+        train.train_and_evaluate(c, tmp_path / "run")
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     c = tiny_lm(num_steps=40, log_every=2, checkpoint_every=2, eval_every=1000)
     c.optim.update(learning_rate=1e6, warmup_steps=0, clip_norm=None)
-    with pytest.raises(FloatingPointError, match="non-finite loss at step"):
-        train.run(c, tmp_path)
+    with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step"):
+        train.train_and_evaluate(c, tmp_path)
     ckpt = Checkpointer(tmp_path / "checkpoints")
     if ckpt.latest_step() is not None:
         state, _ = ckpt.restore()
@@ -197,7 +207,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_interrupted_save_is_ignored_and_the_run_resumes(tmp_path):
     """A save cut off by SIGKILL leaves only orbax's temporary directory: restore and resume skip it."""
-    train.run(tiny_lm(num_steps=3, checkpoint_every=3), tmp_path)
+    train.train_and_evaluate(tiny_lm(num_steps=3, checkpoint_every=3), tmp_path)
     ckpt_dir = tmp_path / "checkpoints"
     # What a process killed mid-save leaves: step 4's files half-written under a temporary name.
     partial = ckpt_dir / "4.orbax-checkpoint-tmp-1234567890"
@@ -210,7 +220,7 @@ def test_interrupted_save_is_ignored_and_the_run_resumes(tmp_path):
     assert Checkpointer(ckpt_dir).all_steps() == [3]
     state, extra = Checkpointer(ckpt_dir).restore()
     assert int(state.step) == 3 == extra["data_step"]
-    train.run(tiny_lm(num_steps=6, checkpoint_every=3), tmp_path)  # resumes from 3, not from scratch
+    train.train_and_evaluate(tiny_lm(num_steps=6, checkpoint_every=3), tmp_path)  # resumes from 3, not from scratch
     steps = [r["step"] for r in read_jsonl(tmp_path) if r["split"] == "train"]
     assert steps[-2:] == [4, 6] and steps.count(2) == 1
 
@@ -231,3 +241,202 @@ def test_sigkill_during_training_resumes_from_a_complete_checkpoint(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resumed from step {killed_at}" in out.stderr
     assert Checkpointer(tmp_path / "checkpoints").latest_step() == killed_at + 2
+
+
+# ---------------------------------------------------------------------------
+# Runs that never lose work, and bad input as one clear line.
+
+
+def _corrupt(step_dir: Path) -> None:
+    for f in step_dir.rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"\x00garbage")
+
+
+def test_damaged_newest_checkpoint_is_moved_aside_and_saved_again(tmp_path, caplog):
+    c = tiny_lm(num_steps=6, checkpoint_every=3, eval_every=100, num_samples=0)
+    train.train_and_evaluate(c, tmp_path)
+    ckpt_dir = tmp_path / "checkpoints"
+    _corrupt(ckpt_dir / "6")
+    with caplog.at_level(logging.WARNING):
+        train.train_and_evaluate(c, tmp_path)  # resumes from 3, retrains 4-6
+    [aside] = [p.name for p in ckpt_dir.iterdir() if ".damaged-" in p.name]
+    assert aside.startswith("6.damaged-")
+    assert any("moved damaged checkpoint" in r.getMessage() and aside in r.getMessage() for r in caplog.records)
+    state, _ = Checkpointer(ckpt_dir).restore()  # step 6 is readable again: the next run starts there
+    assert int(state.step) == 6
+    # When no step reads at all, nothing counts as damaged: one error, nothing moved.
+    _corrupt(ckpt_dir / "3")
+    _corrupt(ckpt_dir / "6")
+    with pytest.raises(CheckpointError, match=r"no readable checkpoint in .*checkpoints: tried steps \[6, 3\]"):
+        train.train_and_evaluate(c, tmp_path)
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["3", "6", aside]
+
+
+def test_final_checkpoint_is_saved_before_the_final_eval(tmp_path, monkeypatch):
+    def failing_eval(*args, **kwargs):
+        raise RuntimeError("eval failed")
+
+    monkeypatch.setattr(train, "evaluate", failing_eval)
+    with pytest.raises(RuntimeError, match="eval failed"):
+        train.train_and_evaluate(tiny_lm(num_steps=4, checkpoint_every=100, eval_every=100), tmp_path)
+    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [4]
+
+
+def test_a_workdir_in_use_is_refused_naming_the_pid_and_a_killed_holder_does_not_block(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from experiments.train import WorkdirLock\n"
+         f"with WorkdirLock({str(tmp_path)!r}):\n    print('locked', flush=True); time.sleep(600)"],
+        cwd=REPO, env={**CLI_ENV, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match=rf"--workdir={tmp_path} is in use by process {holder.pid} "):
+            train.train_and_evaluate(tiny_lm(num_steps=2), tmp_path)
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays, the lock does not
+        holder.wait()
+    assert (tmp_path / ".lock").read_text().strip() == str(holder.pid)
+    train.train_and_evaluate(tiny_lm(num_steps=2, eval_every=100, num_samples=0), tmp_path)
+    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [2]
+
+
+def test_non_finite_loss_names_the_first_bad_step_and_the_last_good_checkpoint(tmp_path):
+    c = tiny_lm(num_steps=40, log_every=3, checkpoint_every=1, eval_every=1000)
+    c.optim.update(learning_rate=1e6, warmup_steps=0, clip_norm=None)
+    with pytest.raises(FloatingPointError) as info:
+        train.train_and_evaluate(c, tmp_path)
+    msg = str(info.value)
+    bad, loss, grad_norm = re.search(r"non-finite loss or gradient at step (\d+) \(loss=(\S+), grad_norm=(\S+)\)",
+                                     msg).groups()
+    assert not (math.isfinite(float(loss)) and math.isfinite(float(grad_norm)))
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    ckpt.wait()
+    assert ckpt.latest_step() == int(bad) - 1  # every finite step was saved (checkpoint_every=1)
+    assert f"the last good checkpoint is step {int(bad) - 1}" in msg
+    state, _ = ckpt.restore()
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def test_resume_under_a_different_model_fails_listing_the_fields(tmp_path, caplog):
+    c = tiny_lm(num_steps=2, eval_every=100, checkpoint_every=100, num_samples=0)
+    train.train_and_evaluate(c, tmp_path)
+    saved = (tmp_path / "config.json").read_text()
+    c.model.update(activation="geglu", d_ff=48)
+    with pytest.raises(ValueError, match=r"different model; changed: activation: 'swiglu' -> 'geglu'; "
+                                         r"d_ff: 64 -> 48\. .*start fresh with a new --workdir"):
+        train.train_and_evaluate(c, tmp_path)
+    assert (tmp_path / "config.json").read_text() == saved  # not overwritten
+    # Training-only fields may change; a different learning-rate schedule is pointed out.
+    c.model.update(activation="swiglu", d_ff=64)
+    c.train.num_steps = 4  # optim.total_steps follows it
+    with caplog.at_level(logging.WARNING):
+        train.train_and_evaluate(c, tmp_path)
+    assert any("different learning-rate schedule" in r.getMessage() and "total_steps: 2 -> 4" in r.getMessage()
+               for r in caplog.records)
+    assert Checkpointer(tmp_path / "checkpoints").all_steps()[-1] == 4
+
+
+def test_every_model_and_optimizer_field_is_in_every_config_with_the_dataclass_default():
+    from experiments.configs import base, lm_gpt2_small, seq2seq_base
+
+    import tformer
+
+    ref = base.base_config()
+    for cls, section in ((tformer.ModelConfig, ref.model), (tformer.OptimizerConfig, ref.optim)):
+        for f in dataclasses.fields(cls):
+            if f.name in base.TOKENIZER_FIELDS or f.name in ("vocab_size", "total_steps"):
+                continue
+            assert section[f.name] == f.default, f.name
+    for module in (lm_tiny, seq2seq_tiny, lm_gpt2_small, seq2seq_base):
+        c = module.get_config()
+        assert set(c.model.keys()) == set(ref.model.keys()) and set(c.optim.keys()) == set(ref.optim.keys())
+
+
+def cli(*args, timeout=120):
+    return subprocess.run([sys.executable, str(REPO / "experiments/train.py"), *args], cwd=REPO, env=CLI_ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_overrides_any_field_and_errors_are_one_line(tmp_path):
+    cfg = f"--config={REPO}/experiments/configs/lm_tiny.py"
+    # Fields lm_tiny does not set are overridable; the bad value after them fails before any work.
+    out = cli(cfg, f"--workdir={tmp_path / 'w'}", "--config.model.dtype=bfloat16", "--config.model.head_dim=16",
+              "--config.optim.grad_accum_steps=2", "--config.train.keep_checkpoints=0")
+    assert (out.returncode, out.stderr.strip()) == (1, "error: config.train.keep_checkpoints must be >= 1, got 0")
+    assert not (tmp_path / "w").exists()
+    out = cli(cfg, f"--workdir={tmp_path / 'w'}", "--config.model.bogus=1")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert re.search(r"^error: --config.model.bogus: unknown field 'bogus' .* valid fields are \[.*'activation'",
+                     out.stderr.strip())
+    out = cli(cfg, f"--workdir={tmp_path / 'w'}", "--config.train.eval_batches=0", "--verbose")
+    assert out.returncode == 1 and "Traceback" in out.stderr and "config.train.eval_batches must be >= 1" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "section,field,value,match",
+    [
+        ("train", "keep_checkpoints", 0, r"config.train.keep_checkpoints must be >= 1, got 0"),
+        ("train", "eval_batches", -1, r"config.train.eval_batches must be >= 1, got -1"),
+        ("train", "temperature", float("nan"), r"config.train.temperature must be >= 0.0, got nan"),
+        ("train", "beam_size", 0, r"config.train.beam_size must be >= 1"),
+        ("data", "seq_len", 0, r"config.data.seq_len must be >= 1"),
+        ("data", "tokenizer", "wordpiece", r"config.data.tokenizer: unknown 'wordpiece'"),
+        ("data", "validation_fraction", 1.0, r"config.data.validation_fraction must be in \[0, 1\)"),
+        ("mesh", "tensor", 0, r"config.mesh.tensor must be >= 1, or -1"),
+        ("mesh", "fsdp", -1, r"config.mesh: at most one axis may be -1"),  # with data=-1
+        ("mesh", "preset", "zero3", r"config.mesh.preset: unknown 'zero3'"),
+    ],
+)
+def test_runner_fields_are_range_checked_before_anything_runs(tmp_path, section, field, value, match):
+    c = tiny_lm()
+    c.mesh.data = -1
+    c[section][field] = value
+    with pytest.raises(ValueError, match=match):
+        train.train_and_evaluate(c, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def test_sample_prompts_longer_than_max_len_fail_before_training(tmp_path):
+    c = tiny_lm(sample_prompts="x" * 80)
+    with pytest.raises(ValueError, match=r"config.train.sample_prompts: prompt 'x+' is 81 tokens .* max_len is 64"):
+        train.train_and_evaluate(c, tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_unwritable_workdir_and_one_pair_corpus_are_one_line_errors(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"--workdir=.*file/run: cannot create or write there"):
+        train.train_and_evaluate(tiny_lm(), tmp_path / "file" / "run")
+    (tmp_path / "pairs.tsv").write_text("one\tuno\n")
+    c = tiny_seq2seq()
+    c.data.corpus = str(tmp_path / "pairs.tsv")
+    with pytest.raises(ValueError, match=r"pairs.tsv: 1 sentence pair\(s\); a run needs at least 2"):
+        train.train_and_evaluate(c, tmp_path / "run")
+
+
+def test_sample_py_errors_are_one_line(tmp_path):
+    def sample(*args):
+        return subprocess.run([sys.executable, str(REPO / "experiments/sample.py"), *args], cwd=REPO, env=CLI_ENV,
+                              capture_output=True, text=True, timeout=120)
+
+    out = sample(f"--workdir={tmp_path / 'none'}")
+    assert (out.returncode, out.stderr.strip()) == (1, f"error: --workdir={tmp_path / 'none'} does not exist")
+    out = sample(f"--workdir={tmp_path}")
+    assert (out.returncode, out.stderr.strip()) == (
+        1, f"error: {tmp_path / 'config.json'} not found: is {tmp_path} a training run's workdir?")
+
+
+def test_checkpointer_save_force_replaces_an_existing_step(tmp_path):
+    def state(v):
+        return train.ts.TrainState(step=np.int32(v), params={"w": np.full((3,), v, np.float32)}, opt_state={},
+                                   rng=np.zeros(2, np.uint32))
+
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    assert ckpt.save(2, state(1))
+    assert not ckpt.save(2, state(5))  # kept
+    assert ckpt.restore_params({"w": jax.ShapeDtypeStruct((3,), np.float32)})["w"].tolist() == [1, 1, 1]
+    assert ckpt.save(2, state(5), force=True)  # replaced
+    ckpt.close()
+    assert Checkpointer(tmp_path).restore_params({"w": jax.ShapeDtypeStruct((3,), np.float32)})["w"].tolist() == [5] * 3
+    with pytest.raises(ValueError, match="max_to_keep must be >= 1"):
+        Checkpointer(tmp_path, max_to_keep=0)

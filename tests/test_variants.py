@@ -107,7 +107,7 @@ def test_banded_window_equals_masked_dense(window):
     banded = value_and_grads(lambda *a: _banded_attention(*a, m, 0.0, None), q, k, v)
     assert_close(banded, dense, 1e-6)
     plain = Masking(m.q_pos[:1] * 0 + jnp.arange(13), m.k_pos[:1] * 0 + jnp.arange(13), window=window,
-                    dense_free=True)
+                    plain_causal=True)
     assert_close(_banded_attention(q[:1], k[:1], v[:1], plain, 0.0, None),
                  _einsum_attention(q[:1], k[:1], v[:1], plain.dense(), 0.0, None), 1e-6)
 
@@ -115,7 +115,7 @@ def test_banded_window_equals_masked_dense(window):
 def test_banded_window_never_builds_a_length_squared_array():
     t, w = 512, 16
     q, k, v = qkv(b=1, t=t)
-    m = Masking(jnp.arange(t)[None], jnp.arange(t)[None], window=w, dense_free=True)
+    m = Masking(jnp.arange(t)[None], jnp.arange(t)[None], window=w, plain_causal=True)
     cfg = make_cfg(local_window=w, max_len=t)
     jaxpr = jax.make_jaxpr(jax.grad(lambda q: tformer.attention.attend(q, k, v, m, cfg).sum()))(q)
     sizes = [math.prod(var.aval.shape) for eqn in jaxpr.eqns for var in eqn.outvars]
@@ -216,8 +216,8 @@ def test_generate_beam_search_and_scoring_agree_for_each_variant(name):
     else:
         model = tformer.DecoderLM(make_cfg(**CAUSAL_VARIANTS[name]), rngs=nnx.Rngs(0))
     prompts = np.array([[11, 12, 13, 14, 15], [21, 22, 0, 0, 0]])
-    out = tformer.generate(model, prompts, lengths=[5, 2], max_new_tokens=6, eos_id=-1)
-    beam = tformer.beam_search(model, prompts, lengths=[5, 2], max_new_tokens=6, beam_size=1, eos_id=-1)
+    out = tformer.generate(model, prompts, tformer.Decode(6, eos_id=-1), lengths=[5, 2])
+    beam = tformer.beam_search(model, prompts, tformer.Decode(6, eos_id=-1), lengths=[5, 2], beam_size=1)
     np.testing.assert_array_equal(np.asarray(beam.tokens), np.asarray(out.tokens))
     if name != "int8_cache":  # scoring is a parallel forward: it reads no cache
         lp = tformer.sequence_logprob(model, prompts, out.tokens, lengths=[5, 2], eos_id=-1)
@@ -266,8 +266,8 @@ def test_int8_greedy_agrees_with_fp32_on_a_trained_lm(trained_lm, variant):
     model, data = trained_lm
     prompts = np.stack([data[s : s + 32] for s in range(1000, 1000 + 16 * 3001, 3001)])
     other = with_config(model, kv_cache_dtype="int8") if variant == "int8_cache" else tformer.quantize_weights(model)
-    ref = np.asarray(tformer.generate(model, prompts, max_new_tokens=16, eos_id=-1).tokens)
-    got = np.asarray(tformer.generate(other, prompts, max_new_tokens=16, eos_id=-1).tokens)
+    ref = np.asarray(tformer.generate(model, prompts, tformer.Decode(16, eos_id=-1)).tokens)
+    got = np.asarray(tformer.generate(other, prompts, tformer.Decode(16, eos_id=-1)).tokens)
     agree = (ref == got).mean()
     # The largest change in any log-prob along the fp32 continuation (cache path: an int8 prefill).
     tokens = jnp.asarray(np.concatenate([prompts, ref], 1))
@@ -321,6 +321,3 @@ def test_invalid_compression_arguments():
         tformer.quantize_weights(model, "int4")
     with pytest.raises(ValueError, match="with_config: .*mlp_rank"):
         with_config(model, mlp_rank=8)
-    with pytest.raises(ValueError, match=r"ModelConfig\.attention_lowrank"):
-        tformer.DecoderLM(make_cfg(num_encoder_layers=1, attention_lowrank="nystrom", lowrank_dim=4),
-                          rngs=nnx.Rngs(0))

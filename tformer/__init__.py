@@ -5,23 +5,23 @@
     cfg = tformer.ModelConfig(vocab_size=256, d_model=128, num_heads=4, num_layers=2)
     model = tformer.DecoderLM(cfg, rngs=nnx.Rngs(0))
     logits = model(tokens)                                  # parallel, teacher-forced
-    out = tformer.generate(model, prompts, max_new_tokens=32)  # prefill + lax.scan decode
+    out = tformer.generate(model, prompts, tformer.Decode(max_new_tokens=32))  # prefill + decode loop
 """
 
 from tformer import host  # tformer.host.tune_allocator(), first thing in a CPU training script
 from tformer.compress import compress_mlp, quantize_weights
 from tformer.config import ModelConfig, gpt2_small, transformer_base
-from tformer.generate import Generated, Sampling, beam_search, generate, sample_logits, sequence_logprob
+from tformer.generate import Decode, Generated, Sampling, beam_search, generate, sample_logits, sequence_logprob
 from tformer.hf import config_from_hf, load_hf_checkpoint, save_hf_checkpoint  # safetensors imported lazily
 from tformer.kvcache import KVCache
-from tformer.models import DecoderLM, EncoderDecoder
+from tformer.models import DecoderLM, EncoderDecoder, model_class
 from tformer.sharding import PRESETS, make_mesh, rules_for
-from tformer.train_step import OptimizerConfig, TrainState, create_train_state, make_eval_step, make_train_step
+from tformer.training import OptimizerConfig, TrainState, create_train_state, make_eval_step, make_train_step
 
 __all__ = [
     "ModelConfig", "gpt2_small", "transformer_base",
-    "DecoderLM", "EncoderDecoder", "KVCache",
-    "generate", "beam_search", "sequence_logprob", "sample_logits", "Sampling", "Generated",
+    "DecoderLM", "EncoderDecoder", "model_class", "KVCache",
+    "generate", "beam_search", "sequence_logprob", "sample_logits", "Decode", "Sampling", "Generated",
     "OptimizerConfig", "TrainState", "create_train_state", "make_train_step", "make_eval_step",
     "make_mesh", "rules_for", "PRESETS",
     "config_from_hf", "load_hf_checkpoint", "save_hf_checkpoint",

@@ -57,9 +57,9 @@ class Masking:
     k_seg: jax.Array | None = None  # [B, Tk]
     causal: bool = True
     window: int | None = None
-    # True when positions are 0..T-1 in every row and there are no segments:
-    # then `causal` alone describes the mask and flash kernels can be used.
-    dense_free: bool = False
+    # Plain causal self-attention: positions 0..T-1 in every row, no segments,
+    # so `causal` (and `window`) alone describe the mask and flash kernels apply.
+    plain_causal: bool = False
 
     def first_keys(self, n: int) -> Masking:
         """The same rule over keys [0, n) only: a cached decode step whose later slots are still empty."""
@@ -82,7 +82,9 @@ class Masking:
         return m
 
 
-def self_masking(positions_bt, segment_ids_bt, cfg: ModelConfig, causal: bool) -> Masking:
+def self_masking(positions_bt, segment_ids_bt, cfg: ModelConfig, causal: bool, default_positions: bool = True
+                 ) -> Masking:
+    """Self-attention masking; `default_positions`: positions are the default 0..T-1 (not given by the caller)."""
     return Masking(
         q_pos=positions_bt,
         k_pos=positions_bt,
@@ -90,7 +92,7 @@ def self_masking(positions_bt, segment_ids_bt, cfg: ModelConfig, causal: bool) -
         k_seg=segment_ids_bt,
         causal=causal,
         window=cfg.local_window if causal else None,
-        dense_free=segment_ids_bt is None,
+        plain_causal=causal and default_positions and segment_ids_bt is None,
     )
 
 
@@ -190,7 +192,7 @@ BLOCKED_MIN_LEN = 128
 
 def _blocked_applies(masking: Masking, seq_lens: tuple[int, int] | None) -> bool:
     """Plain causal self-attention (positions 0..T-1, no window) over T divisible by BLOCKS."""
-    if seq_lens is None or not (masking.dense_free and masking.causal and masking.window is None):
+    if seq_lens is None or not (masking.plain_causal and masking.window is None):
         return False
     tq, tk = seq_lens
     return tq == tk and tq % BLOCKS == 0
@@ -229,12 +231,12 @@ def resolve_impl(cfg: ModelConfig, dtype, masking: Masking, training_dropout: bo
             ok = (
                 jax.default_backend() == "gpu"
                 and dtype in (jnp.bfloat16, jnp.float16)
-                and masking.dense_free
+                and masking.plain_causal
                 and cfg.head_dim_ <= 128
                 and cfg.head_dim_ % 8 == 0
             )
             impl = "cudnn" if ok else "xla"
-    if impl == "cudnn" and not masking.dense_free:
+    if impl == "cudnn" and not masking.plain_causal:
         impl = "xla"  # segments/padding/cache need a dense mask
     if impl == "blocked" and not _blocked_applies(masking, seq_lens):
         impl = "xla"  # windows, segments, caches, cross-attention: dense mask

@@ -35,15 +35,26 @@ def _modules(model, cls):
     return [node for _, node in nnx.iter_graph(model) if isinstance(node, cls)]
 
 
+def _axes(var: nnx.Variable) -> tuple[tuple, int]:
+    """(logical axes of the variable, how many leading `layers` axes it has from stacking)."""
+    axes = tuple(var.get_metadata().get("out_sharding") or ())
+    lead = 0
+    while lead < len(axes) and axes[lead] == "layers":
+        lead += 1
+    return axes, lead
+
+
+def _param(value, axes) -> nnx.Param:
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
 def _quantize_param(module: nnx.Module, name: str, n_in: int) -> None:
     """module.<name> -> int8 values; module.<name>_scale: per output channel (the input axes reduced)."""
     var = getattr(module, name)
-    axes = tuple(var.get_metadata().get("axes", ()))
-    w = var[...]
-    lead = w.ndim - len(axes)  # a leading `layers` axis on stacked blocks
+    (axes, lead), w = _axes(var), var[...]
     values, scale = quantize_int8(w, axes=tuple(range(lead, lead + n_in)), scale_dtype=w.dtype)
-    setattr(module, name, nnx.Param(values, axes=axes))
-    setattr(module, name + "_scale", nnx.Param(scale, axes=axes[n_in:]))
+    setattr(module, name, _param(values, axes))
+    setattr(module, name + "_scale", _param(scale, axes[:lead] + axes[lead + n_in:]))
 
 
 def quantize_weights(model, dtype: str = "int8"):
@@ -107,11 +118,11 @@ def compress_mlp(model, rank: int, method: str = "svd", seed: int = 0):
             if not hasattr(mlp, name):
                 continue
             var = getattr(mlp, name)
-            axes, w = tuple(var.get_metadata().get("axes", ())), var[...]
+            (axes, lead), w = _axes(var), var[...]
             u, v = _factor(np.asarray(w, np.float64), int(rank), method, rng)
             delattr(mlp, name)
-            setattr(mlp, name + "_u", nnx.Param(u.astype(w.dtype), axes=(axes[0], "mlp_rank")))
-            setattr(mlp, name + "_v", nnx.Param(v.astype(w.dtype), axes=("mlp_rank", axes[1])))
+            setattr(mlp, name + "_u", _param(u.astype(w.dtype), axes[:lead] + (axes[lead], "mlp_rank")))
+            setattr(mlp, name + "_v", _param(v.astype(w.dtype), axes[:lead] + ("mlp_rank", axes[lead + 1])))
     return _set_config(model, cfg, new_cfg)
 
 

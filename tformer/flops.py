@@ -11,12 +11,13 @@ import dataclasses
 from tformer.config import ModelConfig
 
 
-def param_count(cfg: ModelConfig, encoder_decoder: bool = False, include_positions: bool = False) -> int:
-    """Parameters, counting the padded vocabulary as stored.
+def param_count(cfg: ModelConfig, include_positions: bool = False) -> int:
+    """Parameters of the model `cfg` describes (`cfg.kind`), counting the padded vocabulary as stored.
 
     The learned position table is left out unless `include_positions`: it is
     a lookup, not a matmul, so the 6N training-FLOP rule excludes it.
     """
+    encoder_decoder = cfg.kind == "seq2seq"
     d, f, h, kh, hd = cfg.d_model, cfg.d_ff_, cfg.num_heads, cfg.kv_heads, cfg.head_dim_
     bias = cfg.use_bias
     attn = d * h * hd * 2 + d * kh * hd * 2 + (h * hd + 2 * kh * hd + d if bias else 0)

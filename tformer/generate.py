@@ -1,16 +1,22 @@
-"""Generation: parallel prefill, then one jitted `lax.scan` over new tokens.
+"""Generation: parallel prefill, then one jitted decode loop over new tokens.
 
-The whole loop is one XLA program per call shape: the KV cache is the scan
+The whole loop is one XLA program per call shape: the KV cache is the loop
 carry and is updated in place, tokens never visit the host between steps, and
-layer weights are unstacked once before the loop. Works for `DecoderLM`
-(continue a prompt) and `EncoderDecoder` (encode the source once, then decode
-from BOS).
+layer weights are unstacked once before the loop. The loop stops as soon as
+every row has emitted EOS. Works for `DecoderLM` (continue a prompt) and
+`EncoderDecoder` (encode the source once, then decode from BOS).
+
+A call is described by two specs: `Decode` (how many tokens, when to stop,
+the cache and its phases) and `Sampling` (how to pick a token). Every
+argument is checked when its value is concrete (Python numbers and host
+arrays); values traced inside a caller's `jax.jit` are not checked.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +24,10 @@ import numpy as np
 from flax import nnx
 
 from tformer import sharding as shd
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,20 +39,59 @@ class Sampling:
     top_p: float | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"Sampling.temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"Sampling.top_k must be >= 1 or None, got {self.top_k}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"Sampling.temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k is not None and not (_is_int(self.top_k) and self.top_k >= 1):
+            raise ValueError(f"Sampling.top_k must be an integer >= 1 or None, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"Sampling.top_p must be in (0, 1] or None, got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def nucleus(self) -> bool:
+        return self.top_p is not None and self.top_p < 1.0
+
+
+GREEDY = Sampling()
+
+
+@dataclasses.dataclass(frozen=True)
+class Decode:
+    """What a decode call produces: `max_new_tokens` per row, stopping at `eos_id`.
+
+    eos_id: stop token (None: the model config's); rows that emitted it
+      produce pad_id afterwards, and the loop ends once every row has. -1:
+      never stop.
+    cache_len: KV cache slots (None: prompt length + max_new_tokens).
+    chunk: decode steps per phase; a phase attends only over the cache slots
+      filled by its end (None: >= 128 steps, <= 8 phases). Same tokens for
+      any value; smaller reads less cache, compiles more.
+    """
+
+    max_new_tokens: int
+    eos_id: int | None = None
+    cache_len: int | None = None
+    chunk: int | None = None
+
+    def __post_init__(self):
+        if not (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1):
+            raise ValueError(f"Decode.max_new_tokens must be an integer >= 1, got {self.max_new_tokens}")
+        if self.eos_id is not None and not _is_int(self.eos_id):
+            raise ValueError(f"Decode.eos_id must be an integer token id (or -1, or None), got {self.eos_id}")
+        if self.cache_len is not None and not (_is_int(self.cache_len) and self.cache_len >= 1):
+            raise ValueError(f"Decode.cache_len must be an integer >= 1 or None, got {self.cache_len}")
+        if self.chunk is not None and not (_is_int(self.chunk) and self.chunk >= 1):
+            raise ValueError(f"Decode.chunk must be an integer >= 1 (decode steps per phase) or None, got {self.chunk}")
 
 
 def sample_logits(logits_bv: jax.Array, rng: jax.Array, s: Sampling) -> jax.Array:
     """One token id per row from fp32 logits, honouring top-k then top-p."""
-    if s.temperature == 0.0:
+    if s.greedy:
         return jnp.argmax(logits_bv.astype(jnp.float32), axis=-1).astype(jnp.int32)
-    use_top_p = s.top_p is not None and s.top_p < 1.0
-    return _sample(logits_bv, rng, s.temperature, s.top_k, s.top_p if use_top_p else None)
+    return _sample(logits_bv, rng, s.temperature, s.top_k, s.top_p if s.nucleus else None)
 
 
 def _sample(logits_bv, rng, temperature, top_k: int | None, top_p):
@@ -83,7 +132,9 @@ def _as_prompts(model, prompts, lengths):
     if not np.issubdtype(p.dtype, np.integer):
         raise ValueError(f"prompts must hold integer token ids, got dtype {p.dtype}")
     b, t = p.shape
-    lens = np.full((b,), t, np.int32) if lengths is None else np.asarray(lengths, np.int32)
+    lens = np.full((b,), t, np.int32) if lengths is None else np.asarray(lengths)
+    if lens.size and not np.issubdtype(lens.dtype, np.integer):
+        raise ValueError(f"lengths must be integers (tokens per prompt), got {lens.tolist()}")
     if lens.shape != (b,) or (lens < 1).any() or (lens > t).any():
         raise ValueError(f"lengths must be [batch] with 1 <= length <= {t}, got {lens.tolist()}")
     real = np.arange(t)[None, :] < lens[:, None]
@@ -101,30 +152,29 @@ def _as_prompts(model, prompts, lengths):
     return jnp.asarray(left, jnp.int32), jnp.asarray(valid), t
 
 
-def _check_length(cfg, prompt_len: int, max_new_tokens: int, cache_len: int | None) -> int:
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    need = prompt_len + max_new_tokens
+def _resolve(cfg, decode: Decode, prompt_len: int) -> Decode:
+    """`decode` with eos_id and cache_len filled in, checked against the model's bounds."""
+    if not isinstance(decode, Decode):
+        raise ValueError(f"decode must be a tformer.Decode(max_new_tokens=...), got {decode!r}")
+    n = decode.max_new_tokens
+    need = prompt_len + n
     if need > cfg.max_len:
         raise ValueError(
-            f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = {need} exceeds the model's "
+            f"prompt length {prompt_len} + max_new_tokens {n} = {need} exceeds the model's "
             f"max_len={cfg.max_len} (the position/cache bound); generate fewer tokens or shorten the prompt"
         )
-    if cache_len is not None and need > cache_len:
+    if decode.cache_len is not None and need > decode.cache_len:
         raise ValueError(
-            f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = {need} exceeds cache_len={cache_len}; "
+            f"prompt length {prompt_len} + max_new_tokens {n} = {need} exceeds cache_len={decode.cache_len}; "
             "pass a larger cache_len or generate fewer tokens"
         )
-    return cache_len or need
-
-
-def _is_encdec(model) -> bool:
-    return hasattr(model, "encoder")
+    eos = cfg.eos_id if decode.eos_id is None else decode.eos_id
+    return dataclasses.replace(decode, eos_id=eos, cache_len=decode.cache_len or need)
 
 
 def _as_src(model, src, src_segment_ids, batch: int, what: str):
     """Source arrays for an EncoderDecoder (None for a DecoderLM), checked against the batch."""
-    if not _is_encdec(model):
+    if model.kind != "seq2seq":
         return None, None
     if src is None:
         raise ValueError(f"EncoderDecoder {what} needs src=[batch, src_len] source tokens")
@@ -136,7 +186,7 @@ def _as_src(model, src, src_segment_ids, batch: int, what: str):
 
 def _start(model, prompt, valid, length, src, src_segment_ids):
     """Fresh cache with the prompt prefilled (in one parallel pass)."""
-    if _is_encdec(model):
+    if model.kind == "seq2seq":
         cache = model.init_cache(src, length, src_segment_ids=src_segment_ids)
     else:
         cache = model.init_cache(prompt.shape[0], length)
@@ -145,32 +195,16 @@ def _start(model, prompt, valid, length, src, src_segment_ids):
     return logits[:, -1], cache, layers
 
 
-# ---------------------------------------------------------------------------
-# Sampling / greedy.
-
-
-def _with_rules(fn):
-    """Trace `fn` under the (mesh, rules) passed as the static `plan` argument."""
-
-    def wrapped(*args, plan=None, **kw):
-        mesh, rules = plan if plan is not None else (None, None)
-        with shd.use_rules(mesh, None if rules is None else dict(rules)):
-            return fn(*args, **kw)
-
-    wrapped.__name__ = fn.__name__
-    return wrapped
-
-
-def _plan(mesh, rules):
-    if mesh is None:
-        return None
-    return (mesh, tuple(sorted(shd.rules_for(rules if rules is not None else "dp").items())))
+def _lengths(tokens_bn, eos_id: int) -> jax.Array:
+    """New tokens per row up to and including the first EOS (all of them when there is none)."""
+    is_eos = tokens_bn == eos_id
+    return jnp.where(is_eos.any(1), jnp.argmax(is_eos, axis=1) + 1, tokens_bn.shape[1]).astype(jnp.int32)
 
 
 # The decode loop runs in phases of `chunk` steps, and a phase's attention reads
 # only the cache slots it can see (prompt + tokens up to the phase's end): each
-# phase is its own lax.scan with a static slice, so no step reads the empty
-# tail of the cache. More phases = fewer slots read, more step bodies to compile.
+# phase is its own loop with a static slice, so no step reads the empty tail of
+# the cache. More phases = fewer slots read, more step bodies to compile.
 MIN_CHUNK = 128
 MAX_PHASES = 8
 
@@ -189,100 +223,80 @@ def decode_phases(prompt_len: int, n: int, length: int, chunk: int | None = None
             for lo in range(0, steps, chunk)]
 
 
-def _check_decode_chunk(decode_chunk: int | None) -> None:
-    if decode_chunk is not None and decode_chunk < 1:
-        raise ValueError(f"decode_chunk must be >= 1 (decode steps per phase) or None, got {decode_chunk}")
+# ---------------------------------------------------------------------------
+# Sampling / greedy.
 
 
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "n", "length", "greedy", "top_k", "eos_id", "pad_id", "plan", "chunk")
-)
-@_with_rules
-def _generate(graphdef, state, prompt, valid, rng, src, src_seg, temperature, top_p, *, n, length, greedy, top_k,
-              eos_id, pad_id, chunk):
-    model = nnx.merge(graphdef, state)
-    vocab = model.cfg.vocab_size  # sample real ids only: -1e9 / temperature is not -inf
+@functools.partial(jax.jit, static_argnames=("graphdef", "decode", "greedy", "top_k", "layout"))
+def _generate(graphdef, state, prompt, valid, rng, src, src_seg, temperature, top_p, *, decode: Decode, greedy: bool,
+              top_k: int | None, layout: shd.Layout | None):
+    """`decode` is resolved (eos_id, cache_len set); temperature and top_p are traced values."""
+    with shd.use_layout(layout):
+        model = nnx.merge(graphdef, state)
+        vocab = model.cfg.vocab_size  # sample real ids only: -1e9 / temperature is not -inf
+        n, eos_id, pad_id = decode.max_new_tokens, decode.eos_id, model.cfg.pad_id
 
-    def pick(logits_bv, key):
-        logits_bv = logits_bv[:, :vocab]
-        if greedy:
-            return jnp.argmax(logits_bv.astype(jnp.float32), axis=-1).astype(jnp.int32)
-        return _sample(logits_bv, key, temperature, top_k, top_p)
+        def pick(logits_bv, key):
+            logits_bv = logits_bv[:, :vocab]
+            if greedy:
+                return jnp.argmax(logits_bv.astype(jnp.float32), axis=-1).astype(jnp.int32)
+            return _sample(logits_bv, key, temperature, top_k, top_p)
 
-    last_logits, cache, layers = _start(model, prompt, valid, length, src, src_seg)
-    keys = jax.random.split(rng, n)
-    first = pick(last_logits, keys[0])
-    done = first == eos_id
+        last_logits, cache, layers = _start(model, prompt, valid, decode.cache_len, src, src_seg)
+        keys = jax.random.split(rng, n)
+        first = pick(last_logits, keys[0])
+        out = jnp.full((prompt.shape[0], n), pad_id, jnp.int32).at[:, 0].set(first)
 
-    def phase(visible):
-        def step(carry, key):
-            tok, cache, done = carry
-            logits, cache = model.extend(tok[:, None], cache, None, layers, visible=visible)
-            nxt = jnp.where(done, pad_id, pick(logits[:, 0], key))
-            return (nxt, cache, done | (nxt == eos_id)), nxt
+        def phase(hi, visible):
+            # Steps until `hi` or until every row has emitted EOS: an early end costs no more steps.
+            def running(carry):
+                i, _, _, done, _ = carry
+                return (i < hi) & ~jnp.all(done)
 
-        return step
+            def step(carry):
+                i, tok, cache, done, out = carry
+                logits, cache = model.extend(tok[:, None], cache, None, layers, visible=visible)
+                nxt = jnp.where(done, pad_id, pick(logits[:, 0], keys[1 + i]))
+                out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i + 1))
+                return i + 1, nxt, cache, done | (nxt == eos_id), out
 
-    carry, new = (first, cache, done), [first[:, None]]
-    for lo, hi, visible in decode_phases(prompt.shape[1], n, length, chunk):
-        carry, rest = jax.lax.scan(phase(visible), carry, keys[1 + lo : 1 + hi])
-        new.append(rest.T)
-    tokens = jnp.concatenate(new, axis=1)
-    is_eos = tokens == eos_id
-    lengths = jnp.where(is_eos.any(1), jnp.argmax(is_eos, axis=1) + 1, n)
-    return Generated(tokens=tokens, lengths=lengths.astype(jnp.int32))
+            return running, step
+
+        carry = (jnp.int32(0), first, cache, first == eos_id, out)
+        for _, hi, visible in decode_phases(prompt.shape[1], n, decode.cache_len, decode.chunk):
+            carry = jax.lax.while_loop(*phase(hi, visible), carry)
+        tokens = carry[-1]
+        return Generated(tokens=tokens, lengths=_lengths(tokens, eos_id))
 
 
-def generate(
-    model,
-    prompts,
-    *,
-    max_new_tokens: int,
-    lengths=None,
-    rng: jax.Array | None = None,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_id: int | None = None,
-    cache_len: int | None = None,
-    src=None,
-    src_segment_ids=None,
-    mesh=None,
-    rules=None,
-    decode_chunk: int | None = None,
-) -> Generated:
-    """Generate `max_new_tokens` after each prompt.
+def generate(model, prompts, decode: Decode, sampling: Sampling = GREEDY, *, lengths=None,
+             rng: jax.Array | None = None, src=None, src_segment_ids=None, mesh=None, rules=None) -> Generated:
+    """Generate up to `decode.max_new_tokens` after each prompt (see `Decode`, `Sampling`).
 
-    prompts: [B, P] token ids, right-padded; `lengths` [B] gives each row's
-      real length (default: all P). For an EncoderDecoder, prompts is usually
-      a column of BOS and `src` [B, S] is the source.
-    rng: PRNG key, needed when temperature > 0.
-    eos_id: stop token (default: the config's); rows that emitted it produce
-      pad_id afterwards. Pass -1 to never stop.
+    prompts: [B, P] token ids, right-padded; `lengths` [B] (integers) gives
+      each row's real length (default: all P). For an EncoderDecoder, prompts
+      is usually a column of BOS and `src` [B, S] is the source.
+    rng: PRNG key, needed when sampling.temperature > 0.
     mesh, rules: trace under these sharding rules (e.g. params sharded with
       the "tp" preset): activations and the KV cache get the matching
       constraints (batch over data axes, kv heads over `tensor`).
-    decode_chunk: decode steps per phase; a phase attends only over the cache
-      slots filled by its end (default: >= 128 steps, <= 8 phases). Same
-      tokens for any value; smaller reads less cache, compiles more.
     """
-    cfg = model.cfg
-    sampling = Sampling(temperature, top_k, top_p)  # validates
-    if temperature > 0 and rng is None:
+    if not isinstance(sampling, Sampling):
+        raise ValueError(f"sampling must be a tformer.Sampling(temperature=..., top_k=..., top_p=...), "
+                         f"got {sampling!r}")
+    if not sampling.greedy and rng is None:
         raise ValueError("sampling with temperature > 0 needs an explicit rng key (jax.random.key(seed))")
     prompt, valid, p = _as_prompts(model, prompts, lengths)
-    length = _check_length(cfg, p, max_new_tokens, cache_len)
-    _check_decode_chunk(decode_chunk)
+    decode = _resolve(model.cfg, decode, p)
     src, src_segment_ids = _as_src(model, src, src_segment_ids, prompt.shape[0], "generation")
     graphdef, state = nnx.split(model)
     return _generate(
         graphdef, state, prompt, valid, jax.random.key(0) if rng is None else rng, src, src_segment_ids,
         # Values, not compile-time constants: a new temperature or top_p reuses the program.
-        jnp.float32(temperature if temperature > 0 else 1.0),
-        jnp.float32(top_p) if sampling.top_p is not None and sampling.top_p < 1.0 else None,
-        n=max_new_tokens, length=length, greedy=temperature == 0.0, top_k=None if temperature == 0.0 else top_k,
-        eos_id=cfg.eos_id if eos_id is None else eos_id, pad_id=cfg.pad_id, plan=_plan(mesh, rules),
-        chunk=decode_chunk,
+        jnp.float32(1.0 if sampling.greedy else sampling.temperature),
+        jnp.float32(sampling.top_p) if sampling.nucleus else None,
+        decode=decode, greedy=sampling.greedy, top_k=None if sampling.greedy else sampling.top_k,
+        layout=shd.layout(mesh, rules),
     )
 
 
@@ -295,14 +309,20 @@ def length_penalty(length, alpha: float):
     return ((5.0 + length) / 6.0) ** alpha
 
 
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "n", "length", "beam", "alpha", "eos_id", "pad_id", "plan", "chunk"))
-@_with_rules
-def _beam_search(graphdef, state, prompt, valid, src, src_seg, *, n, length, beam, alpha, eos_id, pad_id, chunk):
-    model = nnx.merge(graphdef, state)
-    b = prompt.shape[0]
-    rep = lambda x: None if x is None else jnp.repeat(x, beam, axis=0)  # noqa: E731
-    logits, cache, layers = _start(model, rep(prompt), rep(valid), length, rep(src), rep(src_seg))
+@functools.partial(jax.jit, static_argnames=("graphdef", "decode", "beam", "alpha", "layout"))
+def _beam_search(graphdef, state, prompt, valid, src, src_seg, *, decode: Decode, beam: int, alpha: float,
+                 layout: shd.Layout | None):
+    with shd.use_layout(layout):
+        return _beam_loop(nnx.merge(graphdef, state), prompt, valid, src, src_seg, decode, beam, alpha)
+
+
+def _beam_loop(model, prompt, valid, src, src_seg, decode: Decode, beam: int, alpha: float) -> Generated:
+    b, n, eos_id, pad_id = prompt.shape[0], decode.max_new_tokens, decode.eos_id, model.cfg.pad_id
+
+    def rep(x):
+        return None if x is None else jnp.repeat(x, beam, axis=0)
+
+    logits, cache, layers = _start(model, rep(prompt), rep(valid), decode.cache_len, rep(src), rep(src_seg))
     neg = jnp.float32(-1e9)
 
     alive_seq = jnp.full((b, beam, n), pad_id, jnp.int32)
@@ -348,53 +368,37 @@ def _beam_search(graphdef, state, prompt, valid, src, src_seg, *, n, length, bea
 
     carry = (logits, cache, alive_seq, alive_lp, fin_seq, fin_score)
     # Step i writes slot p + i: the phases of `generate`, over n steps (see decode_phases).
-    for lo, hi, visible in decode_phases(prompt.shape[1], n + 1, length, chunk):
+    for lo, hi, visible in decode_phases(prompt.shape[1], n + 1, decode.cache_len, decode.chunk):
         carry, _ = jax.lax.scan(functools.partial(step, visible=visible), carry, jnp.arange(lo, hi))
-    _, _, alive_seq, alive_lp, fin_seq, fin_score = carry
-    # Rows where nothing finished fall back to their best unfinished beam.
+    return _best_hypothesis(*carry[2:], n, alpha, eos_id, neg)
+
+
+def _best_hypothesis(alive_seq, alive_lp, fin_seq, fin_score, n: int, alpha: float, eos_id: int, neg) -> Generated:
+    """The best finished hypothesis per row; rows where nothing finished fall back to their best unfinished beam."""
     alive_score = alive_lp / length_penalty(float(n), alpha)
     use_fin = fin_score[:, 0] > neg / 2
     best_seq = jnp.where(use_fin[:, None], fin_seq[:, 0], alive_seq[:, 0])
     best_score = jnp.where(use_fin, fin_score[:, 0], alive_score[:, 0])
-    is_eos = best_seq == eos_id
-    lengths = jnp.where(is_eos.any(1), jnp.argmax(is_eos, axis=1) + 1, n).astype(jnp.int32)
-    return Generated(tokens=best_seq, lengths=lengths, scores=best_score)
+    return Generated(tokens=best_seq, lengths=_lengths(best_seq, eos_id), scores=best_score)
 
 
-def beam_search(
-    model,
-    prompts,
-    *,
-    max_new_tokens: int,
-    beam_size: int = 4,
-    length_alpha: float = 0.6,
-    lengths=None,
-    eos_id: int | None = None,
-    src=None,
-    src_segment_ids=None,
-    mesh=None,
-    rules=None,
-    decode_chunk: int | None = None,
-) -> Generated:
+def beam_search(model, prompts, decode: Decode, *, beam_size: int = 4, length_alpha: float = 0.6, lengths=None,
+                src=None, src_segment_ids=None, mesh=None, rules=None) -> Generated:
     """Beam search (GNMT length penalty); returns the best hypothesis per row.
 
-    Same prompt conventions and `decode_chunk` as `generate`. Beam size 1
+    Same prompt conventions and `Decode` spec as `generate`. Beam size 1
     equals greedy decoding.
     """
-    cfg = model.cfg
-    if beam_size < 1:
-        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-    _check_decode_chunk(decode_chunk)
+    if not (_is_int(beam_size) and beam_size >= 1):
+        raise ValueError(f"beam_size must be an integer >= 1, got {beam_size}")
+    if not math.isfinite(length_alpha):
+        raise ValueError(f"length_alpha must be a finite number (0 = raw log-prob), got {length_alpha}")
     prompt, valid, p = _as_prompts(model, prompts, lengths)
-    length = _check_length(cfg, p, max_new_tokens, None)
+    decode = _resolve(model.cfg, decode, p)
     src, src_segment_ids = _as_src(model, src, src_segment_ids, prompt.shape[0], "beam search")
     graphdef, state = nnx.split(model)
-    return _beam_search(
-        graphdef, state, prompt, valid, src, src_segment_ids,
-        n=max_new_tokens, length=length, beam=beam_size, alpha=float(length_alpha),
-        eos_id=cfg.eos_id if eos_id is None else eos_id, pad_id=cfg.pad_id, plan=_plan(mesh, rules),
-        chunk=decode_chunk,
-    )
+    return _beam_search(graphdef, state, prompt, valid, src, src_segment_ids, decode=decode, beam=beam_size,
+                        alpha=float(length_alpha), layout=shd.layout(mesh, rules))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "eos_id"))
@@ -407,7 +411,7 @@ def _sequence_logprob(graphdef, state, prompt, valid, cont, src, src_seg, *, eos
     v = jnp.concatenate([valid, jnp.ones(cont.shape, bool)], axis=1)
     pos = jnp.maximum(jnp.cumsum(v, axis=1) - 1, 0)
     seg = v.astype(jnp.int32)
-    if _is_encdec(model):
+    if model.kind == "seq2seq":
         # Cross-attention pairs equal segment ids: every real source token is segment 1 here.
         src_seg = None if src_seg is None else (src_seg != 0).astype(jnp.int32)
         logits = model(src, tokens, src_segment_ids=src_seg, tgt_segment_ids=seg, tgt_positions=pos)
@@ -434,6 +438,13 @@ def sequence_logprob(model, prompts, continuation, *, lengths=None, src=None, sr
     cont = np.asarray(continuation)
     if cont.ndim != 2 or cont.shape[0] != prompt.shape[0]:
         raise ValueError(f"continuation must be [batch={prompt.shape[0]}, length], got shape {cont.shape}")
+    if cont.size and not np.issubdtype(cont.dtype, np.integer):
+        raise ValueError(f"continuation must hold integer token ids, got dtype {cont.dtype}")
+    bad = (cont < 0) | (cont >= cfg.vocab_size)
+    if bad.any():
+        i, j = map(int, np.argwhere(bad)[0])
+        raise ValueError(f"continuation token id {int(cont[i, j])} at [{i}, {j}] is outside the vocabulary "
+                         f"[0, {cfg.vocab_size})")
     src, src_segment_ids = _as_src(model, src, src_segment_ids, prompt.shape[0], "scoring")
     graphdef, state = nnx.split(model)
     return _sequence_logprob(

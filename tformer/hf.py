@@ -67,7 +67,13 @@ def _load_config_dict(hf_config) -> dict:
         p = p / "config.json" if p.is_dir() else p
         if not p.is_file():
             raise ValueError(f"no Hugging Face config at {p}: expected a config.json (from save_pretrained)")
-        return json.loads(p.read_text())
+        try:
+            loaded = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p} is not valid JSON ({e}); re-download or re-save the config") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{p} holds a JSON {type(loaded).__name__}, not the config object")
+        return loaded
     if hasattr(hf_config, "to_dict"):  # a transformers PretrainedConfig
         return hf_config.to_dict()
     if isinstance(hf_config, dict):
@@ -168,6 +174,19 @@ def _llama_config(hf: dict) -> dict:
     )
 
 
+# Size fields that must be integers when present (a mistyped value fails naming the field).
+_INT_FIELDS = ("vocab_size", "n_embd", "n_head", "n_layer", "n_positions", "n_inner", "hidden_size",
+               "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "intermediate_size", "head_dim",
+               "max_position_embeddings")
+
+
+def _check_int_fields(hf: dict) -> None:
+    for field in _INT_FIELDS:
+        value = hf.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"Hugging Face config field {field!r} must be an integer, got {value!r}")
+
+
 def config_from_hf(hf_config, **overrides) -> ModelConfig:
     """`ModelConfig` equivalent to a Hugging Face GPT-2 or Llama-family config.
 
@@ -184,7 +203,11 @@ def config_from_hf(hf_config, **overrides) -> ModelConfig:
     if bad:
         raise ValueError(f"cannot override {bad} when loading a Hugging Face model: they come from config.json; "
                          f"overridable fields: {OVERRIDABLE}")
-    fields = _gpt2_config(hf) if kind == "gpt2" else _llama_config(hf)
+    _check_int_fields(hf)
+    try:
+        fields = _gpt2_config(hf) if kind == "gpt2" else _llama_config(hf)
+    except KeyError as e:
+        raise ValueError(f"Hugging Face config (model_type={kind!r}) is missing the field {e.args[0]!r}") from None
     v = fields["vocab_size"]
     eos = _token_id(hf, "eos_token_id", v, ModelConfig.eos_id)
     fields.update(bos_id=_token_id(hf, "bos_token_id", v, ModelConfig.bos_id), eos_id=eos,
@@ -258,6 +281,20 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 _IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)|(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq")
 
 
+@contextlib.contextmanager
+def _readable(f: Path):
+    """A truncated, empty or otherwise unreadable safetensors file -> ValueError naming the file."""
+    try:
+        yield
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError)
+        if type(e).__name__ != "SafetensorError" and not isinstance(e, OSError):
+            raise
+        raise ValueError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e}); it may be truncated: "
+                         "re-download or re-save it") from None
+
+
 class _Checkpoint:
     """The tensors of a local HF checkpoint directory, by name, read lazily and checked.
 
@@ -289,7 +326,7 @@ class _Checkpoint:
             self.source = ", ".join(f.name for f in shards)
             files = {}
             for f in shards:
-                with safe_open(str(f), framework="np") as h:
+                with _readable(f), safe_open(str(f), framework="np") as h:
                     for name in h.keys():
                         if name in files:
                             raise ValueError(f"tensor {name!r} is in both {files[name].name} and {f.name}; "
@@ -317,12 +354,13 @@ class _Checkpoint:
             raise ValueError(f"tensor {name!r} is missing from the checkpoint in {self.directory} "
                              f"(looked in {self.source}); the config expects it with shape {shape}")
         name, f = self.files[key]
-        if f not in self._handles:
-            self._handles[f] = self._open(f)
-        h = self._handles[f]
-        if name not in h.keys():
-            raise ValueError(f"tensor {name!r} is listed for {f.name} but not stored in it")
-        x = h.get_tensor(name)
+        with _readable(f):
+            if f not in self._handles:
+                self._handles[f] = self._open(f)
+            h = self._handles[f]
+            if name not in h.keys():
+                raise ValueError(f"tensor {name!r} is listed for {f.name} but not stored in it")
+            x = h.get_tensor(name)
         if tuple(x.shape) != tuple(shape):
             raise ValueError(f"tensor {name!r} in {f.name} has shape {tuple(x.shape)}, but config.json "
                              f"({why}) implies {tuple(shape)}")

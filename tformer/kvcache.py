@@ -41,14 +41,6 @@ class KVCache:
     cross_v: tuple[jax.Array, ...] = ()
     src_valid: jax.Array | None = None  # [B, S_src] bool
 
-    @property
-    def length(self) -> int:
-        return self.positions.shape[1]
-
-    @property
-    def batch(self) -> int:
-        return self.positions.shape[0]
-
 
 def empty(num_layers: int, batch: int, length: int, kv_heads: int, head_dim: int, dtype,
           int8: bool = False) -> KVCache:

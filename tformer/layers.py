@@ -21,7 +21,11 @@ DTYPE = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float1
 
 
 def param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, std: float | None = None, init: str = "normal") -> nnx.Param:
-    """A parameter tagged with logical `axes` (see tformer.sharding)."""
+    """A parameter tagged with logical `axes` as NNX sharding metadata (see tformer.sharding).
+
+    Eager sharding is off: where the weights go is decided by the rule table
+    when a train state or a model is placed on a mesh, not at creation.
+    """
     assert len(shape) == len(axes), (shape, axes)
     dtype = DTYPE[cfg.param_dtype]
     if init == "zeros":
@@ -31,7 +35,7 @@ def param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, std: float | None = Non
     else:
         std = cfg.init_std if std is None else std
         value = std * jax.random.normal(rngs.params(), shape, dtype)
-    return nnx.Param(value, axes=tuple(axes))
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
 def cast(p: nnx.Param, cfg: ModelConfig) -> jax.Array:
@@ -175,10 +179,13 @@ class Embedder(nnx.Module):
         elif cfg.positions == "sinusoidal":
             table = jnp.asarray(sinusoid_table(cfg.max_len, cfg.d_model), x_btd.dtype)
             x_btd = x_btd + table[positions_bt]
-        return constrain(x_btd, ("batch", "length", "embed"))
+        return constrain(x_btd, ("batch", "length", "act_embed"))
 
-    def decode(self, x_btd: jax.Array) -> jax.Array:
-        """Logits over the padded vocabulary; padded ids get a huge negative logit."""
+    def attend(self, x_btd: jax.Array) -> jax.Array:
+        """The output projection (Flax's name for it): logits over the padded vocabulary.
+
+        Padded ids get a huge negative logit.
+        """
         cfg = self.cfg
         if cfg.tie_embeddings:
             logits = project(x_btd, cast(self.table, cfg), w_transposed=True)

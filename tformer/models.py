@@ -13,9 +13,11 @@ one checkpoint serves both the `lax.scan` and the unrolled forward.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from tformer import kvcache
@@ -46,45 +48,46 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def _residual(self, x, norm, fn, rng):
-        if self.cfg.norm_placement == "pre":
-            return x + dropout(fn(norm(x)), self.cfg.dropout, rng)
-        return norm(x + dropout(fn(x), self.cfg.dropout, rng))
+    def _in(self, x, norm):
+        """A sublayer's input: normalised first under pre-LN."""
+        return norm(x) if self.cfg.norm_placement == "pre" else x
+
+    def _out(self, x, y, norm, rng):
+        """Add a sublayer's output `y` to the residual `x` (normalising after, under post-LN)."""
+        y = dropout(y, self.cfg.dropout, rng)
+        return x + y if self.cfg.norm_placement == "pre" else norm(x + y)
 
     def __call__(self, x_btd, masking: Masking, *, enc_bsd=None, cross_masking=None, rng=None):
-        x = self._residual(x_btd, self.attn_norm, lambda h: self.attn(h, masking, rng=fold(rng, 0)), fold(rng, 1))
+        x = self._out(x_btd, self.attn(self._in(x_btd, self.attn_norm), masking, rng=fold(rng, 0)),
+                      self.attn_norm, fold(rng, 1))
         if self.has_cross:
-            cross = lambda h: self.cross_attn(h, cross_masking, kv_src=enc_bsd, rng=fold(rng, 2))  # noqa: E731
-            x = self._residual(x, self.cross_norm, cross, fold(rng, 3))
-        x = self._residual(x, self.mlp_norm, self.mlp, fold(rng, 4))
-        return constrain(x, ("batch", "length", "embed"))
+            y = self.cross_attn(self._in(x, self.cross_norm), cross_masking, kv_src=enc_bsd, rng=fold(rng, 2))
+            x = self._out(x, y, self.cross_norm, fold(rng, 3))
+        x = self._out(x, self.mlp(self._in(x, self.mlp_norm)), self.mlp_norm, fold(rng, 4))
+        return constrain(x, ("batch", "length", "act_embed"))
 
     def extend(self, x_btd, masking: Masking, k_bskd, v_bskd, index, cross=None, visible: int | None = None):
-        """Like __call__ for new tokens; writes their K/V at slot `index` first.
+        """Like __call__ for new tokens against cached K/V: returns (x, k_bskd, v_bskd).
 
+        The new tokens' K/V are written at slot `index` first. `cross`: the
+        layer's cached (cross K, cross V, cross masking) for an encoder-decoder.
         `visible` (static): attend over cache slots [0, visible) only; the
         caller guarantees every slot the new tokens may see lies below it.
         """
-        written = {}
-
-        def self_attn(h):
-            q = self.attn.query(h, masking.q_pos)
-            k, v = self.attn.key_value(h, masking.q_pos)
-            written["k"], written["v"] = kvcache.write(k_bskd, k, index), kvcache.write(v_bskd, v, index)
-            k_att, v_att, m = written["k"], written["v"], masking
-            if visible is not None and visible < k_att.shape[1]:
-                k_att, v_att, m = k_att[:, :visible], v_att[:, :visible], masking.first_keys(visible)
-            return self.attn.output(attend(q, k_att, v_att, m, self.cfg))
-
-        x = self._residual(x_btd, self.attn_norm, self_attn, None)
+        h = self._in(x_btd, self.attn_norm)
+        q = self.attn.query(h, masking.q_pos)
+        k_new, v_new = self.attn.key_value(h, masking.q_pos)
+        k_bskd, v_bskd = kvcache.write(k_bskd, k_new, index), kvcache.write(v_bskd, v_new, index)
+        k_att, v_att, m = k_bskd, v_bskd, masking
+        if visible is not None and visible < k_att.shape[1]:
+            k_att, v_att, m = k_att[:, :visible], v_att[:, :visible], masking.first_keys(visible)
+        x = self._out(x_btd, self.attn.output(attend(q, k_att, v_att, m, self.cfg)), self.attn_norm, None)
         if self.has_cross:
             ck, cv, cmask = cross
-            cross_fn = lambda h: self.cross_attn.output(  # noqa: E731
-                attend(self.cross_attn.query(h, masking.q_pos), ck, cv, cmask, self.cfg)
-            )
-            x = self._residual(x, self.cross_norm, cross_fn, None)
-        x = self._residual(x, self.mlp_norm, self.mlp, None)
-        return x, written["k"], written["v"]
+            q = self.cross_attn.query(self._in(x, self.cross_norm), masking.q_pos)
+            x = self._out(x, self.cross_attn.output(attend(q, ck, cv, cmask, self.cfg)), self.cross_norm, None)
+        x = self._out(x, self.mlp(self._in(x, self.mlp_norm)), self.mlp_norm, None)
+        return x, k_bskd, v_bskd
 
 
 class Stack(nnx.Module):
@@ -92,10 +95,13 @@ class Stack(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, n: int, *, rngs: nnx.Rngs, cross: bool = False, encoder: bool = False):
         self.cfg, self.n = cfg, n
-        make = lambda key: Block(cfg, rngs=nnx.Rngs(key), cross=cross, encoder=encoder)  # noqa: E731
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: make(jax.random.key(0))))
-        keys = jax.random.split(rngs.params(), n)
-        self.layers = nnx.merge(graphdef, jax.vmap(lambda k: nnx.state(make(k)))(keys))
+
+        # nnx.vmap adds the leading `layers` axis to every weight's sharding metadata.
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make(key):
+            return Block(cfg, rngs=nnx.Rngs(key), cross=cross, encoder=encoder)
+
+        self.layers = make(jax.random.split(rngs.params(), n))
 
     def __call__(self, x, fn, rng=None):
         """x <- fn(block_i, x, rng_i) for each layer, scanned or unrolled."""
@@ -127,53 +133,73 @@ def _default_positions(tokens_bt, positions_bt):
     return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
 
-def _check_tokens(tokens, cfg: ModelConfig):
+def check_tokens(tokens, cfg: ModelConfig, name: str = "tokens") -> None:
+    """Shape, length and (when the values are concrete, not traced inside jit) the id range."""
     if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+        raise ValueError(f"{name} must be [batch, length], got shape {tokens.shape}")
     if tokens.shape[1] > cfg.max_len:
         raise ValueError(
             f"sequence length {tokens.shape[1]} exceeds ModelConfig.max_len={cfg.max_len}; "
             "shorten the input or build the model with a larger max_len"
         )
+    if isinstance(tokens, jax.core.Tracer) or tokens.size == 0:
+        return
+    ids = np.asarray(tokens)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= cfg.vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
 
 
-class DecoderLM(nnx.Module):
-    """Decoder-only language model (GPT-2 / Llama family, by config)."""
+def _has_final_norm(cfg: ModelConfig) -> bool:
+    return cfg.norm_placement == "pre" and cfg.final_norm
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        if cfg.attention_lowrank is not None:
-            raise ValueError("ModelConfig.attention_lowrank: a DecoderLM is causal; low-rank attention is for the "
-                             "bidirectional encoder of an EncoderDecoder. Set attention_lowrank=None")
-        self.cfg = cfg
-        self.embed = Embedder(cfg, rngs=rngs)
-        self.blocks = Stack(cfg, cfg.num_layers, rngs=rngs)
-        if cfg.norm_placement == "pre" and cfg.final_norm:
-            self.final_norm = Norm(cfg, rngs=rngs)
+
+class _Transformer(nnx.Module):
+    """What both models share: the embedding, the decoder path (parallel or cached) and the head.
+
+    Subclasses set `kind` ("lm" | "seq2seq", the explicit way to tell them
+    apart, equal to `ModelConfig.kind`) and `decoder_stack`.
+    """
+
+    kind: ClassVar[str]
+    cfg: ModelConfig
+    embed: Embedder
+
+    @property
+    def decoder_stack(self) -> Stack:
+        raise NotImplementedError
 
     def _head(self, x_btd):
-        if hasattr(self, "final_norm"):
+        if _has_final_norm(self.cfg):
             x_btd = self.final_norm(x_btd)
-        return self.embed.decode(x_btd)
+        return self.embed.attend(x_btd)
 
-    def __call__(self, tokens_bt, *, positions=None, segment_ids=None, dropout_rng=None):
-        """Logits [B, T, padded_vocab] for every position at once (causal).
+    def _decoder(self, tokens_bt, pos_bt, masking: Masking, *, enc_bsd=None, cross_masking=None, rng=None,
+                 cache: KVCache | None = None, layers: list[Block] | None = None, visible: int | None = None):
+        """The one decoder path: embed, blocks, head -> (logits [B, T, V], cache or None).
 
-        `segment_ids` ([B, T], 0 = padding) keep packed documents apart and
-        `positions` restart per document; both default to one plain sequence.
+        Without `cache`: every position at once (the stacked blocks, scanned or
+        unrolled). With `cache` (already advanced past these T tokens by
+        `kvcache.advance`): each block writes the new tokens' K/V and attends
+        over the cache; an encoder-decoder's cross K/V come from the cache.
         """
-        cfg = self.cfg
-        _check_tokens(tokens_bt, cfg)
-        pos = _default_positions(tokens_bt, positions)
-        masking = self_masking(pos, segment_ids, cfg, causal=True)
-        if positions is not None:
-            masking = dataclasses.replace(masking, dense_free=False)
-        x = dropout(self.embed.encode(tokens_bt, pos), cfg.dropout, fold(dropout_rng, 0))
-        x = self.blocks(x, lambda blk, x, r: blk(x, masking, rng=r), fold(dropout_rng, 1))
-        return self._head(x)
+        x = dropout(self.embed.encode(tokens_bt, pos_bt), self.cfg.dropout, fold(rng, 0))
+        if cache is None:
+            def run_block(blk, x, r):
+                return blk(x, masking, enc_bsd=enc_bsd, cross_masking=cross_masking, rng=r)
 
-    def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
-        cfg = self.cfg
-        return kvcache.for_config(cfg, batch, length, dtype)
+            return self._head(self.decoder_stack(x, run_block, fold(rng, 1))), None
+        index = cache.index - tokens_bt.shape[1]
+        ks, vs = [], []
+        for i, blk in enumerate(layers or self.decoder_stack.unstacked()):
+            cross = None if cross_masking is None else (cache.cross_k[i], cache.cross_v[i], cross_masking)
+            x, k, v = blk.extend(x, masking, cache.k[i], cache.v[i], index, cross=cross, visible=visible)
+            ks.append(k)
+            vs.append(v)
+        return self._head(x), dataclasses.replace(cache, k=tuple(ks), v=tuple(vs))
 
     def extend(self, tokens_bt, cache: KVCache, valid_bt=None, layers: list[Block] | None = None,
                visible: int | None = None):
@@ -184,28 +210,66 @@ class DecoderLM(nnx.Module):
         `visible` (static): self-attention reads cache slots [0, visible) only,
         so a decode loop need not read the slots it has not filled yet.
         """
-        cfg = self.cfg
         if valid_bt is None:
             valid_bt = jnp.ones(tokens_bt.shape, bool)
-        cache, pos_bt, masking = kvcache.advance(cache, valid_bt, cfg.local_window)
-        x = self.embed.encode(tokens_bt, pos_bt)
-        index = cache.index - tokens_bt.shape[1]
-        ks, vs = [], []
-        for i, blk in enumerate(layers or self.blocks.unstacked()):
-            x, k, v = blk.extend(x, masking, cache.k[i], cache.v[i], index, visible=visible)
-            ks.append(k)
-            vs.append(v)
-        return self._head(x), dataclasses.replace(cache, k=tuple(ks), v=tuple(vs))
+        cache, pos_bt, masking = kvcache.advance(cache, valid_bt, self.cfg.local_window)
+        cross_masking = None
+        if self.kind == "seq2seq":
+            cross_masking = Masking(q_pos=pos_bt, k_pos=jnp.zeros(cache.src_valid.shape, jnp.int32),
+                                    k_seg=cache.src_valid.astype(jnp.int32), causal=False)
+        return self._decoder(tokens_bt, pos_bt, masking, cross_masking=cross_masking, cache=cache, layers=layers,
+                             visible=visible)
 
     def decode_layers(self) -> list[Block]:
-        return self.blocks.unstacked()
+        """The decoder's blocks sliced per layer (once, before a decode loop)."""
+        return self.decoder_stack.unstacked()
+
+    def _empty_cache(self, batch: int, length: int, dtype) -> KVCache:
+        return kvcache.for_config(self.cfg, batch, length, dtype)
 
 
-class EncoderDecoder(nnx.Module):
+class DecoderLM(_Transformer):
+    """Decoder-only language model (GPT-2 / Llama family, by config)."""
+
+    kind: ClassVar[str] = "lm"
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if cfg.kind != "lm":
+            raise ValueError(f"ModelConfig.num_encoder_layers={cfg.num_encoder_layers}: a DecoderLM has no encoder; "
+                             "set it to 0 or build an EncoderDecoder")
+        self.cfg = cfg
+        self.embed = Embedder(cfg, rngs=rngs)
+        self.blocks = Stack(cfg, cfg.num_layers, rngs=rngs)
+        if _has_final_norm(cfg):
+            self.final_norm = Norm(cfg, rngs=rngs)
+
+    @property
+    def decoder_stack(self) -> Stack:
+        return self.blocks
+
+    def __call__(self, tokens_bt, *, positions=None, segment_ids=None, dropout_rng=None):
+        """Logits [B, T, padded_vocab] for every position at once (causal).
+
+        `segment_ids` ([B, T], 0 = padding) keep packed documents apart and
+        `positions` restart per document; both default to one plain sequence.
+        Token ids are range-checked when concrete (not when traced inside jit).
+        """
+        check_tokens(tokens_bt, self.cfg)
+        pos = _default_positions(tokens_bt, positions)
+        masking = self_masking(pos, segment_ids, self.cfg, causal=True, default_positions=positions is None)
+        return self._decoder(tokens_bt, pos, masking, rng=dropout_rng)[0]
+
+    def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
+        return self._empty_cache(batch, length, dtype)
+
+
+class EncoderDecoder(_Transformer):
     """The original Transformer: bidirectional encoder, causal decoder with cross-attention.
 
     Source and target share one vocabulary and one embedding table.
     """
+
+    kind: ClassVar[str] = "seq2seq"
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         if cfg.num_encoder_layers < 1:
@@ -214,9 +278,13 @@ class EncoderDecoder(nnx.Module):
         self.embed = Embedder(cfg, rngs=rngs)
         self.encoder = Stack(cfg, cfg.num_encoder_layers, rngs=rngs, encoder=True)
         self.decoder = Stack(cfg, cfg.num_layers, rngs=rngs, cross=True)
-        if cfg.norm_placement == "pre" and cfg.final_norm:
+        if _has_final_norm(cfg):
             self.encoder_norm = Norm(cfg, rngs=rngs)
             self.final_norm = Norm(cfg, rngs=rngs)
+
+    @property
+    def decoder_stack(self) -> Stack:
+        return self.decoder
 
     def _src_segments(self, src_bs, src_segment_ids):
         if src_segment_ids is not None:
@@ -229,20 +297,17 @@ class EncoderDecoder(nnx.Module):
         Source padding is `pad_id` unless `src_segment_ids` says otherwise.
         """
         cfg = self.cfg
-        _check_tokens(src_bs, cfg)
+        check_tokens(src_bs, cfg, "src")
         seg = self._src_segments(src_bs, src_segment_ids)
         pos = _default_positions(src_bs, src_positions)
         masking = self_masking(pos, seg, cfg, causal=False)
-        x = dropout(self.embed.encode(src_bs, pos), cfg.dropout, fold(dropout_rng, 0))
-        x = self.encoder(x, lambda blk, x, r: blk(x, masking, rng=r), fold(dropout_rng, 1))
-        if hasattr(self, "encoder_norm"):
-            x = self.encoder_norm(x)
-        return x
 
-    def _head(self, x_btd):
-        if hasattr(self, "final_norm"):
-            x_btd = self.final_norm(x_btd)
-        return self.embed.decode(x_btd)
+        def run_block(blk, x, r):
+            return blk(x, masking, rng=r)
+
+        x = dropout(self.embed.encode(src_bs, pos), cfg.dropout, fold(dropout_rng, 0))
+        x = self.encoder(x, run_block, fold(dropout_rng, 1))
+        return self.encoder_norm(x) if _has_final_norm(cfg) else x
 
     def __call__(self, src_bs, tgt_inputs_bt, *, src_segment_ids=None, tgt_segment_ids=None,
                  tgt_positions=None, src_positions=None, dropout_rng=None):
@@ -252,53 +317,31 @@ class EncoderDecoder(nnx.Module):
         pass `src_positions` / `tgt_positions` restarting at each segment.
         """
         cfg = self.cfg
-        _check_tokens(tgt_inputs_bt, cfg)
+        check_tokens(tgt_inputs_bt, cfg, "tgt_inputs")
         enc = self.encode(src_bs, src_segment_ids=src_segment_ids, src_positions=src_positions,
                           dropout_rng=fold(dropout_rng, 0))
         src_seg = self._src_segments(src_bs, src_segment_ids)
         pos = _default_positions(tgt_inputs_bt, tgt_positions)
-        masking = self_masking(pos, tgt_segment_ids, cfg, causal=True)
-        if tgt_positions is not None:
-            masking = dataclasses.replace(masking, dense_free=False)
+        masking = self_masking(pos, tgt_segment_ids, cfg, causal=True, default_positions=tgt_positions is None)
         cross = Masking(q_pos=pos, k_pos=jnp.zeros_like(src_seg), q_seg=tgt_segment_ids, k_seg=src_seg, causal=False)
-        x = dropout(self.embed.encode(tgt_inputs_bt, pos), cfg.dropout, fold(dropout_rng, 1))
-        x = self.decoder(
-            x, lambda blk, x, r: blk(x, masking, enc_bsd=enc, cross_masking=cross, rng=r), fold(dropout_rng, 2)
-        )
-        return self._head(x)
+        return self._decoder(tgt_inputs_bt, pos, masking, enc_bsd=enc, cross_masking=cross,
+                             rng=fold(dropout_rng, 1))[0]
 
     def init_cache(self, src_bs, length: int, *, src_segment_ids=None, dtype=None) -> KVCache:
         """Encode the source once and precompute every layer's cross-attention K/V."""
-        cfg = self.cfg
         enc = self.encode(src_bs, src_segment_ids=src_segment_ids)
         src_seg = self._src_segments(src_bs, src_segment_ids)
-        cache = kvcache.for_config(cfg, src_bs.shape[0], length, dtype)
         zeros = jnp.zeros_like(src_seg)
         kvs = [blk.cross_attn.key_value(enc, zeros) for blk in self.decoder.unstacked()]
         return dataclasses.replace(
-            cache, cross_k=tuple(k for k, _ in kvs), cross_v=tuple(v for _, v in kvs), src_valid=src_seg != 0
+            self._empty_cache(src_bs.shape[0], length, dtype), cross_k=tuple(k for k, _ in kvs),
+            cross_v=tuple(v for _, v in kvs), src_valid=src_seg != 0,
         )
 
-    def extend(self, tokens_bt, cache: KVCache, valid_bt=None, layers: list[Block] | None = None,
-               visible: int | None = None):
-        """Decoder-only step against the cache (see DecoderLM.extend)."""
-        cfg = self.cfg
-        if valid_bt is None:
-            valid_bt = jnp.ones(tokens_bt.shape, bool)
-        cache, pos_bt, masking = kvcache.advance(cache, valid_bt, cfg.local_window)
-        cross_mask = Masking(
-            q_pos=pos_bt, k_pos=jnp.zeros(cache.src_valid.shape, jnp.int32), k_seg=cache.src_valid.astype(jnp.int32),
-            causal=False,
-        )
-        x = self.embed.encode(tokens_bt, pos_bt)
-        index = cache.index - tokens_bt.shape[1]
-        ks, vs = [], []
-        for i, blk in enumerate(layers or self.decoder.unstacked()):
-            x, k, v = blk.extend(x, masking, cache.k[i], cache.v[i], index,
-                                 cross=(cache.cross_k[i], cache.cross_v[i], cross_mask), visible=visible)
-            ks.append(k)
-            vs.append(v)
-        return self._head(x), dataclasses.replace(cache, k=tuple(ks), v=tuple(vs))
 
-    def decode_layers(self) -> list[Block]:
-        return self.decoder.unstacked()
+MODELS: dict[str, type[_Transformer]] = {"lm": DecoderLM, "seq2seq": EncoderDecoder}
+
+
+def model_class(cfg: ModelConfig) -> type[_Transformer]:
+    """The model class a config describes (`ModelConfig.kind`)."""
+    return MODELS[cfg.kind]

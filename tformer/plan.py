@@ -24,12 +24,12 @@ import re
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from tformer import batch as batch_lib
 from tformer import sharding as shd
-from tformer import train_step as ts
+from tformer import training as ts
 from tformer.config import ModelConfig
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
@@ -208,19 +208,6 @@ def shard_bytes(tree, shardings) -> int:
     return total
 
 
-def abstract_batch(kind: str, batch: int, seq_len: int, src_len: int | None = None) -> dict:
-    """Shapes of a training batch as the experiment pipeline produces it (LM or seq2seq)."""
-    i32 = lambda t: jax.ShapeDtypeStruct((batch, t), jnp.int32)  # noqa: E731
-    f32 = lambda t: jax.ShapeDtypeStruct((batch, t), jnp.float32)  # noqa: E731
-    if kind == "lm":
-        return {"inputs": i32(seq_len), "targets": i32(seq_len), "segment_ids": i32(seq_len),
-                "positions": i32(seq_len), "weights": f32(seq_len)}
-    if kind == "seq2seq":
-        return {"src": i32(src_len or seq_len), "tgt_inputs": i32(seq_len), "tgt_targets": i32(seq_len),
-                "tgt_weights": f32(seq_len)}
-    raise ValueError(f"unknown model kind {kind!r}; choose lm or seq2seq")
-
-
 def _cost(compiled) -> dict:
     try:
         cost = compiled.cost_analysis()
@@ -234,7 +221,7 @@ def _cost(compiled) -> dict:
 def plan_train_step(
     model_cls,
     cfg: ModelConfig,
-    o: ts.OptimizerConfig,
+    optim: ts.OptimizerConfig,
     mesh: Mesh,
     rules,
     *,
@@ -247,12 +234,11 @@ def plan_train_step(
     rules = shd.rules_for(rules)
     shd.check_divisibility(cfg, mesh, rules, batch)
     graphdef, abstract = ts.abstract_model(model_cls, cfg)
-    tx = ts.make_optimizer(o, abstract)
+    tx = ts.make_optimizer(optim, abstract)
     state_sh = ts.state_shardings(model_cls, cfg, tx, mesh, rules)
     abstract_state = ts.abstract_train_state(abstract, tx)
     params = abstract_state.params
-    kind = "seq2seq" if cfg.num_encoder_layers > 0 else "lm"
-    shapes = batch_shapes if batch_shapes is not None else abstract_batch(kind, batch, seq_len, src_len)
+    shapes = batch_shapes if batch_shapes is not None else batch_lib.abstract_batch(cfg.kind, batch, seq_len, src_len)
     batch_sh = ts.batch_sharding(mesh, rules, shapes)
 
     def with_sharding(a, s):
@@ -260,7 +246,8 @@ def plan_train_step(
 
     state_in = jax.tree.map(with_sharding, abstract_state, state_sh)
     batch_in = jax.tree.map(with_sharding, shapes, batch_sh)
-    step = ts.make_train_step(graphdef, tx, o, mesh=mesh, rules=rules, state_sharding=state_sh, batch_sharding=batch_sh)
+    step = ts.make_train_step(graphdef, tx, optim, mesh=mesh, rules=rules, state_sharding=state_sh,
+                              batch_sharding=batch_sh)
     compiled = step.lower(state_in, batch_in).compile()
 
     mem = None
@@ -268,7 +255,10 @@ def plan_train_step(
         mem = compiled.memory_analysis()
     except Exception:  # noqa: BLE001 - not every backend reports it
         pass
-    get = lambda f: None if mem is None else int(getattr(mem, f, 0))  # noqa: E731
+
+    def get(field):
+        return None if mem is None else int(getattr(mem, field, 0))
+
     cost = _cost(compiled)
     return Plan(
         mesh_shape=dict(mesh.shape),

@@ -1,9 +1,16 @@
 """Sharding rules as data: logical axis names -> mesh axes.
 
-Every parameter carries logical axis names in its `axes` metadata (for example
-`('embed', 'mlp')`); stacked layers get a leading `'layers'` axis. A rule table
-maps each logical name to a mesh axis (or a tuple of them, or None). The same
-table constrains activations at block boundaries via `constrain`.
+Every parameter carries logical axis names as Flax NNX sharding metadata
+(`nnx.Param(..., out_sharding=('embed', 'mlp'))`); stacked layers get a
+leading `'layers'` axis from `nnx.vmap`'s `transform_metadata`. A rule table
+maps each logical name to a mesh axis (or a tuple of them, or None) and is
+resolved with Flax's logical-rule mechanism (`flax.linen.logical_to_mesh_axes`,
+`nnx.logical_axis_rules`). The same table constrains activations at block
+boundaries via `constrain`.
+
+Rules reach traced code one way: a hashable `Layout` (mesh + rule pairs),
+passed as a static argument to every jitted entry point, which activates it
+with `use_layout` while tracing.
 
 The model code never names a mesh axis: change the table, change the plan.
 """
@@ -11,14 +18,15 @@ The model code never names a mesh axis: change the table, change the plan.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import math
-import threading
 from typing import Any, Mapping, Sequence
 
 import jax
-import numpy as np
-from flax import nnx
+import optax
+from flax import linen, nnx
+from flax.core import spmd as flax_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -28,32 +36,34 @@ Rules = Mapping[str, Any]  # logical name -> None | mesh axis | tuple of mesh ax
 # are also sharded, so every device still gets its own slice of the batch.
 _BATCH = ("data", "fsdp")
 
+# Megatron: QKV / MLP-up split by output columns (heads / mlp), attention
+# out / MLP-down split by input rows: one reduction per block.
+_TP = {
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Replicated parameters; gradients all-reduced over the batch axes.
     "dp": {"batch": _BATCH},
     # Parameters (and so optimizer state) sharded along `embed` over fsdp;
     # XLA all-gathers them per layer and reduce-scatters the gradients.
     "fsdp": {"batch": _BATCH, "embed": "fsdp"},
-    # Megatron: QKV / MLP-up split by output columns (heads / mlp), attention
-    # out / MLP-down split by input rows: one reduction per block.
-    "tp": {
-        "batch": _BATCH,
-        "heads": "tensor",
-        "kv_heads": "tensor",
-        "mlp": "tensor",
-        "vocab": "tensor",
-        "act_heads": "tensor",
-        "act_kv_heads": "tensor",
-        "act_mlp": "tensor",
-        "act_vocab": "tensor",
-    },
+    "tp": {"batch": _BATCH, **_TP},
+    # The same table as "tp" (its batch already spans the data axes), under its own name.
+    "dp_tp": {"batch": _BATCH, **_TP},
+    "fsdp_tp": {"batch": _BATCH, **_TP, "embed": "fsdp"},
 }
-PRESETS["fsdp_tp"] = {**PRESETS["tp"], "embed": "fsdp"}
-PRESETS["dp_tp"] = PRESETS["tp"]
 
 
 def rules_for(preset: str | Rules) -> dict[str, Any]:
-    """A rule table from a preset name or an explicit mapping."""
+    """A rule table (a fresh dict) from a preset name or an explicit mapping."""
     if isinstance(preset, str):
         if preset not in PRESETS:
             raise ValueError(f"unknown sharding preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -61,62 +71,92 @@ def rules_for(preset: str | Rules) -> dict[str, Any]:
     return dict(preset)
 
 
-def logical_to_spec(axes: Sequence[str | None], rules: Rules, mesh: Mesh | None = None) -> P:
-    """PartitionSpec for logical `axes` under `rules`.
+def _targets(target) -> tuple[str, ...]:
+    return () if target is None else (target,) if isinstance(target, str) else tuple(target)
 
-    A mesh axis is used at most once per array (first logical axis wins), and
-    axes of size 1 in `mesh` are dropped so specs stay readable.
+
+def flax_rules(rules: Rules) -> tuple[tuple[str, Any], ...]:
+    """The table in Flax's `LogicalRules` form: hashable (logical, mesh axes) pairs."""
+    return tuple((name, target if target is None or isinstance(target, str) else tuple(target))
+                 for name, target in sorted(rules.items()))
+
+
+def logical_to_spec(axes: Sequence[str | None], rules: Rules, mesh: Mesh | None = None) -> P:
+    """PartitionSpec for logical `axes` under `rules` (Flax's `logical_to_mesh_axes`).
+
+    A mesh axis can split an array only once: two logical axes of one array
+    mapped to the same mesh axis raise. Axes of size 1 in `mesh` are dropped
+    so specs stay readable.
     """
-    used: set[str] = set()
-    out = []
+    owner: dict[str, str] = {}
     for name in axes:
-        target = rules.get(name) if name is not None else None
-        if target is None:
-            out.append(None)
-            continue
-        targets = (target,) if isinstance(target, str) else tuple(target)
-        targets = tuple(
-            t for t in targets if t not in used and (mesh is None or mesh.shape.get(t, 1) > 1)
-        )
-        used.update(targets)
-        out.append(None if not targets else targets[0] if len(targets) == 1 else targets)
-    return P(*out)
+        for t in _targets(rules.get(name)) if name is not None else ():
+            if t in owner:
+                raise ValueError(
+                    f"logical axes {owner[t]!r} and {name!r} of one array {tuple(axes)} both map to mesh axis "
+                    f"{t!r}; change the rule table so each mesh axis splits an array at most once")
+            owner[t] = name
+    spec = linen.logical_to_mesh_axes(tuple(axes), flax_rules(rules))
+
+    def keep(entry):
+        kept = tuple(t for t in _targets(entry) if mesh is None or mesh.shape.get(t, 1) > 1)
+        return None if not kept else kept[0] if len(kept) == 1 else kept
+
+    return P(*(keep(e) for e in spec))
 
 
 # ---------------------------------------------------------------------------
-# The active (mesh, rules) used by `constrain` while a step is being traced.
+# The one way rules reach traced code: a static, hashable Layout.
 
 
-@dataclasses.dataclass
-class _Active(threading.local):
-    mesh: Mesh | None = None
-    rules: Rules | None = None
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A mesh and a rule table (Flax `LogicalRules` pairs); hashable, so a static jit argument."""
+
+    mesh: Mesh
+    rules: tuple[tuple[str, Any], ...]
+
+    @property
+    def table(self) -> dict[str, Any]:
+        return dict(self.rules)
 
 
-_active = _Active()
+def layout(mesh: Mesh | None, rules: str | Rules | None = None) -> Layout | None:
+    """The Layout of `rules` (default: data parallel) on `mesh`; None without a mesh."""
+    if mesh is None:
+        return None
+    return Layout(mesh, flax_rules(rules_for("dp" if rules is None else rules)))
+
+
+_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("tformer_mesh", default=None)
 
 
 @contextlib.contextmanager
-def use_rules(mesh: Mesh | None, rules: Rules | None):
-    """Activate `rules` on `mesh` for `constrain` calls traced inside."""
-    prev = (_active.mesh, _active.rules)
-    _active.mesh, _active.rules = mesh, rules
+def use_layout(lay: Layout | None):
+    """Activate `lay` (Flax's `nnx.logical_axis_rules` + its mesh) for `constrain` calls traced inside."""
+    token = _MESH.set(None if lay is None else lay.mesh)
     try:
-        yield
+        with nnx.logical_axis_rules(() if lay is None else lay.rules):
+            yield
     finally:
-        _active.mesh, _active.rules = prev
+        _MESH.reset(token)
+
+
+def use_rules(mesh: Mesh | None, rules: Rules | None):
+    """`use_layout` from a mesh and a rule table (None, None: no constraints)."""
+    return use_layout(None if mesh is None or rules is None else layout(mesh, rules))
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-    """Sharding constraint on an activation by logical axes; no-op without rules."""
-    mesh, rules = _active.mesh, _active.rules
-    if mesh is None or rules is None or mesh.size == 1:
+    """Sharding constraint on an activation by logical axes; no-op without an active layout."""
+    mesh, rules = _MESH.get(), flax_spmd.get_logical_axis_rules()
+    if mesh is None or not rules or mesh.size == 1:
         return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules, mesh)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, dict(rules), mesh)))
 
 
 # ---------------------------------------------------------------------------
-# Parameters.
+# Parameters and optimizer state.
 
 
 def _is_var(x) -> bool:
@@ -124,12 +164,11 @@ def _is_var(x) -> bool:
 
 
 def param_axes(var: nnx.Variable) -> tuple[str | None, ...]:
-    """Logical axes of a (possibly layer-stacked) variable."""
-    axes = tuple(var.get_metadata().get("axes", ()))
-    extra = var.ndim - len(axes) if hasattr(var, "ndim") else np.ndim(var[...]) - len(axes)
-    if extra < 0:
-        raise ValueError(f"variable of shape {var.shape} has more logical axes {axes} than dims")
-    return ("layers",) * extra + axes
+    """Logical axes of a variable: its NNX `out_sharding` metadata (stacked layers included)."""
+    axes = tuple(var.get_metadata().get("out_sharding") or ())
+    if len(axes) != len(var.shape):
+        raise ValueError(f"variable of shape {var.shape} has logical axes {axes}: one name per dimension needed")
+    return axes
 
 
 def state_specs(state, rules: Rules, mesh: Mesh | None = None):
@@ -145,6 +184,16 @@ def state_shardings(state, mesh: Mesh, rules: Rules):
     """NamedSharding pytree for an nnx.State (abstract or concrete)."""
     specs = state_specs(state, rules, mesh)
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
+
+
+def optimizer_shardings(tx: optax.GradientTransformation, abstract_opt, params_shardings, mesh: Mesh):
+    """Optimizer-state shardings: leaves that mirror a parameter (Adam's mu, nu, ...) take its
+    sharding (`optax.tree_map_params`); the rest (counters) are replicated."""
+    replicated = NamedSharding(mesh, P())
+    return optax.tree_map_params(
+        tx, lambda _, s: s, abstract_opt, params_shardings,
+        transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -232,6 +281,7 @@ def initialize_distributed(
     process_id: int | None = None,
     *,
     auto: bool = False,
+    **init_kwargs,
 ) -> bool:
     """Join a multi-process JAX run; returns whether `jax.distributed.initialize` was called.
 
@@ -239,7 +289,8 @@ def initialize_distributed(
     `process_id`, the processes rendezvous there (any platform, CPU included).
     With `auto=True` and no address, JAX detects the cluster itself (Cloud TPU
     slices, SLURM, Open MPI, or the JAX_COORDINATOR_ADDRESS environment
-    variable). Must run before anything touches the devices.
+    variable). Must run before anything touches the devices. `init_kwargs` go to
+    `jax.distributed.initialize` (e.g. `heartbeat_timeout_seconds`).
     """
     if coordinator_address is None and not auto:
         if num_processes not in (None, 1) or process_id not in (None, 0):
@@ -259,5 +310,5 @@ def initialize_distributed(
     # gloo over TCP); GPU and TPU backends ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+                               process_id=process_id, **init_kwargs)
     return True

@@ -1,18 +1,45 @@
 """Defaults shared by every config; each config file overrides what it needs.
 
-Sections map onto tformer's dataclasses: `model` -> tformer.ModelConfig (plus
-`kind`: lm | seq2seq), `optim` -> tformer.OptimizerConfig. `data`, `train`
-and `mesh` are read by experiments/train.py.
+`model` and `optim` are generated from tformer.ModelConfig and
+tformer.OptimizerConfig (every field, with the dataclass's default), so any
+field can be overridden from the command line in every config and the two
+can never disagree. The runner adds `model.kind` (lm | seq2seq), takes
+`model.vocab_size` 0 to mean the tokenizer's size and `optim.total_steps` 0 to
+mean `train.num_steps`; the special token ids come from the tokenizer.
+`data`, `train` and `mesh` are read by experiments/train.py.
 """
 
-from ml_collections import ConfigDict
+import dataclasses
+
+from ml_collections import ConfigDict, config_dict
+
+import tformer
+
+# Set by the runner from the tokenizer, never by a config.
+TOKENIZER_FIELDS = ("pad_id", "bos_id", "eos_id")
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _field_value(f: dataclasses.Field):
+    """The dataclass default; a None default becomes a typed placeholder so that flags can set it."""
+    if f.default is not None:
+        return f.default
+    base = str(f.type).replace("| None", "").replace("None |", "").strip()
+    return config_dict.placeholder(_TYPES[base])
+
+
+def dataclass_defaults(cls, skip: tuple[str, ...] = ()) -> ConfigDict:
+    """A ConfigDict with every field of the dataclass `cls` at its default."""
+    return ConfigDict({f.name: _field_value(f) for f in dataclasses.fields(cls) if f.name not in skip})
 
 
 def base_config() -> ConfigDict:
     c = ConfigDict()
-    c.model = ConfigDict(dict(kind="lm", vocab_size=0))  # 0: take the tokenizer's size
-    c.optim = ConfigDict(dict(learning_rate=3e-3, warmup_steps=100, total_steps=0,  # 0: = train.num_steps
-                              weight_decay=0.1, clip_norm=1.0, b2=0.95))
+    c.model = dataclass_defaults(tformer.ModelConfig, skip=TOKENIZER_FIELDS)
+    c.model.kind = "lm"
+    c.model.vocab_size = 0  # 0: take the tokenizer's size
+    c.optim = dataclass_defaults(tformer.OptimizerConfig)
+    c.optim.total_steps = 0  # 0: = train.num_steps
     c.data = ConfigDict(dict(
         corpus="stdlib",        # stdlib | a text file or directory | numbers:<direction> | a TSV / "src,tgt" files
         tokenizer="byte",       # byte | sentencepiece
@@ -20,6 +47,7 @@ def base_config() -> ConfigDict:
         seq_len=256,            # LM rows
         src_len=32, tgt_len=64,  # seq2seq
         max_bytes=0,            # cap on training text (0: all)
+        validation_fraction=0.02,  # a single text file: the share of its lines held out
         num_train=20_000, num_valid=500,  # numbers task
     ))
     c.train = ConfigDict(dict(

@@ -19,10 +19,20 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from tformer import batch as batch_lib
 from tformer import sharding as shd
 from tformer.config import ModelConfig
 
 Params = dict  # nested dict of arrays (nnx.to_pure_dict of the model's Params)
+
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def _check(cond: bool, field: str, msg: str) -> None:
+    # `not cond` (rather than a negated comparison) also rejects NaN.
+    if not cond:
+        raise ValueError(f"OptimizerConfig.{field}: {msg}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,31 +56,35 @@ class OptimizerConfig:
     skip_nonfinite: bool = True  # drop an update whose loss/grads are not finite
 
     def __post_init__(self):
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"OptimizerConfig.schedule: unknown {self.schedule!r}; choose cosine, linear or constant")
-        if self.grad_accum_steps < 1:
-            raise ValueError(f"OptimizerConfig.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"OptimizerConfig.learning_rate must be > 0, got {self.learning_rate}")
-        if self.warmup_steps < 0 or self.total_steps < 1:
-            raise ValueError("OptimizerConfig.warmup_steps must be >= 0 and total_steps >= 1")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"OptimizerConfig.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _check(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(self.total_steps >= 1, "total_steps", f"must be >= 1, got {self.total_steps}")
+        _check(self.schedule in SCHEDULES, "schedule", f"unknown {self.schedule!r}; choose one of {SCHEDULES}")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _check(0.0 <= self.b1 < 1.0, "b1", f"must be in [0, 1), got {self.b1}")
+        _check(0.0 <= self.b2 < 1.0, "b2", f"must be in [0, 1), got {self.b2}")
+        _check(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.clip_norm is None or self.clip_norm > 0, "clip_norm",
+               f"must be > 0 or None (no clipping), got {self.clip_norm}")
+        _check(self.grad_accum_steps >= 1, "grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
+        _check(self.z_loss >= 0, "z_loss", f"must be >= 0 (0 = off), got {self.z_loss}")
+        _check(0.0 <= self.label_smoothing < 1.0, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
 
 
-def schedule(o: OptimizerConfig) -> optax.Schedule:
-    warm = optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1))
-    decay_steps = max(o.total_steps - o.warmup_steps, 1)
-    if o.schedule == "cosine":
-        rest = optax.cosine_decay_schedule(o.learning_rate, decay_steps, alpha=o.min_lr_ratio)
-    elif o.schedule == "linear":
-        rest = optax.linear_schedule(o.learning_rate, o.learning_rate * o.min_lr_ratio, decay_steps)
+def schedule(optim: OptimizerConfig) -> optax.Schedule:
+    warm = optax.linear_schedule(0.0, optim.learning_rate, max(optim.warmup_steps, 1))
+    decay_steps = max(optim.total_steps - optim.warmup_steps, 1)
+    if optim.schedule == "cosine":
+        rest = optax.cosine_decay_schedule(optim.learning_rate, decay_steps, alpha=optim.min_lr_ratio)
+    elif optim.schedule == "linear":
+        rest = optax.linear_schedule(optim.learning_rate, optim.learning_rate * optim.min_lr_ratio, decay_steps)
     else:
-        rest = optax.constant_schedule(o.learning_rate)
-    return optax.join_schedules([warm, rest], [o.warmup_steps])
+        rest = optax.constant_schedule(optim.learning_rate)
+    return optax.join_schedules([warm, rest], [optim.warmup_steps])
 
 
-def decay_mask(abstract_state, o: OptimizerConfig) -> Params:
+def decay_mask(abstract_state, optim: OptimizerConfig) -> Params:
     """True for weight matrices: >= 2 logical axes (layers excluded), optional embeddings."""
 
     def decide(v):
@@ -78,19 +92,19 @@ def decay_mask(abstract_state, o: OptimizerConfig) -> Params:
         if len(axes) < 2:
             return False  # biases, norm scales
         if axes[0] in ("vocab", "max_len"):  # token / position embedding tables
-            return o.decay_embeddings
+            return optim.decay_embeddings
         return True
 
     return nnx.to_pure_dict(jax.tree.map(decide, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
-def make_optimizer(o: OptimizerConfig, abstract_state) -> optax.GradientTransformation:
+def make_optimizer(optim: OptimizerConfig, abstract_state) -> optax.GradientTransformation:
     parts = []
-    if o.clip_norm is not None:
-        parts.append(optax.clip_by_global_norm(o.clip_norm))
+    if optim.clip_norm is not None:
+        parts.append(optax.clip_by_global_norm(optim.clip_norm))
     parts.append(
-        optax.adamw(schedule(o), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                    mask=decay_mask(abstract_state, o))
+        optax.adamw(schedule(optim), b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
+                    mask=decay_mask(abstract_state, optim))
     )
     return optax.chain(*parts)
 
@@ -132,29 +146,10 @@ def cross_entropy(logits_btv, targets_bt, weights_bt, z_loss: float = 0.0, label
     }
 
 
-def batch_logits(model, batch: dict, dropout_rng=None):
-    """Teacher-forced logits and (targets, weights) for an LM or a seq2seq batch."""
-    if "src" in batch:
-        logits = model(
-            batch["src"], batch["tgt_inputs"],
-            tgt_segment_ids=batch.get("tgt_segment_ids"), src_segment_ids=batch.get("src_segment_ids"),
-            dropout_rng=dropout_rng,
-        )
-        return logits, batch["tgt_targets"], batch["tgt_weights"]
-    logits = model(
-        batch["inputs"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
-        dropout_rng=dropout_rng,
-    )
-    weights = batch.get("weights")
-    if weights is None:
-        weights = jnp.ones(batch["targets"].shape, jnp.float32)
-    return logits, batch["targets"], weights
-
-
-def loss_sums(graphdef, params, batch, o: OptimizerConfig, dropout_rng=None):
+def loss_sums(graphdef, params, batch, optim: OptimizerConfig, dropout_rng=None):
     model = nnx.merge(graphdef, params)
-    logits, targets, weights = batch_logits(model, batch, dropout_rng)
-    return cross_entropy(logits, targets, weights, o.z_loss, o.label_smoothing)
+    logits, targets, weights = batch_lib.logits_and_targets(model, batch, dropout_rng)
+    return cross_entropy(logits, targets, weights, optim.z_loss, optim.label_smoothing)
 
 
 # ---------------------------------------------------------------------------
@@ -179,24 +174,6 @@ def param_shardings(abstract_state, mesh: Mesh, rules) -> Params:
     return nnx.to_pure_dict(shd.state_shardings(abstract_state, mesh, rules))
 
 
-def _opt_shardings(abstract_opt, params_shardings: Params, params_abstract: Params, mesh: Mesh):
-    """Optimizer leaves mirroring a parameter (mu, nu, ...) get its sharding."""
-    by_path = {}
-    for path, s in jax.tree_util.tree_leaves_with_path(params_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)):
-        by_path[tuple(str(k) for k in path)] = s
-    shapes = {tuple(str(k) for k in p): a.shape for p, a in jax.tree_util.tree_leaves_with_path(params_abstract)}
-
-    def pick(path, leaf):
-        keys = tuple(str(k) for k in path)
-        for start in range(len(keys)):
-            suffix = keys[start:]
-            if suffix in by_path and shapes[suffix] == leaf.shape:
-                return by_path[suffix]
-        return NamedSharding(mesh, P())
-
-    return jax.tree_util.tree_map_with_path(pick, abstract_opt)
-
-
 def state_shardings(model_cls, cfg: ModelConfig, tx, mesh: Mesh, rules):
     """NamedSharding pytree of a TrainState, from the rule table."""
     _, abstract = abstract_model(model_cls, cfg)
@@ -204,10 +181,10 @@ def state_shardings(model_cls, cfg: ModelConfig, tx, mesh: Mesh, rules):
     p_abs = nnx.to_pure_dict(abstract)
     opt_abs = jax.eval_shape(tx.init, p_abs)
     rep = NamedSharding(mesh, P())
-    return TrainState(step=rep, params=p_sh, opt_state=_opt_shardings(opt_abs, p_sh, p_abs, mesh), rng=rep)
+    return TrainState(step=rep, params=p_sh, opt_state=shd.optimizer_shardings(tx, opt_abs, p_sh, mesh), rng=rep)
 
 
-def create_train_state(model_cls, cfg: ModelConfig, o: OptimizerConfig, seed: int = 0,
+def create_train_state(model_cls, cfg: ModelConfig, optim: OptimizerConfig, seed: int = 0,
                        mesh: Mesh | None = None, rules=None, params: Params | None = None):
     """(graphdef, tx, state, state_shardings or None). Sharded at birth when a mesh is given.
 
@@ -216,7 +193,7 @@ def create_train_state(model_cls, cfg: ModelConfig, o: OptimizerConfig, seed: in
     have the structure, shapes and dtypes of `model_cls(cfg)`'s parameters.
     """
     graphdef, abstract = abstract_model(model_cls, cfg)
-    tx = make_optimizer(o, abstract)
+    tx = make_optimizer(optim, abstract)
     if params is not None:
         _check_params(params, nnx.to_pure_dict(abstract))
 
@@ -237,7 +214,9 @@ def create_train_state(model_cls, cfg: ModelConfig, o: OptimizerConfig, seed: in
 
 def _check_params(given: Params, expected: Params) -> None:
     """Fail naming the first parameter whose path, shape or dtype differs from the model's."""
-    flat = lambda t: {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(t)}  # noqa: E731
+    def flat(tree):
+        return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
     got, want = flat(given), flat(expected)
     for name in sorted(set(want) | set(got)):
         if name not in got:
@@ -260,32 +239,37 @@ def _microbatches(batch: dict, k: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def train_step(graphdef, tx, o: OptimizerConfig, state: TrainState, batch: dict, *, mesh=None, rules=None):
-    """One optimizer step (pure). Loss is normalised over the whole (accumulated) batch."""
-    with shd.use_rules(mesh, rules):
+def train_step(graphdef, tx, optim: OptimizerConfig, state: TrainState, batch: dict, *,
+               layout: shd.Layout | None = None):
+    """One optimizer step (pure). Loss is normalised over the whole (accumulated) batch.
+
+    `layout` (static): the mesh and rule table activation constraints follow.
+    """
+    with shd.use_layout(layout):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         def sums_and_grads(params, mb, i):
             rng = jax.random.fold_in(key, i)
 
             def f(p):
-                s = loss_sums(graphdef, p, mb, o, rng)
+                s = loss_sums(graphdef, p, mb, optim, rng)
                 return s["loss_sum"], s
 
             (_, s), g = jax.value_and_grad(f, has_aux=True)(params)
             return s, g
 
-        if o.grad_accum_steps == 1:
+        if optim.grad_accum_steps == 1:
             sums, grads = sums_and_grads(state.params, batch, 0)
         else:
-            mbs = _microbatches(batch, o.grad_accum_steps)
+            mbs = _microbatches(batch, optim.grad_accum_steps)
 
             def body(acc, inp):
                 mb, i = inp
                 s, g = sums_and_grads(state.params, mb, i)
                 return jax.tree.map(jnp.add, acc, (s, g)), None
 
-            zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: sums_and_grads(state.params, jax.tree.map(lambda x: x[0], mbs), 0)))
-            (sums, grads), _ = jax.lax.scan(body, zero, (mbs, jnp.arange(o.grad_accum_steps)))
+            first = jax.tree.map(lambda x: x[0], mbs)
+            zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: sums_and_grads(state.params, first, 0)))
+            (sums, grads), _ = jax.lax.scan(body, zero, (mbs, jnp.arange(optim.grad_accum_steps)))
 
         denom = jnp.maximum(sums["weight_sum"], 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
@@ -294,8 +278,10 @@ def train_step(graphdef, tx, o: OptimizerConfig, state: TrainState, batch: dict,
         params = optax.apply_updates(state.params, updates)
         loss = sums["loss_sum"] / denom
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        if o.skip_nonfinite:
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        if optim.skip_nonfinite:
+            def keep(new, old):
+                return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
             params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
         metrics = {
@@ -304,16 +290,16 @@ def train_step(graphdef, tx, o: OptimizerConfig, state: TrainState, batch: dict,
             "accuracy": sums["correct_sum"] / denom,
             "tokens": sums["weight_sum"],
             "grad_norm": grad_norm,
-            "lr": schedule(o)(state.step),
+            "lr": schedule(optim)(state.step),
             "finite": finite,
         }
         return new_state, metrics
 
 
-def make_train_step(graphdef, tx, o: OptimizerConfig, *, mesh: Mesh | None = None, rules=None,
+def make_train_step(graphdef, tx, optim: OptimizerConfig, *, mesh: Mesh | None = None, rules=None,
                     state_sharding=None, batch_sharding=None, donate: bool = True) -> Callable:
     """Jitted `step(state, batch) -> (state, metrics)` with shardings and donated state."""
-    fn = functools.partial(train_step, graphdef, tx, o, mesh=mesh, rules=rules)
+    fn = functools.partial(train_step, graphdef, tx, optim, layout=shd.layout(mesh, rules))
     kw = {}
     if state_sharding is not None:
         kw["in_shardings"] = (state_sharding, batch_sharding)
@@ -321,14 +307,15 @@ def make_train_step(graphdef, tx, o: OptimizerConfig, *, mesh: Mesh | None = Non
     return jax.jit(fn, donate_argnums=(0,) if donate else (), **kw)
 
 
-def eval_sums(graphdef, o: OptimizerConfig, params, batch, *, mesh=None, rules=None):
+def eval_sums(graphdef, optim: OptimizerConfig, params, batch, *, layout: shd.Layout | None = None):
     """Summed NLL / weights / correct over a batch, no dropout."""
-    with shd.use_rules(mesh, rules):
-        return loss_sums(graphdef, params, batch, o, None)
+    with shd.use_layout(layout):
+        return loss_sums(graphdef, params, batch, optim, None)
 
 
-def make_eval_step(graphdef, o: OptimizerConfig, *, mesh=None, rules=None, params_sharding=None, batch_sharding=None):
-    fn = functools.partial(eval_sums, graphdef, o, mesh=mesh, rules=rules)
+def make_eval_step(graphdef, optim: OptimizerConfig, *, mesh=None, rules=None, params_sharding=None,
+                   batch_sharding=None):
+    fn = functools.partial(eval_sums, graphdef, optim, layout=shd.layout(mesh, rules))
     kw = {} if params_sharding is None else {"in_shardings": (params_sharding, batch_sharding)}
     return jax.jit(fn, **kw)
 
