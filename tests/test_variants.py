@@ -262,19 +262,25 @@ def trained_lm():
 
 @pytest.mark.parametrize("variant", ["int8_cache", "int8_weights"])
 def test_int8_greedy_agrees_with_fp32_on_a_trained_lm(trained_lm, variant):
-    """16 held-in prompts x 16 greedy tokens = 256 positions, free-running (a divergence costs its row's rest)."""
+    """16 prompts x 16 greedy tokens = 256 positions: at each, the int8 model's greedy pick after the fp32 prefix.
+
+    Scored along fp32's own greedy continuation, so one near-tie early in a
+    row does not decide the rest of it; the free-running agreement (each
+    model decoding on its own) is printed next to it.
+    """
     model, data = trained_lm
     prompts = np.stack([data[s : s + 32] for s in range(1000, 1000 + 16 * 3001, 3001)])
     other = with_config(model, kv_cache_dtype="int8") if variant == "int8_cache" else tformer.quantize_weights(model)
     ref = np.asarray(tformer.generate(model, prompts, tformer.Decode(16, eos_id=-1)).tokens)
-    got = np.asarray(tformer.generate(other, prompts, tformer.Decode(16, eos_id=-1)).tokens)
-    agree = (ref == got).mean()
-    # The largest change in any log-prob along the fp32 continuation (cache path: an int8 prefill).
-    tokens = jnp.asarray(np.concatenate([prompts, ref], 1))
-    fp32 = jax.nn.log_softmax(jitted(model, "extend")(tokens, model.init_cache(16, 48))[0], -1)
-    int8 = jax.nn.log_softmax(jitted(other, "extend")(tokens, other.init_cache(16, 48))[0], -1)
-    print(f"{variant}: greedy agreement {agree:.1%} of {ref.size} positions, "
-          f"max |delta log-prob| {float(jnp.max(jnp.abs(int8 - fp32)[:, :, :259])):.3g}")
+    free = np.asarray(tformer.generate(other, prompts, tformer.Decode(16, eos_id=-1)).tokens)
+    tokens = jnp.asarray(np.concatenate([prompts, ref], 1))  # the int8 path reads an int8 cache throughout
+    fp32 = jitted(model, "extend")(tokens, model.init_cache(16, 48))[0][:, 31:47, :259]
+    int8 = jitted(other, "extend")(tokens, other.init_cache(16, 48))[0][:, 31:47, :259]
+    assert (np.asarray(jnp.argmax(fp32, -1)) == ref).mean() > 0.99  # the scoring pass is the decode's own
+    agree = (np.asarray(jnp.argmax(int8, -1)) == ref).mean()
+    delta = float(jnp.max(jnp.abs(jax.nn.log_softmax(int8, -1) - jax.nn.log_softmax(fp32, -1))))
+    print(f"{variant}: greedy agreement {agree:.1%} of {ref.size} positions (free-running {(free == ref).mean():.1%}),"
+          f" max |delta log-prob| {delta:.3g}")
     assert ref.size == 256 and agree >= 0.95
 
 
