@@ -723,6 +723,20 @@ def main(argv):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except jax.errors.JaxRuntimeError as e:
+        if FLAGS.verbose or jax.process_count() == 1:
+            raise
+        print(f"error: {_lost_peer_message(e)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _lost_peer_message(e: Exception) -> str:
+    """A failed collective in a multi-process run: almost always a peer that died; name who it can be."""
+    others = [i for i in range(jax.process_count()) if i != jax.process_index()]
+    who = f"process {others[0]}" if len(others) == 1 else f"one of processes {others}"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return (f"lost contact with {who} (a collective with it failed: {first[:300]}); once every process is back, "
+            f"rerun the same command on each to resume from the last checkpoint")
 
 
 def _unknown_override(argv: list[str]) -> str | None:

@@ -114,6 +114,28 @@ def _wait_for(path: Path, marker: str, procs, timeout: float = 240) -> None:
         time.sleep(0.2)
 
 
+def test_a_killed_peer_is_named_by_the_survivor(tmp_path):
+    """SIGKILL closes the peer's sockets: the survivor's next collective fails, and it exits non-zero within 60 s
+    naming the lost process (from the failed collective or, if that hangs, from JAX's heartbeat)."""
+    workdir, logs = tmp_path / "run", [tmp_path / f"process{i}.log" for i in range(2)]
+    procs = _start_pair(workdir, logs, "--config.train.num_steps=100000", "--config.train.checkpoint_every=1000",
+                        "--config.optim.total_steps=1000")
+    try:
+        _wait_for(logs[0], "step 7/", procs)
+        procs[1].kill()
+        t0 = time.time()
+        procs[0].wait(timeout=60)
+        waited = time.time() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    out = logs[0].read_text()
+    assert procs[0].returncode != 0 and waited < 60, out[-3000:]
+    assert re.search(r"lost contact with process 1\b|stopped sending heartbeats\):\s+1\b", out), out[-3000:]
+
+
 def test_a_lost_peer_stops_the_other_process_and_a_rerun_resumes(tmp_path):
     """A process that stops (SIGSTOP: a hung or lost host, then SIGKILL): the other exits non-zero within 60 s
     naming it (JAX's heartbeat); rerunning both resumes from the last checkpoint.
