@@ -303,7 +303,10 @@ def nystrom_attention(q_bthd, k_bskd, v_bskd, masking: Masking, landmarks: int) 
     F = softmax(Q Kl^T), A = softmax(Ql Kl^T), B = softmax(Ql K^T), where Ql, Kl
     average contiguous groups of the valid tokens; A^+ is an exact
     pseudo-inverse (SVD), so landmarks = S (one per token) is exact attention.
-    O(S m + m^3) per head. Empty groups (all padding) are dropped.
+    O(S m + m^3) per head. Empty groups (all padding) are dropped. The
+    gradient is not exact: pinv cuts the small singular values of A, and the
+    cut is not differentiated through, so even at landmarks = S the gradient
+    differs from dense attention's (README: it trains badly; measured).
     """
     b, _, h, d = q_bthd.shape
     s, kh = k_bskd.shape[1], k_bskd.shape[2]
