@@ -146,12 +146,15 @@ def validate(config: ConfigDict) -> None:
 
 
 def _validate_mesh(mesh: ConfigDict) -> None:
-    for axis in sharding.MESH_AXES:
+    axes = sharding.MESH_AXES + sharding.OPTIONAL_AXES
+    for axis in axes:
         if mesh[axis] != -1 and mesh[axis] < 1:
             raise ValueError(f"config.mesh.{axis} must be >= 1, or -1 for the remaining devices; got {mesh[axis]}")
-    if sum(mesh[a] == -1 for a in sharding.MESH_AXES) > 1:
-        shape = {a: mesh[a] for a in sharding.MESH_AXES}
+    if sum(mesh[a] == -1 for a in axes) > 1:
+        shape = {a: mesh[a] for a in axes}
         raise ValueError(f"config.mesh: at most one axis may be -1, got {shape}")
+    if mesh.microbatches < 0:
+        raise ValueError(f"config.mesh.microbatches must be >= 1, or 0 for 2 x stage; got {mesh.microbatches}")
     if mesh.preset not in sharding.PRESETS:
         raise ValueError(f"config.mesh.preset: unknown {mesh.preset!r}; choose one of {sorted(sharding.PRESETS)}")
 
@@ -449,7 +452,7 @@ def _peak_tflops() -> float | None:
 
 def make_run_mesh(config: ConfigDict):
     """The run's mesh; without a -1, a mesh smaller than the host uses its first devices."""
-    shape = {k: config.mesh[k] for k in sharding.MESH_AXES}
+    shape = {k: config.mesh[k] for k in sharding.MESH_AXES + sharding.OPTIONAL_AXES}
     devices = jax.devices()
     if -1 not in shape.values() and math.prod(shape.values()) < len(devices):
         devices = devices[: math.prod(shape.values())]
@@ -473,13 +476,16 @@ def setup_run(config: ConfigDict, workdir: Path) -> Run:
     cfg, o, t = model_config(config, task.tokenizer), optim_config(config), config.train
     check_sample_prompts(config, task, cfg)
     mesh, rules = make_run_mesh(config), sharding.rules_for(config.mesh.preset)
-    sharding.check_divisibility(cfg, mesh, rules, t.batch_size)
+    microbatches = config.mesh.microbatches or None
+    seq_len = config.data.seq_len if task.kind == "lm" else config.data.tgt_len
+    for batch_size in {t.batch_size, t.eval_batch_size or t.batch_size}:
+        sharding.check_divisibility(cfg, mesh, rules, batch_size, seq_len=seq_len, microbatches=microbatches)
     logging.info("mesh %s (preset %r) over %d process(es), %d devices", dict(mesh.shape), config.mesh.preset,
                  jax.process_count(), mesh.size)
     graphdef, tx, state, state_sh = ts.create_train_state(MODEL_KINDS[task.kind], cfg, o, t.seed, mesh, rules)
     example = ip.batch_at(task.train, 0, t.batch_size)
     batch_sh = ts.batch_sharding(mesh, rules, example)
-    kw = dict(mesh=mesh, rules=rules, batch_sharding=batch_sh)
+    kw = dict(mesh=mesh, rules=rules, batch_sharding=batch_sh, microbatches=microbatches)
     train_fn = ts.make_train_step(graphdef, tx, o, state_sharding=state_sh, **kw)
     eval_fn = ts.make_eval_step(graphdef, o, params_sharding=state_sh.params, **kw)
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=t.keep_checkpoints)
@@ -667,7 +673,7 @@ def print_plan(config: ConfigDict):
     mesh, rules = make_run_mesh(config), sharding.rules_for(config.mesh.preset)
     seq, src = (d.seq_len, None) if kind == "lm" else (d.tgt_len, d.src_len)
     p = plan_lib.plan_train_step(MODEL_KINDS[kind], cfg, o, mesh, rules, batch=config.train.batch_size,
-                                 seq_len=seq, src_len=src)
+                                 seq_len=seq, src_len=src, microbatches=config.mesh.microbatches or None)
     print(f"plan: {kind} model, preset {config.mesh.preset!r}, "
           f"{jax.device_count()} {jax.devices()[0].platform} devices\n{p.table()}")
     return p

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tformer import ring_attention
 from tformer.config import ModelConfig
 from tformer.layers import apply_rope, cast, dense, dropout, param
 from tformer.quant import Int8KV
@@ -398,4 +399,9 @@ class Attention(nnx.Module):
             else:
                 o = nystrom_attention(q, k, v, masking, self.cfg.lowrank_dim)
             return self.output(o)
+        if ring_attention.applies(q.shape[1], k.shape[1]):  # a mesh with a `sequence` axis
+            if rng is not None and self.cfg.attention_dropout > 0:
+                raise ValueError("ModelConfig.attention_dropout > 0 is not supported with sequence parallelism "
+                                 "(mesh.sequence > 1); set attention_dropout=0 or mesh.sequence=1")
+            return self.output(ring_attention.attend(q, k, v, masking))
         return self.output(attend(q, k, v, masking, self.cfg, rng))

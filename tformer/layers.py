@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from tformer.config import ModelConfig
-from tformer.sharding import constrain
+from tformer.sharding import active as active_rules, axis_size, constrain
 
 DTYPE = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -84,6 +84,13 @@ def project(x: jax.Array, w: jax.Array, n_in: int = 1, *, w_transposed: bool = F
     if x.shape[x.ndim - n_in:] != k_shape:
         raise ValueError(f"project: input axes {x.shape[x.ndim - n_in:]} do not match weight axes {k_shape}")
     k, n, lead = math.prod(k_shape), math.prod(out_shape), x.shape[: x.ndim - n_in]
+    mesh, rules = active_rules()
+    if rules is not None and axis_size(mesh, "sequence") > 1:
+        # Sequence parallelism splits the positions (a minor row axis): merging
+        # them into rows would make XLA gather every position first.
+        x_axes = tuple(range(x.ndim - n_in, x.ndim))
+        w_axes = tuple(range(w.ndim - n_in, w.ndim)) if w_transposed else tuple(range(n_in))
+        return jax.lax.dot_general(x, w, ((x_axes, w_axes), ((), ())))
     x2 = x.reshape(math.prod(lead), k)
     if w_transposed:
         y2 = jax.lax.dot_general(x2, w.reshape(n, k), (((1,), (1,)), ((), ())))

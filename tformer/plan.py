@@ -7,7 +7,12 @@ with the rule table's shardings, and reads back what XLA decided:
   * per-device bytes of parameters and optimizer state (from the shardings),
   * argument / output / temporary (activation) bytes (`memory_analysis()`),
   * FLOPs and bytes accessed per step (`cost_analysis()`),
-  * every collective in the compiled program with its result size.
+  * every collective in the compiled program with its result size,
+  * for a pipeline (`stage` axis): stages, microbatches and the GPipe bubble
+    fraction (S - 1) / (M + S - 1); the stage-to-stage sends are the
+    collective-permutes (one per tick and direction: the schedule is
+    unrolled, so the HLO holds each of them); for sequence parallelism the
+    ring's K/V sends are collective-permutes too.
 
 Compiling needs devices, not memory: with
 `XLA_FLAGS=--xla_force_host_platform_device_count=256` (set before jax starts)
@@ -28,6 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from tformer import batch as batch_lib
+from tformer import pipeline
 from tformer import sharding as shd
 from tformer import training as ts
 from tformer.config import ModelConfig
@@ -142,6 +148,14 @@ class Plan:
     flops: float | None  # per device, per step
     bytes_accessed: float | None
     collectives: list[Collective]
+    stages: int = 1  # pipeline stages (mesh axis `stage`)
+    microbatches: int = 1  # pipeline microbatches per step (1 without a pipeline)
+    sequence_parts: int = 1  # sequence-parallel split of the positions (mesh axis `sequence`)
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Idle fraction of each stage's time in the GPipe schedule (0 without a pipeline)."""
+        return pipeline.bubble_fraction(self.stages, self.microbatches)
 
     @property
     def state_bytes(self) -> int:
@@ -177,6 +191,12 @@ class Plan:
             ("bytes accessed per step", fmt_bytes(self.bytes_accessed)),
             ("collective bytes per step", fmt_bytes(self.collective_bytes)),
         ]
+        if self.stages > 1:
+            rows.insert(2, ("pipeline", f"{self.stages} stages x {self.microbatches} microbatches (GPipe), "
+                                        f"bubble {self.bubble_fraction:.1%}"))
+        if self.sequence_parts > 1:
+            rows.insert(2, ("sequence", f"{self.sequence_parts}-way ring attention, "
+                                        f"{self.seq_len // self.sequence_parts} positions per device"))
         width = max(len(k) for k, _ in rows)
         lines = [f"{k:<{width}}  {v}" for k, v in rows]
         summary = self.collective_summary()
@@ -229,10 +249,14 @@ def plan_train_step(
     seq_len: int,
     src_len: int | None = None,
     batch_shapes: dict | None = None,
+    microbatches: int | None = None,
 ) -> Plan:
-    """Compile (never run) one train step on `mesh` under `rules`; see the module docstring."""
+    """Compile (never run) one train step on `mesh` under `rules`; see the module docstring.
+
+    `microbatches`: the pipeline's count on a mesh with a `stage` axis (default 2 x stages).
+    """
     rules = shd.rules_for(rules)
-    shd.check_divisibility(cfg, mesh, rules, batch)
+    shd.check_divisibility(cfg, mesh, rules, batch, seq_len=seq_len, microbatches=microbatches)
     graphdef, abstract = ts.abstract_model(model_cls, cfg)
     tx = ts.make_optimizer(optim, abstract)
     state_sh = ts.state_shardings(model_cls, cfg, tx, mesh, rules)
@@ -247,7 +271,7 @@ def plan_train_step(
     state_in = jax.tree.map(with_sharding, abstract_state, state_sh)
     batch_in = jax.tree.map(with_sharding, shapes, batch_sh)
     step = ts.make_train_step(graphdef, tx, optim, mesh=mesh, rules=rules, state_sharding=state_sh,
-                              batch_sharding=batch_sh)
+                              batch_sharding=batch_sh, microbatches=microbatches)
     compiled = step.lower(state_in, batch_in).compile()
 
     mem = None
@@ -277,4 +301,7 @@ def plan_train_step(
         flops=cost.get("flops"),
         bytes_accessed=cost.get("bytes accessed"),
         collectives=parse_collectives(compiled.as_text()),
+        stages=pipeline.num_stages(mesh),
+        microbatches=pipeline.resolve_microbatches(mesh, microbatches) if pipeline.num_stages(mesh) > 1 else 1,
+        sequence_parts=shd.axis_size(mesh, "sequence"),
     )

@@ -13,6 +13,13 @@ passed as a static argument to every jitted entry point, which activates it
 with `use_layout` while tracing.
 
 The model code never names a mesh axis: change the table, change the plan.
+
+Two more mesh axes exist when their size is above 1: `stage` (pipeline
+parallelism: the `layers` axis of the stacked blocks is split into contiguous
+groups, see tformer.pipeline) and `sequence` (sequence parallelism: the
+`length` axis of activations is split, attention runs as ring attention, see
+tformer.ring_attention). Every preset maps `layers -> stage` and
+`length -> sequence`; on a mesh without those axes the rules drop out.
 """
 
 from __future__ import annotations
@@ -29,7 +36,11 @@ from flax import linen, nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor")  # always present (size 1 allowed)
+# Present only when larger than 1, so meshes without them read as before.
+# Order of the built mesh: stage outermost (the slow links between hosts).
+OPTIONAL_AXES = ("stage", "sequence")
+_ORDER = ("stage", "data", "fsdp", "sequence", "tensor")
 Rules = Mapping[str, Any]  # logical name -> None | mesh axis | tuple of mesh axes
 
 # Batch is split over both data axes: FSDP is data parallelism whose parameters
@@ -60,6 +71,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dp_tp": {"batch": _BATCH, **_TP},
     "fsdp_tp": {"batch": _BATCH, **_TP, "embed": "fsdp"},
 }
+# Pipeline and sequence parallelism: in every preset, inert without the axes.
+for _table in PRESETS.values():
+    _table.update({"layers": "stage", "length": "sequence"})
 
 
 def rules_for(preset: str | Rules) -> dict[str, Any]:
@@ -147,12 +161,36 @@ def use_rules(mesh: Mesh | None, rules: Rules | None):
     return use_layout(None if mesh is None or rules is None else layout(mesh, rules))
 
 
+def active() -> tuple[Mesh | None, Rules | None]:
+    """The (mesh, rule table) of the innermost active layout; (None, None) without one."""
+    mesh, rules = _MESH.get(), flax_spmd.get_logical_axis_rules()
+    return (None, None) if mesh is None or not rules else (mesh, dict(rules))
+
+
+def axis_size(mesh: Mesh | None, axis: str) -> int:
+    """Size of `axis` in `mesh` (1 when absent or without a mesh)."""
+    return 1 if mesh is None else dict(mesh.shape).get(axis, 1)
+
+
+def _without(target: str | tuple[str, ...], drop: set[str]) -> str | tuple[str, ...] | None:
+    kept = tuple(a for a in ((target,) if isinstance(target, str) else target) if a not in drop)
+    return None if not kept else kept[0] if len(kept) == 1 else kept
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Sharding constraint on an activation by logical axes; no-op without an active layout."""
     mesh, rules = _MESH.get(), flax_spmd.get_logical_axis_rules()
     if mesh is None or not rules or mesh.size == 1:
         return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, dict(rules), mesh)))
+    spec = logical_to_spec(axes, dict(rules), mesh)
+    inner = jax.sharding.get_abstract_mesh()
+    if not inner.empty and inner.manual_axes:
+        # Inside a shard_map (pipeline stage, ring attention): the manual axes
+        # are already split by hand, so constrain only over the automatic ones.
+        manual = set(inner.manual_axes)
+        spec = P(*(None if t is None else _without(t, manual) for t in spec))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(inner, spec))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 # ---------------------------------------------------------------------------
@@ -204,45 +242,72 @@ def make_mesh(
     shape: Mapping[str, int] | Sequence[int] = (-1, 1, 1),
     devices: Sequence[jax.Device] | None = None,
 ) -> Mesh:
-    """A (data, fsdp, tensor) mesh; one `-1` fills the remaining devices.
+    """A (data, fsdp, tensor) mesh, plus `stage` / `sequence` axes when given > 1; one `-1` fills the rest.
 
     >>> make_mesh({'data': -1, 'tensor': 2})  # 8 devices -> (4, 1, 2)
+    >>> make_mesh({'data': 2, 'stage': 4})    # 8 devices -> stage=4, data=2, fsdp=1, tensor=1
     """
+    names = MESH_AXES + OPTIONAL_AXES
     if isinstance(shape, Mapping):
-        unknown = set(shape) - set(MESH_AXES)
+        unknown = set(shape) - set(names)
         if unknown:
-            raise ValueError(f"unknown mesh axes {sorted(unknown)}; tformer's mesh axes are {MESH_AXES}")
-        dims = [shape.get(a, 1) for a in MESH_AXES]
+            raise ValueError(f"unknown mesh axes {sorted(unknown)}; tformer's mesh axes are {names}")
+        sizes = {a: shape.get(a, 1) for a in names}
     else:
         dims = list(shape)
         if len(dims) != len(MESH_AXES):
-            raise ValueError(f"mesh shape {tuple(dims)} must have {len(MESH_AXES)} entries {MESH_AXES}")
+            raise ValueError(f"mesh shape {tuple(dims)} must have {len(MESH_AXES)} entries {MESH_AXES}; "
+                             f"pass a dict to use {OPTIONAL_AXES}")
+        sizes = {**dict(zip(MESH_AXES, dims)), **{a: 1 for a in OPTIONAL_AXES}}
+    dims = [sizes[a] for a in names]
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     if dims.count(-1) > 1:
-        raise ValueError(f"mesh shape {tuple(dims)}: at most one axis may be -1")
+        raise ValueError(f"mesh shape {sizes}: at most one axis may be -1")
     if any(d == 0 or d < -1 for d in dims):
-        raise ValueError(f"mesh shape {tuple(dims)}: sizes must be positive or -1")
+        raise ValueError(f"mesh shape {sizes}: sizes must be positive or -1")
     known = math.prod(d for d in dims if d != -1)
     if -1 in dims:
         if n % known:
             raise ValueError(
-                f"mesh shape {tuple(dims)}: the fixed axes ({known} devices) do not divide "
+                f"mesh shape {sizes}: the fixed axes ({known} devices) do not divide "
                 f"the {n} available devices; pick sizes whose product divides {n}"
             )
         dims[dims.index(-1)] = n // known
+    sizes = dict(zip(names, dims))
     if math.prod(dims) != n:
         raise ValueError(
-            f"mesh shape {dict(zip(MESH_AXES, dims))} needs {math.prod(dims)} devices but {n} are "
+            f"mesh shape {sizes} needs {math.prod(dims)} devices but {n} are "
             f"available; make the product equal {n} or use -1 for one axis"
         )
+    axes = tuple(a for a in _ORDER if a in MESH_AXES or sizes[a] > 1)
     return jax.make_mesh(
-        tuple(dims), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+        tuple(sizes[a] for a in axes), axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices
     )
 
 
-def check_divisibility(cfg, mesh: Mesh, rules: Rules, global_batch: int | None = None) -> None:
-    """Fail early, naming the field, when a sharded dimension does not split evenly."""
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_divisibility(cfg, mesh: Mesh, rules: Rules, global_batch: int | None = None, *,
+                       seq_len: int | None = None, microbatches: int | None = None) -> None:
+    """Fail early, naming the field, when a sharded dimension does not split evenly.
+
+    Pipeline meshes (`stage` > 1) also need layers divisible by stages and the
+    global batch by (data axes) x `microbatches`; sequence meshes need
+    `seq_len` divisible by `sequence`.
+    """
+    stages, seq_parts = axis_size(mesh, "stage"), axis_size(mesh, "sequence")
+    if stages > 1 and seq_parts > 1:
+        raise ValueError(f"mesh.stage={stages} and mesh.sequence={seq_parts}: pipeline and sequence "
+                         "parallelism do not combine; set one of them to 1")
+    if cfg.num_layers % stages:
+        raise ValueError(f"ModelConfig.num_layers={cfg.num_layers} is not divisible by mesh.stage={stages}; "
+                         f"valid stage sizes are {_divisors(cfg.num_layers)}")
+    if seq_len is not None and seq_len % seq_parts:
+        raise ValueError(f"sequence length {seq_len} is not divisible by mesh.sequence={seq_parts}; "
+                         f"valid sequence sizes are {_divisors(seq_len)}")
     sizes = {
         "heads": ("num_heads", cfg.num_heads),
         "kv_heads": ("num_kv_heads", cfg.kv_heads),
@@ -269,6 +334,14 @@ def check_divisibility(cfg, mesh: Mesh, rules: Rules, global_batch: int | None =
                 f"global batch size {global_batch} is not divisible by the {parts} devices of the "
                 f"data axes {axes}; use a multiple of {parts}"
             )
+        if stages > 1:
+            m = 2 * stages if not microbatches else microbatches
+            if global_batch % (parts * m):
+                valid = _divisors(global_batch // parts)
+                raise ValueError(
+                    f"global batch size {global_batch} is not divisible by data axes ({parts}) x "
+                    f"mesh.microbatches ({m}); valid microbatches for this batch are {valid}"
+                )
 
 
 # ---------------------------------------------------------------------------

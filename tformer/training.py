@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tformer import batch as batch_lib
+from tformer import pipeline
 from tformer import sharding as shd
 from tformer.config import ModelConfig
 
@@ -146,9 +147,15 @@ def cross_entropy(logits_btv, targets_bt, weights_bt, z_loss: float = 0.0, label
     }
 
 
-def loss_sums(graphdef, params, batch, optim: OptimizerConfig, dropout_rng=None):
+def loss_sums(graphdef, params, batch, optim: OptimizerConfig, dropout_rng=None, microbatches: int | None = None):
+    """Summed loss terms of `batch`; on a mesh with a `stage` axis the blocks run as a pipeline (tformer.pipeline)."""
     model = nnx.merge(graphdef, params)
-    logits, targets, weights = batch_lib.logits_and_targets(model, batch, dropout_rng)
+    mesh, _ = shd.active()
+    if pipeline.num_stages(mesh) > 1:
+        logits, targets, weights = pipeline.logits_and_targets(model, batch, dropout_rng, mesh=mesh,
+                                                               microbatches=microbatches)
+    else:
+        logits, targets, weights = batch_lib.logits_and_targets(model, batch, dropout_rng)
     return cross_entropy(logits, targets, weights, optim.z_loss, optim.label_smoothing)
 
 
@@ -240,10 +247,11 @@ def _microbatches(batch: dict, k: int) -> dict:
 
 
 def train_step(graphdef, tx, optim: OptimizerConfig, state: TrainState, batch: dict, *,
-               layout: shd.Layout | None = None):
+               layout: shd.Layout | None = None, microbatches: int | None = None):
     """One optimizer step (pure). Loss is normalised over the whole (accumulated) batch.
 
     `layout` (static): the mesh and rule table activation constraints follow.
+    `microbatches`: the pipeline's count on a mesh with a `stage` axis (default 2 x stages).
     """
     with shd.use_layout(layout):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -251,7 +259,7 @@ def train_step(graphdef, tx, optim: OptimizerConfig, state: TrainState, batch: d
             rng = jax.random.fold_in(key, i)
 
             def f(p):
-                s = loss_sums(graphdef, p, mb, optim, rng)
+                s = loss_sums(graphdef, p, mb, optim, rng, microbatches)
                 return s["loss_sum"], s
 
             (_, s), g = jax.value_and_grad(f, has_aux=True)(params)
@@ -297,9 +305,11 @@ def train_step(graphdef, tx, optim: OptimizerConfig, state: TrainState, batch: d
 
 
 def make_train_step(graphdef, tx, optim: OptimizerConfig, *, mesh: Mesh | None = None, rules=None,
-                    state_sharding=None, batch_sharding=None, donate: bool = True) -> Callable:
+                    state_sharding=None, batch_sharding=None, donate: bool = True,
+                    microbatches: int | None = None) -> Callable:
     """Jitted `step(state, batch) -> (state, metrics)` with shardings and donated state."""
-    fn = functools.partial(train_step, graphdef, tx, optim, layout=shd.layout(mesh, rules))
+    fn = functools.partial(train_step, graphdef, tx, optim, layout=shd.layout(mesh, rules),
+                           microbatches=microbatches)
     kw = {}
     if state_sharding is not None:
         kw["in_shardings"] = (state_sharding, batch_sharding)
@@ -307,15 +317,16 @@ def make_train_step(graphdef, tx, optim: OptimizerConfig, *, mesh: Mesh | None =
     return jax.jit(fn, donate_argnums=(0,) if donate else (), **kw)
 
 
-def eval_sums(graphdef, optim: OptimizerConfig, params, batch, *, layout: shd.Layout | None = None):
+def eval_sums(graphdef, optim: OptimizerConfig, params, batch, *, layout: shd.Layout | None = None,
+              microbatches: int | None = None):
     """Summed NLL / weights / correct over a batch, no dropout."""
     with shd.use_layout(layout):
-        return loss_sums(graphdef, params, batch, optim, None)
+        return loss_sums(graphdef, params, batch, optim, None, microbatches)
 
 
 def make_eval_step(graphdef, optim: OptimizerConfig, *, mesh=None, rules=None, params_sharding=None,
-                   batch_sharding=None):
-    fn = functools.partial(eval_sums, graphdef, optim, layout=shd.layout(mesh, rules))
+                   batch_sharding=None, microbatches: int | None = None):
+    fn = functools.partial(eval_sums, graphdef, optim, layout=shd.layout(mesh, rules), microbatches=microbatches)
     kw = {} if params_sharding is None else {"in_shardings": (params_sharding, batch_sharding)}
     return jax.jit(fn, **kw)
 

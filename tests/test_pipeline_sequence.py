@@ -1,0 +1,345 @@
+"""Pipeline (`stage`) and sequence (`sequence`) parallelism on 8 fake CPU devices (see conftest.py).
+
+Every mesh must train exactly like one device (plain batches, and packed
+documents with segment ids, restarting positions and padding); each stage
+must hold only its own layers and their Adam moments; the compiled programs
+must send activations / K-V blocks with collective-permutes and, for
+sequence parallelism, never hold a [B, H, T, T] score matrix; bad meshes
+must fail before compiling, naming the field; checkpoints and generation
+must not care about the mesh.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, SingleDeviceSharding
+
+import tformer
+from tformer import plan as plan_lib
+from tformer import sharding as shd
+from tformer import training as ts
+
+# 4 layers (split 2 or 4 ways), 8 query / 4 KV heads (GQA, split over tensor),
+# no biases (see test_sharding.py: a key bias's gradient is pure rounding noise).
+CFG = tformer.ModelConfig(
+    vocab_size=250, d_model=64, num_heads=8, num_kv_heads=4, d_ff=128, num_layers=4, max_len=32,
+    positions="rope", norm="rmsnorm", activation="swiglu", use_bias=False, tie_embeddings=False, scan_layers=True,
+)
+B, T, STEPS = 8, 16, 3
+OPT = ts.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=STEPS, weight_decay=0.1, clip_norm=1.0,
+                         eps=1e-4)
+RULES = shd.rules_for("tp")  # with layers -> stage and length -> sequence, like every preset
+
+
+def plain_batches(seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(STEPS):
+        tokens = rng.integers(3, CFG.vocab_size, (B, T + 1)).astype(np.int32)
+        weights = (rng.random((B, T)) > 0.1).astype(np.float32)
+        out.append({"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights})
+    return out
+
+
+def packed_batches(seed=1):
+    """Rows of 1-3 documents (segment ids 1, 2, 3; positions restart) and tail padding (segment 0).
+
+    The last row is all padding; one document boundary falls inside every
+    4-position sequence shard in some row, so the ring's masks must be exact.
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(STEPS):
+        tokens = rng.integers(3, CFG.vocab_size, (B, T + 1)).astype(np.int32)
+        seg = np.zeros((B, T), np.int32)
+        pos = np.zeros((B, T), np.int32)
+        for r in range(B - 1):
+            end = T - int(rng.integers(0, 6)) if r % 2 else T  # odd rows padded
+            cuts = sorted(rng.choice(np.arange(1, end), size=int(rng.integers(0, 3)), replace=False).tolist())
+            for i, (a, b) in enumerate(zip([0] + cuts, cuts + [end])):
+                seg[r, a:b] = i + 1
+                pos[r, a:b] = np.arange(b - a)
+        tokens[:, :-1][seg == 0] = 0
+        out.append({"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": seg, "positions": pos,
+                    "weights": (seg != 0).astype(np.float32)})
+    return out
+
+
+BATCHES = {"plain": plain_batches, "packed": packed_batches}
+
+
+def mesh_of(shape: dict):
+    return shd.make_mesh(shape, devices=jax.devices()[: math.prod(shape.values())])
+
+
+@functools.lru_cache(maxsize=None)
+def run(shape: tuple | None, microbatches: int | None, kind: str):
+    """(losses, final state as numpy, final state's shardings, compiled HLO) of STEPS steps; shared by tests."""
+    batches = BATCHES[kind]()
+    mesh = None if shape is None else mesh_of(dict(shape))
+    graphdef, tx, state, state_sh = ts.create_train_state(tformer.DecoderLM, CFG, OPT, 0, mesh,
+                                                          None if mesh is None else RULES)
+    if mesh is None:
+        step, put = ts.make_train_step(graphdef, tx, OPT), (lambda b: b)
+    else:
+        batch_sh = ts.batch_sharding(mesh, RULES, batches[0])
+        step = ts.make_train_step(graphdef, tx, OPT, mesh=mesh, rules=RULES, state_sharding=state_sh,
+                                  batch_sharding=batch_sh, microbatches=microbatches)
+        put = functools.partial(jax.device_put, device=batch_sh)
+    compiled = step.lower(state, put(batches[0])).compile()
+    losses = []
+    for b in batches:
+        state, m = compiled(state, put(b))
+        losses.append(float(m["loss"]))
+    shardings = jax.tree.map(lambda a: a.sharding, state)
+    return losses, jax.tree.map(np.asarray, state), shardings, compiled.as_text()
+
+
+def assert_same_training(got, ref, what):
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-5, err_msg=f"{what}: per-step loss differs from one device")
+    flat_ref = dict(jax.tree_util.tree_leaves_with_path(ref[1].params))
+    for path, value in jax.tree_util.tree_leaves_with_path(got[1].params):
+        want = flat_ref[path]
+        np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(want))),
+                                   err_msg=f"{what}: {jax.tree_util.keystr(path)} differs after {STEPS} steps")
+
+
+PP_CASES = [  # (mesh, microbatches)
+    ({"stage": 2}, 2), ({"stage": 4}, 4), ({"stage": 4}, 8), ({"data": 2, "stage": 4}, 4),
+    ({"stage": 2, "tensor": 2, "data": 2}, None),  # default: 2 x stages = 4
+]
+SP_CASES = [({"sequence": 2}, None), ({"sequence": 4}, None), ({"data": 2, "sequence": 4}, None),
+            ({"sequence": 2, "tensor": 2, "data": 2}, None)]
+PLAIN = {(("data", 2), ("stage", 4)), (("sequence", 4),)}  # also run on unpacked batches
+
+
+def case_id(shape, mb):
+    return "x".join(f"{k}{v}" for k, v in shape.items()) + (f"-mb{mb}" if mb else "")
+
+
+@pytest.mark.parametrize("shape,mb", PP_CASES + SP_CASES, ids=[case_id(*c) for c in PP_CASES + SP_CASES])
+def test_trains_like_one_device(shape, mb):
+    key = tuple(shape.items())
+    for kind in ("packed", "plain") if key in PLAIN else ("packed",):
+        assert_same_training(run(key, mb, kind), run(None, None, kind), f"{shape} microbatches={mb} {kind}")
+
+
+# ---------------------------------------------------------------------------
+# Placement: each stage's devices hold only their layers (params and Adam moments).
+
+
+@pytest.mark.parametrize("shape,mb", [PP_CASES[3], PP_CASES[4]], ids=[case_id(*PP_CASES[3]), case_id(*PP_CASES[4])])
+def test_each_stage_holds_only_its_layers(shape, mb):
+    _, state, shardings, _ = run(tuple(shape.items()), mb, "packed")
+    mesh = mesh_of(shape)
+    stages, per = shape["stage"], CFG.num_layers // shape["stage"]
+    stage_axis = mesh.axis_names.index("stage")
+    stage_of = {d: s for s in range(stages) for d in np.take(mesh.devices, s, axis=stage_axis).flat}
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    shs = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    stacked = 0
+    for (path, leaf), sh in zip(leaves, shs, strict=True):
+        name, indices = jax.tree_util.keystr(path), sh.devices_indices_map(leaf.shape)
+        if "['blocks']" not in name:
+            # Embeddings, head, final norm, counters: never split over stages.
+            by_stage = [{str(indices[d]) for d, s in stage_of.items() if s == k} for k in range(stages)]
+            assert all(b == by_stage[0] for b in by_stage), f"{name} is split over stages"
+            continue
+        assert leaf.shape[0] == CFG.num_layers and sh.shard_shape(leaf.shape)[0] == per, name
+        for device, index in indices.items():
+            s = stage_of[device]
+            assert index[0] == slice(s * per, (s + 1) * per), f"{name}: a stage-{s} device holds layers {index[0]}"
+        stacked += 1
+    # Every stacked weight, its Adam first moment and its second moment.
+    assert stacked == 3 * len(jax.tree.leaves(state.params["blocks"])), stacked
+
+
+# ---------------------------------------------------------------------------
+# What the compiled programs send.
+
+
+def permutes_of(hlo: str, shape: tuple[int, ...]) -> list:
+    return [c for c in plan_lib.parse_collectives(hlo) if c.kind == "collective-permute"
+            and any(s == shape for _, s in c.shapes)]
+
+
+@pytest.mark.parametrize("shape,mb", [PP_CASES[1], PP_CASES[3]], ids=[case_id(*PP_CASES[1]), case_id(*PP_CASES[3])])
+def test_pipeline_sends_activations_between_stages(shape, mb):
+    hlo = run(tuple(shape.items()), mb, "packed")[3]
+    stages, local_rows = shape["stage"], B // mb // shape.get("data", 1)
+    assert len(expected_sends(stages, mb)) == 2
+    for send_shape, count in expected_sends(stages, mb).items():
+        sends = permutes_of(hlo, send_shape + (local_rows, T, CFG.d_model))
+        assert len(sends) == count, f"{len(sends)} collective-permutes of {send_shape} microbatches, want {count}"
+
+
+def expected_sends(stages: int, microbatches: int) -> dict[tuple[int, ...], int]:
+    """Collective-permutes of the GPipe schedule, by leading shape, forward and backward.
+
+    Every tick but the last passes one microbatch's [rows, T, D] activations
+    to the next stage, and the backward pass sends their gradients back:
+    2 (M + S - 2). Microbatches start on stage k = i // (M / S): stage 0
+    fetches the M - M / S that are not its own, one send each way; the last
+    stage hands each other stage its block of M / S outputs, one send each way.
+    """
+    chunk = microbatches // stages
+    return {(): 2 * (microbatches + stages - 2) + 2 * (microbatches - chunk), (chunk,): 2 * (stages - 1)}
+
+
+@pytest.mark.parametrize("shape", [SP_CASES[1][0], SP_CASES[2][0]], ids=[case_id(SP_CASES[1][0], None),
+                                                                         case_id(SP_CASES[2][0], None)])
+def test_ring_passes_kv_blocks(shape):
+    hlo = run(tuple(shape.items()), None, "packed")[3]
+    n, rows = shape["sequence"], B // shape.get("data", 1)
+    # Forward: K and V blocks move N - 1 times; backward: their gradients go
+    # back the same N - 1 hops.
+    block = (rows, T // n, CFG.kv_heads, CFG.head_dim_)
+    assert len(permutes_of(hlo, block)) == 4 * (n - 1)
+    # The visiting keys' positions and segment ids travel with them (forward only).
+    assert len(permutes_of(hlo, (rows, T // n))) == 2 * (n - 1)
+
+
+def largest_array(hlo: str) -> int:
+    return max(math.prod(int(x) for x in dims.split(",") if x) for _, dims in plan_lib._ARRAY.findall(hlo))
+
+
+def test_ring_attention_never_holds_the_full_score_matrix():
+    # Einsum attention on one device materialises [B, H, T, T] fp32 scores;
+    # the 4-way sequence-parallel step at T = 2,048 must not, on any device:
+    # its largest array is one [B, H, T / 4, T / 4] block of scores, and all
+    # its temporaries together stay below the one score matrix.
+    cfg = tformer.ModelConfig(vocab_size=64, d_model=32, num_heads=2, num_layers=1, max_len=2048, attention="einsum",
+                              positions="rope", norm="rmsnorm", use_bias=False)
+    b, t, h = 1, 2048, cfg.num_heads
+    full = b * h * t * t
+    batch = {"inputs": jax.ShapeDtypeStruct((b, t), jnp.int32), "targets": jax.ShapeDtypeStruct((b, t), jnp.int32)}
+    one = plan_lib.plan_train_step(tformer.DecoderLM, cfg, OPT, mesh_of({"data": 1}), "dp", batch=b, seq_len=t,
+                                   batch_shapes=batch)
+    assert one.temp_bytes >= 4 * full, "the one-device reference should hold the fp32 [B, H, T, T] scores"
+    mesh = mesh_of({"sequence": 4})
+    graphdef, abstract = ts.abstract_model(tformer.DecoderLM, cfg)
+    tx = ts.make_optimizer(OPT, abstract)
+    sh = ts.state_shardings(tformer.DecoderLM, cfg, tx, mesh, RULES)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         ts.abstract_train_state(abstract, tx), sh)
+    step = ts.make_train_step(graphdef, tx, OPT, mesh=mesh, rules=RULES, state_sharding=sh,
+                              batch_sharding=ts.batch_sharding(mesh, RULES, batch))
+    compiled = step.lower(state, batch).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < 4 * full, f"{temp} temporary bytes per device; one [B, H, T, T] fp32 matrix is {4 * full}"
+    biggest = largest_array(compiled.as_text())
+    assert biggest <= full // 16, f"an array of {biggest} elements: more than one [B, H, T/4, T/4] block"
+
+
+# ---------------------------------------------------------------------------
+# Bad meshes fail before anything compiles, naming the field.
+
+
+def test_bad_meshes_fail_naming_the_field():
+    with pytest.raises(ValueError, match=r"num_layers=4 is not divisible by mesh.stage=3; valid stage sizes are "
+                                         r"\[1, 2, 4\]"):
+        shd.check_divisibility(CFG, mesh_of({"stage": 3}), RULES, B)
+    with pytest.raises(ValueError, match=r"global batch size 8 is not divisible by data axes \(2\) x "
+                                         r"mesh.microbatches \(8\); valid microbatches for this batch are \[1, 2, 4\]"):
+        shd.check_divisibility(CFG, mesh_of({"data": 2, "stage": 4}), RULES, B)  # default 2 x 4 microbatches
+    with pytest.raises(ValueError, match=r"sequence length 18 is not divisible by mesh.sequence=4; valid sequence "
+                                         r"sizes are \[1, 2, 3, 6, 9, 18\]"):
+        shd.check_divisibility(CFG, mesh_of({"sequence": 4}), RULES, B, seq_len=18)
+    with pytest.raises(ValueError, match=r"mesh.stage=2 and mesh.sequence=2: pipeline and sequence parallelism"):
+        shd.check_divisibility(CFG, mesh_of({"stage": 2, "sequence": 2}), RULES, B)
+    with pytest.raises(ValueError, match=r"unknown mesh axes \['pipe'\]"):
+        shd.make_mesh({"pipe": 2})
+
+
+def abstract_step(model_cls, cfg, mesh, batch, microbatches=None):
+    """Trace (never compile) a train step: errors raised while tracing come before any compile."""
+    graphdef, abstract = ts.abstract_model(model_cls, cfg)
+    tx = ts.make_optimizer(OPT, abstract)
+    state = ts.abstract_train_state(abstract, tx)
+    step = functools.partial(ts.train_step, graphdef, tx, OPT, layout=shd.layout(mesh, RULES),
+                             microbatches=microbatches)
+    return jax.eval_shape(step, state, batch)
+
+
+def test_step_refuses_what_the_mesh_cannot_run():
+    lm_batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), plain_batches()[0])
+    with pytest.raises(ValueError, match=r"batch size 8 is not divisible by mesh.microbatches=3"):
+        abstract_step(tformer.DecoderLM, CFG, mesh_of({"stage": 2}), lm_batch, microbatches=3)
+    with pytest.raises(ValueError, match=r"lengths 16 \(queries\) and 16 \(keys\) must be divisible by "
+                                         r"mesh.sequence=3"):
+        abstract_step(tformer.DecoderLM, CFG, mesh_of({"sequence": 3}), lm_batch)
+    s2s = CFG.replace(num_encoder_layers=2)
+    i32 = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    s2s_batch = {"src": i32, "tgt_inputs": i32, "tgt_targets": i32, "tgt_weights": i32}
+    with pytest.raises(ValueError, match=r"pipeline parallelism \(mesh.stage=2\) supports DecoderLM only, not "
+                                         r"EncoderDecoder"):
+        abstract_step(tformer.EncoderDecoder, s2s, mesh_of({"stage": 2}), s2s_batch)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints, generation and the plan.
+
+
+def test_checkpoint_saved_under_a_pipeline_restores_anywhere(tmp_path):
+    from tformer.checkpoint import Checkpointer, abstract_like
+
+    save_mesh = mesh_of({"data": 2, "stage": 4})
+    _, tx, state, _ = ts.create_train_state(tformer.DecoderLM, CFG, OPT, 7, save_mesh, RULES)
+    state = ts.TrainState(step=state.step + 5, params=state.params,
+                          opt_state=jax.tree.map(lambda m: m + 0.5 if m.dtype == jnp.float32 else m, state.opt_state),
+                          rng=state.rng)
+    wq = state.params["blocks"]["layers"]["attn"]["wq"]
+    assert wq.sharding.shard_shape(wq.shape)[0] == 1, "saved with one layer per stage"
+    expected = jax.tree.map(np.asarray, state)
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    ckpt.save(5, state)
+    ckpt.wait()
+    dp = ts.state_shardings(tformer.DecoderLM, CFG, tx, mesh_of({"data": 8}), shd.rules_for("dp"))
+    one = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), state)
+    for name, shardings in (("(8,1,1)", dp), ("one device", one)):
+        restored, _ = Checkpointer(tmp_path).restore(5, target=abstract_like(state, shardings))
+        for (path, got), want, sh in zip(jax.tree_util.tree_leaves_with_path(restored), jax.tree.leaves(expected),
+                                         jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(
+                                             x, (NamedSharding, SingleDeviceSharding)))):
+            assert got.sharding.is_equivalent_to(sh, got.ndim), f"{name}: {jax.tree_util.keystr(path)} sharding"
+            np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{name}: {jax.tree_util.keystr(path)}")
+
+
+def test_generation_with_pipeline_placed_parameters():
+    cfg = CFG.replace(init_std=0.3, eos_id=2)  # spread logits: greedy choices are not near-ties
+    model = tformer.DecoderLM(cfg, rngs=nnx.Rngs(3))
+    prompts = np.random.default_rng(0).integers(3, 250, (B, 5)).astype(np.int32)
+    lengths = [5, 3, 4, 5, 2, 5, 1, 4]
+    ref = tformer.generate(model, prompts, tformer.Decode(6, eos_id=-1), lengths=lengths)
+    assert len(np.unique(np.asarray(ref.tokens))) > 8, "degenerate reference: the comparison would prove little"
+    mesh = mesh_of({"data": 2, "stage": 4})
+    graphdef, state = nnx.split(model)
+    placed = nnx.merge(graphdef, jax.device_put(state, shd.state_shardings(state, mesh, RULES)))
+    wq = placed.blocks.layers.attn.wq[...]
+    assert wq.sharding.shard_shape(wq.shape)[0] == 1, "one layer per stage"
+    out = tformer.generate(placed, prompts, tformer.Decode(6, eos_id=-1), lengths=lengths, mesh=mesh, rules=RULES)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+
+
+def test_plan_reports_the_schedule():
+    mesh = mesh_of({"data": 2, "stage": 4})
+    p = plan_lib.plan_train_step(tformer.DecoderLM, CFG, OPT, mesh, RULES, batch=B, seq_len=T, microbatches=4)
+    assert (p.stages, p.microbatches) == (4, 4)
+    assert p.bubble_fraction == pytest.approx(3 / 7)
+    assert "4 stages x 4 microbatches (GPipe), bubble 42.9%" in p.table()
+    # Per device: the embedding and head whole, one of the four layers (fp32; Adam: 2 moments + a counter).
+    c = CFG
+    layer = c.d_model * c.num_heads * c.head_dim_ * 2 + 2 * c.d_model * c.kv_heads * c.head_dim_ \
+        + 3 * c.d_model * c.d_ff_ + 2 * c.d_model
+    ends = 2 * c.padded_vocab * c.d_model + c.d_model
+    assert p.param_bytes == 4 * (ends + layer)
+    # Activation sends of [1 row, T, D] fp32 (see expected_sends), with their bytes.
+    for lead, count in expected_sends(4, 4).items():
+        shape = ("f32", lead + (1, T, c.d_model))
+        act = [x for x in p.collectives if x.kind == "collective-permute" and x.shapes == (shape,)]
+        assert len(act) == count and sum(x.bytes for x in act) == count * 4 * math.prod(shape[1])
