@@ -10,6 +10,12 @@ from __future__ import annotations
 import numpy as np
 
 import tformer
+from tformer import rnn
+
+
+def decoders(model):
+    """(generate, beam_search) for `model`: the RNN baselines decode with a carried state, not a KV cache."""
+    return (rnn.generate, rnn.beam_search) if rnn.is_rnn(model) else (tformer.generate, tformer.beam_search)
 
 
 def encode_prompts(tok, prompts: list[str], max_len: int) -> list[list[int]]:
@@ -31,7 +37,7 @@ def complete(model, tok, prompts: list[str], max_new: int, rng, temperature: flo
     for i, e in enumerate(enc):
         arr[i, : len(e)] = e
     n = min(max_new, model.cfg.max_len - width)
-    out = tformer.generate(model, arr, tformer.Decode(n), tformer.Sampling(temperature, top_k, top_p),
+    out = decoders(model)[0](model, arr, tformer.Decode(n), tformer.Sampling(temperature, top_k, top_p),
                            lengths=[len(e) for e in enc], rng=rng)
     return [p + tok.decode(row) for p, row in zip(prompts, np.asarray(out.tokens))]
 
@@ -53,10 +59,11 @@ def translate(model, tok, sources: list[str], src_len: int, max_new: int, beam_s
     src, _ = encode_sources(tok, sources, src_len)
     max_new = min(max_new, model.cfg.max_len - 1)
     bos = np.full((len(sources), 1), tok.bos_id, np.int32)
+    generate, beam_search = decoders(model)
     if beam_size > 1:
-        out = tformer.beam_search(model, bos, tformer.Decode(max_new), src=src, beam_size=beam_size)
+        out = beam_search(model, bos, tformer.Decode(max_new), src=src, beam_size=beam_size)
     else:
-        out = tformer.generate(model, bos, tformer.Decode(max_new), src=src)
+        out = generate(model, bos, tformer.Decode(max_new), src=src)
     return [tok.decode(row) for row in np.asarray(out.tokens)]
 
 

@@ -60,7 +60,7 @@ from experiments import corpora, decode
 from experiments import input_pipeline as ip
 from experiments.metrics import MetricWriter, atomic_write, plot_loss
 from experiments.tokenizers import make_tokenizer
-from tformer import flops, host, sharding
+from tformer import flops, host, rnn, sharding
 from tformer import training as ts
 from tformer.checkpoint import CheckpointError, Checkpointer, abstract_like
 
@@ -91,7 +91,15 @@ def define_flags() -> None:
     flags.DEFINE_bool("verbose", False, "On an error, print the traceback too (not just the one-line message).")
 
 
-MODEL_KINDS = {"lm": tformer.DecoderLM, "seq2seq": tformer.EncoderDecoder}
+MODEL_KINDS = {"lm": tformer.DecoderLM, "seq2seq": tformer.EncoderDecoder,
+               "rnn_lm": rnn.RNNLM, "rnn_seq2seq": rnn.RNNSeq2Seq}  # the RNNs: the recurrent baseline
+TASK_KINDS = {kind: cls.kind for kind, cls in MODEL_KINDS.items()}  # model kind -> data: "lm" | "seq2seq"
+
+
+def config_class(kind: str):
+    """The config dataclass of a model kind: tformer.ModelConfig, or the RNNs' tformer.rnn.RNNConfig."""
+    return getattr(MODEL_KINDS[kind], "config_class", tformer.ModelConfig)
+
 
 # ---------------------------------------------------------------------------
 # Config: sections -> dataclasses, range checks.
@@ -123,15 +131,20 @@ def _check_fields(section, name: str, valid: set[str]) -> None:
 
 def validate(config: ConfigDict) -> None:
     """Every section present with known fields, and every runner field in range: before anything runs."""
-    from experiments.configs.base import base_config
+    from experiments.configs.base import TOKENIZER_FIELDS, base_config
 
     ref = base_config()
     for name in ("model", "optim", "data", "train", "mesh"):
         if name not in config:
             raise ValueError(f"config.{name}: section missing; start from experiments/configs/base.py")
-        _check_fields(config[name], name, set(ref[name].keys()))
-    if config.model.kind not in MODEL_KINDS:
-        raise ValueError(f"config.model.kind: unknown {config.model.kind!r}; choose one of {sorted(MODEL_KINDS)}")
+    kind = config.model.get("kind")
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"config.model.kind: unknown {kind!r}; choose one of {sorted(MODEL_KINDS)}")
+    for name in ("model", "optim", "data", "train", "mesh"):
+        valid = set(ref[name].keys())
+        if name == "model" and config_class(kind) is not tformer.ModelConfig:  # an RNN: its own dataclass
+            valid = {f.name for f in dataclasses.fields(config_class(kind))} - set(TOKENIZER_FIELDS) | {"kind"}
+        _check_fields(config[name], name, valid)
     for section, bounds in _AT_LEAST.items():
         for field, low in bounds.items():
             value = config[section][field]
@@ -172,7 +185,7 @@ def model_config(config: ConfigDict, tok) -> tformer.ModelConfig:
         raise ValueError(f"config.model.vocab_size={m['vocab_size']} is smaller than the tokenizer's "
                          f"{tok.vocab_size}; set it to 0 to follow the tokenizer")
     m.update(pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
-    return to_dataclass(tformer.ModelConfig, m, "model")
+    return to_dataclass(config_class(config.model.kind), m, "model")
 
 
 def plan_model_config(config: ConfigDict) -> tformer.ModelConfig:
@@ -211,7 +224,7 @@ class Task:
 
 
 def build_task(config: ConfigDict, workdir: Path) -> Task:
-    if config.model.kind == "lm":
+    if TASK_KINDS[config.model.kind] == "lm":
         return _lm_task(config.data, workdir)
     return _seq2seq_task(config.data, workdir)
 
@@ -478,11 +491,12 @@ def setup_run(config: ConfigDict, workdir: Path) -> Run:
     mesh, rules = make_run_mesh(config), sharding.rules_for(config.mesh.preset)
     microbatches = config.mesh.microbatches or None
     seq_len = config.data.seq_len if task.kind == "lm" else config.data.tgt_len
-    for batch_size in {t.batch_size, t.eval_batch_size or t.batch_size}:
-        sharding.check_divisibility(cfg, mesh, rules, batch_size, seq_len=seq_len, microbatches=microbatches)
+    if isinstance(cfg, tformer.ModelConfig):  # the RNNs shard nothing but the batch and `embed`
+        for batch_size in {t.batch_size, t.eval_batch_size or t.batch_size}:
+            sharding.check_divisibility(cfg, mesh, rules, batch_size, seq_len=seq_len, microbatches=microbatches)
     logging.info("mesh %s (preset %r) over %d process(es), %d devices", dict(mesh.shape), config.mesh.preset,
                  jax.process_count(), mesh.size)
-    graphdef, tx, state, state_sh = ts.create_train_state(MODEL_KINDS[task.kind], cfg, o, t.seed, mesh, rules)
+    graphdef, tx, state, state_sh = ts.create_train_state(MODEL_KINDS[config.model.kind], cfg, o, t.seed, mesh, rules)
     example = ip.batch_at(task.train, 0, t.batch_size)
     batch_sh = ts.batch_sharding(mesh, rules, example)
     kw = dict(mesh=mesh, rules=rules, batch_sharding=batch_sh, microbatches=microbatches)
@@ -491,7 +505,7 @@ def setup_run(config: ConfigDict, workdir: Path) -> Run:
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=t.keep_checkpoints)
     if ckpt.latest_step() is not None:
         try:
-            check_resume(workdir, task.kind, cfg, o)
+            check_resume(workdir, config.model.kind, cfg, o)
             state, extra = ckpt.restore(target=abstract_like(state, state_sh), move_aside=True)
         except BaseException:
             ckpt.close()
@@ -502,14 +516,18 @@ def setup_run(config: ConfigDict, workdir: Path) -> Run:
             "config": config.to_dict(), "model": dataclasses.asdict(cfg), "optim": dataclasses.asdict(o),
             "tokenizer": config.data.tokenizer}, indent=2))
     seq = example["tgt_inputs" if "src" in example else "inputs"].shape[1]
+    if isinstance(cfg, rnn.RNNConfig):
+        flops_per_token = rnn.train_flops_per_token(cfg, seq2seq=task.kind == "seq2seq")
+    else:
+        flops_per_token = flops.train_flops_per_token(cfg, seq)
     return Run(config, workdir, task, cfg, graphdef, state, train_fn, eval_fn, batch_sh, ckpt,
                MetricWriter(workdir, enabled=jax.process_index() == 0),
-               last_saved=ckpt.latest_step(), flops_per_token=flops.train_flops_per_token(cfg, seq),
+               last_saved=ckpt.latest_step(), flops_per_token=flops_per_token,
                peak_tflops=_peak_tflops())
 
 
 def save_checkpoint(run: Run, step: int) -> None:
-    run.ckpt.save(step, run.state, {"data_step": step, "model_kind": run.task.kind})
+    run.ckpt.save(step, run.state, {"data_step": step, "model_kind": run.config.model.kind})
     run.last_saved = step
 
 
@@ -669,6 +687,8 @@ def print_plan(config: ConfigDict):
 
     validate(config)
     kind, d = config.model.kind, config.data
+    if config_class(kind) is not tformer.ModelConfig:
+        raise ValueError(f"config.model.kind: --plan plans the Transformer kinds (lm, seq2seq), not {kind!r}")
     cfg, o = plan_model_config(config), optim_config(config)
     mesh, rules = make_run_mesh(config), sharding.rules_for(config.mesh.preset)
     seq, src = (d.seq_len, None) if kind == "lm" else (d.tgt_len, d.src_len)

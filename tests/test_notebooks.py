@@ -10,6 +10,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "colab").glob("*.ipynb"))
+# What each notebook prints once its last cell has run.
+DONE = {"quickstart.ipynb": "max |parallel - cached|", "parallelism.ipynb": "headline:",
+        "translation.ipynb": "cross-attention weights", "sharding.ipynb": "collective bytes per step"}
 
 
 def test_there_are_notebooks():
@@ -27,4 +30,4 @@ def test_notebook_runs(path, tmp_path):
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "max |parallel - cached|" in proc.stdout
+    assert DONE[path.name] in proc.stdout, proc.stdout[-2000:]

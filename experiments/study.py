@@ -1,0 +1,626 @@
+r"""The parallelism story, measured: Transformer vs RNN, and data vs model parallelism.
+
+    python experiments/study.py --out=docs/figures          # the README's figures: <= 15 min on a 2-core CPU
+    python experiments/study.py --out=/tmp/study --smoke     # the same, tiny (CI): <= 2 min
+
+Writes to --out one PNG per part, `study.json` (every figure) and `study.md`
+(the tables and the headline ratios):
+
+  a. `train_step_vs_length.png`: one train step vs sequence length T, LSTM vs
+     Transformer of the same parameter count and tokens per step (batch =
+     tokens / T), and the sequential steps on each one's critical path;
+  b. `decode_vs_position.png`: the cost of one new token vs its position:
+     Transformer with the KV cache, Transformer re-running the full forward,
+     LSTM (one step of its carry);
+  c. `equal_time.png`: quality after the same training time on this machine:
+     the numbers task (exact match) and the stdlib LM (bits per byte); the
+     two models' steps are interleaved, each clocking only its own steps;
+  d. `parallelism_plan.png`: per-device memory and collective bytes vs device
+     count for each sharding preset, from plan mode (compiled, never run) on
+     fake CPU devices in a subprocess, for GPT-2 small and a ~1B config.
+
+Timings interleave the calls of the models compared, so a shared machine
+slows both alike, and report the fastest of the repeats (the call least
+disturbed by other processes; medians are in study.json): compare ratios,
+not absolute times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python experiments/study.py`: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+PARTS = "abcd"
+PRESETS = ("dp", "fsdp", "tp", "fsdp_tp")
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("out", None, "Directory for the PNGs, study.json and study.md.")
+    flags.DEFINE_bool("smoke", False, "Tiny settings (CI): every part runs, in about a minute.")
+    flags.DEFINE_string("parts", PARTS, "Which parts to run, e.g. 'ab'; the other parts' figures already in "
+                        "--out/study.json are kept.")
+    flags.DEFINE_float("train_seconds", None, "Part c: training time per model (default 90 s, smoke 1 s).")
+    flags.DEFINE_string("plan_worker", None, "Internal: run the plans of this folder's request.json (part d).")
+
+
+# ---------------------------------------------------------------------------
+# Settings: the full run and the smoke run.
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    lengths: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)
+    tokens_per_step: int = 4096
+    d_model: int = 128  # the Transformer's; the LSTM's width is solved for the same parameter count
+    num_layers: int = 2
+    step_repeats: int = 3
+    positions: tuple[int, ...] = (1, 64, 128, 256, 512, 768, 1024)
+    decode_repeats: int = 10
+    train_seconds: float = 90.0
+    lm_max_bytes: int = 2_000_000
+    numbers_train: int = 20_000
+    eval_decode_examples: int = 500
+    plan_devices: tuple[int, ...] = (1, 4, 16, 64, 256)
+    plan_models: tuple[str, ...] = ("gpt2_small", "1b")
+
+
+SMOKE = Settings(lengths=(16, 32), tokens_per_step=64, d_model=16, num_layers=1, step_repeats=1, positions=(1, 16),
+                 decode_repeats=2, train_seconds=1.0, lm_max_bytes=30_000, numbers_train=200, eval_decode_examples=4,
+                 plan_devices=(2,), plan_models=("tiny",))
+
+
+def _interleaved(fns: dict, repeats: int, block: int = 1) -> dict[str, float]:
+    """Seconds per call of each zero-argument function, in rounds of `block` back-to-back calls of each in
+    turn, `repeats` rounds after a warm-up: `{name}` the fastest call (the one least disturbed by other
+    processes), `{name}_median` the median. A `block` > 1 lets a small call run warm after a big one
+    has flushed the CPU caches."""
+    import jax
+
+    for f in fns.values():
+        jax.block_until_ready(f())
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            for _ in range(block):
+                t = time.perf_counter()
+                jax.block_until_ready(f())
+                times[k].append(time.perf_counter() - t)
+    return {**{k: min(v) for k, v in times.items()}, **{f"{k}_median": statistics.median(v) for k, v in times.items()}}
+
+
+# ---------------------------------------------------------------------------
+# a. Train step vs sequence length, at matched parameter count and tokens per step.
+
+
+def matched_models(s: Settings, max_len: int, vocab: int = 256):
+    """(Transformer ModelConfig, RNNConfig, their parameter counts): LSTM width solved for equal size."""
+    import jax
+    from flax import nnx
+
+    import tformer
+    from tformer import rnn
+
+    tf = tformer.ModelConfig(vocab_size=vocab, vocab_multiple=1, d_model=s.d_model, num_heads=4,
+                             num_layers=s.num_layers, max_len=max_len, positions="rope", norm="rmsnorm",
+                             activation="gelu", use_bias=False)
+    abstract = nnx.state(nnx.eval_shape(lambda: tformer.DecoderLM(tf, rngs=nnx.Rngs(0))))
+    n_tf = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))
+    d = min(range(8, 8 * s.d_model),
+            key=lambda w: abs(rnn.param_count(rnn.RNNConfig(vocab_size=vocab, d_model=w, num_layers=s.num_layers))
+                              - n_tf))
+    lstm = rnn.RNNConfig(vocab_size=vocab, d_model=d, num_layers=s.num_layers, cell="lstm", max_len=max_len)
+    return tf, lstm, n_tf, rnn.param_count(lstm)
+
+
+def _lm_step(model_cls, cfg, batch: int, length: int):
+    """A zero-argument function running one jitted train step on a fixed random batch."""
+    import jax
+    import numpy as np
+
+    import tformer
+
+    o = tformer.OptimizerConfig(learning_rate=1e-3, warmup_steps=1, total_steps=1000)
+    graphdef, tx, state, _ = tformer.create_train_state(model_cls, cfg, o, seed=0)
+    step = tformer.make_train_step(graphdef, tx, o, donate=False)
+    tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, length + 1)).astype(np.int32)
+    b = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                        "weights": np.ones((batch, length), np.float32)})
+    return lambda: step(state, b)[1]["loss"]
+
+
+def part_a(s: Settings) -> dict:
+    import tformer
+    from tformer import rnn
+
+    tf, lstm, n_tf, n_lstm = matched_models(s, max(s.lengths))
+    rows = []
+    for length in s.lengths:
+        batch = max(s.tokens_per_step // length, 1)
+        t = _interleaved({"transformer": _lm_step(tformer.DecoderLM, tf, batch, length),
+                          "lstm": _lm_step(rnn.RNNLM, lstm, batch, length)}, s.step_repeats)
+        rows.append({"T": length, "batch": batch, **{f"{k}_ms": 1e3 * v for k, v in t.items()},
+                     # Dependent steps a forward pass must take one after another: the LSTM's layer l
+                     # at time t waits for (l, t - 1) and (l - 1, t); a Transformer layer sees all T at once.
+                     "lstm_critical_path": length + s.num_layers - 1, "transformer_critical_path": s.num_layers})
+        print(f"[a] T={length:5d} batch={batch:4d}  transformer {rows[-1]['transformer_ms']:8.1f} ms  "
+              f"lstm {rows[-1]['lstm_ms']:8.1f} ms", flush=True)
+    return {"transformer": dataclasses.asdict(tf) | {"params": n_tf},
+            "lstm": dataclasses.asdict(lstm) | {"params": n_lstm},
+            "tokens_per_step": s.tokens_per_step, "rows": rows}
+
+
+# ---------------------------------------------------------------------------
+# b. Decode cost per token vs position.
+
+
+def part_b(s: Settings) -> dict:
+    import functools
+
+    import jax
+    from flax import nnx
+
+    import tformer
+    from tformer import rnn
+
+    top = max(s.positions)
+    tf_cfg, lstm_cfg, _, _ = matched_models(s, top + 1)
+    tf_gd, tf_params = nnx.split(tformer.DecoderLM(tf_cfg, rngs=nnx.Rngs(0)))
+    rnn_gd, rnn_params = nnx.split(rnn.RNNLM(lstm_cfg, rngs=nnx.Rngs(0)))
+    tokens = jax.random.randint(jax.random.key(0), (1, top + 1), 3, tf_cfg.vocab_size)
+
+    @functools.partial(jax.jit, static_argnames=("visible",))
+    def cached(params, tok, cache, visible):  # one token against the cache, reading the `visible` filled slots
+        return nnx.merge(tf_gd, params).extend(tok, cache, visible=visible)[0]
+
+    @jax.jit
+    def prefill(params, toks, cache):
+        return nnx.merge(tf_gd, params).extend(toks, cache)[1]
+
+    @jax.jit
+    def uncached(params, toks):  # no cache: the whole prefix again, keep the last position's logits
+        return nnx.merge(tf_gd, params)(toks)[:, -1]
+
+    @jax.jit
+    def rnn_step(params, tok, state):
+        return nnx.merge(rnn_gd, params).step(tok, state)[0]
+
+    rnn_state = nnx.merge(rnn_gd, rnn_params).init_state(1)
+    rows = []
+    for p in s.positions:  # p tokens already seen; time the step that reads token p and predicts p + 1
+        cache = prefill(tf_params, tokens[:, :p], nnx.merge(tf_gd, tf_params).init_cache(1, top + 1))
+        tok = tokens[:, p : p + 1]
+        t = _interleaved({
+            "cached": lambda: cached(tf_params, tok, cache, p + 1),
+            "uncached": lambda: uncached(tf_params, tokens[:, : p + 1]),
+            "rnn": lambda: rnn_step(rnn_params, tok[:, 0], rnn_state),
+        }, s.decode_repeats, block=3)
+        rows.append({"position": p, **{f"{k}_ms": 1e3 * v for k, v in t.items()}})
+        print(f"[b] position {p:5d}  cached {rows[-1]['cached_ms']:.3f} ms  no cache {rows[-1]['uncached_ms']:.3f} ms"
+              f"  lstm {rows[-1]['rnn_ms']:.3f} ms", flush=True)
+    return {"rows": rows, "batch": 1}
+
+
+# ---------------------------------------------------------------------------
+# c. Quality at equal training time.
+
+
+class _Trainer:
+    """One model of part c: its task, state and jitted steps; `step()` trains one batch and clocks it."""
+
+    def __init__(self, config, workdir: Path):
+        import jax
+
+        import tformer
+        from experiments import input_pipeline as ip
+        from experiments import train
+
+        self.config, self.ip, self.train = config, ip, train
+        self.task = train.build_task(config, workdir)
+        cfg = train.model_config(config, self.task.tokenizer)
+        # A constant rate after warm-up: time, not a step count, ends the run, so there is no horizon to decay to.
+        self.o = dataclasses.replace(train.optim_config(config), schedule="constant")
+        model_cls = train.MODEL_KINDS[config.model.kind]
+        self.graphdef, tx, self.state, _ = tformer.create_train_state(model_cls, cfg, self.o, seed=0)
+        self.step_fn = tformer.make_train_step(self.graphdef, tx, self.o)
+        self.bs = config.train.batch_size
+        self.steps, self.elapsed, self.curve = 0, 0.0, []
+        self.state, m = self.step_fn(self.state, ip.batch_at(self.task.train, 0, self.bs))  # compiles: not clocked
+        jax.block_until_ready(m["loss"])
+        self.steps = 1
+
+    def step(self) -> None:
+        t = time.perf_counter()
+        self.state, m = self.step_fn(self.state, self.ip.batch_at(self.task.train, self.steps, self.bs))
+        loss = float(m["loss"])  # waits for the step
+        self.elapsed += time.perf_counter() - t
+        self.steps += 1
+        self.curve.append((self.elapsed, loss))
+
+    def result(self) -> dict:
+        import jax
+        from flax import nnx
+
+        import tformer
+
+        out = {"steps": self.steps, "seconds": self.elapsed, "curve": self.curve[:: max(len(self.curve) // 200, 1)]}
+        if self.task.kind == "lm":
+            eval_fn, sums = tformer.make_eval_step(self.graphdef, self.o), None
+            for i, b in enumerate(self.ip.eval_batches(self.task.valid, self.bs)):
+                if i >= self.config.train.eval_batches:
+                    break
+                r = eval_fn(self.state.params, b)
+                sums = r if sums is None else jax.tree.map(lambda a, c: a + c, sums, r)
+            out["bits_per_byte"] = self.ip.bits_per_byte(float(sums["nll_sum"]), float(sums["weight_sum"]),
+                                                         self.task.valid)
+        else:
+            from experiments import decode
+
+            c = self.config
+            pairs = self.task.valid_pairs[: c.train.eval_decode_examples]
+            model = nnx.merge(self.graphdef, self.state.params)
+            out.update(decode.translation_scores(model, self.task.tokenizer, pairs, c.data.src_len, c.data.tgt_len,
+                                                 c.train.beam_size))
+        return out
+
+
+def train_equal_time(trainers: dict, seconds: float) -> dict:
+    """Train each `_Trainer` for `seconds` of its own step time, interleaved (the one behind steps next), so
+    a shared machine's load falls on every model alike; compilation is not counted. Then evaluate each."""
+    while True:
+        behind = min(trainers.values(), key=lambda t: t.elapsed)
+        if behind.elapsed >= seconds:
+            break
+        behind.step()
+    return {name: t.result() for name, t in trainers.items()}
+
+
+def part_c(s: Settings, seconds: float) -> dict:
+    from experiments.configs import lm_tiny, lm_tiny_rnn, seq2seq_tiny, seq2seq_tiny_rnn
+
+    def configure(c, lm: bool):
+        c.mesh.update(data=1)
+        if lm:
+            c.data.update(max_bytes=s.lm_max_bytes)
+        else:
+            c.data.update(num_train=s.numbers_train)
+            c.train.update(eval_decode_examples=s.eval_decode_examples)
+        if s is SMOKE:
+            c.train.update(batch_size=8, eval_batches=1)
+            c.model.update(d_model=32, num_layers=1)
+            if c.model.kind == "seq2seq":
+                c.model.update(num_encoder_layers=1, d_ff=64, num_heads=2)
+            elif c.model.kind == "lm":
+                c.model.update(d_ff=64, num_heads=2)
+        return c
+
+    out = {"seconds_each": seconds}
+    with tempfile.TemporaryDirectory() as tmp:
+        for task, pair in (("lm", (lm_tiny, lm_tiny_rnn)), ("numbers", (seq2seq_tiny, seq2seq_tiny_rnn))):
+            names = ("transformer", "rnn")
+            configs = {name: configure(mod.get_config(), task == "lm") for name, mod in zip(names, pair)}
+            trainers = {name: _Trainer(c, Path(tmp) / task / name) for name, c in configs.items()}
+            for name, r in train_equal_time(trainers, seconds).items():
+                out[f"{task}_{name}"] = r
+                score = r.get("bits_per_byte", r.get("exact_match"))
+                print(f"[c] {task} {name}: {r['steps']} steps in {r['seconds']:.0f} s -> {score:.4f}", flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# d. Data vs model parallelism from plan mode (its own process: the fake device count is fixed at start-up).
+
+
+def _plan_model(name: str):
+    import tformer
+
+    if name == "gpt2_small":
+        return tformer.gpt2_small(dtype="bfloat16", scan_layers=True), 1024
+    if name == "1b":  # 18 x 12 x 2048^2 + embeddings: about 1.0B parameters
+        return tformer.gpt2_small(d_model=2048, num_heads=16, num_layers=18, dtype="bfloat16", scan_layers=True), 1024
+    return tformer.ModelConfig(vocab_size=256, d_model=32, num_heads=4, num_layers=2, max_len=64), 64
+
+
+def mesh_shape(preset: str, n: int, heads: int) -> dict[str, int]:
+    tensor = math.gcd(n, heads, 8)  # Megatron within a (fake) host: at most 8-way, dividing the heads
+    return {"dp": {"data": n}, "fsdp": {"fsdp": n}, "tp": {"data": n // tensor, "tensor": tensor},
+            "fsdp_tp": {"fsdp": n // tensor, "tensor": tensor}}[preset]
+
+
+def plan_worker(folder: str) -> None:
+    """Plan every (model, device count, preset) of `folder`/request.json; write `folder`/plans.json."""
+    import jax
+
+    import tformer
+    from tformer import plan as plan_lib
+    from tformer import sharding
+
+    request = json.loads((Path(folder) / "request.json").read_text())
+    rows = []
+    o = tformer.OptimizerConfig()
+    for name in request["models"]:
+        cfg, seq = _plan_model(name)
+        batch = max(request["devices"])  # a fixed global batch, split ever finer: strong scaling
+        for n in request["devices"]:
+            for preset in PRESETS:
+                shape = {"data": 1, "fsdp": 1, "tensor": 1, **mesh_shape(preset, n, cfg.num_heads)}
+                mesh = sharding.make_mesh(shape, devices=jax.devices()[:n])
+                p = plan_lib.plan_train_step(tformer.DecoderLM, cfg, o, mesh, preset, batch=batch, seq_len=seq)
+                rows.append({"model": name, "params": p.num_params, "devices": n, "preset": preset, "mesh": shape,
+                             "batch": batch, "seq_len": seq, "state_bytes": p.state_bytes, "peak_bytes": p.peak_bytes,
+                             "collective_bytes": p.collective_bytes, "collectives": p.collective_summary()})
+                print(f"[d] {name} {n:4d} devices {preset:8s} state {p.state_bytes / 2**20:10.1f} MiB  peak "
+                      f"{(p.peak_bytes or 0) / 2**20:10.1f} MiB  collectives {p.collective_bytes / 2**20:9.1f} MiB",
+                      flush=True)
+    (Path(folder) / "plans.json").write_text(json.dumps(rows))
+
+
+def part_d(s: Settings) -> dict:
+    """Plans in a subprocess whose CPU backend has max(s.plan_devices) fake devices."""
+    n = max(s.plan_devices)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]),
+                                                     os.environ.get("PYTHONPATH")) if p)}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "request.json").write_text(json.dumps({"devices": s.plan_devices, "models": s.plan_models}))
+        cmd = [sys.executable, str(Path(__file__).resolve()), f"--plan_worker={tmp}"]
+        log = Path(tmp) / "stderr.txt"
+        with open(log, "w") as err, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err,
+                                                     text=True) as proc:
+            for line in proc.stdout:  # as each plan finishes (a notebook shows a subprocess's output this way only)
+                print(line, end="", flush=True)
+        if proc.returncode:
+            raise RuntimeError(f"plan subprocess failed:\n{log.read_text()[-3000:]}")
+        return {"rows": json.loads((Path(tmp) / "plans.json").read_text())}
+
+
+# ---------------------------------------------------------------------------
+# Plots and the markdown report.
+
+
+def _plot_a(r: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    rows = r["rows"]
+    ts = [x["T"] for x in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    ax1.plot(ts, [x["transformer_ms"] for x in rows], "o-",
+             label=f"Transformer ({r['transformer']['params']:,} params)")
+    ax1.plot(ts, [x["lstm_ms"] for x in rows], "s-", label=f"LSTM ({r['lstm']['params']:,} params)")
+    ax1.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="ms per train step",
+            title=f"train step, {r['tokens_per_step']} tokens per step")
+    ax2.plot(ts, [x["transformer_critical_path"] for x in rows], "o-", label="Transformer: layers")
+    ax2.plot(ts, [x["lstm_critical_path"] for x in rows], "s-", label="LSTM: T + layers - 1")
+    ax2.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="dependent steps",
+            title="sequential steps on the critical path")
+    for ax in (ax1, ax2):
+        ax.set_xticks(ts, [str(t) for t in ts], fontsize=7)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def _plot_b(r: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    rows = r["rows"]
+    pos = [x["position"] for x in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    ax.plot(pos, [x["uncached_ms"] for x in rows], "^-", label="Transformer, no cache (full forward)")
+    ax.plot(pos, [x["cached_ms"] for x in rows], "o-", label="Transformer, KV cache")
+    ax.plot(pos, [x["rnn_ms"] for x in rows], "s-", label="LSTM (carried state)")
+    ax.set(yscale="log", xlabel="position of the new token", ylabel="ms per token (batch 1)",
+           title="decode cost per token")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def _plot_c(r: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, task, metric in zip(axes, ("lm", "numbers"), ("bits_per_byte", "exact_match")):
+        for name in ("transformer", "rnn"):
+            x = r[f"{task}_{name}"]
+            who = "Transformer" if name == "transformer" else "LSTM"
+            label = f"{who}: {x['steps']} steps, {metric} {x[metric]:.3f}"
+            ax.plot([c[0] for c in x["curve"]], [c[1] for c in x["curve"]], label=label)
+        ax.set(xlabel="training seconds (after compiling)", ylabel="train loss (nats/token)", yscale="log",
+               title=f"{'stdlib LM' if task == 'lm' else 'numbers task'}, {r['seconds_each']:.0f} s each")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def _plot_d(r: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    rows = r["rows"]
+    models = list(dict.fromkeys(x["model"] for x in rows))
+    fig, axes = plt.subplots(len(models), 2, figsize=(9, 3.2 * len(models)), squeeze=False)
+    for (ax1, ax2), m in zip(axes, models):
+        mine = [x for x in rows if x["model"] == m]
+        for i, preset in enumerate(PRESETS):
+            pr = [x for x in mine if x["preset"] == preset]
+            devs, color = [x["devices"] for x in pr], f"C{i}"
+            ax1.plot(devs, [x["state_bytes"] / 2**30 for x in pr], "o-", color=color, label=f"{preset}: params + Adam")
+            ax1.plot(devs, [(x["peak_bytes"] or 0) / 2**30 for x in pr], ":", color=color, alpha=0.6)
+            multi = [x for x in pr if x["devices"] > 1]  # one device sends nothing
+            ax2.plot([x["devices"] for x in multi], [x["collective_bytes"] / 2**30 for x in multi], "o-", color=color,
+                     label=preset)
+        title = f"{m} ({mine[0]['params'] / 1e6:.0f}M params, batch {mine[0]['batch']} x {mine[0]['seq_len']})"
+        ax1.set(xscale="log", yscale="log", xlabel="devices", ylabel="GiB per device", title=title)
+        ax1.plot([], [], ":", color="gray", label="peak incl. activations")
+        ax2.set(xscale="log", yscale="log", xlabel="devices", ylabel="GiB of collective results / device / step",
+                title="collective traffic (compiled step)")
+        for ax in (ax1, ax2):
+            ax.set_xticks(devs, [str(d) for d in devs], fontsize=7)
+            ax.legend(fontsize=6)
+            ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def _at(rows, key, value):
+    """The row whose `key` is the largest not above `value` (the headline point)."""
+    return max((x for x in rows if x[key] <= value), key=lambda x: x[key])
+
+
+def headlines(results: dict) -> list[str]:
+    """The claims, in words, from the measured figures."""
+    out = []
+    if "a" in results:
+        for length in sorted({_at(results["a"]["rows"], "T", 1024)["T"], results["a"]["rows"][-1]["T"]}):
+            x = _at(results["a"]["rows"], "T", length)
+            out.append(f"At T = {x['T']:,} one train step of the LSTM takes {x['lstm_ms'] / x['transformer_ms']:.2f}x "
+                       f"the Transformer's ({x['lstm_ms']:.1f} vs {x['transformer_ms']:.1f} ms, same parameters and "
+                       f"tokens per step); its forward has {x['lstm_critical_path']:,} dependent steps, the "
+                       f"Transformer's {x['transformer_critical_path']}.")
+    if "b" in results:
+        x = results["b"]["rows"][-1]
+        out.append(f"Decoding the token at position {x['position']:,}: the KV cache makes it "
+                   f"{x['uncached_ms'] / x['cached_ms']:.1f}x cheaper than re-running the forward "
+                   f"({x['cached_ms']:.2f} vs {x['uncached_ms']:.2f} ms); the LSTM's step costs {x['rnn_ms']:.2f} ms "
+                   f"at every position (the cached Transformer's at position {results['b']['rows'][0]['position']}: "
+                   f"{results['b']['rows'][0]['cached_ms']:.2f} ms).")
+    if "c" in results:
+        c = results["c"]
+        out.append(f"After {c['seconds_each']:.0f} s of training each: stdlib LM bits per byte Transformer "
+                   f"{c['lm_transformer']['bits_per_byte']:.3f} vs LSTM {c['lm_rnn']['bits_per_byte']:.3f} "
+                   f"({c['lm_transformer']['steps']} vs {c['lm_rnn']['steps']} steps); numbers task exact match "
+                   f"Transformer {c['numbers_transformer']['exact_match']:.1%} vs LSTM + attention "
+                   f"{c['numbers_rnn']['exact_match']:.1%}, BLEU {c['numbers_transformer']['bleu']:.1f} vs "
+                   f"{c['numbers_rnn']['bleu']:.1f} ({c['numbers_transformer']['steps']} vs "
+                   f"{c['numbers_rnn']['steps']} steps).")
+    if "d" in results:
+        rows = results["d"]["rows"]
+        for m in dict.fromkeys(x["model"] for x in rows):
+            n = max(x["devices"] for x in rows if x["model"] == m)
+            by = {x["preset"]: x for x in rows if x["model"] == m and x["devices"] == n}
+            out.append(f"{m} on {n} devices: params + optimizer state per device "
+                       f"{by['dp']['state_bytes'] / 2**20:,.0f} "
+                       f"MiB replicated (dp) vs {by['fsdp']['state_bytes'] / 2**20:,.1f} MiB sharded (fsdp); "
+                       f"collectives per step dp {by['dp']['collective_bytes'] / 2**20:,.0f} MiB, fsdp "
+                       f"{by['fsdp']['collective_bytes'] / 2**20:,.0f} MiB, "
+                       f"tp {by['tp']['collective_bytes'] / 2**20:,.0f} MiB.")
+    return out
+
+
+def markdown(results: dict) -> str:
+    lines = ["# Transformer vs RNN, data vs model parallelism: measured", "",
+             f"Conditions: {results['conditions']}", ""]
+    lines += [f"* {h}" for h in headlines(results)] + [""]
+    if "a" in results:
+        lines += ["## a. Train step vs sequence length", "",
+                  "| T | batch | Transformer ms | LSTM ms | LSTM / Transformer |", "|---|---|---|---|---|"]
+        lines += [f"| {x['T']} | {x['batch']} | {x['transformer_ms']:.1f} | {x['lstm_ms']:.1f} | "
+                  f"{x['lstm_ms'] / x['transformer_ms']:.2f} |" for x in results["a"]["rows"]] + [""]
+    if "b" in results:
+        lines += ["## b. Decode cost per token (ms, batch 1)", "", "| position | KV cache | no cache | LSTM |",
+                  "|---|---|---|---|"]
+        lines += [f"| {x['position']} | {x['cached_ms']:.3f} | {x['uncached_ms']:.3f} | {x['rnn_ms']:.3f} |"
+                  for x in results["b"]["rows"]] + [""]
+    if "c" in results:
+        c = results["c"]
+        lines += [f"## c. Equal training time ({c['seconds_each']:.0f} s each)", "",
+                  "| task | model | steps | result |", "|---|---|---|---|"]
+        for key, metric in (("lm", "bits_per_byte"), ("numbers", "exact_match")):
+            for name in ("transformer", "rnn"):
+                x = c[f"{key}_{name}"]
+                extra = f", BLEU {x['bleu']:.2f}" if "bleu" in x else ""
+                lines.append(f"| {key} | {name} | {x['steps']} | {metric} {x[metric]:.4f}{extra} |")
+        lines.append("")
+    if "d" in results:
+        lines += ["## d. Plan mode: per device", "", "| model | devices | preset | mesh | state MiB | peak MiB | "
+                  "collective MiB |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {x['model']} | {x['devices']} | {x['preset']} | "
+                  f"{' x '.join(f'{k}={v}' for k, v in x['mesh'].items() if v > 1) or '1'} | "
+                  f"{x['state_bytes'] / 2**20:,.1f} | {(x['peak_bytes'] or 0) / 2**20:,.1f} | "
+                  f"{x['collective_bytes'] / 2**20:,.1f} |" for x in results["d"]["rows"]] + [""]
+    return "\n".join(lines)
+
+
+PLOTS = {"a": ("train_step_vs_length.png", _plot_a), "b": ("decode_vs_position.png", _plot_b),
+         "c": ("equal_time.png", _plot_c), "d": ("parallelism_plan.png", _plot_d)}
+
+
+def write_report(results: dict, out: Path) -> None:
+    for part, (name, plot) in PLOTS.items():
+        if part in results:
+            plot(results[part], out / name)
+    (out / "study.json").write_text(json.dumps(results, indent=1))
+    (out / "study.md").write_text(markdown(results))
+
+
+def run(out: str | os.PathLike, smoke: bool = False, parts: str = PARTS, train_seconds: float | None = None,
+        settings: Settings | None = None) -> dict:
+    """Run the chosen parts, writing the report after each; returns every figure.
+
+    `settings` replaces the full (or, with `smoke`, the tiny) settings, e.g. a shorter study in a notebook.
+    """
+    import jax
+
+    bad = sorted(set(parts) - set(PARTS))
+    if bad:
+        raise ValueError(f"--parts: unknown part(s) {bad}; choose from {PARTS!r}")
+    s = settings or (SMOKE if smoke else Settings())
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    previous = out / "study.json"
+    results: dict = json.loads(previous.read_text()) if parts != PARTS and previous.exists() else {}
+    results |= {"conditions": f"{jax.device_count()} x {jax.devices()[0].device_kind} ({os.cpu_count()} CPU cores "
+                                   f"visible), jax {jax.__version__}{', smoke settings' if smoke else ''}"}
+    runners = {"a": lambda: part_a(s), "b": lambda: part_b(s), "d": lambda: part_d(s),
+               "c": lambda: part_c(s, train_seconds or s.train_seconds)}
+    for part in PARTS:
+        if part in parts:
+            t = time.time()
+            results[part] = runners[part]()
+            results[part]["wall_s"] = time.time() - t
+            results["wall_s"] = time.time() - started
+            write_report(results, out)
+    for line in headlines(results):
+        print(line)
+    print(f"study: {time.time() - started:.0f} s; wrote {out}/study.md, study.json and the plots")
+    return results
+
+
+def main(argv):
+    del argv
+    if FLAGS.plan_worker:
+        plan_worker(FLAGS.plan_worker)
+        return
+    if FLAGS.out is None:
+        raise app.UsageError("--out is required")
+    try:
+        run(FLAGS.out, FLAGS.smoke, FLAGS.parts, FLAGS.train_seconds)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
