@@ -363,8 +363,8 @@ def test_blocked_attention_only_where_it_applies():
     cfg = make_cfg()
     blocked, auto = cfg.replace(attention="blocked"), cfg.replace(attention="auto")
     n = attention_lib.BLOCKED_MIN_LEN
-    # Windows, segments, cross-attention (different lengths), lengths not divisible: the dense path.
-    assert resolve_impl(blocked, jnp.float32, _causal(n, window=3), False, (n, n)) == "xla"
+    # Windows take the banded path; segments, cross-attention (different lengths), lengths not divisible: dense.
+    assert resolve_impl(blocked, jnp.float32, _causal(n, window=3), False, (n, n)) == "banded"
     not_plain = dataclasses.replace(_causal(n), plain_causal=False)
     assert resolve_impl(blocked, jnp.float32, not_plain, False, (n, n)) == "xla"
     assert resolve_impl(blocked, jnp.float32, _causal(n), False, (n, n // 2)) == "xla"
