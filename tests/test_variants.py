@@ -140,6 +140,30 @@ def test_nystrom_with_a_landmark_per_token_equals_dense():
     assert float(jnp.max(jnp.abs(jitted(low2, "encode")(src) - want))) > 1e-3  # fewer landmarks: approximate
 
 
+def test_nystrom_with_a_landmark_per_token_has_dense_gradients():
+    dense, low, src = encdec_pair(attention_lowrank="nystrom", lowrank_dim=8)
+    real = (src != 0)[:, :, None]
+
+    def loss(model):
+        return jnp.sum(jnp.sin(model.encode(src)) * real)
+
+    got, want = nnx.grad(loss)(low), nnx.grad(loss)(dense)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, rtol=1e-4)
+    _, low2, _ = encdec_pair(attention_lowrank="nystrom", lowrank_dim=3)
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(nnx.grad(loss)(low2)))
+
+
+def test_iterative_pinv_inverts_a_landmark_softmax():
+    # Landmark queries attend most to their own landmark key: a diagonally dominant row-stochastic A.
+    a = jax.nn.softmax(jax.random.normal(jax.random.key(0), (2, 3, 5, 5)) + 3 * jnp.eye(5), axis=-1)
+    want = np.linalg.pinv(np.asarray(a, np.float64))
+    np.testing.assert_allclose(np.asarray(tformer.attention._iterative_pinv(a)), want, atol=1e-4)
+    dropped = a.at[..., 4, :].set(0).at[..., :, 4].set(0)  # an empty landmark: zero row and column
+    np.testing.assert_allclose(np.asarray(tformer.attention._iterative_pinv(dropped)),
+                               np.linalg.pinv(np.asarray(dropped, np.float64)), atol=1e-4)
+
+
 def test_linformer_with_identity_projections_equals_dense():
     dense, low, src = encdec_pair(attention_lowrank="linformer", lowrank_dim=8)
     src = src.at[1].set(jnp.arange(20, 28))  # no padding: Linformer mixes every row of the source

@@ -298,19 +298,38 @@ def linformer_attention(q_bthd, k_bskd, v_bskd, masking: Masking, proj_k_sr, pro
     return _einsum_attention(q_bthd, k_r, v_r, all_visible, 0.0, None)
 
 
+def _iterative_pinv(a_bhmn: jax.Array, iters: int = 6) -> jax.Array:
+    """Nystromformer's Moore-Penrose iteration: Z <- Z (13 I - A Z (15 I - A Z (7 I - A Z))) / 4.
+
+    Z0 = A^T / (max column sum * max row sum) keeps ||I - A Z0|| < 1 for the
+    non-negative, row-stochastic A; all-zero rows/columns (dropped landmarks)
+    stay zero in Z.
+    """
+    eye = jnp.eye(a_bhmn.shape[-1], dtype=a_bhmn.dtype)
+    col = jnp.max(jnp.sum(jnp.abs(a_bhmn), axis=-2), axis=-1)
+    row = jnp.max(jnp.sum(jnp.abs(a_bhmn), axis=-1), axis=-1)
+    z = jnp.swapaxes(a_bhmn, -1, -2) / (col * row)[..., None, None]
+    for _ in range(iters):
+        az = a_bhmn @ z
+        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+    return z
+
+
 def nystrom_attention(q_bthd, k_bskd, v_bskd, masking: Masking, landmarks: int) -> jax.Array:
-    """Nystromformer (Xiong et al. 2021): softmax(QK^T) ~= F A^+ B with `landmarks` segment means.
+    """Nystromformer (Xiong et al. 2021): softmax(QK^T) ~= F A^+ B with m landmarks (segment means).
 
     F = softmax(Q Kl^T), A = softmax(Ql Kl^T), B = softmax(Ql K^T), where Ql, Kl
-    average contiguous groups of the valid tokens; A^+ is an exact
-    pseudo-inverse (SVD), so landmarks = S (one per token) is exact attention.
-    O(S m + m^3) per head. Empty groups (all padding) are dropped. The
-    gradient is not exact: pinv cuts the small singular values of A, and the
-    cut is not differentiated through, so even at landmarks = S the gradient
-    differs from dense attention's (README: it trains badly; measured).
+    average contiguous groups of the valid tokens; A^+ is the paper's iterative
+    Moore-Penrose pseudo-inverse, smooth and so differentiable (an SVD pinv's
+    singular-value cutoff is not, and trained badly). m = min(landmarks, S);
+    at m = S (one landmark per token F A^+ B is softmax(QK^T)) the exact dense
+    attention is computed instead, values and gradients. O(S m + m^3) per head.
+    Empty groups (all padding) are dropped.
     """
     b, _, h, d = q_bthd.shape
     s, kh = k_bskd.shape[1], k_bskd.shape[2]
+    if landmarks >= s:  # exact: one landmark per token
+        return _einsum_attention(q_bthd, k_bskd, v_bskd, masking.dense(), 0.0, None)
     f32 = jnp.float32
     q = q_bthd.astype(f32) / math.sqrt(d)
     k = jnp.repeat(k_bskd.astype(f32), h // kh, axis=2)  # GQA: one key head per query head
@@ -327,7 +346,7 @@ def nystrom_attention(q_bthd, k_bskd, v_bskd, masking: Masking, landmarks: int) 
     a = _masked_probs(jnp.einsum("bhmd,bhnd->bhmn", ql, kl), used) * jnp.swapaxes(used, -1, -2)
     bmat = _masked_probs(jnp.einsum("bhmd,bshd->bhms", ql, k), valid_bs[:, None, None, :])
     bv = jnp.einsum("bhms,bshd->bhmd", bmat, v)  # m x S times S x D first: never an S x S matrix
-    out = jnp.einsum("bhtm,bhmd->bthd", f, jnp.linalg.pinv(a) @ bv)
+    out = jnp.einsum("bhtm,bhmd->bthd", f, _iterative_pinv(a) @ bv)
     return out.astype(q_bthd.dtype)
 
 
