@@ -286,26 +286,20 @@ def trained_lm():
 
 @pytest.mark.parametrize("variant", ["int8_cache", "int8_weights"])
 def test_int8_greedy_agrees_with_fp32_on_a_trained_lm(trained_lm, variant):
-    """16 prompts x 16 greedy tokens = 256 positions: at each, the int8 model's greedy pick after the fp32 prefix.
+    """64 prompts x 8 free-running greedy tokens = 512 positions: the int8 model decodes on its own.
 
-    Scored along fp32's own greedy continuation, so one near-tie early in a
-    row does not decide the rest of it; the free-running agreement (each
-    model decoding on its own) is printed next to it.
+    Many short independent rows, so one early near-tie costs a row's tail,
+    not a large share of the count.
     """
     model, data = trained_lm
-    prompts = np.stack([data[s : s + 32] for s in range(1000, 1000 + 16 * 3001, 3001)])
+    prompts = np.stack([data[s : s + 32] for s in range(1000, 1000 + 64 * 751, 751)])
     other = with_config(model, kv_cache_dtype="int8") if variant == "int8_cache" else tformer.quantize_weights(model)
-    ref = np.asarray(tformer.generate(model, prompts, tformer.Decode(16, eos_id=-1)).tokens)
-    free = np.asarray(tformer.generate(other, prompts, tformer.Decode(16, eos_id=-1)).tokens)
-    tokens = jnp.asarray(np.concatenate([prompts, ref], 1))  # the int8 path reads an int8 cache throughout
-    fp32 = jitted(model, "extend")(tokens, model.init_cache(16, 48))[0][:, 31:47, :259]
-    int8 = jitted(other, "extend")(tokens, other.init_cache(16, 48))[0][:, 31:47, :259]
-    assert (np.asarray(jnp.argmax(fp32, -1)) == ref).mean() > 0.99  # the scoring pass is the decode's own
-    agree = (np.asarray(jnp.argmax(int8, -1)) == ref).mean()
-    delta = float(jnp.max(jnp.abs(jax.nn.log_softmax(int8, -1) - jax.nn.log_softmax(fp32, -1))))
-    print(f"{variant}: greedy agreement {agree:.1%} of {ref.size} positions (free-running {(free == ref).mean():.1%}),"
-          f" max |delta log-prob| {delta:.3g}")
-    assert ref.size == 256 and agree >= 0.95
+    ref = np.asarray(tformer.generate(model, prompts, tformer.Decode(8, eos_id=-1)).tokens)
+    free = np.asarray(tformer.generate(other, prompts, tformer.Decode(8, eos_id=-1)).tokens)
+    agree = (free == ref).mean()
+    print(f"{variant}: free-running greedy agreement {agree:.1%} of {ref.size} positions,"
+          f" rows identical {(free == ref).all(1).mean():.1%}")
+    assert ref.size == 512 and agree >= 0.95
 
 
 def test_int8_weights_bytes_and_dtypes(trained_lm):
