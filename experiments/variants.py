@@ -35,8 +35,8 @@ from absl import app, flags
 from flax import nnx
 
 import tformer
-from experiments import input_pipeline as ip
 from experiments import decode as dec
+from experiments import input_pipeline as ip
 from experiments import train as tr
 from tformer import kvcache
 from tformer.compress import param_bytes, with_config

@@ -118,13 +118,16 @@ class ModelConfig:
             "norm_placement",
             f"unknown kind {self.norm_placement!r}; choose one of {NORM_PLACEMENTS}",
         )
-        _check(self.activation in ACTIVATIONS, "activation", f"unknown kind {self.activation!r}; choose one of {ACTIVATIONS}")
-        _check(self.attention in ATTENTION_IMPLS, "attention", f"unknown kind {self.attention!r}; choose one of {ATTENTION_IMPLS}")
+        _check(self.activation in ACTIVATIONS, "activation",
+               f"unknown kind {self.activation!r}; choose one of {ACTIVATIONS}")
+        _check(self.attention in ATTENTION_IMPLS, "attention",
+               f"unknown kind {self.attention!r}; choose one of {ATTENTION_IMPLS}")
         _check(self.remat in REMAT_POLICIES, "remat", f"unknown policy {self.remat!r}; choose one of {REMAT_POLICIES}")
         for f in ("dtype", "param_dtype", "logits_dtype"):
             _check(getattr(self, f) in DTYPES, f, f"unknown dtype {getattr(self, f)!r}; choose one of {DTYPES}")
         _check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
-        _check(0.0 <= self.attention_dropout < 1.0, "attention_dropout", f"must be in [0, 1), got {self.attention_dropout}")
+        _check(0.0 <= self.attention_dropout < 1.0, "attention_dropout",
+               f"must be in [0, 1), got {self.attention_dropout}")
         _check(self.vocab_multiple >= 1, "vocab_multiple", "must be >= 1")
         _check(self.d_ff_ >= 1, "d_ff", f"must be >= 1, got {self.d_ff}")
         if self.positions == "rope":
@@ -192,7 +195,7 @@ class ModelConfig:
     def gated(self) -> bool:
         return self.activation in ("swiglu", "geglu")
 
-    def replace(self, **kw) -> "ModelConfig":
+    def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
 

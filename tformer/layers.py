@@ -15,7 +15,8 @@ import numpy as np
 from flax import nnx
 
 from tformer.config import ModelConfig
-from tformer.sharding import active as active_rules, axis_size, constrain
+from tformer.sharding import active as active_rules
+from tformer.sharding import axis_size, constrain
 
 DTYPE = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -135,7 +136,7 @@ def fold(rng: jax.Array | None, *data: int | jax.Array) -> jax.Array | None:
 # never per call.
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sinusoid_table(max_len: int, dim: int) -> np.ndarray:
     """[max_len, dim] sin/cos table of Vaswani et al. (sin on even, cos on odd dims)."""
     pos = np.arange(max_len, dtype=np.float64)[:, None]
@@ -146,7 +147,7 @@ def sinusoid_table(max_len: int, dim: int) -> np.ndarray:
     return table.astype(np.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def rope_table(max_len: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin tables [max_len, head_dim // 2] for rotary embeddings."""
     inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)

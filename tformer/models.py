@@ -13,6 +13,7 @@ one checkpoint serves both the `lax.scan` and the unrolled forward.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import ClassVar
 
 import jax
@@ -117,13 +118,13 @@ class Stack(nnx.Module):
             x, _ = jax.lax.scan(body, x, (state, jnp.arange(self.n)))
             return x
         for i in range(self.n):
-            x, _ = body(x, (jax.tree.map(lambda a: a[i], state), i))
+            x, _ = body(x, (jax.tree.map(operator.itemgetter(i), state), i))
         return x
 
     def unstacked(self) -> list[Block]:
         """Per-layer blocks (sliced once, e.g. before a decode loop)."""
         graphdef, state = nnx.split(self.layers)
-        return [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(self.n)]
+        return [nnx.merge(graphdef, jax.tree.map(operator.itemgetter(i), state)) for i in range(self.n)]
 
 
 def _default_positions(tokens_bt, positions_bt):
