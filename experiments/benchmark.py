@@ -327,7 +327,7 @@ def bench_decode(opts: Options, dev: dict) -> list[dict]:
     for b in opts.decode_batches or preset.decode_batches:
         prompts = np.random.default_rng(opts.seed).integers(3, cfg.vocab_size, (b, p)).astype(np.int32)
 
-        def run(k):
+        def run(k, prompts=prompts):
             decode = tformer.Decode(k, eos_id=eos_id, cache_len=cache_len, chunk=opts.decode_chunk)
             return tformer.generate(model, prompts, decode).tokens
 
@@ -345,7 +345,8 @@ def bench_decode(opts: Options, dev: dict) -> list[dict]:
             cache_len=cache_len, decode_chunk=opts.decode_chunk, decode_phases=len(phases), kv_slots_read=slots,
             ms_per_token=None, tokens_per_s=None, tflops=None, mfu=None,
             prefill_ms=_round(pre * 1e3), e2e_ms_per_step=_round(full / n * 1e3), e2e_ms=_round(full * 1e3),
-            eos_after=opts.decode_eos_after, compile_s=_round(first_full - full + first_pre - pre), bytes_per_step=nbytes,
+            eos_after=opts.decode_eos_after, compile_s=_round(first_full - full + first_pre - pre),
+            bytes_per_step=nbytes,
             roofline_ms=_round(roof), roofline_ratio=None, params=flops.param_count(cfg), **_knobs(cfg, opts),
             **dev,
         )
@@ -461,7 +462,8 @@ def compare(records: list[dict]) -> list[dict]:
                             tformer_step_ms=statistics.median(r["tformer_step_ms"] for r in recs),
                             peer_step_ms=statistics.median(r["peer_step_ms"] for r in recs),
                             speedup=_round(statistics.median(r["speedup"] for r in recs)),
-                            allocator_tuned=recs[0]["allocator_tuned"], peer_allocator_tuned=recs[0]["peer_allocator_tuned"]))
+                            allocator_tuned=recs[0]["allocator_tuned"],
+                            peer_allocator_tuned=recs[0]["peer_allocator_tuned"]))
     return out
 
 
@@ -493,7 +495,9 @@ def run(opts: Options, peer_script: str | None = None, peer_modes: typing.Sequen
     train_modes = [m for m in peer_modes if m.startswith("train")]
     other_modes = [m for m in peer_modes if not m.startswith("train")]
     for r in range(rounds if peer_script else 1):
-        tag = (lambda rs: [dict(x, round=r) for x in rs]) if rounds > 1 else (lambda rs: rs)  # noqa: E731
+        def tag(rs, r=r):
+            return [dict(x, round=r) for x in rs] if rounds > 1 else rs
+
         if "train" in opts.what:
             add(tag([bench_train(opts, dev)]))
         if peer_script and train_modes:
@@ -518,7 +522,8 @@ def table(records: list[dict]) -> str:
         if "error" in r:
             row[-1] = "error: " + str(r["error"])[:80]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
-    fmt = lambda row: "  ".join(v.ljust(w) for v, w in zip(row, widths))  # noqa: E731
+    def fmt(row):
+        return "  ".join(v.ljust(w) for v, w in zip(row, widths))
     return "\n".join([fmt(cols), fmt(["-" * w for w in widths]), *map(fmt, rows)])
 
 

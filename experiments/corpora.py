@@ -66,7 +66,8 @@ def _decode_utf8(data: bytes, path) -> str:
 
 def _read_utf8(path: pathlib.Path) -> str:
     if not path.exists():
-        raise DataError(f"{path}: no such file or directory. Check the path (it is resolved from the current directory).")
+        raise DataError(f"{path}: no such file or directory. Check the path "
+                        "(it is resolved from the current directory).")
     if not path.is_file():
         raise DataError(f"{path}: not a regular file. Pass a text file.")
     return _decode_utf8(path.read_bytes(), path)
@@ -177,7 +178,8 @@ def stdlib_corpus(max_bytes: int | None = None) -> Corpus:
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
     files = _stdlib_files(root)
     if not files:
-        raise DataError(f"{root}: no readable standard-library .py files found; pass your own text with read_text_corpus.")
+        raise DataError(f"{root}: no readable standard-library .py files found; "
+                        "pass your own text with read_text_corpus.")
     keys = [k for k, _ in files]
     train_idx, valid_idx = _split_by_key(keys, _STDLIB_VALIDATION_FRACTION, _STDLIB_MIN_VALIDATION_FILES)
 
@@ -190,7 +192,8 @@ def stdlib_corpus(max_bytes: int | None = None) -> Corpus:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         sizes = {k: sum(len(d.encode("utf-8")) for d in v) for k, v in corpus.items()}
         valid_cap = max(_MIN_CAPPED_VALIDATION_BYTES, round(max_bytes * sizes["validation"] / sizes["train"]))
-        corpus = {"train": _cap_docs(corpus["train"], max_bytes), "validation": _cap_docs(corpus["validation"], valid_cap)}
+        corpus = {"train": _cap_docs(corpus["train"], max_bytes),
+                  "validation": _cap_docs(corpus["validation"], valid_cap)}
     return corpus
 
 
@@ -219,8 +222,10 @@ def _split_single_file(path, text: str, validation_fraction: float, doc_per_line
         n_valid = min(len(lines) - 1, max(1, round(len(lines) * validation_fraction)))
         train, valid = lines[:-n_valid], lines[-n_valid:]
     if doc_per_line:
-        return {"train": [l for l in train if l.strip()], "validation": [l for l in valid if l.strip()]}
-    join = lambda ls: ["\n".join(ls) + "\n"] if ls else []
+        return {"train": [s for s in train if s.strip()], "validation": [s for s in valid if s.strip()]}
+
+    def join(ls):
+        return ["\n".join(ls) + "\n"] if ls else []
     return {"train": join(train), "validation": join(valid)}
 
 
@@ -239,7 +244,8 @@ def read_text_corpus(path, validation_fraction: float = 0.02, doc_per_line: bool
     """
     path = pathlib.Path(path)
     if not path.exists():
-        raise DataError(f"{path}: no such file or directory. Check the path (it is resolved from the current directory).")
+        raise DataError(f"{path}: no such file or directory. Check the path "
+                        "(it is resolved from the current directory).")
     if path.is_file():
         text = _read_utf8(path)
         if not text.strip():
@@ -255,9 +261,11 @@ def read_text_corpus(path, validation_fraction: float = 0.02, doc_per_line: bool
     keys = [f.relative_to(path).as_posix() for f, _ in files]
     train_idx, valid_idx = _split_by_key(keys, validation_fraction, min_validation=1)
     if doc_per_line:
-        pick = lambda idx: [l for i in idx for l in _lines(files[i][1]) if l.strip()]
+        def pick(idx):
+            return [line for i in idx for line in _lines(files[i][1]) if line.strip()]
     else:
-        pick = lambda idx: [files[i][1] for i in idx]
+        def pick(idx):
+            return [files[i][1] for i in idx]
     return {"train": pick(train_idx), "validation": pick(valid_idx)}
 
 
@@ -276,14 +284,15 @@ def read_parallel_corpus(src_path, tgt_path=None) -> Pairs:
 
     def nonempty_lines(p: pathlib.Path) -> list[str]:
         lines = _lines(_read_utf8(p))
-        if not any(l.strip() for l in lines):
+        if not any(line.strip() for line in lines):
             raise DataError(f"{_where(p, 1)}: the file is empty. Put one sentence per line in it.")
         return lines
 
     def side(text: str, p, line: int, what: str) -> str:
         text = text.strip()
         if not text:
-            raise DataError(f"{_where(p, line)}: the {what} is empty. Remove the line or fill it in (blank lines are not allowed).")
+            raise DataError(f"{_where(p, line)}: the {what} is empty. Remove the line or fill it in "
+                            "(blank lines are not allowed).")
         return text
 
     if tgt_path is None:
@@ -295,7 +304,8 @@ def read_parallel_corpus(src_path, tgt_path=None) -> Pairs:
                     "Separate source and target with a single tab, or pass two line-aligned files."
                 )
             s, t = line.split("\t")
-            pairs.append((side(s, src_path, n, "source (before the tab)"), side(t, src_path, n, "target (after the tab)")))
+            pairs.append((side(s, src_path, n, "source (before the tab)"),
+                          side(t, src_path, n, "target (after the tab)")))
         return pairs
 
     tgt_path = pathlib.Path(tgt_path)
@@ -317,7 +327,8 @@ def read_parallel_corpus(src_path, tgt_path=None) -> Pairs:
 # ---------------------------------------------------------------------------
 # The embedded translation task: numbers.
 
-_EN_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
+_EN_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+            "seventeen eighteen nineteen").split()
 _EN_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 _EN_SCALES = ["", "thousand", "million", "billion"]
 _ZH_DIGITS = "零一二三四五六七八九"

@@ -313,7 +313,8 @@ def num_eval_batches(split, batch_size: int) -> int:
     return math.ceil(len(next(iter(arrays.values()))) / batch_size)
 
 
-def eval_batches(split, batch_size: int, process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(split, batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
     """Every row once, in order, in global batches of `batch_size` (or this process's slice).
 
     The last batch is filled up with all-zero rows (PAD tokens, weight 0,

@@ -26,7 +26,7 @@ from experiments import decode
 from experiments.tokenizers import make_tokenizer
 from tformer import rnn
 from tformer import training as ts
-from tformer.checkpoint import CheckpointError, Checkpointer
+from tformer.checkpoint import Checkpointer, CheckpointError
 
 FLAGS = flags.FLAGS
 MODEL_KINDS = {"lm": tformer.DecoderLM, "seq2seq": tformer.EncoderDecoder,
@@ -59,7 +59,8 @@ def read_run(workdir: Path) -> dict:
         for needed in (meta["model"], meta["config"]["model"]["kind"], meta["config"]["data"]["src_len"]):
             del needed  # each lookup fails with KeyError when the file lacks it
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{meta_path} is not a run config ({type(e).__name__}: {e}); rerun train.py to rewrite it")
+        raise ValueError(f"{meta_path} is not a run config ({type(e).__name__}: {e}); rerun train.py to rewrite it"
+                         ) from None
     return meta
 
 

@@ -34,8 +34,8 @@ every other process with an error naming it; rerun them all to resume.
 
 from __future__ import annotations
 
-import concurrent.futures
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
@@ -62,7 +62,7 @@ from experiments.metrics import MetricWriter, atomic_write, plot_loss
 from experiments.tokenizers import make_tokenizer
 from tformer import flops, host, rnn, sharding
 from tformer import training as ts
-from tformer.checkpoint import CheckpointError, Checkpointer, abstract_like
+from tformer.checkpoint import Checkpointer, CheckpointError, abstract_like
 
 FLAGS = flags.FLAGS
 

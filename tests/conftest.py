@@ -7,7 +7,7 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from tformer.config import ModelConfig  # noqa: E402  (after XLA_FLAGS: imports jax)
+from tformer.config import ModelConfig
 
 V = 120  # test vocabulary: not a multiple of vocab_multiple, so padded ids are always present
 

@@ -38,7 +38,8 @@ def test_stdlib_excludes_tests_and_site_packages(stdlib_full):
 @pytest.mark.parametrize("max_bytes", [1, 5_000, 123_457])
 def test_stdlib_max_bytes_cap(max_bytes):
     capped = corpora.stdlib_corpus(max_bytes=max_bytes)
-    size = lambda docs: sum(len(d.encode("utf-8")) for d in docs)
+    def size(docs):
+        return sum(len(d.encode("utf-8")) for d in docs)
     assert size(capped["train"]) <= max_bytes
     assert capped["validation"] and size(capped["validation"]) <= max(1024, max_bytes)
     assert capped == corpora.stdlib_corpus(max_bytes=max_bytes)
@@ -178,7 +179,8 @@ def test_numbers_task_directions_and_disjoint_splits():
     assert task == corpora.numbers_task("digits-en", num_train=3000, num_valid=300, seed=3)
     assert task != corpora.numbers_task("digits-en", num_train=3000, num_valid=300, seed=4)
     en_zh = corpora.numbers_task("en-zh", num_train=3000, num_valid=300, seed=3)
-    assert [(corpora.number_to_english(int(s)), corpora.number_to_chinese(int(s))) for s, _ in task["train"]] == en_zh["train"]
+    pairs = [(corpora.number_to_english(int(s)), corpora.number_to_chinese(int(s))) for s, _ in task["train"]]
+    assert pairs == en_zh["train"]
     digits_en = corpora.numbers_task("en-digits", num_train=5, num_valid=5, max_value=20)
     assert all(corpora.number_to_english(int(d)) == e for e, d in digits_en["train"])
     with pytest.raises(ValueError, match="digits-zh"):

@@ -8,11 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import V, make_cfg
 from flax import nnx
 
-from conftest import V, make_cfg
-from tformer import (Decode, DecoderLM, EncoderDecoder, Sampling, beam_search, generate, sample_logits,
-                     sequence_logprob)
+from tformer import Decode, DecoderLM, EncoderDecoder, Sampling, beam_search, generate, sample_logits, sequence_logprob
 
 gen_module = importlib.import_module("tformer.generate")  # `tformer.generate` is also the function
 

@@ -315,7 +315,8 @@ def test_nonzero_gate_bias_is_refused(llama_dir, tmp_path):
                 t[f"model.layers.{i}.mlp.{proj}_proj.bias"] = np.full(n, gate if proj == "gate" else 0.5, np.float32)
         return t
 
-    config = lambda c: c | {"mlp_bias": True}  # noqa: E731
+    def config(c):
+        return c | {"mlp_bias": True}
     model = thf.load_hf_checkpoint(rewrite(llama_dir, tmp_path / "a", lambda t: add_biases(t, 0.0), config))
     assert model.cfg.use_bias and np.all(np.asarray(model.blocks.layers.mlp.b_in[...]) == 0.5)
     with pytest.raises(ValueError, match=r"'model.layers.0.mlp.gate_proj.bias' is nonzero"):
@@ -354,7 +355,8 @@ def test_fine_tuning_starts_from_loaded_weights(llama_dir):
     toks = jnp.asarray(tokens(8, 17, seed=3), jnp.int32)
     batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:]}
     losses = {}
-    for name, mesh in (("single", None), ("tp", tformer.make_mesh({"data": 2, "tensor": 2}, devices=jax.devices()[:4]))):
+    tp_mesh = tformer.make_mesh({"data": 2, "tensor": 2}, devices=jax.devices()[:4])
+    for name, mesh in (("single", None), ("tp", tp_mesh)):
         rules = None if mesh is None else tformer.rules_for("dp_tp")
         graphdef, tx, state, sh = ts.create_train_state(tformer.DecoderLM, model.cfg, o, mesh=mesh, rules=rules,
                                                         params=jax.tree.map(jnp.copy, params))

@@ -12,14 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import V, make_cfg
 from flax import nnx
 
-from conftest import V, make_cfg
 from tformer import DecoderLM, EncoderDecoder, ModelConfig
 from tformer import attention as attention_lib
 from tformer.attention import Masking, attend, resolve_impl
 from tformer.layers import project
-
 
 
 def left_align(prompts_bp, lengths_b):
@@ -326,7 +325,8 @@ def test_blocked_attention_matches_einsum_with_gradients(kv_heads):
 
     def value_and_grads(impl):
         c = cfg.replace(attention=impl)
-        f = lambda q, k, v: jnp.sum(attend(q, k, v, masking, c) * cot)  # noqa: E731
+        def f(q, k, v):
+            return jnp.sum(attend(q, k, v, masking, c) * cot)
         return jax.jit(lambda q, k, v: (attend(q, k, v, masking, c), jax.grad(f, argnums=(0, 1, 2))(q, k, v)))(q, k, v)
 
     out, grads = value_and_grads("blocked")
@@ -363,8 +363,8 @@ def test_blocked_attention_only_where_it_applies():
     cfg = make_cfg()
     blocked, auto = cfg.replace(attention="blocked"), cfg.replace(attention="auto")
     n = attention_lib.BLOCKED_MIN_LEN
-    # Windows, segments, cross-attention (different lengths), lengths not divisible: the dense path.
-    assert resolve_impl(blocked, jnp.float32, _causal(n, window=3), False, (n, n)) == "xla"
+    # Windows take the banded path; segments, cross-attention (different lengths), lengths not divisible: dense.
+    assert resolve_impl(blocked, jnp.float32, _causal(n, window=3), False, (n, n)) == "banded"
     not_plain = dataclasses.replace(_causal(n), plain_causal=False)
     assert resolve_impl(blocked, jnp.float32, not_plain, False, (n, n)) == "xla"
     assert resolve_impl(blocked, jnp.float32, _causal(n), False, (n, n // 2)) == "xla"

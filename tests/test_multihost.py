@@ -21,8 +21,8 @@ import pytest
 pytest.importorskip("ml_collections")
 pytest.importorskip("orbax.checkpoint")
 
-from experiments import train  # noqa: E402
-from experiments.configs import lm_tiny  # noqa: E402
+from experiments import train
+from experiments.configs import lm_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4

@@ -77,7 +77,7 @@ def mesh_of(shape: dict):
     return shd.make_mesh(shape, devices=jax.devices()[: math.prod(shape.values())])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def run(shape: tuple | None, microbatches: int | None, kind: str):
     """(losses, final state as numpy, final state's shardings, compiled HLO) of STEPS steps; shared by tests."""
     batches = BATCHES[kind]()

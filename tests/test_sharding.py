@@ -61,12 +61,14 @@ def train(model_cls, cfg, batches, mesh=None, rules=None):
     initial = jax.tree.map(lambda a: (a.shape, a.sharding), state)
     if mesh is None:
         step = ts.make_train_step(graphdef, tx, OPT)
-        put = lambda b: b  # noqa: E731
+        def put(b):
+            return b
     else:
         batch_sh = ts.batch_sharding(mesh, rules, batches[0])
         step = ts.make_train_step(graphdef, tx, OPT, mesh=mesh, rules=rules, state_sharding=state_sh,
                                   batch_sharding=batch_sh)
-        put = lambda b: jax.device_put(b, batch_sh)  # noqa: E731
+        def put(b):
+            return jax.device_put(b, batch_sh)
     compiled = step.lower(state, put(batches[0])).compile()
     losses = []
     for b in batches:
@@ -75,7 +77,7 @@ def train(model_cls, cfg, batches, mesh=None, rules=None):
     return losses, jax.tree.map(np.asarray, state.params), initial, compiled.as_text()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def single_device_run():
     return train(tformer.DecoderLM, CFG, lm_batches())
 
@@ -252,7 +254,7 @@ def test_mesh_trains_like_one_device(case):
     # (2) Parameters and Adam moments are created with the rule table's shards.
     assert_shards(preset, mesh, initial.params)
     for moment in ("mu", "nu"):
-        found = [st for st in jax.tree.leaves(initial.opt_state, is_leaf=lambda x: hasattr(x, moment))
+        found = [st for st in jax.tree.leaves(initial.opt_state, is_leaf=lambda x, m=moment: hasattr(x, m))
                  if hasattr(st, moment)]
         assert found, f"no Adam {moment} in the optimizer state"
         assert_shards(preset, mesh, getattr(found[0], moment))
@@ -361,7 +363,7 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path):
     for name, (mesh, preset) in targets.items():
         if mesh is None:
             dev = SingleDeviceSharding(jax.devices()[0])
-            shardings = jax.tree.map(lambda _: dev, state)
+            shardings = jax.tree.map(lambda _, d=dev: d, state)
         else:
             shardings = ts.state_shardings(tformer.DecoderLM, cfg, tx, mesh, shd.rules_for(preset))
         restored, _ = Checkpointer(tmp_path).restore(5, target=abstract_like(state, shardings))

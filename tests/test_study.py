@@ -4,7 +4,7 @@ import pytest
 
 pytest.importorskip("ml_collections")
 
-from experiments import study  # noqa: E402
+from experiments import study
 
 
 def test_unknown_part_names_the_flag(tmp_path):

@@ -19,9 +19,9 @@ import pytest
 pytest.importorskip("ml_collections")
 pytest.importorskip("orbax.checkpoint")
 
-from experiments import decode, train  # noqa: E402
-from experiments.configs import lm_tiny, seq2seq_tiny  # noqa: E402
-from tformer.checkpoint import CheckpointError, Checkpointer  # noqa: E402
+from experiments import decode, train
+from experiments.configs import lm_tiny, seq2seq_tiny
+from tformer.checkpoint import Checkpointer, CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def tiny_seq2seq(**train_overrides):
 
 
 def read_jsonl(workdir):
-    return [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(row) for row in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_lm_run_end_to_end(tmp_path, capsys):
@@ -108,7 +108,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     train.train_and_evaluate(cfg(n), resumed)  # stops (and saves) at step n
     train.train_and_evaluate(cfg(2 * n), resumed)  # resumes from step n
 
-    loss = lambda w: {r["step"]: r["loss"] for r in read_jsonl(w) if r["split"] == "train"}  # noqa: E731
+    def loss(w):
+        return {r["step"]: r["loss"] for r in read_jsonl(w) if r["split"] == "train"}
     assert sorted(loss(resumed)) == list(range(1, 2 * n + 1))
     assert loss(straight) == loss(resumed)  # same data order and RNG: bit-identical
     for x, y in zip(jax.tree.leaves(_params(straight)), jax.tree.leaves(_params(resumed))):
@@ -337,9 +338,8 @@ def test_resume_under_a_different_model_fails_listing_the_fields(tmp_path, caplo
 
 
 def test_every_model_and_optimizer_field_is_in_every_config_with_the_dataclass_default():
-    from experiments.configs import base, lm_gpt2_small, seq2seq_base
-
     import tformer
+    from experiments.configs import base, lm_gpt2_small, seq2seq_base
 
     ref = base.base_config()
     for cls, section in ((tformer.ModelConfig, ref.model), (tformer.OptimizerConfig, ref.optim)):

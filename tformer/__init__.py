@@ -9,6 +9,7 @@
 """
 
 from tformer import host  # tformer.host.tune_allocator(), first thing in a CPU training script
+from tformer.compress import compress_mlp, quantize_weights
 from tformer.config import ModelConfig, gpt2_small, transformer_base
 from tformer.generate import Decode, Generated, Sampling, beam_search, generate, sample_logits, sequence_logprob
 from tformer.hf import config_from_hf, load_hf_checkpoint, save_hf_checkpoint  # safetensors imported lazily
@@ -24,5 +25,6 @@ __all__ = [
     "OptimizerConfig", "TrainState", "create_train_state", "make_train_step", "make_eval_step",
     "make_mesh", "rules_for", "PRESETS",
     "config_from_hf", "load_hf_checkpoint", "save_hf_checkpoint",
+    "quantize_weights", "compress_mlp",
     "host",
 ]

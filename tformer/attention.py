@@ -14,6 +14,19 @@ only one with attention dropout), "xla" (`jax.nn.dot_product_attention`),
 query block i of n attends only to keys [0, (i+1) T/n), skipping the masked
 upper triangle; same maths as the dense path). "auto" picks cuDNN where it
 applies, "blocked" on CPU for long causal self-attention, else XLA.
+
+Cheaper variants (ModelConfig fields, see README "What each cheaper variant
+costs and buys"):
+  * `local_window`: self-attention is computed banded, in blocks of `window`
+    queries that each read their own and the previous key block, so time and
+    memory are O(T x window); exact when positions increase along the slots
+    within each segment (plain, packed and left-padded rows all do).
+  * `attention_topk` / `attention_threshold`: the scores are sparsified per
+    query after masking (einsum or banded path; in cached decode too).
+  * `attention_lowrank`: Linformer / Nystrom encoder self-attention (below).
+  * int8 KV cache (`tformer.quant.Int8KV` keys/values): scores are computed
+    from the int8 values and scaled per key afterwards, the value scales are
+    folded into the probabilities, so no dequantized cache is built.
 """
 
 from __future__ import annotations
@@ -28,7 +41,8 @@ from flax import nnx
 
 from tformer import ring_attention
 from tformer.config import ModelConfig
-from tformer.layers import apply_rope, cast, dropout, param, project
+from tformer.layers import apply_rope, cast, dense, dropout, param
+from tformer.quant import Int8KV
 from tformer.sharding import constrain
 
 _NEG = -1e30  # finite, so fully masked rows (padding queries) stay NaN-free
@@ -83,17 +97,90 @@ def self_masking(positions_bt, segment_ids_bt, cfg: ModelConfig, causal: bool, d
     )
 
 
-def _einsum_attention(q, k, v, mask_bqk, rate, rng):
+def _masked_probs(logits, mask, topk: int | None = None, threshold: float | None = None):
+    """softmax over the allowed keys, optionally keeping only the top-k scores or the weights >= threshold.
+
+    Top-k keeps every score tied with the k-th largest. The threshold never
+    drops a row's largest weight (so a row is never empty) and renormalises.
+    """
+    logits = jnp.where(mask, logits, _NEG)
+    if topk is not None:
+        kth = jax.lax.top_k(logits, min(topk, logits.shape[-1]))[0][..., -1:]
+        logits = jnp.where(logits >= jax.lax.stop_gradient(kth), logits, _NEG)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if threshold is not None:
+        cut = jnp.minimum(threshold, jnp.max(probs, axis=-1, keepdims=True))
+        probs = jnp.where(probs >= jax.lax.stop_gradient(cut), probs, 0.0)
+        probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
+    return probs
+
+
+def _einsum_attention(q, k, v, mask_bqk, rate, rng, topk=None, threshold=None):
     b, tq, h, d = q.shape
     kh = k.shape[2]
     q = q.reshape(b, tq, kh, h // kh, d)  # GQA: query heads grouped per kv head
     logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
     logits = logits / math.sqrt(d)
-    logits = jnp.where(mask_bqk[:, None, None], logits, _NEG)
-    probs = jax.nn.softmax(logits, axis=-1)
+    probs = _masked_probs(logits, mask_bqk[:, None, None], topk, threshold)
     probs = dropout(probs, rate, rng).astype(v.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
     return out.reshape(b, tq, h, d)
+
+
+def _int8_attention(q, k: Int8KV, v: Int8KV, mask_bqk, topk=None, threshold=None):
+    """Attention over an int8 cache: q.(s_j k_j) = s_j (q.k_j) and sum_j p_j s_j v_j = sum_j (p_j s_j) v_j.
+
+    The int8 values feed the two contractions directly (cast to the compute
+    dtype as operands); the per-token-and-head scales multiply the [.., Tq, S]
+    scores and probabilities, never a [B, S, K, D] tensor.
+    """
+    b, tq, h, d = q.shape
+    kh = k.shape[2]
+    q = q.reshape(b, tq, kh, h // kh, d)
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k.values.astype(q.dtype), preferred_element_type=jnp.float32)
+    logits = logits * (k.scale.astype(jnp.float32).transpose(0, 2, 1)[:, :, None, None, :] / math.sqrt(d))
+    probs = _masked_probs(logits, mask_bqk[:, None, None], topk, threshold)
+    probs = probs * v.scale.astype(jnp.float32).transpose(0, 2, 1)[:, :, None, None, :]
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(q.dtype), v.values.astype(q.dtype),
+                     preferred_element_type=jnp.float32)
+    return out.reshape(b, tq, h, d).astype(q.dtype)
+
+
+def _banded_attention(q, k, v, masking: Masking, rate, rng, topk=None, threshold=None):
+    """Local-window self-attention in O(T x window): query block i reads key blocks i-1 and i only.
+
+    Blocks hold c = min(window, T) slots, so every key a query may see (at
+    most window - 1 slots back, when positions increase along the slots within
+    a segment) lies in its own or the previous block. The full masking rule is
+    applied inside the band, so causality, padding and segments hold exactly.
+    """
+    b, t, h, d = q.shape
+    c = min(masking.window, t)
+    n = -(-t // c)
+    pad = n * c - t
+
+    def blocks(x):  # [B, T, ...] -> [B * n, c, ...], zero-padded at the end
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape((b * n, c) + x.shape[2:])
+
+    def with_prev(x):  # [B * n, c, ...] -> [B * n, 2c, ...]: previous block (zeros before the first), then own
+        if n == 1:  # window >= T: one block holds every key
+            return x
+        x = x.reshape((b, n) + x.shape[1:])
+        prev = jnp.pad(x, [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2))[:, :-1]
+        return jnp.concatenate([prev, x], axis=2).reshape((b * n, 2 * c) + x.shape[3:])
+
+    real = jnp.ones((b, t), jnp.int32)  # segment 0 marks the zero padding added here
+    k_seg = real if masking.k_seg is None else masking.k_seg
+    q_seg = k_seg if masking.q_seg is None and masking.k_seg is None else masking.q_seg
+    band = Masking(
+        q_pos=blocks(masking.q_pos), k_pos=with_prev(blocks(masking.k_pos)),
+        q_seg=None if q_seg is None else blocks(q_seg), k_seg=with_prev(blocks(k_seg)),
+        causal=masking.causal, window=masking.window,
+    )
+    out = _einsum_attention(blocks(q), with_prev(blocks(k)), with_prev(blocks(v)), band.dense(), rate, rng,
+                            topk, threshold)
+    return out.reshape(b, n * c, h, d)[:, :t]
 
 
 # Block-causal attention: query block i of `BLOCKS` attends to keys
@@ -127,32 +214,46 @@ def _blocked_causal_attention(q, k, v, blocks: int = BLOCKS):
 
 def resolve_impl(cfg: ModelConfig, dtype, masking: Masking, training_dropout: bool,
                  seq_lens: tuple[int, int] | None = None) -> str:
-    """The implementation `attend` will use for this call (`seq_lens`: query and key lengths)."""
+    """The implementation `attend` will use for this call (`seq_lens`: query and key lengths).
+
+    A local window over equal query and key lengths (self-attention, or a
+    prefill into an empty cache: slots align) goes "banded" unless cuDNN's
+    own windowed flash kernel runs; top-k / threshold need the explicit scores.
+    """
+    banded = masking.window is not None and seq_lens is not None and seq_lens[0] == seq_lens[1]
+    if training_dropout or cfg.attention_topk is not None or cfg.attention_threshold is not None:
+        return "banded" if banded else "einsum"  # the paths with dropout and explicit scores
     impl = cfg.attention
-    if training_dropout:
-        return "einsum"  # the only path with attention dropout
     if impl == "auto":
         if jax.default_backend() == "cpu":
             ok = _blocked_applies(masking, seq_lens) and seq_lens[0] >= BLOCKED_MIN_LEN
-            return "blocked" if ok else "xla"
-        ok = (
-            jax.default_backend() == "gpu"
-            and dtype in (jnp.bfloat16, jnp.float16)
-            and masking.plain_causal
-            and cfg.head_dim_ <= 128
-            and cfg.head_dim_ % 8 == 0
-        )
-        return "cudnn" if ok else "xla"
+            impl = "blocked" if ok else "xla"
+        else:
+            ok = (
+                jax.default_backend() == "gpu"
+                and dtype in (jnp.bfloat16, jnp.float16)
+                and masking.plain_causal
+                and cfg.head_dim_ <= 128
+                and cfg.head_dim_ % 8 == 0
+            )
+            impl = "cudnn" if ok else "xla"
     if impl == "cudnn" and not masking.plain_causal:
-        return "xla"  # segments/padding/cache need a dense mask
+        impl = "xla"  # segments/padding/cache need a dense mask
     if impl == "blocked" and not _blocked_applies(masking, seq_lens):
-        return "xla"  # windows, segments, caches, cross-attention: dense mask
-    return impl
+        impl = "xla"  # windows, segments, caches, cross-attention: dense mask
+    return "banded" if banded and impl != "cudnn" else impl
 
 
 def attend(q_bthd, k_bskd, v_bskd, masking: Masking, cfg: ModelConfig, rng=None) -> jax.Array:
-    """Scaled dot-product attention with GQA; output [B, T, H, D]."""
+    """Scaled dot-product attention with GQA; output [B, T, H, D].
+
+    `k_bskd` / `v_bskd` may be `Int8KV` (an int8 cache), read without dequantizing.
+    """
+    topk, threshold = cfg.attention_topk, cfg.attention_threshold
+    if isinstance(k_bskd, Int8KV):
+        return _int8_attention(q_bthd, k_bskd, v_bskd, masking.dense(), topk, threshold)
     training_dropout = rng is not None and cfg.attention_dropout > 0
+    rate = cfg.attention_dropout if training_dropout else 0.0
     impl = resolve_impl(cfg, q_bthd.dtype, masking, training_dropout, (q_bthd.shape[1], k_bskd.shape[1]))
     if impl == "cudnn":
         window = None if masking.window is None else (masking.window - 1, 0)
@@ -162,21 +263,86 @@ def attend(q_bthd, k_bskd, v_bskd, masking: Masking, cfg: ModelConfig, rng=None)
                 implementation="cudnn",
             )
         except Exception:  # unsupported shape/dtype/version: fall back, same maths
-            impl = "xla"
+            impl = "banded" if window is not None and q_bthd.shape[1] == k_bskd.shape[1] else "xla"
+    if impl == "banded":
+        return _banded_attention(q_bthd, k_bskd, v_bskd, masking, rate, rng, topk, threshold)
     if impl == "blocked":
         return _blocked_causal_attention(q_bthd, k_bskd, v_bskd)
     mask = masking.dense()
     if impl == "xla":
         return jax.nn.dot_product_attention(q_bthd, k_bskd, v_bskd, mask=mask[:, None], implementation="xla")
-    return _einsum_attention(q_bthd, k_bskd, v_bskd, mask, cfg.attention_dropout if training_dropout else 0.0, rng)
+    return _einsum_attention(q_bthd, k_bskd, v_bskd, mask, rate, rng, topk, threshold)
+
+
+# ---------------------------------------------------------------------------
+# Low-rank bidirectional self-attention (the encoder).
+
+
+def _key_valid(masking: Masking, b: int, s: int) -> jax.Array:
+    return jnp.ones((b, s), bool) if masking.k_seg is None else masking.k_seg != 0
+
+
+def linformer_attention(q_bthd, k_bskd, v_bskd, masking: Masking, proj_k_sr, proj_v_sr) -> jax.Array:
+    """Linformer (Wang et al. 2020): keys and values projected along the length, S -> r rows.
+
+    `proj_*` are [max_len, r]; rows [0, S) are used. Padding keys are zeroed
+    before the projection. The projected rows mix the whole source, so packed
+    segments are not kept apart (bidirectional, unpacked sources only).
+    O(S r) time and memory instead of O(S^2).
+    """
+    b, s = k_bskd.shape[:2]
+    keep = _key_valid(masking, b, s)[:, :, None, None].astype(k_bskd.dtype)
+    k_r = jnp.einsum("bskd,sr->brkd", k_bskd * keep, proj_k_sr[:s].astype(k_bskd.dtype))
+    v_r = jnp.einsum("bskd,sr->brkd", v_bskd * keep, proj_v_sr[:s].astype(v_bskd.dtype))
+    all_visible = jnp.ones((1, 1, k_r.shape[1]), bool)
+    return _einsum_attention(q_bthd, k_r, v_r, all_visible, 0.0, None)
+
+
+def nystrom_attention(q_bthd, k_bskd, v_bskd, masking: Masking, landmarks: int) -> jax.Array:
+    """Nystromformer (Xiong et al. 2021): softmax(QK^T) ~= F A^+ B with `landmarks` segment means.
+
+    F = softmax(Q Kl^T), A = softmax(Ql Kl^T), B = softmax(Ql K^T), where Ql, Kl
+    average contiguous groups of the valid tokens; A^+ is an exact
+    pseudo-inverse (SVD), so landmarks = S (one per token) is exact attention.
+    O(S m + m^3) per head. Empty groups (all padding) are dropped. The
+    gradient is not exact: pinv cuts the small singular values of A, and the
+    cut is not differentiated through, so even at landmarks = S the gradient
+    differs from dense attention's (README: it trains badly; measured).
+    """
+    b, _, h, d = q_bthd.shape
+    s, kh = k_bskd.shape[1], k_bskd.shape[2]
+    f32 = jnp.float32
+    q = q_bthd.astype(f32) / math.sqrt(d)
+    k = jnp.repeat(k_bskd.astype(f32), h // kh, axis=2)  # GQA: one key head per query head
+    v = jnp.repeat(v_bskd.astype(f32), h // kh, axis=2)
+    valid_bs = _key_valid(masking, b, s)
+    group = np.arange(s) * landmarks // s  # contiguous, near-equal groups (trace-time constant)
+    member_bsm = jnp.asarray(group[:, None] == np.arange(landmarks)[None, :])[None] & valid_bs[:, :, None]
+    count_bm = jnp.sum(member_bsm, axis=1)
+    mean = member_bsm.astype(f32) / jnp.maximum(count_bm, 1)[:, None, :]
+    ql = jnp.einsum("bsm,bshd->bhmd", mean, q)  # queries' landmarks (positions 0..S-1 are the keys')
+    kl = jnp.einsum("bsm,bshd->bhmd", mean, k)
+    used = (count_bm > 0)[:, None, None, :]  # [B, 1, 1, m]
+    f = _masked_probs(jnp.einsum("bthd,bhmd->bhtm", q, kl), used)
+    a = _masked_probs(jnp.einsum("bhmd,bhnd->bhmn", ql, kl), used) * jnp.swapaxes(used, -1, -2)
+    bmat = _masked_probs(jnp.einsum("bhmd,bshd->bhms", ql, k), valid_bs[:, None, None, :])
+    bv = jnp.einsum("bhms,bshd->bhmd", bmat, v)  # m x S times S x D first: never an S x S matrix
+    out = jnp.einsum("bhtm,bhmd->bthd", f, jnp.linalg.pinv(a) @ bv)
+    return out.astype(q_bthd.dtype)
 
 
 class Attention(nnx.Module):
-    """Q/K/V/O projections with grouped K/V heads; self- or cross-attention."""
+    """Q/K/V/O projections with grouped K/V heads; self- or cross-attention.
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, cross: bool = False):
+    `lowrank`: this is bidirectional self-attention that uses
+    `cfg.attention_lowrank` (the encoder's); Linformer adds its two length
+    projections [max_len, lowrank_dim].
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, cross: bool = False, lowrank: bool = False):
         self.cfg = cfg
         self.cross = cross
+        self.lowrank = lowrank and cfg.attention_lowrank is not None and not cross
         d, h, kh, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim_
         out_std = cfg.init_std / math.sqrt(2 * max(cfg.num_layers, 1))
         self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg)
@@ -188,13 +354,17 @@ class Attention(nnx.Module):
             self.bk = param(rngs, (kh, hd), ("kv_heads", "head_dim"), cfg, init="zeros")
             self.bv = param(rngs, (kh, hd), ("kv_heads", "head_dim"), cfg, init="zeros")
             self.bo = param(rngs, (d,), ("embed",), cfg, init="zeros")
+        if self.lowrank and cfg.attention_lowrank == "linformer":
+            r = cfg.lowrank_dim
+            self.proj_k = param(rngs, (cfg.max_len, r), ("max_len", "lowrank"), cfg, std=1.0 / math.sqrt(r))
+            self.proj_v = param(rngs, (cfg.max_len, r), ("max_len", "lowrank"), cfg, std=1.0 / math.sqrt(r))
 
     def _rope(self, x, positions):
         return apply_rope(x, positions, self.cfg) if self.cfg.positions == "rope" and not self.cross else x
 
     def query(self, x_btd, positions_bt):
         cfg = self.cfg
-        q = project(x_btd, cast(self.wq, cfg))
+        q = dense(x_btd, self, "wq", cfg)
         if cfg.use_bias:
             q = q + cast(self.bq, cfg)
         q = constrain(q, ("batch", "length", "act_heads", "head_dim"))
@@ -202,8 +372,8 @@ class Attention(nnx.Module):
 
     def key_value(self, x_bsd, positions_bs):
         cfg = self.cfg
-        k = project(x_bsd, cast(self.wk, cfg))
-        v = project(x_bsd, cast(self.wv, cfg))
+        k = dense(x_bsd, self, "wk", cfg)
+        v = dense(x_bsd, self, "wv", cfg)
         if cfg.use_bias:
             k, v = k + cast(self.bk, cfg), v + cast(self.bv, cfg)
         k = constrain(k, ("batch", "length", "act_kv_heads", "head_dim"))
@@ -212,7 +382,7 @@ class Attention(nnx.Module):
 
     def output(self, o_bthd):
         cfg = self.cfg
-        y = project(o_bthd, cast(self.wo, cfg), n_in=2)
+        y = dense(o_bthd, self, "wo", cfg, n_in=2)
         if cfg.use_bias:
             y = y + cast(self.bo, cfg)
         return y
@@ -221,6 +391,14 @@ class Attention(nnx.Module):
         """Attention over `kv_src` (cross) or `x` itself, all positions at once."""
         q = self.query(x_btd, masking.q_pos)
         k, v = self.key_value(x_btd if kv_src is None else kv_src, masking.k_pos)
+        if self.lowrank:
+            if masking.causal:
+                raise ValueError("ModelConfig.attention_lowrank: low-rank attention is bidirectional only, not causal")
+            if self.cfg.attention_lowrank == "linformer":
+                o = linformer_attention(q, k, v, masking, cast(self.proj_k, self.cfg), cast(self.proj_v, self.cfg))
+            else:
+                o = nystrom_attention(q, k, v, masking, self.cfg.lowrank_dim)
+            return self.output(o)
         if ring_attention.applies(q.shape[1], k.shape[1]):  # a mesh with a `sequence` axis
             if rng is not None and self.cfg.attention_dropout > 0:
                 raise ValueError("ModelConfig.attention_dropout > 0 is not supported with sequence parallelism "

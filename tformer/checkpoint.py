@@ -123,7 +123,7 @@ class Checkpointer:
         for s in steps:
             try:
                 restored = mngr.restore(s, args=args_for(s))
-            except Exception as e:  # noqa: BLE001 - any failure means: try an older one
+            except Exception as e:
                 log.warning("checkpoint %s/%d is unreadable (%s)%s", self.directory, s, _first_line(e),
                             "" if step is not None else "; trying an older one")
                 failed.append((s, e))

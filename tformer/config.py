@@ -13,6 +13,8 @@ NORMS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post")
 ACTIVATIONS = ("gelu", "gelu_exact", "relu", "silu", "swiglu", "geglu")
 ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "blocked")
+LOWRANK_KINDS = ("linformer", "nystrom")
+KV_CACHE_DTYPES = ("int8",)
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -53,8 +55,23 @@ class ModelConfig:
     dropout: float = 0.0
     attention_dropout: float = 0.0
     attention: str = "auto"
-    # Sparse attention: a token sees at most this many previous positions.
+    # Sparse attention. `local_window`: a token sees at most this many previous
+    # positions, computed banded (O(T x window) time and memory, not O(T^2)).
     local_window: int | None = None
+    # Keep only the k largest scores per query among the keys the mask allows.
+    attention_topk: int | None = None
+    # Drop post-softmax weights below this and renormalise (the largest always stays).
+    attention_threshold: float | None = None
+    # Low-rank encoder self-attention (bidirectional only): "linformer" projects
+    # keys/values along the length to `lowrank_dim` rows; "nystrom" uses
+    # `lowrank_dim` landmarks (segment means of queries and keys).
+    attention_lowrank: str | None = None
+    lowrank_dim: int | None = None
+    # "int8": the KV cache holds int8 keys/values with one scale per token and
+    # head (symmetric); None keeps the compute dtype.
+    kv_cache_dtype: str | None = None
+    # Factored MLP matrices W = U V with inner size `mlp_rank` (None: full matrices).
+    mlp_rank: int | None = None
     scan_layers: bool = False  # lax.scan over layers (fast compile) vs unrolled
     remat: str = "none"
     dtype: str = "float32"  # compute dtype
@@ -101,22 +118,55 @@ class ModelConfig:
             "norm_placement",
             f"unknown kind {self.norm_placement!r}; choose one of {NORM_PLACEMENTS}",
         )
-        _check(self.activation in ACTIVATIONS, "activation", f"unknown kind {self.activation!r}; choose one of {ACTIVATIONS}")
-        _check(self.attention in ATTENTION_IMPLS, "attention", f"unknown kind {self.attention!r}; choose one of {ATTENTION_IMPLS}")
+        _check(self.activation in ACTIVATIONS, "activation",
+               f"unknown kind {self.activation!r}; choose one of {ACTIVATIONS}")
+        _check(self.attention in ATTENTION_IMPLS, "attention",
+               f"unknown kind {self.attention!r}; choose one of {ATTENTION_IMPLS}")
         _check(self.remat in REMAT_POLICIES, "remat", f"unknown policy {self.remat!r}; choose one of {REMAT_POLICIES}")
         for f in ("dtype", "param_dtype", "logits_dtype"):
             _check(getattr(self, f) in DTYPES, f, f"unknown dtype {getattr(self, f)!r}; choose one of {DTYPES}")
         _check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
-        _check(0.0 <= self.attention_dropout < 1.0, "attention_dropout", f"must be in [0, 1), got {self.attention_dropout}")
+        _check(0.0 <= self.attention_dropout < 1.0, "attention_dropout",
+               f"must be in [0, 1), got {self.attention_dropout}")
         _check(self.vocab_multiple >= 1, "vocab_multiple", "must be >= 1")
         _check(self.d_ff_ >= 1, "d_ff", f"must be >= 1, got {self.d_ff}")
         if self.positions == "rope":
             _check(self.head_dim_ % 2 == 0, "head_dim", f"RoPE needs an even head_dim, got {self.head_dim_}")
         if self.local_window is not None:
             _check(self.local_window >= 1, "local_window", f"must be >= 1 or None, got {self.local_window}")
+        self._check_cheaper_variants()
         for f in ("pad_id", "bos_id", "eos_id"):
             v = getattr(self, f)
             _check(0 <= v < self.vocab_size, f, f"{f}={v} is outside the vocabulary [0, {self.vocab_size})")
+
+    def _check_cheaper_variants(self):
+        """Sparse, low-rank and int8 fields: ranges and the combinations that have no meaning."""
+        if self.attention_topk is not None:
+            _check(self.attention_topk >= 1, "attention_topk", f"must be >= 1 or None, got {self.attention_topk}")
+        if self.attention_threshold is not None:
+            _check(0.0 <= self.attention_threshold < 1.0, "attention_threshold",
+                   f"must be in [0, 1) or None, got {self.attention_threshold}")
+        if self.attention_lowrank is not None:
+            _check(self.attention_lowrank in LOWRANK_KINDS, "attention_lowrank",
+                   f"unknown kind {self.attention_lowrank!r}; choose one of {LOWRANK_KINDS} or None")
+            _check(self.num_encoder_layers >= 1, "attention_lowrank",
+                   "low-rank attention is for bidirectional (encoder) self-attention and cannot be causal; "
+                   "use an EncoderDecoder (num_encoder_layers >= 1) or set attention_lowrank=None")
+            _check(self.lowrank_dim is not None and self.lowrank_dim >= 1, "lowrank_dim",
+                   f"attention_lowrank={self.attention_lowrank!r} needs lowrank_dim >= 1, got {self.lowrank_dim}")
+            _check(self.attention_topk is None and self.attention_threshold is None, "attention_lowrank",
+                   "cannot be combined with attention_topk or attention_threshold; choose one")
+            _check(self.attention_dropout == 0.0, "attention_lowrank", "has no attention dropout; set it to 0")
+        else:
+            _check(self.lowrank_dim is None, "lowrank_dim", "is only read with attention_lowrank; set one or neither")
+        if self.kv_cache_dtype is not None:
+            _check(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype",
+                   f"unknown cache dtype {self.kv_cache_dtype!r}; choose one of {KV_CACHE_DTYPES} "
+                   "or None (the compute dtype)")
+        if self.mlp_rank is not None:
+            top = min(self.d_model, self.d_ff_)
+            _check(1 <= self.mlp_rank <= top, "mlp_rank",
+                   f"must be in [1, min(d_model, d_ff) = {top}] or None, got {self.mlp_rank}")
 
     # Derived sizes (trailing underscore: never None).
     @property
@@ -145,7 +195,7 @@ class ModelConfig:
     def gated(self) -> bool:
         return self.activation in ("swiglu", "geglu")
 
-    def replace(self, **kw) -> "ModelConfig":
+    def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
 

@@ -25,7 +25,9 @@ functions so that `import tformer` does not need it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import operator
 import re
 import warnings
 from pathlib import Path
@@ -288,7 +290,7 @@ def _readable(f: Path):
         yield
     except ValueError:
         raise
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError)
+    except Exception as e:
         if type(e).__name__ != "SafetensorError" and not isinstance(e, OSError):
             raise
         raise ValueError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e}); it may be truncated: "
@@ -399,11 +401,15 @@ def _head_vd(ck: _Checkpoint, cfg: ModelConfig, embed_key: str, why: str) -> np.
     return None
 
 
+def _layer_tensor(ck: _Checkpoint, prefix: str, name: str, shape: tuple[int, ...], why: str) -> np.ndarray:
+    return ck.get(prefix + name, shape, why)
+
+
 def _gpt2_params(ck: _Checkpoint, cfg: ModelConfig, n_positions: int) -> dict:
     d, h, hd, f, v = cfg.d_model, cfg.num_heads, cfg.head_dim_, cfg.d_ff_, cfg.vocab_size
     layers = []
     for i in range(cfg.num_layers):
-        get = lambda name, shape, why: ck.get(f"h.{i}.{name}", shape, why)  # noqa: E731
+        get = functools.partial(_layer_tensor, ck, f"h.{i}.")
         # Conv1D weights are [in, out]: c_attn's out axis is q | k | v, each heads-major.
         qkv_w = get("attn.c_attn.weight", (d, 3 * d), "n_embd")
         qkv_b = get("attn.c_attn.bias", (3 * d,), "n_embd")
@@ -554,7 +560,8 @@ def save_hf_checkpoint(model: DecoderLM, path) -> Path:
     if hf["model_type"] == "gpt2":
         pre = "transformer."
         for i in range(cfg.num_layers):
-            a, m, n1, n2 = (jax.tree.map(lambda x: x[i], lay[k]) for k in ("attn", "mlp", "attn_norm", "mlp_norm"))
+            layer = operator.itemgetter(i)
+            a, m, n1, n2 = (jax.tree.map(layer, lay[k]) for k in ("attn", "mlp", "attn_norm", "mlp_norm"))
             out |= {
                 f"{pre}h.{i}.ln_1.weight": n1["scale"], f"{pre}h.{i}.ln_1.bias": n1["bias"],
                 f"{pre}h.{i}.attn.c_attn.weight": np.concatenate([a[k].reshape(d, d) for k in ("wq", "wk", "wv")], 1),
@@ -569,7 +576,7 @@ def save_hf_checkpoint(model: DecoderLM, path) -> Path:
     else:
         pre = "model."
         for i in range(cfg.num_layers):
-            a, m = jax.tree.map(lambda x: x[i], lay["attn"]), jax.tree.map(lambda x: x[i], lay["mlp"])
+            a, m = jax.tree.map(operator.itemgetter(i), lay["attn"]), jax.tree.map(operator.itemgetter(i), lay["mlp"])
             q = f"{pre}layers.{i}."
             out |= {
                 q + "input_layernorm.weight": lay["attn_norm"]["scale"][i],

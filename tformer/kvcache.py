@@ -6,6 +6,11 @@ the loop carry, with no per-row scatter. Rows with shorter prompts carry
 empty (invalid) slots on the left; per-slot `positions` keep each row's own
 token positions, so causal and local masks, RoPE and learned positions see
 exactly what the parallel forward sees.
+
+With `ModelConfig.kv_cache_dtype="int8"` each layer's K and V are
+`tformer.quant.Int8KV` (int8 values and one scale per token and head):
+`write` quantizes the new entries, and attention reads values and scales
+directly (tformer.attention).
 """
 
 from __future__ import annotations
@@ -16,14 +21,17 @@ import jax
 import jax.numpy as jnp
 
 from tformer.attention import Masking
+from tformer.config import ModelConfig
+from tformer.layers import DTYPE
+from tformer.quant import Int8KV, quantize_int8
 from tformer.sharding import constrain
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    k: tuple[jax.Array, ...]  # per layer [B, S, K, D]
-    v: tuple[jax.Array, ...]  # per layer [B, S, K, D]
+    k: tuple[jax.Array | Int8KV, ...]  # per layer [B, S, K, D]
+    v: tuple[jax.Array | Int8KV, ...]  # per layer [B, S, K, D]
     positions: jax.Array  # [B, S] int32, position of the token in each slot
     valid: jax.Array  # [B, S] bool, slot holds a real token
     next_pos: jax.Array  # [B] int32, position of each row's next token
@@ -34,19 +42,36 @@ class KVCache:
     src_valid: jax.Array | None = None  # [B, S_src] bool
 
 
-def empty(num_layers: int, batch: int, length: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
-    def z():  # batch over the data axes, kv heads over `tensor` (when rules are active)
-        return constrain(jnp.zeros((batch, length, kv_heads, head_dim), dtype),
-                         ("batch", "length", "act_kv_heads", "head_dim"))
+def empty(num_layers: int, batch: int, length: int, kv_heads: int, head_dim: int, dtype,
+          int8: bool = False) -> KVCache:
+    """A cache of zeros; `int8`: K/V as int8 values with `dtype` scales per token and head."""
+    axes = ("batch", "length", "act_kv_heads", "head_dim")
+
+    def buf():  # batch over the data axes, kv heads over `tensor` (when rules are active)
+        if not int8:
+            return constrain(jnp.zeros((batch, length, kv_heads, head_dim), dtype), axes)
+        return Int8KV(constrain(jnp.zeros((batch, length, kv_heads, head_dim), jnp.int8), axes),
+                      constrain(jnp.zeros((batch, length, kv_heads), dtype), axes[:3]))
 
     return KVCache(
-        k=tuple(z() for _ in range(num_layers)),
-        v=tuple(z() for _ in range(num_layers)),
+        k=tuple(buf() for _ in range(num_layers)),
+        v=tuple(buf() for _ in range(num_layers)),
         positions=jnp.zeros((batch, length), jnp.int32),
         valid=jnp.zeros((batch, length), bool),
         next_pos=jnp.zeros((batch,), jnp.int32),
         index=jnp.zeros((), jnp.int32),
     )
+
+
+def for_config(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
+    """The empty self-attention cache a model with `cfg` decodes into (`dtype`: default the compute dtype)."""
+    return empty(cfg.num_layers, batch, length, cfg.kv_heads, cfg.head_dim_, dtype or DTYPE[cfg.dtype],
+                 int8=cfg.kv_cache_dtype == "int8")
+
+
+def nbytes(cache: KVCache) -> int:
+    """Bytes held by the self-attention K/V (values and any scales)."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((cache.k, cache.v)))
 
 
 def advance(cache: KVCache, valid_bt: jax.Array, window: int | None = None) -> tuple[KVCache, jax.Array, Masking]:
@@ -75,6 +100,10 @@ def advance(cache: KVCache, valid_bt: jax.Array, window: int | None = None) -> t
     return new, pos_bt, masking
 
 
-def write(buf_bskd: jax.Array, new_btkd: jax.Array, index: jax.Array) -> jax.Array:
-    """Write T new entries at slot `index`, in place when `buf` is a loop carry."""
+def write(buf_bskd: jax.Array | Int8KV, new_btkd: jax.Array, index: jax.Array) -> jax.Array | Int8KV:
+    """Write T new entries at slot `index`, in place when `buf` is a loop carry (quantizing into int8)."""
+    if isinstance(buf_bskd, Int8KV):
+        values, scale = quantize_int8(new_btkd, axes=(3,), scale_dtype=buf_bskd.scale.dtype)
+        return Int8KV(jax.lax.dynamic_update_slice(buf_bskd.values, values, (0, index, 0, 0)),
+                      jax.lax.dynamic_update_slice(buf_bskd.scale, scale, (0, index, 0)))
     return jax.lax.dynamic_update_slice(buf_bskd, new_btkd.astype(buf_bskd.dtype), (0, index, 0, 0))

@@ -15,7 +15,8 @@ import numpy as np
 from flax import nnx
 
 from tformer.config import ModelConfig
-from tformer.sharding import active as active_rules, axis_size, constrain
+from tformer.sharding import active as active_rules
+from tformer.sharding import axis_size, constrain
 
 DTYPE = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -101,6 +102,18 @@ def project(x: jax.Array, w: jax.Array, n_in: int = 1, *, w_transposed: bool = F
     return y2.reshape(lead + out_shape)
 
 
+def dense(x: jax.Array, module: nnx.Module, name: str, cfg: ModelConfig, n_in: int = 1) -> jax.Array:
+    """`project(x, module.<name>)`, honouring an int8 weight's per-output-channel scale.
+
+    A weight quantized by `tformer.quantize_weights` is int8 next to a
+    `<name>_scale` over its output axes; the scale multiplies the matmul's
+    output (W = Q diag(s), so x W = (x Q) s), never a dequantized weight.
+    """
+    y = project(x, cast(getattr(module, name), cfg), n_in)
+    scale = getattr(module, name + "_scale", None)
+    return y if scale is None else y * cast(scale, cfg)
+
+
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     """Inverted dropout with an explicit key; identity when rng is None or rate is 0."""
     if rng is None or rate == 0.0:
@@ -123,7 +136,7 @@ def fold(rng: jax.Array | None, *data: int | jax.Array) -> jax.Array | None:
 # never per call.
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sinusoid_table(max_len: int, dim: int) -> np.ndarray:
     """[max_len, dim] sin/cos table of Vaswani et al. (sin on even, cos on odd dims)."""
     pos = np.arange(max_len, dtype=np.float64)[:, None]
@@ -134,7 +147,7 @@ def sinusoid_table(max_len: int, dim: int) -> np.ndarray:
     return table.astype(np.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def rope_table(max_len: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin tables [max_len, head_dim // 2] for rotary embeddings."""
     inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
@@ -225,32 +238,52 @@ _ACT = {
 
 
 class MLP(nnx.Module):
-    """Position-wise feed-forward: act(x W_in) W_out, or act(x W_gate) * (x W_in) W_out."""
+    """Position-wise feed-forward: act(x W_in) W_out, or act(x W_gate) * (x W_in) W_out.
+
+    With `cfg.mlp_rank` = r every matrix is stored factored, W = U V with
+    U [in, r] and V [r, out] (`w_in_u`, `w_in_v`, ...), and applied as two
+    thin matmuls: (d + f) r weights instead of d f per matrix.
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d, f = cfg.d_model, cfg.d_ff_
         out_std = cfg.init_std / math.sqrt(2 * max(cfg.num_layers, 1))
-        self.w_in = param(rngs, (d, f), ("embed", "mlp"), cfg)
+        self._matrix(rngs, "w_in", (d, f), ("embed", "mlp"), cfg.init_std)
         if cfg.gated:
-            self.w_gate = param(rngs, (d, f), ("embed", "mlp"), cfg)
-        self.w_out = param(rngs, (f, d), ("mlp", "embed"), cfg, std=out_std)
+            self._matrix(rngs, "w_gate", (d, f), ("embed", "mlp"), cfg.init_std)
+        self._matrix(rngs, "w_out", (f, d), ("mlp", "embed"), out_std)
         if cfg.use_bias:
             self.b_in = param(rngs, (f,), ("mlp",), cfg, init="zeros")
             self.b_out = param(rngs, (d,), ("embed",), cfg, init="zeros")
 
+    def _matrix(self, rngs, name, shape, axes, std):
+        cfg = self.cfg
+        if cfg.mlp_rank is None:
+            setattr(self, name, param(rngs, shape, axes, cfg, std=std))
+            return
+        # Factor std: std_u * std_v * sqrt(r) = std, so U V starts like the full matrix.
+        r, fstd = cfg.mlp_rank, (std * std / cfg.mlp_rank) ** 0.25
+        setattr(self, name + "_u", param(rngs, (shape[0], r), (axes[0], "mlp_rank"), cfg, std=fstd))
+        setattr(self, name + "_v", param(rngs, (r, shape[1]), ("mlp_rank", axes[1]), cfg, std=fstd))
+
+    def _apply(self, x, name):
+        if self.cfg.mlp_rank is None:
+            return dense(x, self, name, self.cfg)
+        return dense(dense(x, self, name + "_u", self.cfg), self, name + "_v", self.cfg)
+
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         cfg = self.cfg
         act = _ACT[cfg.activation]
-        h_btf = project(x_btd, cast(self.w_in, cfg))
+        h_btf = self._apply(x_btd, "w_in")
         if cfg.use_bias:
             h_btf = h_btf + cast(self.b_in, cfg)
         if cfg.gated:
-            h_btf = act(project(x_btd, cast(self.w_gate, cfg))) * h_btf
+            h_btf = act(self._apply(x_btd, "w_gate")) * h_btf
         else:
             h_btf = act(h_btf)
         h_btf = constrain(h_btf, ("batch", "length", "act_mlp"))
-        y_btd = project(h_btf, cast(self.w_out, cfg))
+        y_btd = self._apply(h_btf, "w_out")
         if cfg.use_bias:
             y_btd = y_btd + cast(self.b_out, cfg)
         return y_btd

@@ -13,6 +13,7 @@ one checkpoint serves both the `lax.scan` and the unrolled forward.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import ClassVar
 
 import jax
@@ -24,7 +25,7 @@ from tformer import kvcache
 from tformer.attention import Attention, Masking, attend, self_masking
 from tformer.config import ModelConfig
 from tformer.kvcache import KVCache
-from tformer.layers import DTYPE, MLP, Embedder, Norm, dropout, fold
+from tformer.layers import MLP, Embedder, Norm, dropout, fold
 from tformer.sharding import constrain
 
 _REMAT = {
@@ -37,11 +38,11 @@ _REMAT = {
 class Block(nnx.Module):
     """One layer: self-attention, optional cross-attention, MLP; pre- or post-LN."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, cross: bool = False):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, cross: bool = False, encoder: bool = False):
         self.cfg = cfg
         self.has_cross = cross
         self.attn_norm = Norm(cfg, rngs=rngs)
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs, lowrank=encoder)  # encoder: cfg.attention_lowrank applies
         if cross:
             self.cross_norm = Norm(cfg, rngs=rngs)
             self.cross_attn = Attention(cfg, rngs=rngs, cross=True)
@@ -93,13 +94,13 @@ class Block(nnx.Module):
 class Stack(nnx.Module):
     """`n` blocks whose weights are stacked on a leading `layers` axis."""
 
-    def __init__(self, cfg: ModelConfig, n: int, *, rngs: nnx.Rngs, cross: bool = False):
+    def __init__(self, cfg: ModelConfig, n: int, *, rngs: nnx.Rngs, cross: bool = False, encoder: bool = False):
         self.cfg, self.n = cfg, n
 
         # nnx.vmap adds the leading `layers` axis to every weight's sharding metadata.
         @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make(key):
-            return Block(cfg, rngs=nnx.Rngs(key), cross=cross)
+            return Block(cfg, rngs=nnx.Rngs(key), cross=cross, encoder=encoder)
 
         self.layers = make(jax.random.split(rngs.params(), n))
 
@@ -117,13 +118,13 @@ class Stack(nnx.Module):
             x, _ = jax.lax.scan(body, x, (state, jnp.arange(self.n)))
             return x
         for i in range(self.n):
-            x, _ = body(x, (jax.tree.map(lambda a: a[i], state), i))
+            x, _ = body(x, (jax.tree.map(operator.itemgetter(i), state), i))
         return x
 
     def unstacked(self) -> list[Block]:
         """Per-layer blocks (sliced once, e.g. before a decode loop)."""
         graphdef, state = nnx.split(self.layers)
-        return [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(self.n)]
+        return [nnx.merge(graphdef, jax.tree.map(operator.itemgetter(i), state)) for i in range(self.n)]
 
 
 def _default_positions(tokens_bt, positions_bt):
@@ -225,8 +226,7 @@ class _Transformer(nnx.Module):
         return self.decoder_stack.unstacked()
 
     def _empty_cache(self, batch: int, length: int, dtype) -> KVCache:
-        cfg = self.cfg
-        return kvcache.empty(cfg.num_layers, batch, length, cfg.kv_heads, cfg.head_dim_, dtype or DTYPE[cfg.dtype])
+        return kvcache.for_config(self.cfg, batch, length, dtype)
 
 
 class DecoderLM(_Transformer):
@@ -277,7 +277,7 @@ class EncoderDecoder(_Transformer):
             raise ValueError("ModelConfig.num_encoder_layers: EncoderDecoder needs >= 1 encoder layer")
         self.cfg = cfg
         self.embed = Embedder(cfg, rngs=rngs)
-        self.encoder = Stack(cfg, cfg.num_encoder_layers, rngs=rngs)
+        self.encoder = Stack(cfg, cfg.num_encoder_layers, rngs=rngs, encoder=True)
         self.decoder = Stack(cfg, cfg.num_layers, rngs=rngs, cross=True)
         if _has_final_norm(cfg):
             self.encoder_norm = Norm(cfg, rngs=rngs)

@@ -27,7 +27,8 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from tformer import sharding as shd
 from tformer.attention import Masking, self_masking

@@ -180,7 +180,8 @@ class Plan:
         n = math.prod(self.mesh_shape.values())
         rows = [
             ("mesh", " x ".join(f"{k}={v}" for k, v in self.mesh_shape.items()) + f"  ({n} devices)"),
-            ("batch", f"{self.global_batch} x {self.seq_len} tokens ({self.global_batch * self.seq_len // n} per device)"),
+            ("batch", f"{self.global_batch} x {self.seq_len} tokens "
+                      f"({self.global_batch * self.seq_len // n} per device)"),
             ("parameters", f"{self.num_params:,} ({fmt_bytes(self.param_bytes)} per device)"),
             ("optimizer state", f"{fmt_bytes(self.opt_bytes)} per device"),
             ("params + optimizer", f"{fmt_bytes(self.state_bytes)} per device"),
@@ -231,7 +232,7 @@ def shard_bytes(tree, shardings) -> int:
 def _cost(compiled) -> dict:
     try:
         cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - some backends do not implement it
+    except Exception:
         return {}
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
@@ -277,7 +278,7 @@ def plan_train_step(
     mem = None
     try:
         mem = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - not every backend reports it
+    except Exception:
         pass
 
     def get(field):

@@ -334,7 +334,8 @@ def generate(model, prompts, decode: Decode, sampling: Sampling = GREEDY, *, len
 def _beam_search(graphdef, params, prompt, lengths, src, *, n, beam, alpha, eos_id, pad_id):
     model = nnx.merge(graphdef, params)
     b, v = prompt.shape[0], model.cfg.vocab_size
-    rep = lambda x: None if x is None else jnp.repeat(x, beam, axis=0)  # noqa: E731
+    def rep(x):
+        return None if x is None else jnp.repeat(x, beam, axis=0)
     logits, state = _prefill(model, rep(prompt), rep(lengths), rep(src))
     neg = jnp.float32(-1e9)
 

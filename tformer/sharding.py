@@ -28,13 +28,15 @@ import contextlib
 import contextvars
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import optax
 from flax import linen, nnx
 from flax.core import spmd as flax_spmd
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")  # always present (size 1 allowed)
 # Present only when larger than 1, so meshes without them read as before.
