@@ -218,9 +218,9 @@ def part_b(s: Settings) -> dict:
         cache = prefill(tf_params, tokens[:, :p], nnx.merge(tf_gd, tf_params).init_cache(1, top + 1))
         tok = tokens[:, p : p + 1]
         t = _interleaved({
-            "cached": lambda: cached(tf_params, tok, cache, p + 1),
-            "uncached": lambda: uncached(tf_params, tokens[:, : p + 1]),
-            "rnn": lambda: rnn_step(rnn_params, tok[:, 0], rnn_state),
+            "cached": functools.partial(cached, tf_params, tok, cache, visible=p + 1),
+            "uncached": functools.partial(uncached, tf_params, tokens[:, : p + 1]),
+            "rnn": functools.partial(rnn_step, rnn_params, tok[:, 0], rnn_state),
         }, s.decode_repeats, block=3)
         rows.append({"position": p, **{f"{k}_ms": 1e3 * v for k, v in t.items()}})
         print(f"[b] position {p:5d}  cached {rows[-1]['cached_ms']:.3f} ms  no cache {rows[-1]['uncached_ms']:.3f} ms"
@@ -326,7 +326,8 @@ def part_c(s: Settings, seconds: float | None = None) -> dict:
                 c.model.update(d_ff=64, num_heads=2)
         return c
 
-    out = {"seconds_lm": seconds or s.lm_train_seconds or s.train_seconds, "seconds_numbers": seconds or s.train_seconds}
+    out = {"seconds_lm": seconds or s.lm_train_seconds or s.train_seconds,
+           "seconds_numbers": seconds or s.train_seconds}
     with tempfile.TemporaryDirectory() as tmp:
         for task, pair in (("lm", (lm_tiny, lm_tiny_rnn)), ("numbers", (seq2seq_tiny, seq2seq_tiny_rnn))):
             names = ("transformer", "rnn")
