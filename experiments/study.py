@@ -16,8 +16,11 @@ Writes to --out one PNG per part, `study.json` (every figure) and `study.md`
      the numbers task (exact match) and the stdlib LM (bits per byte); the
      two models' steps are interleaved, each clocking only its own steps;
   d. `parallelism_plan.png`: per-device memory and collective bytes vs device
-     count for each sharding preset, from plan mode (compiled, never run) on
-     fake CPU devices in a subprocess, for GPT-2 small and a ~1B config.
+     count for each sharding preset and for pipeline (`pp`: GPipe over a
+     `stage` axis) and sequence (`sp`: ring attention over a `sequence` axis)
+     parallelism, from plan mode (compiled, never run) on fake CPU devices in
+     a subprocess, for GPT-2 small and a ~1B config; splits that do not
+     divide are skipped and listed.
 
 Timings interleave the calls of the models compared, so a shared machine
 slows both alike, and report the fastest of the repeats (the call least
@@ -45,7 +48,10 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 PARTS = "abcd"
-PRESETS = ("dp", "fsdp", "tp", "fsdp_tp")
+PRESETS = ("dp", "fsdp", "tp", "fsdp_tp")  # sharding rule tables (tformer.sharding)
+SPLITS = ("pp", "sp")  # part d's pipeline (`stage` axis) and sequence (`sequence` axis) meshes, with `dp` rules
+# Part d's strategies: fsdp_tp is left out to keep the plans within minutes (its state per device is fsdp's).
+STRATEGIES = ("dp", "fsdp", "tp") + SPLITS
 
 
 def define_flags() -> None:
@@ -53,7 +59,8 @@ def define_flags() -> None:
     flags.DEFINE_bool("smoke", False, "Tiny settings (CI): every part runs, in about a minute.")
     flags.DEFINE_string("parts", PARTS, "Which parts to run, e.g. 'ab'; the other parts' figures already in "
                         "--out/study.json are kept.")
-    flags.DEFINE_float("train_seconds", None, "Part c: training time per model (default 90 s, smoke 1 s).")
+    flags.DEFINE_float("train_seconds", None, "Part c: training time per model and task (default: numbers 120 s, "
+                       "LM 40 s; smoke 1 s).")
     flags.DEFINE_string("plan_worker", None, "Internal: run the plans of this folder's request.json (part d).")
 
 
@@ -70,14 +77,21 @@ class Settings:
     step_repeats: int = 3
     positions: tuple[int, ...] = (1, 64, 128, 256, 512, 768, 1024)
     decode_repeats: int = 10
-    train_seconds: float = 90.0
+    train_seconds: float = 120.0  # part c, per model: the numbers task (and the LM unless lm_train_seconds)
+    lm_train_seconds: float | None = None
+    # The numbers task's equal-time run: smaller batches and a higher rate than seq2seq_tiny's full run, so
+    # that a few hundred steps separate the models (None: the config's).
+    numbers_batch_size: int | None = 32
+    numbers_learning_rate: float | None = 3e-3
     lm_max_bytes: int = 2_000_000
     numbers_train: int = 20_000
     eval_decode_examples: int = 500
-    plan_devices: tuple[int, ...] = (1, 4, 16, 64, 256)
+    plan_devices: tuple[int, ...] = (1, 16, 256)
     plan_models: tuple[str, ...] = ("gpt2_small", "1b")
 
 
+# The README's run: the LM's bits per byte separate the models within a minute, the numbers task needs longer.
+FULL = Settings(lm_train_seconds=40.0)
 SMOKE = Settings(lengths=(16, 32), tokens_per_step=64, d_model=16, num_layers=1, step_repeats=1, positions=(1, 16),
                  decode_repeats=2, train_seconds=1.0, lm_max_bytes=30_000, numbers_train=200, eval_decode_examples=4,
                  plan_devices=(2,), plan_models=("tiny",))
@@ -204,9 +218,9 @@ def part_b(s: Settings) -> dict:
         cache = prefill(tf_params, tokens[:, :p], nnx.merge(tf_gd, tf_params).init_cache(1, top + 1))
         tok = tokens[:, p : p + 1]
         t = _interleaved({
-            "cached": lambda: cached(tf_params, tok, cache, p + 1),
-            "uncached": lambda: uncached(tf_params, tokens[:, : p + 1]),
-            "rnn": lambda: rnn_step(rnn_params, tok[:, 0], rnn_state),
+            "cached": functools.partial(cached, tf_params, tok, cache, visible=p + 1),
+            "uncached": functools.partial(uncached, tf_params, tokens[:, : p + 1]),
+            "rnn": functools.partial(rnn_step, rnn_params, tok[:, 0], rnn_state),
         }, s.decode_repeats, block=3)
         rows.append({"position": p, **{f"{k}_ms": 1e3 * v for k, v in t.items()}})
         print(f"[b] position {p:5d}  cached {rows[-1]['cached_ms']:.3f} ms  no cache {rows[-1]['uncached_ms']:.3f} ms"
@@ -288,7 +302,8 @@ def train_equal_time(trainers: dict, seconds: float) -> dict:
     return {name: t.result() for name, t in trainers.items()}
 
 
-def part_c(s: Settings, seconds: float) -> dict:
+def part_c(s: Settings, seconds: float | None = None) -> dict:
+    """Equal-time runs; `seconds` (per model) replaces both tasks' times of `s`."""
     from experiments.configs import lm_tiny, lm_tiny_rnn, seq2seq_tiny, seq2seq_tiny_rnn
 
     def configure(c, lm: bool):
@@ -298,6 +313,10 @@ def part_c(s: Settings, seconds: float) -> dict:
         else:
             c.data.update(num_train=s.numbers_train)
             c.train.update(eval_decode_examples=s.eval_decode_examples)
+            if s.numbers_batch_size:
+                c.train.update(batch_size=s.numbers_batch_size)
+            if s.numbers_learning_rate:
+                c.optim.update(learning_rate=s.numbers_learning_rate)
         if s is SMOKE:
             c.train.update(batch_size=8, eval_batches=1)
             c.model.update(d_model=32, num_layers=1)
@@ -307,13 +326,14 @@ def part_c(s: Settings, seconds: float) -> dict:
                 c.model.update(d_ff=64, num_heads=2)
         return c
 
-    out = {"seconds_each": seconds}
+    out = {"seconds_lm": seconds or s.lm_train_seconds or s.train_seconds,
+           "seconds_numbers": seconds or s.train_seconds}
     with tempfile.TemporaryDirectory() as tmp:
         for task, pair in (("lm", (lm_tiny, lm_tiny_rnn)), ("numbers", (seq2seq_tiny, seq2seq_tiny_rnn))):
             names = ("transformer", "rnn")
             configs = {name: configure(mod.get_config(), task == "lm") for name, mod in zip(names, pair)}
             trainers = {name: _Trainer(c, Path(tmp) / task / name) for name, c in configs.items()}
-            for name, r in train_equal_time(trainers, seconds).items():
+            for name, r in train_equal_time(trainers, out[f"seconds_{task}"]).items():
                 out[f"{task}_{name}"] = r
                 score = r.get("bits_per_byte", r.get("exact_match"))
                 print(f"[c] {task} {name}: {r['steps']} steps in {r['seconds']:.0f} s -> {score:.4f}", flush=True)
@@ -340,32 +360,82 @@ def mesh_shape(preset: str, n: int, heads: int) -> dict[str, int]:
             "fsdp_tp": {"fsdp": n // tensor, "tensor": tensor}}[preset]
 
 
-def plan_worker(folder: str) -> None:
-    """Plan every (model, device count, preset) of `folder`/request.json; write `folder`/plans.json."""
+def split_shape(split: str, n: int, layers: int) -> dict[str, int]:
+    """Part d's pipeline (`pp`) and sequence (`sp`) meshes on n devices, data parallel over the rest.
+
+    `pp`: the most stages (at most 8, a host's worth) that divide both the layers and n, so GPT-2 small's
+    12 layers get 4 stages, not 8, and the 1B's 18 layers 2; `sp`: min(n, 8) sequence parts.
+    Raises ValueError when no split exists (one device, or no common divisor).
+    """
+    if split == "pp":
+        parts = max(d for d in range(1, 9) if layers % d == 0 and n % d == 0)
+        axis = "stage"
+    else:
+        parts, axis = min(n, 8), "sequence"
+    if parts == 1:
+        raise ValueError(f"{split} on {n} device(s) of a {layers}-layer model: no {axis} split above 1")
+    return {axis: parts, "data": n // parts}
+
+
+def _plan_row(name, cfg, seq, n, strategy, batch, o) -> dict:
+    """Plan one (model, device count, strategy); a ValueError names what does not divide."""
     import jax
 
     import tformer
     from tformer import plan as plan_lib
     from tformer import sharding
 
+    split = strategy in SPLITS
+    shape = split_shape(strategy, n, cfg.num_layers) if split else mesh_shape(strategy, n, cfg.num_heads)
+    shape = {"data": 1, "fsdp": 1, "tensor": 1, **shape}
+    stages = shape.get("stage", 1)
+    # Microbatches: 2 x stages (GPipe's bubble (S-1)/(M+S-1) = 1/3 at most), fewer when each data shard's
+    # batch is smaller than that.
+    micro = min(2 * stages, batch // shape["data"]) if stages > 1 else None
+    mesh = sharding.make_mesh(shape, devices=jax.devices()[:n])
+    p = plan_lib.plan_train_step(tformer.DecoderLM, cfg, o, mesh, "dp" if split else strategy, batch=batch,
+                                 seq_len=seq, microbatches=micro)
+    return {"model": name, "params": p.num_params, "devices": n, "preset": strategy, "mesh": shape,
+            "microbatches": micro, "batch": batch, "seq_len": seq, "state_bytes": p.state_bytes,
+            "peak_bytes": p.peak_bytes, "collective_bytes": p.collective_bytes,
+            "collectives": p.collective_summary()}
+
+
+def plan_worker(folder: str) -> None:
+    """Plan every (model, device count, strategy) of `folder`/request.json; write `folder`/plans.json.
+
+    On one device every strategy is the same program: it is compiled once and its row repeated.
+    """
+    import tformer
+
     request = json.loads((Path(folder) / "request.json").read_text())
-    rows = []
+    rows, skipped = [], []
     o = tformer.OptimizerConfig()
     for name in request["models"]:
         cfg, seq = _plan_model(name)
         batch = max(request["devices"])  # a fixed global batch, split ever finer: strong scaling
         for n in request["devices"]:
-            for preset in PRESETS:
-                shape = {"data": 1, "fsdp": 1, "tensor": 1, **mesh_shape(preset, n, cfg.num_heads)}
-                mesh = sharding.make_mesh(shape, devices=jax.devices()[:n])
-                p = plan_lib.plan_train_step(tformer.DecoderLM, cfg, o, mesh, preset, batch=batch, seq_len=seq)
-                rows.append({"model": name, "params": p.num_params, "devices": n, "preset": preset, "mesh": shape,
-                             "batch": batch, "seq_len": seq, "state_bytes": p.state_bytes, "peak_bytes": p.peak_bytes,
-                             "collective_bytes": p.collective_bytes, "collectives": p.collective_summary()})
-                print(f"[d] {name} {n:4d} devices {preset:8s} state {p.state_bytes / 2**20:10.1f} MiB  peak "
-                      f"{(p.peak_bytes or 0) / 2**20:10.1f} MiB  collectives {p.collective_bytes / 2**20:9.1f} MiB",
-                      flush=True)
-    (Path(folder) / "plans.json").write_text(json.dumps(rows))
+            single = None
+            for strategy in STRATEGIES:
+                try:
+                    if n == 1 and single is not None:
+                        rows.append(single | {"preset": strategy})
+                        continue
+                    rows.append(_plan_row(name, cfg, seq, n, strategy, batch, o))
+                    stages = rows[-1]["mesh"].get("stage", 1)
+                    if strategy == "pp" and stages < min(n, 8):  # the host-sized pipeline does not divide
+                        skipped.append({"model": name, "devices": n, "preset": "pp", "reason": (
+                            f"{min(n, 8)} stages do not divide its {cfg.num_layers} layers; planned with {stages}")})
+                    single = rows[-1] if n == 1 else None
+                except ValueError as e:  # a split that does not divide: record it, plan the rest
+                    skipped.append({"model": name, "devices": n, "preset": strategy, "reason": str(e)})
+                    print(f"[d] {name} {n:4d} devices {strategy:8s} skipped: {e}", flush=True)
+                    continue
+                x = rows[-1]
+                print(f"[d] {name} {n:4d} devices {strategy:8s} state {x['state_bytes'] / 2**20:10.1f} MiB  peak "
+                      f"{(x['peak_bytes'] or 0) / 2**20:10.1f} MiB  collectives {x['collective_bytes'] / 2**20:9.1f} "
+                      "MiB", flush=True)
+    (Path(folder) / "plans.json").write_text(json.dumps({"rows": rows, "skipped": skipped}))
 
 
 def part_d(s: Settings) -> dict:
@@ -384,7 +454,7 @@ def part_d(s: Settings) -> dict:
                 print(line, end="", flush=True)
         if proc.returncode:
             raise RuntimeError(f"plan subprocess failed:\n{log.read_text()[-3000:]}")
-        return {"rows": json.loads((Path(tmp) / "plans.json").read_text())}
+        return json.loads((Path(tmp) / "plans.json").read_text())
 
 
 # ---------------------------------------------------------------------------
@@ -440,7 +510,7 @@ def _plot_c(r: dict, path: Path) -> None:
             label = f"{who}: {x['steps']} steps, {metric} {x[metric]:.3f}"
             ax.plot([c[0] for c in x["curve"]], [c[1] for c in x["curve"]], label=label)
         ax.set(xlabel="training seconds (after compiling)", ylabel="train loss (nats/token)", yscale="log",
-               title=f"{'stdlib LM' if task == 'lm' else 'numbers task'}, {r['seconds_each']:.0f} s each")
+               title=f"{'stdlib LM' if task == 'lm' else 'numbers task'}, {r[f'seconds_{task}']:.0f} s each")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     _save(fig, path)
@@ -454,9 +524,12 @@ def _plot_d(r: dict, path: Path) -> None:
     fig, axes = plt.subplots(len(models), 2, figsize=(9, 3.2 * len(models)), squeeze=False)
     for (ax1, ax2), m in zip(axes, models):
         mine = [x for x in rows if x["model"] == m]
-        for i, preset in enumerate(PRESETS):
+        devs = sorted({x["devices"] for x in mine})
+        for i, preset in enumerate(STRATEGIES):
             pr = [x for x in mine if x["preset"] == preset]
-            devs, color = [x["devices"] for x in pr], f"C{i}"
+            if not pr:
+                continue
+            color = f"C{i}"
             ax1.plot(devs, [x["state_bytes"] / 2**30 for x in pr], "o-", color=color, label=f"{preset}: params + Adam")
             ax1.plot(devs, [(x["peak_bytes"] or 0) / 2**30 for x in pr], ":", color=color, alpha=0.6)
             multi = [x for x in pr if x["devices"] > 1]  # one device sends nothing
@@ -506,9 +579,10 @@ def headlines(results: dict) -> list[str]:
                    f"{results['b']['rows'][0]['cached_ms']:.2f} ms).")
     if "c" in results:
         c = results["c"]
-        out.append(f"After {c['seconds_each']:.0f} s of training each: stdlib LM bits per byte Transformer "
+        out.append(f"After {c['seconds_lm']:.0f} s of training each, stdlib LM bits per byte: Transformer "
                    f"{c['lm_transformer']['bits_per_byte']:.3f} vs LSTM {c['lm_rnn']['bits_per_byte']:.3f} "
-                   f"({c['lm_transformer']['steps']} vs {c['lm_rnn']['steps']} steps); numbers task exact match "
+                   f"({c['lm_transformer']['steps']} vs {c['lm_rnn']['steps']} steps); after "
+                   f"{c['seconds_numbers']:.0f} s each, numbers task exact match "
                    f"Transformer {c['numbers_transformer']['exact_match']:.1%} vs LSTM + attention "
                    f"{c['numbers_rnn']['exact_match']:.1%}, BLEU {c['numbers_transformer']['bleu']:.1f} vs "
                    f"{c['numbers_rnn']['bleu']:.1f} ({c['numbers_transformer']['steps']} vs "
@@ -518,12 +592,14 @@ def headlines(results: dict) -> list[str]:
         for m in dict.fromkeys(x["model"] for x in rows):
             n = max(x["devices"] for x in rows if x["model"] == m)
             by = {x["preset"]: x for x in rows if x["model"] == m and x["devices"] == n}
-            out.append(f"{m} on {n} devices: params + optimizer state per device "
-                       f"{by['dp']['state_bytes'] / 2**20:,.0f} "
-                       f"MiB replicated (dp) vs {by['fsdp']['state_bytes'] / 2**20:,.1f} MiB sharded (fsdp); "
-                       f"collectives per step dp {by['dp']['collective_bytes'] / 2**20:,.0f} MiB, fsdp "
-                       f"{by['fsdp']['collective_bytes'] / 2**20:,.0f} MiB, "
-                       f"tp {by['tp']['collective_bytes'] / 2**20:,.0f} MiB.")
+            line = (f"{m} on {n} devices: params + optimizer state per device {by['dp']['state_bytes'] / 2**20:,.0f} "
+                    f"MiB replicated (dp) vs {by['fsdp']['state_bytes'] / 2**20:,.1f} MiB sharded (fsdp)")
+            if "pp" in by:
+                line += (f", {by['pp']['state_bytes'] / 2**20:,.0f} MiB over {by['pp']['mesh']['stage']} pipeline "
+                         "stages (pp)")
+            line += "; collectives per step " + ", ".join(
+                f"{k} {by[k]['collective_bytes'] / 2**20:,.0f} MiB" for k in STRATEGIES if k in by) + "."
+            out.append(line)
     return out
 
 
@@ -543,7 +619,8 @@ def markdown(results: dict) -> str:
                   for x in results["b"]["rows"]] + [""]
     if "c" in results:
         c = results["c"]
-        lines += [f"## c. Equal training time ({c['seconds_each']:.0f} s each)", "",
+        lines += [f"## c. Equal training time (LM {c['seconds_lm']:.0f} s, numbers {c['seconds_numbers']:.0f} s each)",
+                  "",
                   "| task | model | steps | result |", "|---|---|---|---|"]
         for key, metric in (("lm", "bits_per_byte"), ("numbers", "exact_match")):
             for name in ("transformer", "rnn"):
@@ -552,12 +629,20 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {key} | {name} | {x['steps']} | {metric} {x[metric]:.4f}{extra} |")
         lines.append("")
     if "d" in results:
-        lines += ["## d. Plan mode: per device", "", "| model | devices | preset | mesh | state MiB | peak MiB | "
-                  "collective MiB |", "|---|---|---|---|---|---|---|"]
+        lines += ["## d. Plan mode: per device", "", ("One device: every strategy is the same program (planned once). "
+                                                      "pp and sp use the dp rules on a mesh with a `stage` / "
+                                                      "`sequence` axis."), "",
+                  "| model | devices | strategy | mesh | microbatches | state MiB | peak MiB | collective MiB |",
+                  "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {x['model']} | {x['devices']} | {x['preset']} | "
                   f"{' x '.join(f'{k}={v}' for k, v in x['mesh'].items() if v > 1) or '1'} | "
-                  f"{x['state_bytes'] / 2**20:,.1f} | {(x['peak_bytes'] or 0) / 2**20:,.1f} | "
-                  f"{x['collective_bytes'] / 2**20:,.1f} |" for x in results["d"]["rows"]] + [""]
+                  f"{x.get('microbatches') or '-'} | {x['state_bytes'] / 2**20:,.1f} | "
+                  f"{(x['peak_bytes'] or 0) / 2**20:,.1f} | {x['collective_bytes'] / 2**20:,.1f} |"
+                  for x in results["d"]["rows"]] + [""]
+        skipped = results["d"].get("skipped", [])
+        if skipped:
+            lines += ["Skipped or reduced (does not divide):", ""]
+            lines += [f"* {x['model']}, {x['devices']} devices, {x['preset']}: {x['reason']}" for x in skipped] + [""]
     return "\n".join(lines)
 
 
@@ -584,7 +669,7 @@ def run(out: str | os.PathLike, smoke: bool = False, parts: str = PARTS, train_s
     bad = sorted(set(parts) - set(PARTS))
     if bad:
         raise ValueError(f"--parts: unknown part(s) {bad}; choose from {PARTS!r}")
-    s = settings or (SMOKE if smoke else Settings())
+    s = settings or (SMOKE if smoke else FULL)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -593,7 +678,7 @@ def run(out: str | os.PathLike, smoke: bool = False, parts: str = PARTS, train_s
     results |= {"conditions": f"{jax.device_count()} x {jax.devices()[0].device_kind} ({os.cpu_count()} CPU cores "
                                    f"visible), jax {jax.__version__}{', smoke settings' if smoke else ''}"}
     runners = {"a": lambda: part_a(s), "b": lambda: part_b(s), "d": lambda: part_d(s),
-               "c": lambda: part_c(s, train_seconds or s.train_seconds)}
+               "c": lambda: part_c(s, train_seconds)}
     for part in PARTS:
         if part in parts:
             t = time.time()

@@ -41,3 +41,13 @@ def test_equal_time_training_keeps_the_clocks_within_one_step(tmp_path):
     # The one behind always steps next: when both are done, they differ by at most one step of either.
     slowest_step = max(b[0] - a[0] for t in trainers.values() for a, b in zip(t.curve, t.curve[1:]))
     assert abs(trainers["transformer"].elapsed - trainers["rnn"].elapsed) <= slowest_step + 1e-9
+
+
+def test_pipeline_and_sequence_meshes_divide_the_layers_and_devices():
+    assert study.split_shape("pp", 16, layers=12) == {"stage": 4, "data": 4}  # 8 stages do not divide 12 layers
+    assert study.split_shape("pp", 256, layers=18) == {"stage": 2, "data": 128}
+    assert study.split_shape("sp", 256, layers=12) == {"sequence": 8, "data": 32}
+    with pytest.raises(ValueError, match=r"pp on 1 device\(s\) of a 12-layer model: no stage split above 1"):
+        study.split_shape("pp", 1, layers=12)
+    with pytest.raises(ValueError, match="no stage split above 1"):
+        study.split_shape("pp", 16, layers=9)  # 9 layers share no divisor above 1 with 16 devices
