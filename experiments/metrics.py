@@ -8,6 +8,7 @@ renamed; `metrics.jsonl` is appended one whole line at a time, flushed.
 from __future__ import annotations
 
 import json
+import logging as logging_std
 import math
 import os
 import time
@@ -103,3 +104,10 @@ def plot_loss(workdir: str | Path) -> Path | None:
     plt.close(fig)
     os.replace(tmp, out)
     return out
+
+
+class QuietLibraries(logging_std.Filter):
+    """Keep the console for the run's own lines: drop checkpoint libraries' INFO chatter."""
+
+    def filter(self, record):
+        return record.levelno >= logging_std.WARNING or "orbax" not in record.pathname

@@ -23,6 +23,7 @@ from flax import nnx
 
 import tformer
 from experiments import decode
+from experiments.metrics import QuietLibraries
 from experiments.tokenizers import make_tokenizer
 from tformer import rnn
 from tformer import training as ts
@@ -112,6 +113,7 @@ def run(model, tok, meta: dict) -> list[str]:
 
 def main(argv):
     del argv
+    logging.get_absl_handler().addFilter(QuietLibraries())
     try:
         model, tok, meta = load(FLAGS.workdir)
         for line in run(model, tok, meta):

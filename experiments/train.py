@@ -40,7 +40,6 @@ import contextlib
 import dataclasses
 import fcntl
 import json
-import logging as logging_std
 import math
 import os
 import signal
@@ -58,7 +57,7 @@ from ml_collections import ConfigDict, config_flags
 import tformer
 from experiments import corpora, decode
 from experiments import input_pipeline as ip
-from experiments.metrics import MetricWriter, atomic_write, plot_loss
+from experiments.metrics import MetricWriter, QuietLibraries, atomic_write, plot_loss
 from experiments.tokenizers import make_tokenizer
 from tformer import flops, host, rnn, sharding
 from tformer import training as ts
@@ -703,13 +702,6 @@ def print_plan(config: ConfigDict):
 # Entry point: flags only.
 
 
-class _QuietLibraries(logging_std.Filter):
-    """Keep the console for the run's own lines: drop checkpoint libraries' INFO chatter."""
-
-    def filter(self, record):
-        return record.levelno >= logging_std.WARNING or "orbax" not in record.pathname
-
-
 def _check_flags() -> None:
     if FLAGS.config is None:
         raise app.UsageError("--config is required")
@@ -732,7 +724,7 @@ def _start_processes() -> None:
 
 def main(argv):
     del argv
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    logging.get_absl_handler().addFilter(QuietLibraries())
     _check_flags()
     if FLAGS.tune_allocator:
         host.tune_allocator()  # before JAX starts its threads (see tformer/host.py)

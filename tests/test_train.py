@@ -16,6 +16,8 @@ import jax
 import numpy as np
 import pytest
 
+import tformer
+
 pytest.importorskip("ml_collections")
 pytest.importorskip("orbax.checkpoint")
 
@@ -424,6 +426,20 @@ def test_sample_py_errors_are_one_line(tmp_path):
     out = sample(f"--workdir={tmp_path}")
     assert (out.returncode, out.stderr.strip()) == (
         1, f"error: {tmp_path / 'config.json'} not found: is {tmp_path} a training run's workdir?")
+    # A run's config.json, but its tokenizer model deleted / no checkpoint written yet.
+    from experiments.configs.base import base_config
+
+    cfg = tformer.ModelConfig(vocab_size=259, d_model=16, num_heads=2, num_layers=1, max_len=16)
+    meta = {"config": base_config().to_dict(), "model": dataclasses.asdict(cfg), "tokenizer": "sentencepiece"}
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    out = sample(f"--workdir={tmp_path}")
+    assert (out.returncode, out.stderr.strip()) == (
+        1, f"error: {tmp_path / 'tokenizer.model'} is missing: the run's tokenizer is needed to read its ids")
+    (tmp_path / "config.json").write_text(json.dumps(meta | {"tokenizer": "byte"}))
+    out = sample(f"--workdir={tmp_path}", "--prompt=x")
+    # (orbax may warn about its read-only mode first; the error itself is one line, no traceback)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == f"error: no checkpoint in {tmp_path / 'checkpoints'}", out.stderr
 
 
 def test_checkpointer_save_force_replaces_an_existing_step(tmp_path):
