@@ -171,7 +171,8 @@ class _Transformer(nnx.Module):
 
     @property
     def decoder_stack(self) -> Stack:
-        raise NotImplementedError
+        """The decoder's layer stack; each model kind names its own (abstract here)."""
+        raise NotImplementedError(f"{type(self).__name__} must define decoder_stack")
 
     def _head(self, x_btd):
         if _has_final_norm(self.cfg):
