@@ -717,9 +717,44 @@ def _check_flags() -> None:
 def _start_processes() -> None:
     """Join a multi-process run (if asked); a peer silent for --heartbeat_timeout seconds stops every process."""
     timeouts = dict(heartbeat_timeout_seconds=FLAGS.heartbeat_timeout, shutdown_timeout_seconds=FLAGS.heartbeat_timeout)
-    if sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                                       auto=FLAGS.distributed, **timeouts) and jax.process_index() != 0:
+    if not sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                           auto=FLAGS.distributed, **timeouts):
+        return
+    _say_so_if_the_transport_aborts(_lost_peer_message("the collective transport aborted, below"))
+    if jax.process_index() != 0:
         logging.set_verbosity(logging.WARNING)  # process 0 reports progress
+
+
+_TERMINATE_HANDLERS = []  # ctypes callbacks must outlive their registration
+
+
+def _say_so_if_the_transport_aborts(message: str) -> None:
+    """Print `error: <message>` before a C++ abort on a collectives thread.
+
+    gloo (JAX's CPU collectives) sometimes meets a dead peer on its own thread, throws there, and so ends in
+    std::terminate: no Python frame can catch that. This hooks libstdc++'s terminate handler to print the
+    runner's one line first, then hands over to the previous handler (gloo's message, then abort). Where
+    libstdc++ is not the runtime (macOS) nothing is hooked.
+    """
+    import ctypes
+
+    try:
+        set_terminate = ctypes.CDLL("libstdc++.so.6")._ZSt13set_terminatePFvvE
+    except (OSError, AttributeError):
+        return
+    set_terminate.restype, set_terminate.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    handler_type = ctypes.CFUNCTYPE(None)
+    previous = None
+
+    def on_terminate():
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.flush()
+        if previous:
+            handler_type(previous)()
+        os.abort()
+
+    _TERMINATE_HANDLERS.append(handler_type(on_terminate))
+    previous = set_terminate(ctypes.cast(_TERMINATE_HANDLERS[-1], ctypes.c_void_p))
 
 
 def main(argv):
@@ -744,16 +779,16 @@ def main(argv):
     except jax.errors.JaxRuntimeError as e:
         if FLAGS.verbose or jax.process_count() == 1:
             raise
-        print(f"error: {_lost_peer_message(e)}", file=sys.stderr)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {_lost_peer_message(f'a collective with it failed: {first[:300]}')}", file=sys.stderr)
         sys.exit(1)
 
 
-def _lost_peer_message(e: Exception) -> str:
+def _lost_peer_message(cause: str) -> str:
     """A failed collective in a multi-process run: almost always a peer that died; name who it can be."""
     others = [i for i in range(jax.process_count()) if i != jax.process_index()]
     who = f"process {others[0]}" if len(others) == 1 else f"one of processes {others}"
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return (f"lost contact with {who} (a collective with it failed: {first[:300]}); once every process is back, "
+    return (f"lost contact with {who} ({cause}); once every process is back, "
             f"rerun the same command on each to resume from the last checkpoint")
 
 

@@ -136,6 +136,22 @@ def test_a_killed_peer_is_named_by_the_survivor(tmp_path):
     assert re.search(r"lost contact with process 1\b|stopped sending heartbeats\):\s+1\b", out), out[-3000:]
 
 
+def test_an_abort_on_a_collectives_thread_still_prints_the_one_line_error():
+    """gloo may meet a dead peer on its own thread and end in std::terminate (seen in the test above about half
+    the time): the runner's hook must print its `error:` line before gloo's message and the abort."""
+    code = ("import ctypes, threading\n"
+            "from experiments import train\n"
+            "train._say_so_if_the_transport_aborts('lost contact with process 1 (test)')\n"
+            "t = threading.Thread(target=ctypes.CDLL('libstdc++.so.6')._ZSt9terminatev)\n"
+            "t.start(); t.join()\n"
+            "print('not reached')\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == -signal.SIGABRT, (r.returncode, r.stderr[-2000:])
+    assert r.stderr.startswith("error: lost contact with process 1 (test)\n"), r.stderr[-2000:]
+    assert "terminate called" in r.stderr and "not reached" not in r.stdout
+
+
 def test_a_lost_peer_stops_the_other_process_and_a_rerun_resumes(tmp_path):
     """A process that stops (SIGSTOP: a hung or lost host, then SIGKILL): the other exits non-zero within 60 s
     naming it (JAX's heartbeat); rerunning both resumes from the last checkpoint.
