@@ -350,21 +350,28 @@ def bench_decode(opts: Options, dev: dict) -> list[dict]:
             roofline_ms=_round(roof), roofline_ratio=None, params=flops.param_count(cfg), **_knobs(cfg, opts),
             **dev,
         )
-        if opts.decode_eos_after is not None:
-            rec["error"] = "rows stop early: per-step figures do not apply, see e2e_ms"
-        elif full > pre:
-            step_s = (full - pre) / (n - 1)
-            tokens_per_s, fpt = b / step_s, flops.decode_flops_per_token(cfg, p + n / 2)
-            rec.update(
-                ms_per_token=_round(step_s * 1e3), tokens_per_s=round(tokens_per_s),
-                tflops=_round(flops.model_tflops(fpt, tokens_per_s)),
-                mfu=_round(flops.mfu(fpt, tokens_per_s, dev["peak_tflops"])) if dev["peak_tflops"] else None,
-                roofline_ratio=_round(step_s * 1e3 / roof) if roof else None,
-            )
-        else:
-            rec["error"] = "decode time is below the timer's noise; raise --new_tokens"
-        records.append(rec)
+        records.append(_with_step_figures(rec, cfg, dev, full, pre))
     return records
+
+
+def _with_step_figures(rec: dict, cfg, dev: dict, full: float, pre: float) -> dict:
+    """`rec` plus the per-step decode figures, from N-token and 1-token generate times (or why there are none)."""
+    b, p, n = rec["batch"], rec["prompt_len"], rec["new_tokens"]
+    roof = flops.roofline_ms(rec["bytes_per_step"], dev["hbm_bytes_per_s"]) if dev["hbm_bytes_per_s"] else None
+    if rec["eos_after"] is not None:
+        rec["error"] = "rows stop early: per-step figures do not apply, see e2e_ms"
+    elif full > pre:
+        step_s = (full - pre) / (n - 1)
+        tokens_per_s, fpt = b / step_s, flops.decode_flops_per_token(cfg, p + n / 2)
+        rec.update(
+            ms_per_token=_round(step_s * 1e3), tokens_per_s=round(tokens_per_s),
+            tflops=_round(flops.model_tflops(fpt, tokens_per_s)),
+            mfu=_round(flops.mfu(fpt, tokens_per_s, dev["peak_tflops"])) if dev["peak_tflops"] else None,
+            roofline_ratio=_round(step_s * 1e3 / roof) if roof else None,
+        )
+    else:
+        rec["error"] = "decode time is below the timer's noise; raise --new_tokens"
+    return rec
 
 
 # ---------------------------------------------------------------------------

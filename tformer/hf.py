@@ -539,6 +539,58 @@ def _to_numpy(model) -> dict:
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
+def _gpt2_tensors(cfg: ModelConfig, p: dict) -> dict[str, np.ndarray]:
+    """GPT2LMHeadModel tensors (Conv1D weights are [in, out], as ours) from our parameter tree `p`."""
+    d, v = cfg.d_model, cfg.vocab_size
+    lay, emb = p["blocks"]["layers"], p["embed"]
+    out: dict[str, np.ndarray] = {}
+    pre = "transformer."
+    for i in range(cfg.num_layers):
+        layer = operator.itemgetter(i)
+        a, m, n1, n2 = (jax.tree.map(layer, lay[k]) for k in ("attn", "mlp", "attn_norm", "mlp_norm"))
+        out |= {
+            f"{pre}h.{i}.ln_1.weight": n1["scale"], f"{pre}h.{i}.ln_1.bias": n1["bias"],
+            f"{pre}h.{i}.attn.c_attn.weight": np.concatenate([a[k].reshape(d, d) for k in ("wq", "wk", "wv")], 1),
+            f"{pre}h.{i}.attn.c_attn.bias": np.concatenate([a[k].reshape(d) for k in ("bq", "bk", "bv")]),
+            f"{pre}h.{i}.attn.c_proj.weight": a["wo"].reshape(d, d), f"{pre}h.{i}.attn.c_proj.bias": a["bo"],
+            f"{pre}h.{i}.ln_2.weight": n2["scale"], f"{pre}h.{i}.ln_2.bias": n2["bias"],
+            f"{pre}h.{i}.mlp.c_fc.weight": m["w_in"], f"{pre}h.{i}.mlp.c_fc.bias": m["b_in"],
+            f"{pre}h.{i}.mlp.c_proj.weight": m["w_out"], f"{pre}h.{i}.mlp.c_proj.bias": m["b_out"],
+        }
+    out |= {f"{pre}wte.weight": emb["table"][:v], f"{pre}wpe.weight": emb["pos_table"],
+            f"{pre}ln_f.weight": p["final_norm"]["scale"], f"{pre}ln_f.bias": p["final_norm"]["bias"]}
+    return out
+
+
+def _llama_tensors(cfg: ModelConfig, p: dict) -> dict[str, np.ndarray]:
+    """LlamaForCausalLM tensors (nn.Linear weights are [out, in]) from our parameter tree `p`."""
+    d, h, kh, hd, v = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim_, cfg.vocab_size
+    lay, emb = p["blocks"]["layers"], p["embed"]
+    out: dict[str, np.ndarray] = {}
+    pre = "model."
+    for i in range(cfg.num_layers):
+        a, m = jax.tree.map(operator.itemgetter(i), lay["attn"]), jax.tree.map(operator.itemgetter(i), lay["mlp"])
+        q = f"{pre}layers.{i}."
+        out |= {
+            q + "input_layernorm.weight": lay["attn_norm"]["scale"][i],
+            q + "post_attention_layernorm.weight": lay["mlp_norm"]["scale"][i],
+            q + "self_attn.q_proj.weight": a["wq"].reshape(d, h * hd).T,
+            q + "self_attn.k_proj.weight": a["wk"].reshape(d, kh * hd).T,
+            q + "self_attn.v_proj.weight": a["wv"].reshape(d, kh * hd).T,
+            q + "self_attn.o_proj.weight": a["wo"].reshape(h * hd, d).T,
+            q + "mlp.gate_proj.weight": m["w_gate"].T, q + "mlp.up_proj.weight": m["w_in"].T,
+            q + "mlp.down_proj.weight": m["w_out"].T,
+        }
+        if cfg.use_bias:
+            out |= {q + "self_attn.q_proj.bias": a["bq"].reshape(-1),
+                    q + "self_attn.k_proj.bias": a["bk"].reshape(-1),
+                    q + "self_attn.v_proj.bias": a["bv"].reshape(-1), q + "self_attn.o_proj.bias": a["bo"],
+                    q + "mlp.gate_proj.bias": np.zeros_like(m["b_in"]), q + "mlp.up_proj.bias": m["b_in"],
+                    q + "mlp.down_proj.bias": m["b_out"]}
+    out |= {f"{pre}embed_tokens.weight": emb["table"][:v], f"{pre}norm.weight": p["final_norm"]["scale"]}
+    return out
+
+
 def save_hf_checkpoint(model: DecoderLM, path) -> Path:
     """Write `model` as a Hugging Face checkpoint (config.json + model.safetensors) in directory `path`.
 
@@ -554,49 +606,9 @@ def save_hf_checkpoint(model: DecoderLM, path) -> Path:
     cfg = model.cfg
     hf = config_to_hf(cfg)
     p = _to_numpy(model)
-    d, h, kh, hd, v = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim_, cfg.vocab_size
-    lay, emb = p["blocks"]["layers"], p["embed"]
-    out: dict[str, np.ndarray] = {}
-    if hf["model_type"] == "gpt2":
-        pre = "transformer."
-        for i in range(cfg.num_layers):
-            layer = operator.itemgetter(i)
-            a, m, n1, n2 = (jax.tree.map(layer, lay[k]) for k in ("attn", "mlp", "attn_norm", "mlp_norm"))
-            out |= {
-                f"{pre}h.{i}.ln_1.weight": n1["scale"], f"{pre}h.{i}.ln_1.bias": n1["bias"],
-                f"{pre}h.{i}.attn.c_attn.weight": np.concatenate([a[k].reshape(d, d) for k in ("wq", "wk", "wv")], 1),
-                f"{pre}h.{i}.attn.c_attn.bias": np.concatenate([a[k].reshape(d) for k in ("bq", "bk", "bv")]),
-                f"{pre}h.{i}.attn.c_proj.weight": a["wo"].reshape(d, d), f"{pre}h.{i}.attn.c_proj.bias": a["bo"],
-                f"{pre}h.{i}.ln_2.weight": n2["scale"], f"{pre}h.{i}.ln_2.bias": n2["bias"],
-                f"{pre}h.{i}.mlp.c_fc.weight": m["w_in"], f"{pre}h.{i}.mlp.c_fc.bias": m["b_in"],
-                f"{pre}h.{i}.mlp.c_proj.weight": m["w_out"], f"{pre}h.{i}.mlp.c_proj.bias": m["b_out"],
-            }
-        out |= {f"{pre}wte.weight": emb["table"][:v], f"{pre}wpe.weight": emb["pos_table"],
-                f"{pre}ln_f.weight": p["final_norm"]["scale"], f"{pre}ln_f.bias": p["final_norm"]["bias"]}
-    else:
-        pre = "model."
-        for i in range(cfg.num_layers):
-            a, m = jax.tree.map(operator.itemgetter(i), lay["attn"]), jax.tree.map(operator.itemgetter(i), lay["mlp"])
-            q = f"{pre}layers.{i}."
-            out |= {
-                q + "input_layernorm.weight": lay["attn_norm"]["scale"][i],
-                q + "post_attention_layernorm.weight": lay["mlp_norm"]["scale"][i],
-                q + "self_attn.q_proj.weight": a["wq"].reshape(d, h * hd).T,
-                q + "self_attn.k_proj.weight": a["wk"].reshape(d, kh * hd).T,
-                q + "self_attn.v_proj.weight": a["wv"].reshape(d, kh * hd).T,
-                q + "self_attn.o_proj.weight": a["wo"].reshape(h * hd, d).T,
-                q + "mlp.gate_proj.weight": m["w_gate"].T, q + "mlp.up_proj.weight": m["w_in"].T,
-                q + "mlp.down_proj.weight": m["w_out"].T,
-            }
-            if cfg.use_bias:
-                out |= {q + "self_attn.q_proj.bias": a["bq"].reshape(-1),
-                        q + "self_attn.k_proj.bias": a["bk"].reshape(-1),
-                        q + "self_attn.v_proj.bias": a["bv"].reshape(-1), q + "self_attn.o_proj.bias": a["bo"],
-                        q + "mlp.gate_proj.bias": np.zeros_like(m["b_in"]), q + "mlp.up_proj.bias": m["b_in"],
-                        q + "mlp.down_proj.bias": m["b_out"]}
-        out |= {f"{pre}embed_tokens.weight": emb["table"][:v], f"{pre}norm.weight": p["final_norm"]["scale"]}
+    out = _gpt2_tensors(cfg, p) if hf["model_type"] == "gpt2" else _llama_tensors(cfg, p)
     if not cfg.tie_embeddings:
-        out["lm_head.weight"] = emb["head"][:, :v].T
+        out["lm_head.weight"] = p["embed"]["head"][:, :cfg.vocab_size].T
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")

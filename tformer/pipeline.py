@@ -86,6 +86,24 @@ def _stage_layers(graphdef, state, x, masking: Masking, first_layer, cfg, rng):
     return x
 
 
+def _fetch(x_local, t: int, chunk: int):
+    """Stage 0's input at tick t < M (garbage on the other stages, which read their carry)."""
+    owner, i = divmod(t, chunk)
+    return x_local[i] if owner == 0 else jax.lax.ppermute(x_local[i], AXIS, [(owner, 0)])
+
+
+def _deliver(outs: list, s, stages: int, chunk: int | None):
+    """The last stage's outputs, microbatch block k to stage k (receivers of nothing get zeros); with no
+    `chunk` (S does not divide M), every output stacked, to be read from the last stage."""
+    if chunk is None:
+        return jnp.stack(outs).astype(jnp.float32)[None]
+    blocks = [jnp.stack(outs[k * chunk:(k + 1) * chunk]) for k in range(stages)]
+    mine = jnp.where(s == stages - 1, blocks[-1], 0)
+    for k in range(stages - 1):
+        mine = mine + jax.lax.ppermute(blocks[k], AXIS, [(stages - 1, k)])
+    return mine
+
+
 def run_blocks(stack, x_mbtd, pos_mbt, seg_mbt, *, mesh: Mesh, default_positions: bool, rng=None):
     """The GPipe schedule over `stack`'s layers: [M, b, T, D] microbatches in, same shape out.
 
@@ -104,21 +122,6 @@ def run_blocks(stack, x_mbtd, pos_mbt, seg_mbt, *, mesh: Mesh, default_positions
     chunk = m // stages if spread else m
     dtype = x_mbtd.dtype
 
-    def fetch(x_local, t):
-        """Stage 0's input at tick t < M (garbage on the other stages, which read their carry)."""
-        owner, i = divmod(t, chunk)
-        return x_local[i] if owner == 0 else jax.lax.ppermute(x_local[i], AXIS, [(owner, 0)])
-
-    def deliver(outs, s):
-        """The last stage's outputs, microbatch block k to stage k (receivers of nothing get zeros)."""
-        if not spread:
-            return jnp.stack(outs).astype(jnp.float32)[None]
-        blocks = [jnp.stack(outs[k * chunk:(k + 1) * chunk]) for k in range(stages)]
-        mine = jnp.where(s == stages - 1, blocks[-1], 0)
-        for k in range(stages - 1):
-            mine = mine + jax.lax.ppermute(blocks[k], AXIS, [(stages - 1, k)])
-        return mine
-
     def stage_program(state, x_local, masks):
         x_local = x_local.astype(dtype)
         pos_mbt, seg_mbt = masks["pos"], masks.get("seg")
@@ -127,7 +130,7 @@ def run_blocks(stack, x_mbtd, pos_mbt, seg_mbt, *, mesh: Mesh, default_positions
         outs = []
         for t in range(m + stages - 1):  # static: each tick's collective-permute shows in the HLO
             mb = jnp.clip(t - s, 0, m - 1)  # the microbatch this stage works on at tick t
-            x = jnp.where(s == 0, fetch(x_local, t), carry) if t < m else carry  # stage 0 idle from tick M
+            x = jnp.where(s == 0, _fetch(x_local, t, chunk), carry) if t < m else carry  # stage 0 idle from tick M
             seg = None if seg_mbt is None else seg_mbt[mb]
             masking = self_masking(pos_mbt[mb], seg, cfg, causal=True, default_positions=default_positions)
             y = _stage_layers(graphdef, state, x, masking, s * per_stage, cfg, fold(rng, mb))
@@ -135,7 +138,7 @@ def run_blocks(stack, x_mbtd, pos_mbt, seg_mbt, *, mesh: Mesh, default_positions
                 outs.append(y)  # meaningful on the last stage only: microbatch t - (S - 1)
             if t < m + stages - 2:
                 carry = jax.lax.ppermute(y, AXIS, forward)
-        return deliver(outs, s)
+        return _deliver(outs, s, stages, chunk if spread else None)
 
     x_spec = P(AXIS) if spread else P()
     run = jax.shard_map(stage_program, mesh=mesh, in_specs=(P(AXIS), x_spec, P()), out_specs=P(AXIS),

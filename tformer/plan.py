@@ -239,6 +239,16 @@ def _cost(compiled) -> dict:
     return dict(cost or {})
 
 
+def _memory_fields(compiled) -> dict:
+    """XLA's memory analysis of `compiled` as Plan's `*_bytes` fields (None where the backend has none)."""
+    try:
+        mem = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        mem = None
+    names = ("argument", "output", "alias", "temp", "generated_code")
+    return {f"{n}_bytes": None if mem is None else int(getattr(mem, f"{n}_size_in_bytes", 0)) for n in names}
+
+
 def plan_train_step(
     model_cls,
     cfg: ModelConfig,
@@ -274,16 +284,6 @@ def plan_train_step(
     step = ts.make_train_step(graphdef, tx, optim, mesh=mesh, rules=rules, state_sharding=state_sh,
                               batch_sharding=batch_sh, microbatches=microbatches)
     compiled = step.lower(state_in, batch_in).compile()
-
-    mem = None
-    try:
-        mem = compiled.memory_analysis()
-    except Exception:
-        pass
-
-    def get(field):
-        return None if mem is None else int(getattr(mem, field, 0))
-
     cost = _cost(compiled)
     return Plan(
         mesh_shape=dict(mesh.shape),
@@ -294,11 +294,7 @@ def plan_train_step(
         param_bytes=shard_bytes(params, state_sh.params),
         opt_bytes=shard_bytes(abstract_state.opt_state, state_sh.opt_state),
         batch_bytes=shard_bytes(shapes, batch_sh),
-        argument_bytes=get("argument_size_in_bytes"),
-        output_bytes=get("output_size_in_bytes"),
-        alias_bytes=get("alias_size_in_bytes"),
-        temp_bytes=get("temp_size_in_bytes"),
-        generated_code_bytes=get("generated_code_size_in_bytes"),
+        **_memory_fields(compiled),
         flops=cost.get("flops"),
         bytes_accessed=cost.get("bytes accessed"),
         collectives=parse_collectives(compiled.as_text()),
