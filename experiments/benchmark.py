@@ -97,6 +97,7 @@ class Options:
     warmup: int = 2
     donate: bool = True
     skip_nonfinite: bool = False  # its select over every parameter is not free
+    packed: bool = False  # rows of packed documents (segment ids, positions), as experiments/train.py feeds
     decode_batches: tuple[int, ...] | None = None
     prompt_len: int | None = None
     new_tokens: int | None = None
@@ -199,7 +200,7 @@ def peak_memory_bytes(compiled) -> tuple[int | None, str]:
 
 def _knobs(cfg: tformer.ModelConfig, opts: Options) -> dict:
     k = {name: getattr(cfg, name) for name in KNOBS}
-    k.update(donate=opts.donate, skip_nonfinite=opts.skip_nonfinite, xla_flags=opts.xla_flags)
+    k.update(donate=opts.donate, skip_nonfinite=opts.skip_nonfinite, packed=opts.packed, xla_flags=opts.xla_flags)
     return k
 
 
@@ -212,9 +213,19 @@ def _round(x, sig=4):
 # Training step.
 
 
-def lm_batch(cfg: tformer.ModelConfig, batch: int, seq_len: int, seed: int) -> dict:
-    tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, seq_len + 1))
-    return batch_lib.lm_batch(tokens)
+def lm_batch(cfg: tformer.ModelConfig, batch: int, seq_len: int, seed: int, packed: bool = False) -> dict:
+    """Random tokens; `packed` adds what a packed corpus row carries (documents of mean length `seq_len`):
+    segment ids and positions restarting per document, so the step builds its mask from them."""
+    rng = np.random.default_rng(seed)
+    out = batch_lib.lm_batch(rng.integers(0, cfg.vocab_size, (batch, seq_len + 1)))
+    if packed:
+        starts_bt = rng.random((batch, seq_len)) < 1 / seq_len
+        starts_bt[:, 0] = True
+        cols_t = np.arange(seq_len)
+        positions_bt = cols_t - np.maximum.accumulate(np.where(starts_bt, cols_t, 0), axis=1)
+        out["segment_ids"] = jax.device_put(np.cumsum(starts_bt, axis=1).astype(np.int32))
+        out["positions"] = jax.device_put(positions_bt.astype(np.int32))
+    return out
 
 
 def _minor_faults() -> int:
@@ -234,7 +245,7 @@ def bench_train(opts: Options, dev: dict) -> dict:
     o = ts.OptimizerConfig(skip_nonfinite=opts.skip_nonfinite, warmup_steps=10, total_steps=10_000)
     graphdef, tx, state, _ = ts.create_train_state(tformer.DecoderLM, cfg, o, seed=opts.seed)
     step = ts.make_train_step(graphdef, tx, o, donate=opts.donate)
-    batch = lm_batch(cfg, b, t, opts.seed)
+    batch = lm_batch(cfg, b, t, opts.seed, opts.packed)
 
     t0 = time.perf_counter()
     lowered = step.lower(state, batch)
@@ -558,6 +569,8 @@ def define_flags(fv=None) -> None:
     flags.DEFINE_integer("vocab_multiple", None, "Pad the vocabulary to a multiple of this.", **d)
     flags.DEFINE_bool("donate", True, "Donate the train state to the step (update in place).", **d)
     flags.DEFINE_bool("skip_nonfinite", False, "Guard the update against non-finite loss (costs a select).", **d)
+    flags.DEFINE_bool("packed", False, "Train on packed rows (segment ids, positions), as experiments/train.py does.",
+                      **d)
     flags.DEFINE_list("decode_batches", None, "Decode batch sizes (default: the preset's).", **d)
     flags.DEFINE_integer("prompt_len", None, "Decode prompt length.", **d)
     flags.DEFINE_integer("new_tokens", None, "Decode new tokens.", **d)
@@ -593,7 +606,7 @@ def options_from_flags(fv) -> Options:
     xla = " ".join(([*GPU_XLA_FLAGS] if fv.gpu_xla_flags else []) + ([fv.xla_flags] if fv.xla_flags else []))
     return Options(
         model=fv.model, overrides=tuple(overrides), what=tuple(fv.what), batch=fv.batch, seq_len=fv.seq_len,
-        steps=fv.steps, warmup=fv.warmup, donate=fv.donate, skip_nonfinite=fv.skip_nonfinite,
+        steps=fv.steps, warmup=fv.warmup, donate=fv.donate, skip_nonfinite=fv.skip_nonfinite, packed=fv.packed,
         decode_batches=tuple(int(x) for x in fv.decode_batches) if fv.decode_batches else None,
         prompt_len=fv.prompt_len, new_tokens=fv.new_tokens, cache_len=fv.cache_len, decode_chunk=fv.decode_chunk,
         decode_param_dtype=fv.decode_param_dtype, decode_repeats=fv.decode_repeats,

@@ -618,6 +618,7 @@ def train_steps(run: Run, preempt: Preemption) -> bool:
                 ev = evaluate(run)
                 run.writer.write(done, "eval", ev)
                 logging.info("eval @%d: %s", done, _fmt(ev))
+                window = Window(done, time.time())  # train tokens/s counts train steps only
     finally:
         batches.close()
     return True

@@ -314,14 +314,25 @@ def _causal(t, b=2, **kw):
     return Masking(q_pos=pos, k_pos=pos, causal=True, plain_causal=True, **kw)
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2, 1])
-def test_blocked_attention_matches_einsum_with_gradients(kv_heads):
+def _packed(t):
+    """Two rows of packed documents (positions restart per document), the second ending in 3 padding slots."""
+    seg = np.array([[1] * 5 + [2] * 7 + [3] * (t - 12), [1] * 3 + [2] * (t - 6) + [0] * 3], np.int32)
+    starts = np.concatenate([np.ones((2, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    cols = np.arange(t)
+    pos = np.where(seg > 0, cols - np.maximum.accumulate(np.where(starts, cols, 0), axis=1), 0)
+    return Masking(q_pos=jnp.asarray(pos), k_pos=jnp.asarray(pos), q_seg=jnp.asarray(seg), k_seg=jnp.asarray(seg))
+
+
+@pytest.mark.parametrize("kv_heads,rows", [(4, "plain"), (2, "plain"), (1, "plain"), (2, "packed")])
+def test_blocked_attention_matches_einsum_with_gradients(kv_heads, rows):
+    """Packed rows too: every real query's output and every gradient (padding queries' outputs carry no loss)."""
     cfg = ModelConfig(vocab_size=V, d_model=32, num_heads=4, num_kv_heads=kv_heads, max_len=32)
     t = 16
     q, k, v = _random_qkv(t=t, kh=kv_heads, seed=kv_heads)
-    masking = _causal(t)
+    masking = _causal(t) if rows == "plain" else _packed(t)
     assert resolve_impl(cfg.replace(attention="blocked"), jnp.float32, masking, False, (t, t)) == "blocked"
-    cot = jax.random.normal(jax.random.key(9), q.shape)
+    real = np.ones((2, t), bool) if masking.q_seg is None else np.asarray(masking.q_seg) > 0
+    cot = jax.random.normal(jax.random.key(9), q.shape) * real[:, :, None, None]
 
     def value_and_grads(impl):
         c = cfg.replace(attention=impl)
@@ -331,7 +342,7 @@ def test_blocked_attention_matches_einsum_with_gradients(kv_heads):
 
     out, grads = value_and_grads("blocked")
     ref_out, ref_grads = value_and_grads("einsum")
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref_out)[real], atol=1e-6, rtol=1e-6)
     for name, g, r in zip("qkv", grads, ref_grads):
         assert float(jnp.max(jnp.abs(r))) > 0.1, name  # not vacuous
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=2e-6, rtol=1e-6, err_msg=f"d{name}")
@@ -363,10 +374,15 @@ def test_blocked_attention_only_where_it_applies():
     cfg = make_cfg()
     blocked, auto = cfg.replace(attention="blocked"), cfg.replace(attention="auto")
     n = attention_lib.BLOCKED_MIN_LEN
-    # Windows take the banded path; segments, cross-attention (different lengths), lengths not divisible: dense.
+    # Windows take the banded path; bidirectional, cross-attention (different lengths), lengths not divisible:
+    # dense. Packed rows (segments, positions restarting) stay blocked.
     assert resolve_impl(blocked, jnp.float32, _causal(n, window=3), False, (n, n)) == "banded"
-    not_plain = dataclasses.replace(_causal(n), plain_causal=False)
-    assert resolve_impl(blocked, jnp.float32, not_plain, False, (n, n)) == "xla"
+    packed = dataclasses.replace(_causal(n), plain_causal=False, q_seg=jnp.ones((2, n), jnp.int32))
+    assert resolve_impl(blocked, jnp.float32, packed, False, (n, n)) == "blocked"
+    assert resolve_impl(auto, jnp.float32, packed, False, (n, n)) == ("blocked" if jax.default_backend() == "cpu"
+                                                                      else "xla")
+    bidirectional = dataclasses.replace(_causal(n), plain_causal=False, causal=False)
+    assert resolve_impl(blocked, jnp.float32, bidirectional, False, (n, n)) == "xla"
     assert resolve_impl(blocked, jnp.float32, _causal(n), False, (n, n // 2)) == "xla"
     assert resolve_impl(blocked, jnp.float32, _causal(n + 1), False, (n + 1, n + 1)) == "xla"
     assert resolve_impl(blocked, jnp.float32, _causal(n), True, (n, n)) == "einsum"  # attention dropout

@@ -12,8 +12,9 @@ Segment 0 marks padding. Implementations: "einsum" (the reference, and the
 only one with attention dropout), "xla" (`jax.nn.dot_product_attention`),
 "cudnn" (flash attention on GPU, bf16/fp16) and "blocked" (block-causal:
 query block i of n attends only to keys [0, (i+1) T/n), skipping the masked
-upper triangle; same maths as the dense path). "auto" picks cuDNN where it
-applies, "blocked" on CPU for long causal self-attention, else XLA.
+upper triangle; same maths as the dense path when positions increase along
+the slots within each segment). "auto" picks cuDNN where it applies,
+"blocked" on CPU for long causal self-attention (packed rows included), else XLA.
 
 Cheaper variants (ModelConfig fields, see README "What each cheaper variant
 costs and buys"):
@@ -192,23 +193,31 @@ BLOCKED_MIN_LEN = 128
 
 
 def _blocked_applies(masking: Masking, seq_lens: tuple[int, int] | None) -> bool:
-    """Plain causal self-attention (positions 0..T-1, no window) over T divisible by BLOCKS."""
-    if seq_lens is None or not (masking.plain_causal and masking.window is None):
+    """Causal self-attention (no window) over T divisible by BLOCKS: plain, or packed / padded rows."""
+    if seq_lens is None or not masking.causal or masking.window is not None:
         return False
     tq, tk = seq_lens
     return tq == tk and tq % BLOCKS == 0
 
 
-def _blocked_causal_attention(q, k, v, blocks: int = BLOCKS):
-    """Exact causal attention skipping the fully masked blocks above the diagonal."""
+def _blocked_causal_attention(q, k, v, masking: Masking, blocks: int = BLOCKS):
+    """Causal attention skipping the blocks above the diagonal.
+
+    Exact when no key above the diagonal is visible, i.e. when positions
+    increase along the slots within each segment (plain, packed and
+    left-padded rows all do; the same condition as "banded").
+    """
     t = q.shape[1]
     n = t // blocks
+    dense_bqk = None if masking.plain_causal else masking.dense()
     outs = []
     for i in range(blocks):
         end = (i + 1) * n
-        # Query i * n + a sees key j iff j <= i * n + a: a trace-time constant.
-        mask = np.arange(end)[None, :] <= np.arange(i * n, end)[:, None]
-        outs.append(_einsum_attention(q[:, i * n : end], k[:, :end], v[:, :end], mask[None], 0.0, None))
+        if dense_bqk is None:  # query i * n + a sees key j iff j <= i * n + a: a trace-time constant
+            mask = (np.arange(end)[None, :] <= np.arange(i * n, end)[:, None])[None]
+        else:
+            mask = dense_bqk[:, i * n : end, :end]
+        outs.append(_einsum_attention(q[:, i * n : end], k[:, :end], v[:, :end], mask, 0.0, None))
     return jnp.concatenate(outs, axis=1)
 
 
@@ -267,7 +276,7 @@ def attend(q_bthd, k_bskd, v_bskd, masking: Masking, cfg: ModelConfig, rng=None)
     if impl == "banded":
         return _banded_attention(q_bthd, k_bskd, v_bskd, masking, rate, rng, topk, threshold)
     if impl == "blocked":
-        return _blocked_causal_attention(q_bthd, k_bskd, v_bskd)
+        return _blocked_causal_attention(q_bthd, k_bskd, v_bskd, masking)
     mask = masking.dense()
     if impl == "xla":
         return jax.nn.dot_product_attention(q_bthd, k_bskd, v_bskd, mask=mask[:, None], implementation="xla")
