@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -205,6 +206,22 @@ def test_train_reports_blocked_attention_for_long_causal_sequences_on_cpu():
     (forced,) = bm.run(bm.Options(model="cpu_tiny", overrides=(*TINY, "attention=blocked"), batch=1, seq_len=30,
                                   steps=1, warmup=0))
     assert forced["attention_resolved"] == "xla"  # 30 tokens: not divisible into 4 blocks, dense fallback
+
+
+def test_packed_rows_are_laid_out_as_the_input_pipeline_packs_them():
+    # Segment ids count documents from 1 within each row; positions restart at 0 with every document.
+    cfg = tformer.ModelConfig(vocab_size=100, d_model=32, num_heads=4, num_layers=1, max_len=256)
+    batch = bm.lm_batch(cfg, 6, 256, seed=3, packed=True)
+    seg, pos = np.asarray(batch["segment_ids"]), np.asarray(batch["positions"])
+    assert seg.shape == pos.shape == (6, 256) and seg.dtype == pos.dtype == np.int32
+    new_doc = np.diff(seg, axis=1) != 0
+    assert (seg[:, 0] == 1).all() and set(np.diff(seg, axis=1).ravel()) <= {0, 1} and new_doc.any()
+    assert (pos[:, 0] == 0).all() and (pos[:, 1:][new_doc] == 0).all()
+    assert (np.diff(pos, axis=1)[~new_doc] == 1).all()
+    (rec,) = bm.run(bm.Options(model="cpu_tiny", overrides=TINY, batch=2, seq_len=128, steps=1, warmup=0,
+                               packed=True))
+    assert rec["packed"] is True and rec["tokens_per_s"] > 0
+    assert rec["attention_resolved"] == ("blocked" if jax.default_backend() == "cpu" else rec["attention_resolved"])
 
 
 FAKE_PEER = textwrap.dedent("""
