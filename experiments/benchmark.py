@@ -361,14 +361,13 @@ def bench_decode(opts: Options, dev: dict) -> list[dict]:
             roofline_ms=_round(roof), roofline_ratio=None, params=flops.param_count(cfg), **_knobs(cfg, opts),
             **dev,
         )
-        records.append(_with_step_figures(rec, cfg, dev, full, pre))
+        records.append(_with_step_figures(rec, cfg, dev, full, pre, roof))
     return records
 
 
-def _with_step_figures(rec: dict, cfg, dev: dict, full: float, pre: float) -> dict:
+def _with_step_figures(rec: dict, cfg, dev: dict, full: float, pre: float, roof: float | None) -> dict:
     """`rec` plus the per-step decode figures, from N-token and 1-token generate times (or why there are none)."""
     b, p, n = rec["batch"], rec["prompt_len"], rec["new_tokens"]
-    roof = flops.roofline_ms(rec["bytes_per_step"], dev["hbm_bytes_per_s"]) if dev["hbm_bytes_per_s"] else None
     if rec["eos_after"] is not None:
         rec["error"] = "rows stop early: per-step figures do not apply, see e2e_ms"
     elif full > pre:
