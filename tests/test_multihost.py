@@ -46,6 +46,7 @@ def train_losses(workdir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_eight_devices(tmp_path):
     # Reference: this process (8 fake devices, see conftest.py).
     config = lm_tiny.get_config()
@@ -114,6 +115,7 @@ def _wait_for(path: Path, marker: str, procs, timeout: float = 240) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_a_killed_peer_is_named_by_the_survivor(tmp_path):
     """SIGKILL closes the peer's sockets: the survivor's next collective fails, and it exits non-zero within 60 s
     naming the lost process (from the failed collective or, if that hangs, from JAX's heartbeat)."""
@@ -152,6 +154,7 @@ def test_an_abort_on_a_collectives_thread_still_prints_the_one_line_error():
     assert "terminate called" in r.stderr and "not reached" not in r.stdout
 
 
+@pytest.mark.slow
 def test_a_lost_peer_stops_the_other_process_and_a_rerun_resumes(tmp_path):
     """A process that stops (SIGSTOP: a hung or lost host, then SIGKILL): the other exits non-zero within 60 s
     naming it (JAX's heartbeat); rerunning both resumes from the last checkpoint.

@@ -15,6 +15,7 @@ def test_there_are_notebooks():
     assert NOTEBOOKS, "colab/ holds no notebooks"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path, monkeypatch):
     """Executed cell by cell in a real Jupyter kernel (nbclient), as Colab runs it, in the smoke setting."""

@@ -16,6 +16,7 @@ def test_readme_has_python_examples():
     assert BLOCKS, "README.md has no ```python example"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_example_runs(index, tmp_path):
     script = tmp_path / "example.py"

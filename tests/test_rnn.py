@@ -131,6 +131,7 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
+@pytest.mark.slow
 def test_rnn_lm_resume_equals_uninterrupted(tmp_path, capsys):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
 
@@ -159,6 +160,7 @@ def test_rnn_lm_resume_equals_uninterrupted(tmp_path, capsys):
     assert expected and text == "def " + expected
 
 
+@pytest.mark.slow
 def test_rnn_seq2seq_runs_through_the_runner_with_beam_search(tmp_path, capsys):
     c = seq2seq_tiny_rnn.get_config()
     c.model.update(d_model=16, num_layers=1, max_len=48)

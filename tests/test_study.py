@@ -20,6 +20,7 @@ def test_mesh_shapes_use_every_device():
     assert study.mesh_shape("tp", 256, heads=12) == {"data": 64, "tensor": 4}  # tensor divides the 12 heads
 
 
+@pytest.mark.slow
 def test_equal_time_training_keeps_the_clocks_within_one_step(tmp_path):
     from experiments.configs import lm_tiny, lm_tiny_rnn
 

@@ -58,6 +58,7 @@ def read_jsonl(workdir):
     return [json.loads(row) for row in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_lm_run_end_to_end(tmp_path, capsys):
     result = train.train_and_evaluate(tiny_lm(), tmp_path)
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-5)
@@ -88,6 +89,7 @@ def test_lm_run_end_to_end(tmp_path, capsys):
         decode.complete(model, tok, ["x" * 64], 5, jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_seq2seq_run_end_to_end(tmp_path, capsys):
     config = tiny_seq2seq()
     result = train.train_and_evaluate(config, tmp_path)
@@ -118,6 +120,7 @@ def _params(workdir):
     return state.params
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path):
     n = 4
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -161,6 +164,7 @@ def start_until(cmd, marker):
     return proc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_and_exits_cleanly(tmp_path, sig):
     """SIGTERM (preemption) and Ctrl-C (SIGINT) both save the current step and exit 0."""
@@ -177,6 +181,7 @@ def test_signal_saves_and_exits_cleanly(tmp_path, sig):
     assert int(state.step) == step == extra["data_step"]
 
 
+@pytest.mark.slow
 def test_corrupted_latest_checkpoint_falls_back(tmp_path, caplog):
     train.train_and_evaluate(tiny_lm(num_steps=6, checkpoint_every=3), tmp_path)
     ckpt_dir = tmp_path / "checkpoints"
@@ -218,6 +223,7 @@ def test_bad_data_file_error_names_the_file(tmp_path):
         train.train_and_evaluate(c, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     c = tiny_lm(num_steps=40, log_every=2, checkpoint_every=2, eval_every=1000)
     c.optim.update(learning_rate=1e6, warmup_steps=0, clip_norm=None)
@@ -229,6 +235,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
 
+@pytest.mark.slow
 def test_interrupted_save_is_ignored_and_the_run_resumes(tmp_path):
     """A save cut off by SIGKILL leaves only orbax's temporary directory: restore and resume skip it."""
     train.train_and_evaluate(tiny_lm(num_steps=3, checkpoint_every=3), tmp_path)
@@ -249,6 +256,7 @@ def test_interrupted_save_is_ignored_and_the_run_resumes(tmp_path):
     assert steps[-2:] == [4, 6] and steps.count(2) == 1
 
 
+@pytest.mark.slow
 def test_sigkill_during_training_resumes_from_a_complete_checkpoint(tmp_path):
     """SIGKILL while checkpoints are being written every step: the next run restores and finishes."""
     common = ["--config.train.log_every=1", "--config.optim.total_steps=1000"]
@@ -277,6 +285,7 @@ def _corrupt(step_dir: Path) -> None:
             f.write_bytes(b"\x00garbage")
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_is_moved_aside_and_saved_again(tmp_path, caplog):
     c = tiny_lm(num_steps=6, checkpoint_every=3, eval_every=100, num_samples=0)
     train.train_and_evaluate(c, tmp_path)
@@ -297,6 +306,7 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_saved_again(tmp_path, capl
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["3", "6", aside]
 
 
+@pytest.mark.slow
 def test_final_checkpoint_is_saved_before_the_final_eval(tmp_path, monkeypatch):
     def failing_eval(*args, **kwargs):
         raise RuntimeError("eval failed")
@@ -307,6 +317,7 @@ def test_final_checkpoint_is_saved_before_the_final_eval(tmp_path, monkeypatch):
     assert Checkpointer(tmp_path / "checkpoints").all_steps() == [4]
 
 
+@pytest.mark.slow
 def test_a_workdir_in_use_is_refused_naming_the_pid_and_a_killed_holder_does_not_block(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from experiments.workdir import WorkdirLock\n"
@@ -324,6 +335,7 @@ def test_a_workdir_in_use_is_refused_naming_the_pid_and_a_killed_holder_does_not
     assert Checkpointer(tmp_path / "checkpoints").all_steps() == [2]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_names_the_first_bad_step_and_the_last_good_checkpoint(tmp_path):
     c = tiny_lm(num_steps=40, log_every=3, checkpoint_every=1, eval_every=1000)
     c.optim.update(learning_rate=1e6, warmup_steps=0, clip_norm=None)
@@ -341,6 +353,7 @@ def test_non_finite_loss_names_the_first_bad_step_and_the_last_good_checkpoint(t
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
 
+@pytest.mark.slow
 def test_resume_under_a_different_model_fails_listing_the_fields(tmp_path, caplog):
     c = tiny_lm(num_steps=2, eval_every=100, checkpoint_every=100, num_samples=0)
     train.train_and_evaluate(c, tmp_path)
@@ -380,6 +393,7 @@ def cli(*args, timeout=120):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_cli_overrides_any_field_and_errors_are_one_line(tmp_path):
     cfg = f"--config={REPO}/experiments/configs/lm_tiny.py"
     # Fields lm_tiny does not set are overridable; the bad value after them fails before any work.
@@ -395,6 +409,7 @@ def test_cli_overrides_any_field_and_errors_are_one_line(tmp_path):
     assert out.returncode == 1 and "Traceback" in out.stderr and "config.train.eval_batches must be >= 1" in out.stderr
 
 
+@pytest.mark.slow
 def test_a_mesh_axis_the_model_family_cannot_run_on_is_one_error_line_before_any_work(tmp_path):
     """The RNN LM on a pipeline mesh (once an AttributeError deep inside the pipeline)."""
     out = cli(f"--config={REPO}/experiments/configs/lm_tiny_rnn.py", f"--workdir={tmp_path / 'w'}",
@@ -447,6 +462,7 @@ def test_unwritable_workdir_and_one_pair_corpus_are_one_line_errors(tmp_path):
         train.train_and_evaluate(c, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_sample_py_errors_are_one_line(tmp_path):
     def sample(*args):
         return subprocess.run([sys.executable, str(REPO / "experiments/sample.py"), *args], cwd=REPO, env=CLI_ENV,
