@@ -167,6 +167,8 @@ def _validate_mesh(mesh: ConfigDict) -> None:
         raise ValueError(f"config.mesh: at most one axis may be -1, got {shape}")
     if mesh.microbatches < 0:
         raise ValueError(f"config.mesh.microbatches must be >= 1, or 0 for 2 x stage; got {mesh.microbatches}")
+    if mesh.virtual_stages < 1:
+        raise ValueError(f"config.mesh.virtual_stages must be >= 1 (1 = GPipe); got {mesh.virtual_stages}")
     if mesh.preset not in sharding.PRESETS:
         raise ValueError(f"config.mesh.preset: unknown {mesh.preset!r}; choose one of {sorted(sharding.PRESETS)}")
 
@@ -492,13 +494,15 @@ def setup_run(config: ConfigDict, workdir: Path) -> Run:
     seq_len = config.data.seq_len if task.kind == "lm" else config.data.tgt_len
     if isinstance(cfg, tformer.ModelConfig):  # the RNNs shard nothing but the batch and `embed`
         for batch_size in {t.batch_size, t.eval_batch_size or t.batch_size}:
-            sharding.check_divisibility(cfg, mesh, rules, batch_size, seq_len=seq_len, microbatches=microbatches)
+            sharding.check_divisibility(cfg, mesh, rules, batch_size, seq_len=seq_len, microbatches=microbatches,
+                                        virtual_stages=config.mesh.virtual_stages)
     logging.info("mesh %s (preset %r) over %d process(es), %d devices", dict(mesh.shape), config.mesh.preset,
                  jax.process_count(), mesh.size)
     graphdef, tx, state, state_sh = ts.create_train_state(MODEL_KINDS[config.model.kind], cfg, o, t.seed, mesh, rules)
     example = ip.batch_at(task.train, 0, t.batch_size)
     batch_sh = ts.batch_sharding(mesh, rules, example)
-    kw = dict(mesh=mesh, rules=rules, batch_sharding=batch_sh, microbatches=microbatches)
+    kw = dict(mesh=mesh, rules=rules, batch_sharding=batch_sh, microbatches=microbatches,
+              virtual_stages=config.mesh.virtual_stages)
     train_fn = ts.make_train_step(graphdef, tx, o, state_sharding=state_sh, **kw)
     eval_fn = ts.make_eval_step(graphdef, o, params_sharding=state_sh.params, **kw)
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=t.keep_checkpoints)
@@ -693,7 +697,8 @@ def print_plan(config: ConfigDict):
     mesh, rules = make_run_mesh(config), sharding.rules_for(config.mesh.preset)
     seq, src = (d.seq_len, None) if kind == "lm" else (d.tgt_len, d.src_len)
     p = plan_lib.plan_train_step(MODEL_KINDS[kind], cfg, o, mesh, rules, batch=config.train.batch_size,
-                                 seq_len=seq, src_len=src, microbatches=config.mesh.microbatches or None)
+                                 seq_len=seq, src_len=src, microbatches=config.mesh.microbatches or None,
+                                 virtual_stages=config.mesh.virtual_stages)
     print(f"plan: {kind} model, preset {config.mesh.preset!r}, "
           f"{jax.device_count()} {jax.devices()[0].platform} devices\n{p.table()}")
     return p

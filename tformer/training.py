@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tformer import batch as batch_lib
-from tformer import pipeline
+from tformer import pipeline, ring_attention
 from tformer import sharding as shd
 from tformer.config import ModelConfig
 
@@ -149,16 +149,30 @@ def cross_entropy(logits_btv, targets_bt, weights_bt, z_loss: float = 0.0, label
     }
 
 
-def loss_sums(graphdef, params, batch, optim: OptimizerConfig, dropout_rng=None, microbatches: int | None = None):
+def loss_sums(graphdef, params, batch, optim: OptimizerConfig, dropout_rng=None, microbatches: int | None = None,
+              virtual_stages: int = 1):
     """Summed loss terms of `batch`; on a mesh with a `stage` axis the blocks run as a pipeline (tformer.pipeline)."""
     model = nnx.merge(graphdef, params)
     mesh, _ = shd.active()
+    batch = _sequence_layout(model, batch, mesh)
     if pipeline.num_stages(mesh) > 1:
         logits, targets, weights = pipeline.logits_and_targets(model, batch, dropout_rng, mesh=mesh,
-                                                               microbatches=microbatches)
+                                                               microbatches=microbatches,
+                                                               virtual_stages=virtual_stages)
     else:
         logits, targets, weights = batch_lib.logits_and_targets(model, batch, dropout_rng)
     return cross_entropy(logits, targets, weights, optim.z_loss, optim.label_smoothing)
+
+
+def _sequence_layout(model, batch: dict, mesh) -> dict:
+    """The batch in the ring's token layout (`ModelConfig.sequence_layout`) on a mesh with a `sequence` axis."""
+    n = shd.axis_size(mesh, ring_attention.AXIS)
+    if n == 1 or model.cfg.sequence_layout == "consecutive":
+        return batch
+    if model.kind != "lm":
+        raise ValueError(f"ModelConfig.sequence_layout={model.cfg.sequence_layout!r} applies to DecoderLM batches "
+                         f"only, not {type(model).__name__}'s; use sequence_layout='consecutive'")
+    return ring_attention.to_layout(batch, n)
 
 
 # ---------------------------------------------------------------------------
@@ -249,11 +263,12 @@ def _microbatches(batch: dict, k: int) -> dict:
 
 
 def train_step(graphdef, tx, optim: OptimizerConfig, state: TrainState, batch: dict, *,
-               layout: shd.Layout | None = None, microbatches: int | None = None):
+               layout: shd.Layout | None = None, microbatches: int | None = None, virtual_stages: int = 1):
     """One optimizer step (pure). Loss is normalised over the whole (accumulated) batch.
 
     `layout` (static): the mesh and rule table activation constraints follow.
-    `microbatches`: the pipeline's count on a mesh with a `stage` axis (default 2 x stages).
+    `microbatches`: the pipeline's count on a mesh with a `stage` axis (default 2 x stages);
+    `virtual_stages`: layer groups per stage (1 = GPipe, more = the interleaved schedule).
     """
     with shd.use_layout(layout):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -261,7 +276,7 @@ def train_step(graphdef, tx, optim: OptimizerConfig, state: TrainState, batch: d
             rng = jax.random.fold_in(key, i)
 
             def f(p):
-                s = loss_sums(graphdef, p, mb, optim, rng, microbatches)
+                s = loss_sums(graphdef, p, mb, optim, rng, microbatches, virtual_stages)
                 return s["loss_sum"], s
 
             (_, s), g = jax.value_and_grad(f, has_aux=True)(params)
@@ -308,10 +323,10 @@ def train_step(graphdef, tx, optim: OptimizerConfig, state: TrainState, batch: d
 
 def make_train_step(graphdef, tx, optim: OptimizerConfig, *, mesh: Mesh | None = None, rules=None,
                     state_sharding=None, batch_sharding=None, donate: bool = True,
-                    microbatches: int | None = None) -> Callable:
+                    microbatches: int | None = None, virtual_stages: int = 1) -> Callable:
     """Jitted `step(state, batch) -> (state, metrics)` with shardings and donated state."""
     fn = functools.partial(train_step, graphdef, tx, optim, layout=shd.layout(mesh, rules),
-                           microbatches=microbatches)
+                           microbatches=microbatches, virtual_stages=virtual_stages)
     kw = {}
     if state_sharding is not None:
         kw["in_shardings"] = (state_sharding, batch_sharding)
@@ -320,15 +335,16 @@ def make_train_step(graphdef, tx, optim: OptimizerConfig, *, mesh: Mesh | None =
 
 
 def eval_sums(graphdef, optim: OptimizerConfig, params, batch, *, layout: shd.Layout | None = None,
-              microbatches: int | None = None):
+              microbatches: int | None = None, virtual_stages: int = 1):
     """Summed NLL / weights / correct over a batch, no dropout."""
     with shd.use_layout(layout):
-        return loss_sums(graphdef, params, batch, optim, None, microbatches)
+        return loss_sums(graphdef, params, batch, optim, None, microbatches, virtual_stages)
 
 
 def make_eval_step(graphdef, optim: OptimizerConfig, *, mesh=None, rules=None, params_sharding=None,
-                   batch_sharding=None, microbatches: int | None = None):
-    fn = functools.partial(eval_sums, graphdef, optim, layout=shd.layout(mesh, rules), microbatches=microbatches)
+                   batch_sharding=None, microbatches: int | None = None, virtual_stages: int = 1):
+    fn = functools.partial(eval_sums, graphdef, optim, layout=shd.layout(mesh, rules), microbatches=microbatches,
+                           virtual_stages=virtual_stages)
     kw = {} if params_sharding is None else {"in_shardings": (params_sharding, batch_sharding)}
     return jax.jit(fn, **kw)
 

@@ -57,6 +57,8 @@ def base_config() -> ConfigDict:
         num_samples=3, sample_tokens=120, sample_prompts="def |class |import ",
         temperature=0.8, top_k=40, beam_size=1, eval_decode_examples=500,
     ))
-    # stage: pipeline stages; sequence: sequence-parallel split; microbatches: pipeline microbatches (0: 2 x stage).
-    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, stage=1, sequence=1, microbatches=0, preset="dp"))
+    # stage: pipeline stages; sequence: sequence-parallel split; microbatches: pipeline microbatches (0: 2 x stage);
+    # virtual_stages: layer groups per stage (1: GPipe; V > 1: the interleaved schedule, bubble / ~V).
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, stage=1, sequence=1, microbatches=0, virtual_stages=1,
+                             preset="dp"))
     return c
