@@ -45,6 +45,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from tformer import families
 from tformer import sharding as shd
 from tformer.attention import Masking, self_masking
 from tformer.layers import dropout, fold
@@ -163,16 +164,18 @@ def run_blocks(stack: Stack, x_mbtd: jax.Array, side: dict, layer_fn: LayerFn, *
 def logits_and_targets(model, batch: dict, dropout_rng=None, *, mesh: Mesh, microbatches: int | None = None,
                        virtual_stages: int = 1):
     """`tformer.batch.logits_and_targets` with the blocks run as a pipeline (both stacks of an EncoderDecoder)."""
+    family = families.of_model(model)
+    if "stage" not in family.mesh_axes:
+        pipelined = ", ".join(f.model_class.__name__ for f in families.FAMILIES.values() if "stage" in f.mesh_axes)
+        raise ValueError(f"pipeline parallelism (mesh.stage={num_stages(mesh)}) supports {pipelined} only, not "
+                         f"{type(model).__name__}; use mesh.stage=1 (data / fsdp / tensor / sequence) for it")
     m = resolve_microbatches(mesh, microbatches)
-    if model.kind == "seq2seq":
+    if family.task == "seq2seq":
         logits = encoder_decoder_logits(model, batch["src"], batch["tgt_inputs"],
                                         src_segment_ids=batch.get("src_segment_ids"),
                                         tgt_segment_ids=batch.get("tgt_segment_ids"), dropout_rng=dropout_rng,
                                         mesh=mesh, microbatches=m, virtual_stages=virtual_stages)
         return logits, batch["tgt_targets"], batch["tgt_weights"]
-    if model.kind != "lm":
-        raise ValueError(f"pipeline parallelism (mesh.stage={num_stages(mesh)}) supports DecoderLM and EncoderDecoder "
-                         f"only, not {type(model).__name__}; use mesh.stage=1 (data / fsdp / tensor / sequence) for it")
     logits = decoder_logits(model, batch["inputs"], positions=batch.get("positions"),
                             segment_ids=batch.get("segment_ids"), dropout_rng=dropout_rng, mesh=mesh,
                             microbatches=m, virtual_stages=virtual_stages)
