@@ -225,11 +225,12 @@ def compiled_text(shape: dict, microbatches: int, virtual_stages: int = 1, batch
 
 
 def test_schedule_program_does_not_grow_with_microbatches():
-    # An unrolled schedule holds every tick's layers and sends (4x the ticks at M = 16 as at M = 4);
-    # the scanned one holds one tick, so the instruction count is the same.
+    # An unrolled schedule holds every tick's layers and sends: at M = 16 it has 33 ticks to M = 4's 9, and
+    # the program ~3x the instructions. The scanned one holds one tick; only XLA's shape-dependent fusion
+    # choices move its instruction count (by under 1% in experiments/schedules.py's figures).
     count = {m: len(re.findall(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=", compiled_text({"stage": 2}, m, 2, batch=16),
                                re.M)) for m in (4, 16)}
-    assert count[4] == count[16], count
+    assert abs(count[16] - count[4]) <= 0.05 * count[4], count
 
 
 @pytest.mark.parametrize("shape", [SP_CASES[1][0], SP_CASES[2][0]], ids=[case_id(SP_CASES[1][0], None),
