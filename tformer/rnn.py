@@ -257,10 +257,6 @@ class RNNSeq2Seq(nnx.Module):
         return logits
 
 
-def is_rnn(model) -> bool:
-    return isinstance(model, (RNNLM, RNNSeq2Seq))
-
-
 # ---------------------------------------------------------------------------
 # Decoding with a carried state: the prefill, step and beam reorder that
 # tformer.generate's shared greedy / sampling / beam loops drive.
