@@ -113,7 +113,10 @@ def _ring(q_bthd, k_bskd, v_bskd, masks, *, n: int, rule):
             k, v, k_pos = (jax.lax.ppermute(a, AXIS, ring) for a in (k, v, k_pos))
             k_seg = None if k_seg is None else jax.lax.ppermute(k_seg, AXIS, ring)
     _, l_bkgq, o_bkgqd = carry
-    o = o_bkgqd / l_bkgq[..., None]
+    # A query that may see no key at all (padding) had every block skipped: l = 0. It gets 0 (dense attention
+    # gives it the mean of the values); either way nothing reads it, as no real token attends to padding
+    # and its loss weight is 0.
+    o = o_bkgqd / jnp.where(l_bkgq == 0, 1.0, l_bkgq)[..., None]
     return jnp.moveaxis(o, 3, 1).reshape(b, t, h, d).astype(q_bthd.dtype)
 
 
