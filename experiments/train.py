@@ -84,6 +84,9 @@ def define_flags() -> None:
                       "per-device memory, FLOPs and collectives, and exit (no data, no training).")
     flags.DEFINE_integer("plan_devices", None,
                          "With --plan: plan on this many fake CPU devices (e.g. 256 for a pod slice).")
+    flags.DEFINE_enum("plan_platform", None, ["tpu", "gpu", "cpu"],
+                      "With --plan: lower (not compile) the train step, a prefill and a decode step for this "
+                      "platform, here, and print per attention call the kernel chosen and its largest temporary.")
     flags.DEFINE_bool("tune_allocator", True,
                       "Keep freed host memory in the process (tformer.host.tune_allocator): a CPU train step "
                       "then page-faults nothing instead of its whole working set. Resident memory stays at its peak.")
@@ -699,6 +702,23 @@ def print_plan(config: ConfigDict):
     return p
 
 
+def print_platform_plan(config: ConfigDict, platform: str):
+    """Lower (never compile) the config's train step, prefill and decode for `platform`; print what each
+    attention call runs there. Returns the `tformer.plan.PlatformPlan`."""
+    from tformer import plan as plan_lib
+
+    validate(config)
+    kind, d = config.model.kind, config.data
+    if config_class(kind) is not tformer.ModelConfig:
+        raise ValueError(f"config.model.kind: --plan_platform plans the Transformer kinds (lm, seq2seq), not {kind!r}")
+    seq, src = (d.seq_len, None) if kind == "lm" else (d.tgt_len, d.src_len)
+    p = plan_lib.plan_platform(MODEL_KINDS[kind], plan_model_config(config), optim_config(config), platform,
+                               batch=config.train.batch_size, seq_len=seq, src_len=src)
+    print(f"plan for {platform} ({p.platform} lowering on this {jax.default_backend()} machine): {kind} model, "
+          f"batch {config.train.batch_size} x {seq} tokens, one device\n{p.table()}")
+    return p
+
+
 # ---------------------------------------------------------------------------
 # Entry point: flags only.
 
@@ -711,6 +731,8 @@ def _check_flags() -> None:
             raise app.UsageError("--plan_devices only applies to --plan (fake CPU devices cannot train a real run)")
         if FLAGS.distributed or FLAGS.coordinator_address:
             raise app.UsageError("--plan_devices plans on one host's fake devices; drop the multi-host flags")
+    if FLAGS.plan_platform is not None and not FLAGS.plan:
+        raise app.UsageError("--plan_platform only applies to --plan")
     if not FLAGS.plan and FLAGS.workdir is None:
         raise app.UsageError("--workdir is required (except with --plan)")
 
@@ -768,7 +790,9 @@ def main(argv):
         if FLAGS.plan_devices is not None:
             use_fake_cpu_devices(FLAGS.plan_devices)
         _start_processes()
-        if FLAGS.plan:
+        if FLAGS.plan and FLAGS.plan_platform:
+            print_platform_plan(FLAGS.config, FLAGS.plan_platform)
+        elif FLAGS.plan:
             print_plan(FLAGS.config)
         else:
             train_and_evaluate(FLAGS.config, FLAGS.workdir)
