@@ -180,8 +180,9 @@ def _splash_kernel(heads: int, tq: int, tk: int, causal: bool, window: int | Non
     bq, bk = block_size(tq), block_size(tk)
     sizes = sa.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
                           block_kv_dkv_compute=bk, use_fused_bwd_kernel=True)
-    return sa.make_splash_mha(sa.MultiHeadMask([mask] * heads), head_shards=1, q_seq_shards=1, block_sizes=sizes,
-                              interpret=interpret)
+    with jax.ensure_compile_time_eval():  # concrete mask tables, so the cached kernel holds no tracer
+        return sa.make_splash_mha(sa.MultiHeadMask([mask] * heads), head_shards=1, q_seq_shards=1,
+                                  block_sizes=sizes, interpret=interpret)
 
 
 def _at_cache_slots(q_bthd, masking, q_offset, cache_len: int, seg_q_bt):
@@ -338,7 +339,8 @@ class AttentionCall:
     def kind(self) -> str:
         if self.cache:
             return "self, cached" if self.q_shape[1] > 1 else "self, decode step"
-        if self.q_shape[1] != self.k_shape[1] or not self.seg_shapes[2] and self.seg_shapes[0] is not None:
+        q_seg, k_seg, same = self.seg_shapes
+        if self.q_shape[1] != self.k_shape[1] or (k_seg is not None and not same):
             return "cross"
         return "self, causal" if self.causal else "self, bidirectional"
 

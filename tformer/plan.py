@@ -327,10 +327,28 @@ def largest_tensor(stablehlo_text: str) -> tuple[str, int]:
     return best
 
 
+_DEFINES = re.compile(r'^\s*%[\w#:]+\s*=\s*"?([\w.]+)')
+_FORWARDING_OPS = ("stablehlo.case", "stablehlo.if", "stablehlo.while", "call", "func.call",
+                   "stablehlo.optimization_barrier")
+_SCALAR_FILL = re.compile(r"stablehlo\.broadcast_in_dim %\w+, dims = \[\] : \(tensor<[a-z0-9]+>\)")
+
+
 def score_tensors(stablehlo_text: str, tq: int, tk: int) -> set[str]:
-    """Tensor types of rank >= 3 ending in [.., tq, tk]: dense attention scores, probabilities or masks."""
+    """Tensor types of rank >= 3 ending in [.., tq, tk] that the program computes: dense attention scores,
+    probabilities or masks.
+
+    Not counted: values an op only forwards (case / call / while results) and scalar fills. Under
+    differentiation a `platform_dependent` branch that is not taken still returns the residuals the other
+    branches save, as zero fills; nothing reads them and XLA removes them when it compiles.
+    """
     pat = re.compile(rf"tensor<((?:\d+x){{1,}}){tq}x{tk}x([a-z][a-z0-9]*)>")
-    return {f"{m.group(2)}[{m.group(1)}{tq}x{tk}]" for m in pat.finditer(stablehlo_text)}
+    found = set()
+    for line in stablehlo_text.splitlines():
+        op = _DEFINES.match(line)
+        if op is None or op.group(1) in _FORWARDING_OPS or _SCALAR_FILL.search(line):
+            continue
+        found |= {f"{m.group(2)}[{m.group(1)}{tq}x{tk}]" for m in pat.finditer(line)}
+    return found
 
 
 def kernel_calls(stablehlo_text: str) -> dict[str, int]:
@@ -438,12 +456,14 @@ def _programs(model_cls, cfg: ModelConfig, optim, batch: int, seq_len: int, src_
 
 
 def plan_platform(model_cls, cfg: ModelConfig, optim: ts.OptimizerConfig, platform: str, *, batch: int,
-                  seq_len: int, src_len: int | None = None) -> PlatformPlan:
+                  seq_len: int, src_len: int | None = None,
+                  programs: tuple[str, ...] = ("train", "prefill", "decode")) -> PlatformPlan:
     """Lower (never compile: that needs the target backend) the train step, a prefill of seq_len / 2 prompt
     tokens (an encoder-decoder: the source, then BOS) into a seq_len cache and one decode step for
     `platform` ("tpu", "gpu" or "cpu"); report per distinct attention call the implementation the platform
     runs and the largest tensor of that call lowered alone, and per program the fused-kernel custom calls
-    and any [.., T, T] score tensor in the StableHLO. Works on a CPU-only machine."""
+    and any [.., T, T] score tensor in the StableHLO. Works on a CPU-only machine. `programs`: which of
+    train, prefill, decode to lower."""
     from tformer import flash
 
     if platform not in PLATFORM_NAMES:
@@ -451,10 +471,15 @@ def plan_platform(model_cls, cfg: ModelConfig, optim: ts.OptimizerConfig, platfo
     target = PLATFORM_NAMES[platform]
     lines, calls_by_prog, scores = [], {}, {}
     for name, fn, args in _programs(model_cls, cfg, optim, batch, seq_len, src_len):
+        if name not in programs:
+            continue
         with flash.record_calls() as calls:
             text = _lower_text(fn, target, *args)
         calls_by_prog[name] = kernel_calls(text)
-        lens = {(c.q_shape[1], c.k_shape[1]) for c in calls if c.q_shape[1] > 1}
+        # At T = 128 on TPU the splash kernel's own lane-wide tensors ([.., T, 128] segment ids and softmax
+        # statistics) have the score shape, so that length is not searched.
+        lens = {(c.q_shape[1], c.k_shape[1]) for c in calls
+                if c.q_shape[1] > 1 and not (target == "tpu" and c.k_shape[1] == flash.LANES)}
         scores[name] = set().union(*(score_tensors(text, tq, tk) for tq, tk in lens)) if lens else set()
         for call in dict.fromkeys(calls):  # distinct calls, in order
             lines.append(AttentionLine(name, call, call.impl(target),
