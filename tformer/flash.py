@@ -280,7 +280,7 @@ def _per_shard(run, q, k, v, segs):
         return run(q, k, v, segs)
     inner = jax.sharding.get_abstract_mesh()
     manual = set() if inner.empty else set(inner.manual_axes)
-    free = frozenset(a for a in mesh.axis_names if a not in manual and mesh.shape[a] > 1)
+    free = frozenset(a for a in mesh.axis_names if a not in manual)  # all of them: a Mosaic call must be fully manual
     if not free:
         return run(q, k, v, segs)
 
