@@ -29,9 +29,13 @@ Block sizes (`block_size`): the sequence is padded up to a multiple of 128
 (a TPU lane row; padding keys get segment 0 and are never visible to real
 queries) and the query / key blocks are the largest of 512, 256, 128 dividing
 that length: long blocks amortise the per-block overhead, 128 is the least a
-TPU lane tile and the Triton kernel's forward block take. The Triton backward
-uses its own default 32 x 32 blocks (they fit a GPU's shared memory for
-head_dim <= 128).
+TPU lane tile and the Triton kernel's forward block take. Splash's backward is
+its fused kernel (dq, dk, dv in one pass) while the keys span at most
+`MAX_FUSED_KV_BLOCKS` blocks: it keeps one fp32 dq partial per key block, so
+beyond that (e.g. 16 blocks, 6 GiB for GPT-2 small at 16 x 8,192) the separate
+dq and dk/dv kernels run instead, whose memory stays linear in the length.
+The Triton backward uses its own default 32 x 32 blocks (they fit a GPU's
+shared memory for head_dim <= 128).
 
 Shapes a kernel cannot take use the platform's dense path, and the reason is
 logged once: fewer than `MIN_KERNEL_LEN` queries under "auto" (one block of
@@ -60,6 +64,7 @@ log = logging.getLogger(__name__)
 LANES = 128  # TPU lane width: kernel lengths are padded to a multiple of it
 BLOCKS = (512, 256, 128)  # preferred query / key block sizes, largest first
 MIN_KERNEL_LEN = 128  # "auto": queries below this stay dense
+MAX_FUSED_KV_BLOCKS = 4  # splash: one fused backward kernel up to this many key blocks (see the module docstring)
 PLATFORMS = ("tpu", "cuda", "cpu")  # lowering platforms attend chooses between ("cpu": every other one)
 KERNEL_NAMES = {
     "splash": "Pallas TPU splash attention (tpu_custom_call)",
@@ -178,8 +183,10 @@ def _splash_kernel(heads: int, tq: int, tk: int, causal: bool, window: int | Non
     else:
         mask = sa.FullMask((tq, tk))
     bq, bk = block_size(tq), block_size(tk)
+    fused = tk // bk <= MAX_FUSED_KV_BLOCKS
+    dq_blocks = {} if fused else dict(block_q_dq=bq, block_kv_dq=bk)
     sizes = sa.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
-                          block_kv_dkv_compute=bk, use_fused_bwd_kernel=True)
+                          block_kv_dkv_compute=bk, use_fused_bwd_kernel=fused, **dq_blocks)
     with jax.ensure_compile_time_eval():  # concrete mask tables, so the cached kernel holds no tracer
         return sa.make_splash_mha(sa.MultiHeadMask([mask] * heads), head_shards=1, q_seq_shards=1,
                                   block_sizes=sizes, interpret=interpret)
@@ -298,15 +305,43 @@ def _per_shard(run, q, k, v, segs):
                          out_specs=q_spec, axis_names=free, check_vma=False)(q, k, v, segs)
 
 
+@dataclasses.dataclass(frozen=True)
+class _KernelMask:
+    """The part of `tformer.attention.Masking` the kernels read (slot order stands for the positions)."""
+
+    q_seg: jax.Array | None
+    k_seg: jax.Array | None
+    causal: bool
+    window: int | None
+    plain_causal: bool
+
+
+@functools.partial(jax.jit, static_argnames=("kernel", "causal", "window", "plain_causal", "same", "layout",
+                                              "context"))
+def _kernel_call(q, k, v, q_seg, k_seg, q_offset, *, kernel, causal, window, plain_causal, same, layout, context):
+    """One kernel call as its own jitted function: identical calls (every layer of an unrolled stack, every
+    forward retrace) reuse one trace. `layout` and `context` (the abstract mesh) only key that cache."""
+    del context
+    masking = _KernelMask(k_seg if same else q_seg, k_seg, causal, window, plain_causal)
+    with shd.use_layout(layout):
+        if kernel == "splash":
+            return splash_attention(q, k, v, masking, q_offset=q_offset)
+        if kernel == "triton":
+            return triton_attention(q, k, v, masking, q_offset=q_offset)
+    raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {sorted(KERNEL_NAMES)}")
+
+
 def kernel_attention(kernel: str, q_bthd, k_bskd, v_bskd, masking, q_offset=None) -> jax.Array:
     """Run `kernel` ("splash", "triton", "cudnn") on one attention call (`q_offset`: a prefill's first slot)."""
-    if kernel == "splash":
-        return splash_attention(q_bthd, k_bskd, v_bskd, masking, q_offset=q_offset)
-    if kernel == "triton":
-        return triton_attention(q_bthd, k_bskd, v_bskd, masking, q_offset=q_offset)
     if kernel == "cudnn":
         return cudnn_attention(q_bthd, k_bskd, v_bskd, masking)
-    raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {sorted(KERNEL_NAMES)}")
+    mesh, rules = shd.active()
+    same = masking.q_seg is masking.k_seg
+    return _kernel_call(q_bthd, k_bskd, v_bskd, None if same else masking.q_seg, masking.k_seg, q_offset,
+                        kernel=kernel, causal=masking.causal, window=masking.window,
+                        plain_causal=masking.plain_causal, same=same,
+                        layout=None if mesh is None else shd.layout(mesh, rules),
+                        context=jax.sharding.get_abstract_mesh())
 
 
 def describe(platform: str, impl: str) -> str:
