@@ -9,7 +9,7 @@ machine included), not the backend present while tracing:
   * TPU: "splash", Pallas splash attention
     (`jax.experimental.pallas.ops.tpu.splash_attention`): static causal /
     local-window / full mask, packed rows and padding as its `SegmentIds`,
-    GQA by its own K/V head grouping. Self- and cross-attention.
+    GQA by its own K/V head grouping. Self- and cross-attention, prefill.
   * GPU: "cudnn" (cuDNN's flash attention, `jax.nn.dot_product_attention`)
     for plain causal rows when a GPU is present while tracing (cuDNN refuses
     to trace without one); otherwise "triton", the Pallas GPU flash kernel
@@ -37,11 +37,16 @@ dq and dk/dv kernels run instead, whose memory stays linear in the length.
 The Triton backward uses its own default 32 x 32 blocks (they fit a GPU's
 shared memory for head_dim <= 128).
 
+A prefill over a KV cache (new tokens at slots [i, i + T) of S, `i` traced)
+runs the kernel as causal self-attention over all S slots with the new
+queries placed at their slots and the other rows dropped: S / T times the
+prefill's own work, memory still linear in S.
+
 Shapes a kernel cannot take use the platform's dense path, and the reason is
 logged once: fewer than `MIN_KERNEL_LEN` queries under "auto" (one block of
 scores is no bigger than the kernel's own tiles; the cached decode step is one
-query) or any query count below 8 under "flash", a KV cache that is not a
-prefill from slot 0, and on GPU cross-attention and local windows.
+query) or fewer than 8 under "flash", head_dim not a multiple of 8, and on GPU
+cross-attention and local windows.
 """
 
 from __future__ import annotations
