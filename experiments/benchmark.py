@@ -39,8 +39,7 @@ from flax import nnx
 
 import tformer
 from tformer import batch as batch_lib
-from tformer import flops, host
-from tformer import training as ts
+from tformer import flops, host, training
 from tformer.attention import Masking, resolve_impl
 from tformer.generate import decode_phases
 from tformer.layers import DTYPE
@@ -242,9 +241,9 @@ def bench_train(opts: Options, dev: dict) -> dict:
     cfg = model_config(opts)
     preset = PRESETS[opts.model]
     b, t = opts.batch or preset.batch, opts.seq_len or preset.seq_len
-    o = ts.OptimizerConfig(skip_nonfinite=opts.skip_nonfinite, warmup_steps=10, total_steps=10_000)
-    graphdef, tx, state, _ = ts.create_train_state(tformer.DecoderLM, cfg, o, seed=opts.seed)
-    step = ts.make_train_step(graphdef, tx, o, donate=opts.donate)
+    o = training.OptimizerConfig(skip_nonfinite=opts.skip_nonfinite, warmup_steps=10, total_steps=10_000)
+    graphdef, tx, state, _ = training.create_train_state(tformer.DecoderLM, cfg, o, seed=opts.seed)
+    step = training.make_train_step(graphdef, tx, o, donate=opts.donate)
     batch = lm_batch(cfg, b, t, opts.seed, opts.packed)
 
     t0 = time.perf_counter()

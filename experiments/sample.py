@@ -21,17 +21,13 @@ import jax
 from absl import app, flags, logging
 from flax import nnx
 
-import tformer
 from experiments import decode
 from experiments.metrics import QuietLibraries
 from experiments.tokenizers import make_tokenizer
-from tformer import rnn
-from tformer import training as ts
+from tformer import families, training
 from tformer.checkpoint import Checkpointer, CheckpointError
 
 FLAGS = flags.FLAGS
-MODEL_KINDS = {"lm": tformer.DecoderLM, "seq2seq": tformer.EncoderDecoder,
-               "rnn_lm": rnn.RNNLM, "rnn_seq2seq": rnn.RNNSeq2Seq}
 
 
 def define_flags() -> None:
@@ -49,7 +45,7 @@ def define_flags() -> None:
 
 
 def read_run(workdir: Path) -> dict:
-    """The run's saved config.json (model config, run config, tokenizer kind)."""
+    """The run's saved config.json (model config, run config, tokenizer)."""
     if not workdir.is_dir():
         raise ValueError(f"--workdir={workdir} does not exist")
     meta_path = workdir / "config.json"
@@ -69,13 +65,13 @@ def load(workdir: str | Path):
     """(model with the newest checkpoint's weights, tokenizer, saved run config dict)."""
     workdir = Path(workdir)
     meta = read_run(workdir)
-    kind = meta["config"]["model"]["kind"]
-    cfg = getattr(MODEL_KINDS[kind], "config_class", tformer.ModelConfig)(**meta["model"])
+    family = families.get(meta["config"]["model"]["kind"])
+    cfg = family.config_class(**meta["model"])
     data = meta["config"]["data"]
     if meta["tokenizer"] == "sentencepiece" and not (workdir / "tokenizer.model").is_file():
         raise ValueError(f"{workdir / 'tokenizer.model'} is missing: the run's tokenizer is needed to read its ids")
     tok = make_tokenizer(meta["tokenizer"], workdir, (), data["vocab_size"])
-    graphdef, abstract = ts.abstract_model(MODEL_KINDS[kind], cfg)
+    graphdef, abstract = training.abstract_model(family.model_class, cfg)
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device),
                           nnx.to_pure_dict(abstract))
@@ -99,7 +95,7 @@ def source_lines() -> list[str]:
 
 def run(model, tok, meta: dict) -> list[str]:
     """The lines to print: translations (seq2seq) or prompt continuations (LM)."""
-    if MODEL_KINDS[meta["config"]["model"]["kind"]].kind == "seq2seq":  # translation (Transformer or RNN)
+    if families.get(meta["config"]["model"]["kind"]).task == "seq2seq":  # translation (Transformer or RNN)
         lines, src_len = source_lines(), meta["config"]["data"]["src_len"]
         _, cut = decode.encode_sources(tok, lines, src_len)
         if cut:

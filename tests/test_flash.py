@@ -174,10 +174,10 @@ def _config(name: str, **model):
     """An experiments/ config's ModelConfig (tokenizer-independent), with `model` fields replaced."""
     import importlib
 
-    from experiments import train as train_lib
+    from experiments import run_config
 
     config = importlib.import_module(f"experiments.configs.{name}").get_config()
-    return dataclasses.replace(train_lib.plan_model_config(config), **model), train_lib.optim_config(config)
+    return dataclasses.replace(run_config.plan_model_config(config), **model), run_config.optim_config(config)
 
 
 def _train_plan(model_cls, cfg, optim, platform, **shape):
