@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    # Replace (not prepend to) the script's folder: experiments/tokenizers.py must not shadow the library.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import jax
 from absl import app, flags, logging

@@ -48,18 +48,19 @@ import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python experiments/train.py`: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    # Replace (not prepend to) the script's folder: experiments/tokenizers.py must not shadow the library.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import jax
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 import tformer
-from experiments import corpora, decode
+from experiments import corpora, decode, finetune, profiling
 from experiments import input_pipeline as ip
 from experiments.metrics import MetricWriter, QuietLibraries, atomic_write, plot_loss
 from experiments.tokenizers import make_tokenizer
-from tformer import flops, host, rnn, sharding
+from tformer import flops, host, lora, rnn, sharding
 from tformer import training as ts
 from tformer.checkpoint import Checkpointer, CheckpointError, abstract_like
 
@@ -110,7 +111,7 @@ _AT_LEAST = {
                   top_k=0, beam_size=1, eval_decode_examples=1),
     "data": dict(vocab_size=2, seq_len=1, src_len=1, tgt_len=1, max_bytes=0, num_train=1, num_valid=1),
 }
-_CHOICES = {("data", "tokenizer"): ("byte", "sentencepiece")}
+_CHOICES = {("data", "tokenizer"): ("byte", "sentencepiece", "hf")}
 
 
 def to_dataclass(cls, section: dict, name: str):
@@ -155,6 +156,8 @@ def validate(config: ConfigDict) -> None:
     if not 0.0 <= config.data.validation_fraction < 1.0:
         raise ValueError(f"config.data.validation_fraction must be in [0, 1), got {config.data.validation_fraction}")
     _validate_mesh(config.mesh)
+    finetune.validate(config)
+    profiling.parse_steps(config.train.profile_steps, config.train.num_steps)
 
 
 def _validate_mesh(mesh: ConfigDict) -> None:
@@ -447,7 +450,7 @@ class Run:
     def model(self):
         from flax import nnx
 
-        return nnx.merge(self.graphdef, self.state.params)
+        return nnx.merge(self.graphdef, lora.merged(self.state.params))
 
     def train_batch(self, step: int) -> dict:
         t = self.config.train
@@ -484,8 +487,10 @@ def check_sample_prompts(config: ConfigDict, task: Task, cfg: tformer.ModelConfi
 
 def setup_run(config: ConfigDict, workdir: Path) -> Run:
     """Data, model, optimizer, mesh, jitted steps, and the state: restored from the newest readable checkpoint."""
+    source = finetune.prepare(config, workdir)  # init_from: the source's tokenizer into the workdir
     task = load_task(config, workdir)
-    cfg, o, t = model_config(config, task.tokenizer), optim_config(config), config.train
+    cfg = source.cfg if source else model_config(config, task.tokenizer)
+    o, t = optim_config(config), config.train
     check_sample_prompts(config, task, cfg)
     mesh, rules = make_run_mesh(config), sharding.rules_for(config.mesh.preset)
     microbatches = config.mesh.microbatches or None
@@ -495,13 +500,15 @@ def setup_run(config: ConfigDict, workdir: Path) -> Run:
             sharding.check_divisibility(cfg, mesh, rules, batch_size, seq_len=seq_len, microbatches=microbatches)
     logging.info("mesh %s (preset %r) over %d process(es), %d devices", dict(mesh.shape), config.mesh.preset,
                  jax.process_count(), mesh.size)
-    graphdef, tx, state, state_sh = ts.create_train_state(MODEL_KINDS[config.model.kind], cfg, o, t.seed, mesh, rules)
+    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=t.keep_checkpoints)
+    params = finetune.initial_params(source, cfg) if source and ckpt.latest_step() is None else None
+    graphdef, tx, state, state_sh = ts.create_train_state(MODEL_KINDS[config.model.kind], cfg, o, t.seed, mesh, rules,
+                                                          params=params, lora=finetune.lora_config(t))
     example = ip.batch_at(task.train, 0, t.batch_size)
     batch_sh = ts.batch_sharding(mesh, rules, example)
     kw = dict(mesh=mesh, rules=rules, batch_sharding=batch_sh, microbatches=microbatches)
     train_fn = ts.make_train_step(graphdef, tx, o, state_sharding=state_sh, **kw)
     eval_fn = ts.make_eval_step(graphdef, o, params_sharding=state_sh.params, **kw)
-    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=t.keep_checkpoints)
     if ckpt.latest_step() is not None:
         try:
             check_resume(workdir, config.model.kind, cfg, o)
@@ -600,9 +607,13 @@ def train_steps(run: Run, preempt: Preemption) -> bool:
     start = int(run.state.step)
     window = Window(start, time.time())
     batches = Prefetcher(run.train_batch, range(start, t.num_steps))
+    prof = profiling.StepProfiler.for_run(t.profile_steps, t.num_steps, run.workdir)
     try:
         for done, batch in enumerate(batches, start + 1):
-            run.state, metrics = run.train_fn(run.state, batch)
+            with (prof and prof.annotate(done)) or contextlib.nullcontext():
+                run.state, metrics = run.train_fn(run.state, batch)
+            if prof:
+                prof.after(done, metrics)
             window.metrics.append(metrics)
             stop = preempt.requested
             if stop or done % t.log_every == 0 or done % t.checkpoint_every == 0 or done == t.num_steps:
@@ -621,6 +632,8 @@ def train_steps(run: Run, preempt: Preemption) -> bool:
                 window = Window(done, time.time())  # train tokens/s counts train steps only
     finally:
         batches.close()
+        if prof:
+            prof.close()
     return True
 
 
@@ -692,10 +705,13 @@ def print_plan(config: ConfigDict):
     cfg, o = plan_model_config(config), optim_config(config)
     mesh, rules = make_run_mesh(config), sharding.rules_for(config.mesh.preset)
     seq, src = (d.seq_len, None) if kind == "lm" else (d.tgt_len, d.src_len)
+    lcfg = finetune.lora_config(config.train)
     p = plan_lib.plan_train_step(MODEL_KINDS[kind], cfg, o, mesh, rules, batch=config.train.batch_size,
-                                 seq_len=seq, src_len=src, microbatches=config.mesh.microbatches or None)
+                                 seq_len=seq, src_len=src, microbatches=config.mesh.microbatches or None, lora=lcfg)
     print(f"plan: {kind} model, preset {config.mesh.preset!r}, "
           f"{jax.device_count()} {jax.devices()[0].platform} devices\n{p.table()}")
+    if lcfg is not None:
+        print(finetune.lora_savings(MODEL_KINDS[kind], cfg, o, mesh, rules, lcfg, p))
     return p
 
 
