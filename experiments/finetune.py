@@ -31,7 +31,7 @@ from experiments.tokenizers import HF_TOKENIZER_DIR, HF_TOKENIZER_FILES, HFToken
 from tformer import hf
 from tformer import lora as lora_lib
 from tformer import training as ts
-from tformer.checkpoint import Checkpointer
+from tformer.checkpoint import Checkpointer, CheckpointError
 
 HF_PREFIX = "hf:"
 # Fields a run chooses for itself whatever the checkpoint: how the model runs, not what it computes.
@@ -253,8 +253,6 @@ def load_params(workdir: Path, step: int | None = None, *, shardings=None, merge
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)
     ckpt = Checkpointer(workdir / "checkpoints")
     try:
-        if ckpt.latest_step() is None:
-            raise ValueError(f"{workdir / 'checkpoints'} holds no checkpoint yet: train the run first")
         if step is not None and step not in ckpt.all_steps():
             raise ValueError(f"--step={step}: no such checkpoint in {workdir / 'checkpoints'}; it holds steps "
                              f"{ckpt.all_steps()}")
@@ -272,7 +270,7 @@ def latest_step(workdir: Path) -> int:
     finally:
         ckpt.close()
     if step is None:
-        raise ValueError(f"{Path(workdir) / 'checkpoints'} holds no checkpoint yet: train the run first")
+        raise CheckpointError(f"no checkpoint in {Path(workdir).absolute() / 'checkpoints'}")
     return step
 
 

@@ -23,12 +23,11 @@ from absl import app, flags, logging
 from flax import nnx
 
 import tformer
-from experiments import decode
+from experiments import decode, finetune
 from experiments.metrics import QuietLibraries
 from experiments.tokenizers import make_tokenizer
 from tformer import rnn
-from tformer import training as ts
-from tformer.checkpoint import Checkpointer, CheckpointError
+from tformer.checkpoint import CheckpointError
 
 FLAGS = flags.FLAGS
 MODEL_KINDS = {"lm": tformer.DecoderLM, "seq2seq": tformer.EncoderDecoder,
@@ -70,21 +69,13 @@ def load(workdir: str | Path):
     """(model with the newest checkpoint's weights, tokenizer, saved run config dict)."""
     workdir = Path(workdir)
     meta = read_run(workdir)
-    kind = meta["config"]["model"]["kind"]
-    cfg = getattr(MODEL_KINDS[kind], "config_class", tformer.ModelConfig)(**meta["model"])
     data = meta["config"]["data"]
     if meta["tokenizer"] == "sentencepiece" and not (workdir / "tokenizer.model").is_file():
         raise ValueError(f"{workdir / 'tokenizer.model'} is missing: the run's tokenizer is needed to read its ids")
     tok = make_tokenizer(meta["tokenizer"], workdir, (), data["vocab_size"])
-    graphdef, abstract = ts.abstract_model(MODEL_KINDS[kind], cfg)
-    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device),
-                          nnx.to_pure_dict(abstract))
-    ckpt = Checkpointer(workdir / "checkpoints")
-    try:
-        params = ckpt.restore_params(target)
-    finally:
-        ckpt.close()
+    # A LoRA run's checkpoint holds base weights + adapters: read both, fold the adapters in.
+    graphdef = finetune.abstract_run_params(meta)[2]
+    _, params = finetune.load_params(workdir)
     return nnx.merge(graphdef, params), tok, meta
 
 
