@@ -76,6 +76,26 @@ def validate(config: ConfigDict) -> None:
                          f"config.model.kind='lm' (got {config.model.kind!r})")
 
 
+def check_resume(workdir: Path, config: ConfigDict) -> None:
+    """A run resumes with the LoRA settings it was saved with: they shape its parameters and optimizer state."""
+    path = workdir / "config.json"
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())["config"]["train"]
+    for field in ("lora_rank", "lora_alpha", "lora_targets"):
+        old, new = saved.get(field, base_default(field)), config.train[field]
+        if old != new:
+            raise ValueError(f"--workdir={workdir} holds checkpoints trained with train.{field}={old!r}, not {new!r}; "
+                             "resume with the old setting, or start fresh with a new --workdir (to fine-tune a "
+                             f"finished run differently, use --config.init_from={workdir})")
+
+
+def base_default(field: str):
+    from experiments.configs.base import base_config
+
+    return base_config().train[field]
+
+
 def _check_hf_folder(config: ConfigDict, folder: Path) -> None:
     where = _where(config)
     if not folder.is_dir():

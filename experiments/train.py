@@ -512,6 +512,7 @@ def setup_run(config: ConfigDict, workdir: Path) -> Run:
     if ckpt.latest_step() is not None:
         try:
             check_resume(workdir, config.model.kind, cfg, o)
+            finetune.check_resume(workdir, config)
             state, extra = ckpt.restore(target=abstract_like(state, state_sh), move_aside=True)
         except BaseException:
             ckpt.close()

@@ -7,6 +7,7 @@ The checkpoints are made here, offline: `transformers` random weights and a
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,19 +15,20 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import nnx
+from ml_collections import ConfigDict
+
+import tformer
+from experiments import evaluate as evaluate_lib
+from experiments import export as export_lib
+from experiments import finetune, train
+from experiments import input_pipeline as ip
+from experiments.configs.base import base_config
+from tformer import lora
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
-
-from ml_collections import ConfigDict  # noqa: E402
-
-from experiments import evaluate as evaluate_lib  # noqa: E402
-from experiments import export as export_lib  # noqa: E402
-from experiments import finetune, train  # noqa: E402
-from experiments import input_pipeline as ip  # noqa: E402
-from experiments.configs.base import base_config  # noqa: E402
-from tformer import lora  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB, STEPS, SEQ = 320, 20, 32
@@ -137,7 +139,8 @@ def _hf_text_loss(folder: Path, text_path: Path) -> float:
 @pytest.fixture(scope="module")
 def gpt2_run(data) -> Path:
     workdir = data["root"] / "gpt2_run"
-    train.train_and_evaluate(ft_config(data["gpt2"], data["root"] / "train.txt", profile_steps="5,8"), workdir)
+    config = ft_config(data["gpt2"], data["root"] / "train.txt", profile_steps="5,8", checkpoint_every=STEPS // 2)
+    train.train_and_evaluate(config, workdir)
     return workdir
 
 
@@ -167,11 +170,13 @@ def test_init_from_hf_first_loss_matches_transformers_and_training_lowers_it(dat
 
 
 def test_init_from_hf_resume_is_bit_exact(data, gpt2_run, tmp_path):
-    corpus = data["root"] / "train.txt"
-    train.train_and_evaluate(ft_config(data["gpt2"], corpus, num_steps=STEPS // 2), tmp_path)
-    train.train_and_evaluate(ft_config(data["gpt2"], corpus), tmp_path)  # resumes at step STEPS // 2
+    """The run stopped after its mid-run checkpoint and resumed ends where the uninterrupted run ended, bit for bit."""
+    workdir = tmp_path / "resumed"
+    shutil.copytree(gpt2_run, workdir, ignore=shutil.ignore_patterns(str(STEPS), "profile", "eval"))
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [str(STEPS // 2)]
+    train.train_and_evaluate(ft_config(data["gpt2"], data["root"] / "train.txt", checkpoint_every=STEPS // 2), workdir)
     _, straight = finetune.load_params(gpt2_run)
-    _, resumed = finetune.load_params(tmp_path)
+    _, resumed = finetune.load_params(workdir)
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -180,8 +185,7 @@ def test_export_loads_in_transformers_with_equal_logits_and_lower_held_out_loss(
     out = export_lib.export(gpt2_run, tmp_path / "hf")
     assert (out / "tokenizer.json").is_file()
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    model = finetune.nnx.merge(finetune.abstract_run_params(finetune.read_run(gpt2_run))[2],
-                               finetune.load_params(gpt2_run)[1])
+    model = nnx.merge(finetune.abstract_run_params(finetune.read_run(gpt2_run))[2], finetune.load_params(gpt2_run)[1])
     tokens = np.random.RandomState(1).randint(0, VOCAB, (2, 16))
     with torch.no_grad():
         want = hf_model(torch.tensor(tokens)).logits.numpy()
@@ -193,13 +197,13 @@ def test_export_loads_in_transformers_with_equal_logits_and_lower_held_out_loss(
 
 def test_lora_trains_adapters_only_and_exports_a_rank_r_update(data, lora_run, tmp_path):
     cfg, params = finetune.load_params(lora_run, merge=False)
-    start = finetune.nnx_params(__import__("tformer").hf.load_hf_checkpoint(data["gpt2"]))
+    start = finetune.nnx_params(tformer.hf.load_hf_checkpoint(data["gpt2"]))
     for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(params["base"])):
         np.testing.assert_array_equal(a, np.asarray(b))  # the base weights, bit for bit
 
     # The optimizer state holds adapter leaves only (Adam's mu and nu: two per adapter leaf).
     c = ft_config(data["gpt2"], data["root"] / "train.txt", lora_rank=4)
-    _, tx, state, _ = train.ts.create_train_state(train.tformer.DecoderLM, cfg, train.optim_config(c),
+    _, tx, state, _ = train.ts.create_train_state(tformer.DecoderLM, cfg, train.optim_config(c),
                                                   params=jax.tree.map(np.asarray, start),
                                                   lora=finetune.lora_config(c.train))
     moments = [a for a in jax.tree.leaves(state.opt_state) if a.ndim]  # the rest: step counters
@@ -231,10 +235,6 @@ def test_lora_trains_adapters_only_and_exports_a_rank_r_update(data, lora_run, t
 
 def test_lora_merged_logits_equal_adapter_forward(data):
     """merged(params) computes x W + scale (x A) B, nnx.LoRA's forward, for every adapted projection."""
-    from flax import nnx
-
-    import tformer
-
     cfg = tformer.ModelConfig(vocab_size=64, d_model=32, num_heads=4, num_layers=2, max_len=16, vocab_multiple=64)
     base = finetune.nnx_params(tformer.DecoderLM(cfg, rngs=nnx.Rngs(0)))
     lcfg = lora.LoraConfig(rank=3, alpha=6.0)
