@@ -39,8 +39,7 @@ from flax import nnx
 
 import tformer
 from tformer import batch as batch_lib
-from tformer import flops, host
-from tformer import training as ts
+from tformer import flops, host, training
 from tformer.attention import Masking, resolve_impl
 from tformer.generate import decode_phases
 from tformer.layers import DTYPE
@@ -244,10 +243,10 @@ def bench_train(opts: Options, dev: dict) -> dict:
     cfg = model_config(opts)
     preset = PRESETS[opts.model]
     b, t = opts.batch or preset.batch, opts.seq_len or preset.seq_len
-    o = ts.OptimizerConfig(skip_nonfinite=opts.skip_nonfinite, warmup_steps=10, total_steps=10_000)
+    o = training.OptimizerConfig(skip_nonfinite=opts.skip_nonfinite, warmup_steps=10, total_steps=10_000)
     lcfg = LoraConfig(opts.lora_rank) if opts.lora_rank else None
-    graphdef, tx, state, _ = ts.create_train_state(tformer.DecoderLM, cfg, o, seed=opts.seed, lora=lcfg)
-    step = ts.make_train_step(graphdef, tx, o, donate=opts.donate)
+    graphdef, tx, state, _ = training.create_train_state(tformer.DecoderLM, cfg, o, seed=opts.seed, lora=lcfg)
+    step = training.make_train_step(graphdef, tx, o, donate=opts.donate)
     batch = lm_batch(cfg, b, t, opts.seed, opts.packed)
 
     t0 = time.perf_counter()

@@ -28,9 +28,10 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import ConfigDict
 
-from experiments import corpora, finetune
+from experiments import corpora, finetune, run_config
 from experiments import input_pipeline as ip
 from experiments.metrics import QuietLibraries, atomic_write
+from experiments.tasks import build_task
 from tformer import lora, sharding
 from tformer import training as ts
 from tformer.checkpoint import CheckpointError
@@ -50,14 +51,12 @@ def define_flags() -> None:
 
 def _task(config: ConfigDict, workdir: Path, data: str | None):
     """The run's task; with `data`, a task whose validation split is that data (a file: all of it)."""
-    from experiments.train import build_task
-
     if data is None:
         return build_task(config, workdir)
     with config.unlocked():
         config.data.corpus = data
     task = build_task(config, workdir)
-    if task.kind == "lm" and Path(data).exists():
+    if task.name == "lm" and Path(data).exists():
         corpus = corpora.read_text_corpus(data, validation_fraction=config.data.validation_fraction)
         docs = corpus["train"] + corpus["validation"]
         task.valid = ip.make_lm_split(task.tokenizer, docs, config.data.seq_len)
@@ -67,7 +66,7 @@ def _task(config: ConfigDict, workdir: Path, data: str | None):
 def evaluate_run(workdir: str | Path, data: str | None = None, step: int | None = None,
                  eval_batches: int | None = None) -> dict:
     """The runner's eval (`train.evaluate`) of a checkpoint, on the run's mesh and its validation data."""
-    from experiments.train import evaluate, make_run_mesh
+    from experiments.train import evaluate
 
     workdir = Path(workdir)
     meta = finetune.read_run(workdir)
@@ -82,7 +81,7 @@ def evaluate_run(workdir: str | Path, data: str | None = None, step: int | None 
             t.eval_batches = eval_batches or ip.num_eval_batches(task.valid, bs)
     model_cls, cfg, graphdef, _ = finetune.abstract_run_params(meta)
     o = ts.OptimizerConfig(**meta["optim"])
-    mesh, rules = make_run_mesh(config), sharding.rules_for(config.mesh.preset)
+    mesh, rules = run_config.make_run_mesh(config), sharding.rules_for(config.mesh.preset)
     lcfg = finetune.lora_config(t) if "lora_rank" in t else None
     tx = ts.make_optimizer(o, ts.abstract_model(model_cls, cfg)[1], lcfg)
     params_sh = ts.state_shardings(model_cls, cfg, tx, mesh, rules, lcfg).params

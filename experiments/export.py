@@ -26,7 +26,7 @@ from flax import nnx
 from experiments import finetune
 from experiments.metrics import QuietLibraries
 from experiments.tokenizers import HF_TOKENIZER_DIR, HF_TOKENIZER_FILES
-from tformer import hf
+from tformer import families, hf
 from tformer.checkpoint import CheckpointError
 
 FLAGS = flags.FLAGS
@@ -44,9 +44,10 @@ def export(workdir: str | Path, out: str | Path, step: int | None = None) -> Pat
     workdir, out = Path(workdir), Path(out)
     meta = finetune.read_run(workdir)
     kind = meta["config"]["model"]["kind"]
-    if kind != "lm":
-        raise ValueError(f"config.model.kind={kind!r} has no Hugging Face counterpart: export writes decoder-only "
-                         "LMs (model.kind='lm') as GPT-2 / Llama / Mistral")
+    if not families.get(kind).hf_causal_lm:
+        hf_kinds = [name for name, f in families.FAMILIES.items() if f.hf_causal_lm]
+        raise ValueError(f"config.model.kind={kind!r} has no Hugging Face counterpart: export writes the families "
+                         f"{hf_kinds} (decoder-only LMs) as GPT-2 / Llama / Mistral")
     _, cfg, graphdef, _ = finetune.abstract_run_params(meta)
     hf.config_to_hf(cfg)  # fails naming the ModelConfig field before any weight is read
     _, params = finetune.load_params(workdir, step)

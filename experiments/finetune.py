@@ -28,7 +28,7 @@ from ml_collections import ConfigDict
 
 import tformer
 from experiments.tokenizers import HF_TOKENIZER_DIR, HF_TOKENIZER_FILES, HFTokenizer, make_tokenizer
-from tformer import hf
+from tformer import families, hf
 from tformer import lora as lora_lib
 from tformer import training as ts
 from tformer.checkpoint import Checkpointer, CheckpointError
@@ -67,13 +67,14 @@ def validate(config: ConfigDict) -> None:
     """init_from's syntax and the LoRA fields, before anything runs."""
     if config.train.lora_rank < 0:
         raise ValueError(f"config.train.lora_rank must be >= 0 (0: off), got {config.train.lora_rank}")
-    lcfg = lora_config(config.train)
-    if lcfg is not None and config.model.kind not in ("lm", "seq2seq"):
+    family = families.get(config.model.kind)
+    if lora_config(config.train) is not None and not family.shards_weights:
         raise ValueError(f"config.train.lora_rank: LoRA adapts Transformer projections; model.kind "
                          f"{config.model.kind!r} has none")
-    if config.init_from and config.init_from.startswith(HF_PREFIX) and config.model.kind != "lm":
-        raise ValueError(f"{_where(config)}: a Hugging Face checkpoint is a decoder-only LM; set "
-                         f"config.model.kind='lm' (got {config.model.kind!r})")
+    if config.init_from and config.init_from.startswith(HF_PREFIX) and not family.hf_causal_lm:
+        hf_kinds = [name for name, f in families.FAMILIES.items() if f.hf_causal_lm]
+        raise ValueError(f"{_where(config)}: a Hugging Face checkpoint is a decoder-only LM; set config.model.kind "
+                         f"to one of {hf_kinds} (got {config.model.kind!r})")
 
 
 def check_resume(workdir: Path, config: ConfigDict) -> None:
@@ -160,7 +161,7 @@ def _workdir_source(config: ConfigDict, src: Path) -> Source:
     if kind != config.model.kind:
         raise ValueError(f"{_where(config)}: that run trained a {kind!r} model; this config's model.kind is "
                          f"{config.model.kind!r}")
-    if kind not in ("lm", "seq2seq"):
+    if families.get(kind).config_class is not tformer.ModelConfig:
         raise ValueError(f"{_where(config)}: init_from starts Transformer runs; that run is a {kind!r} model")
     return Source("workdir", src, _architecture(config, tformer.ModelConfig(**meta["model"])), meta["tokenizer"])
 
@@ -248,16 +249,14 @@ def read_run(workdir: Path, what: str | None = None) -> dict:
 
 def abstract_run_params(meta: dict):
     """(model class, ModelConfig, graphdef, params ShapeDtypeStructs) of a run; a LoRA run's tree has its adapters."""
-    from experiments.train import MODEL_KINDS, config_class
-
-    kind = meta["config"]["model"]["kind"]
-    cfg = config_class(kind)(**meta["model"])
-    graphdef, abstract = ts.abstract_model(MODEL_KINDS[kind], cfg)
+    family = families.get(meta["config"]["model"]["kind"])
+    cfg = family.config_class(**meta["model"])
+    graphdef, abstract = ts.abstract_model(family.model_class, cfg)
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nnx.to_pure_dict(abstract))
     lcfg = lora_config(ConfigDict(meta["config"]["train"])) if "lora_rank" in meta["config"]["train"] else None
     if lcfg is not None:
         target = lora_lib.abstract_lora_params(target, lcfg)
-    return MODEL_KINDS[kind], cfg, graphdef, target
+    return family.model_class, cfg, graphdef, target
 
 
 def load_params(workdir: Path, step: int | None = None, *, shardings=None, merge: bool = True):

@@ -32,13 +32,16 @@ for its EOS. Over a full pass of `eval_batches`:
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import grain
+import jax
 import numpy as np
 
 from experiments.tokenizers import BOS_ID, EOS_ID, PAD_ID, ByteTokenizer, Tokenizer
@@ -52,6 +55,8 @@ __all__ = [
     "eval_batches",
     "num_eval_batches",
     "bits_per_byte",
+    "global_batch",
+    "Prefetcher",
     "LM_KEYS",
     "SEQ2SEQ_KEYS",
 ]
@@ -347,3 +352,44 @@ def bits_per_byte(nll_sum_nats: float, weight_sum: float, split: Split) -> float
         return float("nan")
     covered_bytes = split.num_bytes * (weight_sum / split.num_tokens)
     return float(nll_sum_nats) / math.log(2) / covered_bytes
+
+
+# ---------------------------------------------------------------------------
+# Onto the devices: each process's slice joined into global arrays, built ahead of the step that needs it.
+
+
+def global_batch(local: dict, shardings: dict, batch_size: int) -> dict:
+    """The global [batch_size, ...] arrays whose rows on this process are `local` (its `batch_at` slice)."""
+    return {
+        k: jax.make_array_from_process_local_data(shardings[k], v, (batch_size,) + v.shape[1:])
+        for k, v in local.items()
+    }
+
+
+class Prefetcher:
+    """Iterates `make(step)` over `steps`, building the next `depth` batches on a background thread.
+
+    The batch for step s+1 is gathered and placed on the devices while step s
+    runs, so the accelerator never waits for the host's numpy work.
+    """
+
+    def __init__(self, make: Callable[[int], dict], steps: range, depth: int = 2):
+        self._make, self._steps = make, iter(steps)
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        self._queue = collections.deque()
+        for _ in range(depth):
+            self._submit_next()
+
+    def _submit_next(self) -> None:
+        step = next(self._steps, None)
+        if step is not None:
+            self._queue.append(self._pool.submit(self._make, step))
+
+    def __iter__(self) -> Iterator[dict]:
+        while self._queue:
+            batch = self._queue.popleft().result()
+            self._submit_next()
+            yield batch
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

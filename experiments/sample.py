@@ -22,16 +22,13 @@ import jax
 from absl import app, flags, logging
 from flax import nnx
 
-import tformer
 from experiments import decode, finetune
 from experiments.metrics import QuietLibraries
 from experiments.tokenizers import make_tokenizer
-from tformer import rnn
+from tformer import families
 from tformer.checkpoint import CheckpointError
 
 FLAGS = flags.FLAGS
-MODEL_KINDS = {"lm": tformer.DecoderLM, "seq2seq": tformer.EncoderDecoder,
-               "rnn_lm": rnn.RNNLM, "rnn_seq2seq": rnn.RNNSeq2Seq}
 
 
 def define_flags() -> None:
@@ -49,7 +46,7 @@ def define_flags() -> None:
 
 
 def read_run(workdir: Path) -> dict:
-    """The run's saved config.json (model config, run config, tokenizer kind)."""
+    """The run's saved config.json (model config, run config, tokenizer)."""
     if not workdir.is_dir():
         raise ValueError(f"--workdir={workdir} does not exist")
     meta_path = workdir / "config.json"
@@ -91,7 +88,7 @@ def source_lines() -> list[str]:
 
 def run(model, tok, meta: dict) -> list[str]:
     """The lines to print: translations (seq2seq) or prompt continuations (LM)."""
-    if MODEL_KINDS[meta["config"]["model"]["kind"]].kind == "seq2seq":  # translation (Transformer or RNN)
+    if families.get(meta["config"]["model"]["kind"]).task == "seq2seq":  # translation (Transformer or RNN)
         lines, src_len = source_lines(), meta["config"]["data"]["src_len"]
         _, cut = decode.encode_sources(tok, lines, src_len)
         if cut:

@@ -21,10 +21,11 @@ from ml_collections import ConfigDict
 import tformer
 from experiments import evaluate as evaluate_lib
 from experiments import export as export_lib
-from experiments import finetune, train
+from experiments import finetune, run_config, train
 from experiments import input_pipeline as ip
 from experiments.configs.base import base_config
-from tformer import lora
+from experiments.tasks import build_task
+from tformer import lora, training
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -155,7 +156,7 @@ def lora_run(data) -> Path:
 def _first_batch(workdir: Path) -> dict:
     """The runner's batch for step 1, rebuilt from the run's saved config (with its copied tokenizer)."""
     c = ConfigDict(finetune.read_run(workdir)["config"])
-    return ip.batch_at(train.build_task(c, workdir).train, 0, c.train.batch_size, c.train.seed)
+    return ip.batch_at(build_task(c, workdir).train, 0, c.train.batch_size, c.train.seed)
 
 
 @pytest.mark.parametrize("layout", ["gpt2", "llama"])
@@ -203,7 +204,7 @@ def test_lora_trains_adapters_only_and_exports_a_rank_r_update(data, lora_run, t
 
     # The optimizer state holds adapter leaves only (Adam's mu and nu: two per adapter leaf).
     c = ft_config(data["gpt2"], data["root"] / "train.txt", lora_rank=4)
-    _, tx, state, _ = train.ts.create_train_state(tformer.DecoderLM, cfg, train.optim_config(c),
+    _, tx, state, _ = training.create_train_state(tformer.DecoderLM, cfg, run_config.optim_config(c),
                                                   params=jax.tree.map(np.asarray, start),
                                                   lora=finetune.lora_config(c.train))
     moments = [a for a in jax.tree.leaves(state.opt_state) if a.ndim]  # the rest: step counters
@@ -256,7 +257,7 @@ def test_lora_merged_logits_equal_adapter_forward(data):
     del x
     tokens = np.random.RandomState(3).randint(0, 64, (2, 16))
     graphdef = nnx.graphdef(tformer.DecoderLM(cfg, rngs=nnx.Rngs(0)))
-    sums = jax.jit(lambda p: train.ts.eval_sums(graphdef, train.ts.OptimizerConfig(), p,
+    sums = jax.jit(lambda p: training.eval_sums(graphdef, training.OptimizerConfig(), p,
                                                 {"inputs": tokens, "targets": tokens}))
     unmerged, folded = sums(params), sums(merged)
     assert float(unmerged["nll_sum"]) == pytest.approx(float(folded["nll_sum"]), rel=1e-6)

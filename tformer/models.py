@@ -339,11 +339,3 @@ class EncoderDecoder(_Transformer):
             self._empty_cache(src_bs.shape[0], length, dtype), cross_k=tuple(k for k, _ in kvs),
             cross_v=tuple(v for _, v in kvs), src_valid=src_seg != 0,
         )
-
-
-MODELS: dict[str, type[_Transformer]] = {"lm": DecoderLM, "seq2seq": EncoderDecoder}
-
-
-def model_class(cfg: ModelConfig) -> type[_Transformer]:
-    """The model class a config describes (`ModelConfig.kind`)."""
-    return MODELS[cfg.kind]

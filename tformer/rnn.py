@@ -258,10 +258,6 @@ class RNNSeq2Seq(nnx.Module):
         return logits
 
 
-def is_rnn(model) -> bool:
-    return isinstance(model, (RNNLM, RNNSeq2Seq))
-
-
 # ---------------------------------------------------------------------------
 # Decoding with a carried state: greedy / sampling and beam search.
 
