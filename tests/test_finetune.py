@@ -312,3 +312,26 @@ def test_bad_init_from_is_one_clear_error_each(data, tmp_path):
     assert f"tokenizer.json has {VOCAB + 10} tokens but the model's vocab_size is {VOCAB}" in _init_error(tmp_path, big)
     assert "config.model.d_model=64 conflicts with the checkpoint's d_model=32" in _init_error(
         tmp_path, data["gpt2"], d_model=64)
+
+
+def test_init_from_workdir_starts_from_that_runs_weights_and_tokenizer(data, gpt2_run, tmp_path):
+    c = ft_config(data["gpt2"], data["root"] / "train.txt")
+    c.init_from = str(gpt2_run)
+    source = finetune.prepare(c, tmp_path)
+    assert c.data.tokenizer == "hf" and (tmp_path / "hf_tokenizer" / "tokenizer.json").is_file()
+    start = finetune.initial_params(source, source.cfg)
+    _, finished = finetune.load_params(gpt2_run)
+    for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(finished)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_export_of_a_model_with_no_hf_counterpart_names_the_field(data, gpt2_run, tmp_path):
+    meta = json.loads((gpt2_run / "config.json").read_text())
+    meta["model"]["positions"] = "sinusoidal"  # what no GPT-2 / Llama config computes
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="ModelConfig.positions='sinusoidal' has no Hugging Face"):
+        export_lib.export(tmp_path, tmp_path / "out")
+    meta["config"]["model"]["kind"] = "seq2seq"
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="config.model.kind='seq2seq' has no Hugging Face counterpart"):
+        export_lib.export(tmp_path, tmp_path / "out")
