@@ -262,17 +262,19 @@ def plan_train_step(
     src_len: int | None = None,
     batch_shapes: dict | None = None,
     microbatches: int | None = None,
+    lora=None,
 ) -> Plan:
     """Compile (never run) one train step on `mesh` under `rules`; see the module docstring.
 
     `microbatches`: the pipeline's count on a mesh with a `stage` axis (default 2 x stages).
+    `lora`: a `tformer.lora.LoraConfig`: plan the step that trains adapters only.
     """
     rules = shd.rules_for(rules)
     shd.check_divisibility(cfg, mesh, rules, batch, seq_len=seq_len, microbatches=microbatches)
     graphdef, abstract = ts.abstract_model(model_cls, cfg)
-    tx = ts.make_optimizer(optim, abstract)
-    state_sh = ts.state_shardings(model_cls, cfg, tx, mesh, rules)
-    abstract_state = ts.abstract_train_state(abstract, tx)
+    tx = ts.make_optimizer(optim, abstract, lora)
+    state_sh = ts.state_shardings(model_cls, cfg, tx, mesh, rules, lora)
+    abstract_state = ts.abstract_train_state(abstract, tx, lora)
     params = abstract_state.params
     shapes = batch_shapes if batch_shapes is not None else batch_lib.abstract_batch(cfg.kind, batch, seq_len, src_len)
     batch_sh = ts.batch_sharding(mesh, rules, shapes)
