@@ -93,7 +93,7 @@ class Block(nnx.Module):
         k_att, v_att, m = k_bskd, v_bskd, masking
         if cache.visible is not None and cache.visible < k_att.shape[1]:
             k_att, v_att, m = k_att[:, :cache.visible], v_att[:, :cache.visible], masking.first_keys(cache.visible)
-        return self.attn.output(attend(q, k_att, v_att, m, self.cfg)), k_bskd, v_bskd
+        return self.attn.output(attend(q, k_att, v_att, m, self.cfg, q_offset=cache.index)), k_bskd, v_bskd
 
 
 @dataclasses.dataclass(frozen=True)
