@@ -24,7 +24,7 @@ _AT_LEAST = {
                   top_k=0, beam_size=1, eval_decode_examples=1),
     "data": dict(vocab_size=2, seq_len=1, src_len=1, tgt_len=1, max_bytes=0, num_train=1, num_valid=1),
 }
-_CHOICES = {("data", "tokenizer"): ("byte", "sentencepiece")}
+_CHOICES = {("data", "tokenizer"): ("byte", "sentencepiece", "hf")}
 SECTIONS = ("model", "optim", "data", "train", "mesh")
 
 
@@ -76,6 +76,10 @@ def validate(config: ConfigDict) -> None:
     if not 0.0 <= config.data.validation_fraction < 1.0:
         raise ValueError(f"config.data.validation_fraction must be in [0, 1), got {config.data.validation_fraction}")
     _validate_mesh(config.mesh)
+    from experiments import finetune, profiling  # init_from, LoRA, profile_steps: their own modules
+
+    finetune.validate(config)
+    profiling.parse_steps(config.train.profile_steps, config.train.num_steps)
     family.check_mesh({a: config.mesh[a] for a in sharding.OPTIONAL_AXES + ("tensor",) if config.mesh[a] != -1})
 
 
@@ -89,6 +93,8 @@ def _validate_mesh(mesh: ConfigDict) -> None:
         raise ValueError(f"config.mesh: at most one axis may be -1, got {shape}")
     if mesh.microbatches < 0:
         raise ValueError(f"config.mesh.microbatches must be >= 1, or 0 for 2 x stage; got {mesh.microbatches}")
+    if mesh.virtual_stages < 1:
+        raise ValueError(f"config.mesh.virtual_stages must be >= 1 (1 = GPipe); got {mesh.virtual_stages}")
     if mesh.preset not in sharding.PRESETS:
         raise ValueError(f"config.mesh.preset: unknown {mesh.preset!r}; choose one of {sorted(sharding.PRESETS)}")
 
