@@ -15,8 +15,9 @@ data, model, steps and state, `train_steps` is the loop (its helpers `report`,
 `save_checkpoint` and `evaluate` do the logging, checkpointing and eval), and
 `finish` saves, evaluates and samples. The rest lives by concern: the config
 (run_config.py), the data (tasks.py, input_pipeline.py), the workdir
-(workdir.py), signals and processes (processes.py), text generation
-(decode.py), and what each model family is (tformer/families.py).
+(workdir.py), signals and processes (processes.py), `--plan` (planning.py),
+text generation (decode.py), and what each model family is
+(tformer/families.py).
 
 Plan a mesh without training (or any data): compile the step from abstract
 shapes and print per-device memory, FLOPs and collectives, here for 256 fake
@@ -53,7 +54,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from experiments import decode, finetune, input_pipeline, processes, profiling, run_config
+from experiments import decode, finetune, input_pipeline, planning, processes, profiling, run_config
 from experiments.metrics import MetricWriter, QuietLibraries, atomic_write, plot_loss
 from experiments.tasks import Task, check_sample_prompts, load_task
 from experiments.workdir import WorkdirLock, prepare_workdir, restore_latest
@@ -314,53 +315,6 @@ def train_and_evaluate(config: ConfigDict, workdir: str | os.PathLike) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# Planning (no data, no training).
-
-
-def print_plan(config: ConfigDict):
-    """Compile (never run) the run's train step on its mesh, print its table; returns the `tformer.plan.Plan`."""
-    from tformer import plan as plan_lib
-
-    run_config.validate(config)
-    family, d = run_config.family_of(config), config.data
-    if not family.plannable:
-        plannable = ", ".join(name for name, f in families.FAMILIES.items() if f.plannable)
-        raise ValueError(f"config.model.kind: --plan plans the Transformer kinds ({plannable}), not {family.name!r}")
-    cfg, o = run_config.plan_model_config(config), run_config.optim_config(config)
-    mesh, rules = run_config.make_run_mesh(config), sharding.rules_for(config.mesh.preset)
-    seq, src = (d.seq_len, None) if family.task == "lm" else (d.tgt_len, d.src_len)
-    lcfg = finetune.lora_config(config.train)
-    p = plan_lib.plan_train_step(family.model_class, cfg, o, mesh, rules, batch=config.train.batch_size,
-                                 seq_len=seq, src_len=src, microbatches=config.mesh.microbatches or None, lora=lcfg,
-                                 virtual_stages=config.mesh.virtual_stages)
-    print(f"plan: {family.name} model, preset {config.mesh.preset!r}, "
-          f"{jax.device_count()} {jax.devices()[0].platform} devices\n{p.table()}")
-    if lcfg is not None:
-        print(finetune.lora_savings(family.model_class, cfg, o, mesh, rules, lcfg, p))
-    return p
-
-
-def print_platform_plan(config: ConfigDict, platform: str):
-    """Lower (never compile) the config's train step, prefill and decode for `platform`; print what each
-    attention call runs there. Returns the `tformer.plan.PlatformPlan`."""
-    from tformer import plan as plan_lib
-
-    run_config.validate(config)
-    family, d = run_config.family_of(config), config.data
-    if not family.plannable:
-        plannable = ", ".join(name for name, f in families.FAMILIES.items() if f.plannable)
-        raise ValueError(f"config.model.kind: --plan_platform plans the Transformer kinds ({plannable}), "
-                         f"not {family.name!r}")
-    seq, src = (d.seq_len, None) if family.task == "lm" else (d.tgt_len, d.src_len)
-    p = plan_lib.plan_platform(family.model_class, run_config.plan_model_config(config),
-                               run_config.optim_config(config), platform, batch=config.train.batch_size,
-                               seq_len=seq, src_len=src)
-    print(f"plan for {platform} ({p.platform} lowering on this {jax.default_backend()} machine): {family.name} "
-          f"model, batch {config.train.batch_size} x {seq} tokens, one device\n{p.table()}")
-    return p
-
-
-# ---------------------------------------------------------------------------
 # Entry point: flags only.
 
 
@@ -390,9 +344,9 @@ def main(argv):
         processes.start_processes(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                   auto=FLAGS.distributed, heartbeat_timeout=FLAGS.heartbeat_timeout)
         if FLAGS.plan and FLAGS.plan_platform:
-            print_platform_plan(FLAGS.config, FLAGS.plan_platform)
+            planning.print_platform_plan(FLAGS.config, FLAGS.plan_platform)
         elif FLAGS.plan:
-            print_plan(FLAGS.config)
+            planning.print_plan(FLAGS.config)
         else:
             train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (ValueError, FloatingPointError, CheckpointError, OSError) as e:
