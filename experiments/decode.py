@@ -10,12 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 import tformer
-from tformer import rnn
-
-
-def decoders(model):
-    """(generate, beam_search) for `model`: the RNN baselines decode with a carried state, not a KV cache."""
-    return (rnn.generate, rnn.beam_search) if rnn.is_rnn(model) else (tformer.generate, tformer.beam_search)
+from tformer import families
 
 
 def encode_prompts(tok, prompts: list[str], max_len: int) -> list[list[int]]:
@@ -37,8 +32,9 @@ def complete(model, tok, prompts: list[str], max_new: int, rng, temperature: flo
     for i, e in enumerate(enc):
         arr[i, : len(e)] = e
     n = min(max_new, model.cfg.max_len - width)
-    out = decoders(model)[0](model, arr, tformer.Decode(n), tformer.Sampling(temperature, top_k, top_p),
-                           lengths=[len(e) for e in enc], rng=rng)
+    generate = families.of_model(model).generate
+    out = generate(model, arr, tformer.Decode(n), tformer.Sampling(temperature, top_k, top_p),
+                   lengths=[len(e) for e in enc], rng=rng)
     return [p + tok.decode(row) for p, row in zip(prompts, np.asarray(out.tokens))]
 
 
@@ -59,11 +55,11 @@ def translate(model, tok, sources: list[str], src_len: int, max_new: int, beam_s
     src, _ = encode_sources(tok, sources, src_len)
     max_new = min(max_new, model.cfg.max_len - 1)
     bos = np.full((len(sources), 1), tok.bos_id, np.int32)
-    generate, beam_search = decoders(model)
+    family = families.of_model(model)
     if beam_size > 1:
-        out = beam_search(model, bos, tformer.Decode(max_new), src=src, beam_size=beam_size)
+        out = family.beam_search(model, bos, tformer.Decode(max_new), src=src, beam_size=beam_size)
     else:
-        out = generate(model, bos, tformer.Decode(max_new), src=src)
+        out = family.generate(model, bos, tformer.Decode(max_new), src=src)
     return [tok.decode(row) for row in np.asarray(out.tokens)]
 
 
@@ -85,10 +81,11 @@ def sample_prompts(spec: str, limit: int) -> list[str]:
     return [p for p in spec.split("|") if p][:limit]
 
 
-def sample_lines(model, tok, train_cfg, data_cfg, kind: str, valid_pairs, rng) -> list[str]:
-    """The text a run prints at its end: LM samples from its prompts, or translations of held-out pairs."""
+def sample_lines(model, tok, train_cfg, data_cfg, task: str, valid_pairs, rng) -> list[str]:
+    """The text a run prints at its end: LM samples from its prompts (task "lm"), or translations of held-out
+    pairs (task "seq2seq")."""
     t = train_cfg
-    if kind == "lm":
+    if task == "lm":
         prompts = sample_prompts(t.sample_prompts, t.num_samples)
         if not prompts:
             return []

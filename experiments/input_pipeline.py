@@ -32,13 +32,16 @@ for its EOS. Over a full pass of `eval_batches`:
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import grain
+import jax
 import numpy as np
 
 from experiments.tokenizers import BOS_ID, EOS_ID, PAD_ID, ByteTokenizer, Tokenizer
@@ -52,6 +55,8 @@ __all__ = [
     "eval_batches",
     "num_eval_batches",
     "bits_per_byte",
+    "global_batch",
+    "Prefetcher",
     "LM_KEYS",
     "SEQ2SEQ_KEYS",
 ]
@@ -101,7 +106,8 @@ def _small_int_dtype(max_value: int):
 # Language modelling: packing documents into rows.
 
 
-def pack_documents(docs_ids: Sequence[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+def pack_documents(docs_ids: Sequence[np.ndarray], seq_len: int, bos_id: int = BOS_ID, eos_id: int = EOS_ID,
+                   pad_id: int = PAD_ID) -> dict[str, np.ndarray]:
     """Packs tokenized documents into rows of `seq_len` inputs.
 
     Each document becomes [BOS] + ids + [EOS]; the documents are concatenated
@@ -128,11 +134,11 @@ def pack_documents(docs_ids: Sequence[np.ndarray], seq_len: int) -> dict[str, np
         raise ValueError("no documents to pack")
     t = seq_len
     lengths = np.array([len(ids) + 2 for ids in docs_ids], np.int64)
-    stream = np.concatenate([np.concatenate([[BOS_ID], ids, [EOS_ID]]).astype(np.int32) for ids in docs_ids])
+    stream = np.concatenate([np.concatenate([[bos_id], ids, [eos_id]]).astype(np.int32) for ids in docs_ids])
     doc_of = np.repeat(np.arange(len(docs_ids), dtype=np.int64), lengths)
     num_rows = max(1, math.ceil((len(stream) - 1) / t))
     pad = num_rows * t + 1 - len(stream)
-    stream = np.concatenate([stream, np.full(pad, PAD_ID, np.int32)])
+    stream = np.concatenate([stream, np.full(pad, pad_id, np.int32)])
     doc_of = np.concatenate([doc_of, np.full(pad, -1, np.int64)])
 
     starts_n1 = np.arange(num_rows, dtype=np.int64)[:, None] * t
@@ -161,7 +167,7 @@ def pack_documents(docs_ids: Sequence[np.ndarray], seq_len: int) -> dict[str, np
 def make_lm_split(tokenizer: Tokenizer, docs: Sequence[str], seq_len: int) -> Split:
     """Tokenizes and packs one split's documents (see `pack_documents`)."""
     docs_ids = _encode_all(tokenizer, docs)
-    arrays = pack_documents(docs_ids, seq_len)
+    arrays = pack_documents(docs_ids, seq_len, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     num_tokens = int(arrays["weights"].sum(dtype=np.int64))
     expected = sum(len(ids) + 1 for ids in docs_ids)
     assert num_tokens == expected, (num_tokens, expected)  # the bits-per-byte contract
@@ -346,3 +352,44 @@ def bits_per_byte(nll_sum_nats: float, weight_sum: float, split: Split) -> float
         return float("nan")
     covered_bytes = split.num_bytes * (weight_sum / split.num_tokens)
     return float(nll_sum_nats) / math.log(2) / covered_bytes
+
+
+# ---------------------------------------------------------------------------
+# Onto the devices: each process's slice joined into global arrays, built ahead of the step that needs it.
+
+
+def global_batch(local: dict, shardings: dict, batch_size: int) -> dict:
+    """The global [batch_size, ...] arrays whose rows on this process are `local` (its `batch_at` slice)."""
+    return {
+        k: jax.make_array_from_process_local_data(shardings[k], v, (batch_size,) + v.shape[1:])
+        for k, v in local.items()
+    }
+
+
+class Prefetcher:
+    """Iterates `make(step)` over `steps`, building the next `depth` batches on a background thread.
+
+    The batch for step s+1 is gathered and placed on the devices while step s
+    runs, so the accelerator never waits for the host's numpy work.
+    """
+
+    def __init__(self, make: Callable[[int], dict], steps: range, depth: int = 2):
+        self._make, self._steps = make, iter(steps)
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        self._queue = collections.deque()
+        for _ in range(depth):
+            self._submit_next()
+
+    def _submit_next(self) -> None:
+        step = next(self._steps, None)
+        if step is not None:
+            self._queue.append(self._pool.submit(self._make, step))
+
+    def __iter__(self) -> Iterator[dict]:
+        while self._queue:
+            batch = self._queue.popleft().result()
+            self._submit_next()
+            yield batch
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

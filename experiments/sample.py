@@ -15,23 +15,20 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    # Replace (not prepend to) the script's folder: experiments/tokenizers.py must not shadow the library.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import jax
 from absl import app, flags, logging
 from flax import nnx
 
-import tformer
-from experiments import decode
+from experiments import decode, finetune
 from experiments.metrics import QuietLibraries
 from experiments.tokenizers import make_tokenizer
-from tformer import rnn
-from tformer import training as ts
-from tformer.checkpoint import Checkpointer, CheckpointError
+from tformer import families
+from tformer.checkpoint import CheckpointError
 
 FLAGS = flags.FLAGS
-MODEL_KINDS = {"lm": tformer.DecoderLM, "seq2seq": tformer.EncoderDecoder,
-               "rnn_lm": rnn.RNNLM, "rnn_seq2seq": rnn.RNNSeq2Seq}
 
 
 def define_flags() -> None:
@@ -49,7 +46,7 @@ def define_flags() -> None:
 
 
 def read_run(workdir: Path) -> dict:
-    """The run's saved config.json (model config, run config, tokenizer kind)."""
+    """The run's saved config.json (model config, run config, tokenizer)."""
     if not workdir.is_dir():
         raise ValueError(f"--workdir={workdir} does not exist")
     meta_path = workdir / "config.json"
@@ -69,21 +66,13 @@ def load(workdir: str | Path):
     """(model with the newest checkpoint's weights, tokenizer, saved run config dict)."""
     workdir = Path(workdir)
     meta = read_run(workdir)
-    kind = meta["config"]["model"]["kind"]
-    cfg = getattr(MODEL_KINDS[kind], "config_class", tformer.ModelConfig)(**meta["model"])
     data = meta["config"]["data"]
     if meta["tokenizer"] == "sentencepiece" and not (workdir / "tokenizer.model").is_file():
         raise ValueError(f"{workdir / 'tokenizer.model'} is missing: the run's tokenizer is needed to read its ids")
     tok = make_tokenizer(meta["tokenizer"], workdir, (), data["vocab_size"])
-    graphdef, abstract = ts.abstract_model(MODEL_KINDS[kind], cfg)
-    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device),
-                          nnx.to_pure_dict(abstract))
-    ckpt = Checkpointer(workdir / "checkpoints")
-    try:
-        params = ckpt.restore_params(target)
-    finally:
-        ckpt.close()
+    # A LoRA run's checkpoint holds base weights + adapters: read both, fold the adapters in.
+    graphdef = finetune.abstract_run_params(meta)[2]
+    _, params = finetune.load_params(workdir)
     return nnx.merge(graphdef, params), tok, meta
 
 
@@ -99,7 +88,7 @@ def source_lines() -> list[str]:
 
 def run(model, tok, meta: dict) -> list[str]:
     """The lines to print: translations (seq2seq) or prompt continuations (LM)."""
-    if MODEL_KINDS[meta["config"]["model"]["kind"]].kind == "seq2seq":  # translation (Transformer or RNN)
+    if families.get(meta["config"]["model"]["kind"]).task == "seq2seq":  # translation (Transformer or RNN)
         lines, src_len = source_lines(), meta["config"]["data"]["src_len"]
         _, cut = decode.encode_sources(tok, lines, src_len)
         if cut:

@@ -239,26 +239,27 @@ class _Trainer:
         import jax
 
         import tformer
-        from experiments import input_pipeline as ip
-        from experiments import train
+        from experiments import input_pipeline, run_config
+        from experiments.tasks import build_task
 
-        self.config, self.ip, self.train = config, ip, train
-        self.task = train.build_task(config, workdir)
-        cfg = train.model_config(config, self.task.tokenizer)
+        self.config, self.input_pipeline = config, input_pipeline
+        self.task = build_task(config, workdir)
+        cfg = run_config.model_config(config, self.task.tokenizer)
         # A constant rate after warm-up: time, not a step count, ends the run, so there is no horizon to decay to.
-        self.o = dataclasses.replace(train.optim_config(config), schedule="constant")
-        model_cls = train.MODEL_KINDS[config.model.kind]
+        self.o = dataclasses.replace(run_config.optim_config(config), schedule="constant")
+        model_cls = run_config.family_of(config).model_class
         self.graphdef, tx, self.state, _ = tformer.create_train_state(model_cls, cfg, self.o, seed=0)
         self.step_fn = tformer.make_train_step(self.graphdef, tx, self.o)
         self.bs = config.train.batch_size
         self.steps, self.elapsed, self.curve = 0, 0.0, []
-        self.state, m = self.step_fn(self.state, ip.batch_at(self.task.train, 0, self.bs))  # compiles: not clocked
+        first = input_pipeline.batch_at(self.task.train, 0, self.bs)
+        self.state, m = self.step_fn(self.state, first)  # compiles: not clocked
         jax.block_until_ready(m["loss"])
         self.steps = 1
 
     def step(self) -> None:
         t = time.perf_counter()
-        self.state, m = self.step_fn(self.state, self.ip.batch_at(self.task.train, self.steps, self.bs))
+        self.state, m = self.step_fn(self.state, self.input_pipeline.batch_at(self.task.train, self.steps, self.bs))
         loss = float(m["loss"])  # waits for the step
         self.elapsed += time.perf_counter() - t
         self.steps += 1
@@ -271,14 +272,14 @@ class _Trainer:
         import tformer
 
         out = {"steps": self.steps, "seconds": self.elapsed, "curve": self.curve[:: max(len(self.curve) // 200, 1)]}
-        if self.task.kind == "lm":
+        if self.task.name == "lm":
             eval_fn, sums = tformer.make_eval_step(self.graphdef, self.o), None
-            for i, b in enumerate(self.ip.eval_batches(self.task.valid, self.bs)):
+            for i, b in enumerate(self.input_pipeline.eval_batches(self.task.valid, self.bs)):
                 if i >= self.config.train.eval_batches:
                     break
                 r = eval_fn(self.state.params, b)
                 sums = r if sums is None else jax.tree.map(lambda a, c: a + c, sums, r)
-            out["bits_per_byte"] = self.ip.bits_per_byte(float(sums["nll_sum"]), float(sums["weight_sum"]),
+            out["bits_per_byte"] = self.input_pipeline.bits_per_byte(float(sums["nll_sum"]), float(sums["weight_sum"]),
                                                          self.task.valid)
         else:
             from experiments import decode
@@ -302,6 +303,9 @@ def train_equal_time(trainers: dict, seconds: float) -> dict:
     return {name: t.result() for name, t in trainers.items()}
 
 
+_SMOKE_MODEL = dict(d_model=32, num_layers=1, num_encoder_layers=1, d_ff=64, num_heads=2)
+
+
 def part_c(s: Settings, seconds: float | None = None) -> dict:
     """Equal-time runs; `seconds` (per model) replaces both tasks' times of `s`."""
     from experiments.configs import lm_tiny, lm_tiny_rnn, seq2seq_tiny, seq2seq_tiny_rnn
@@ -317,13 +321,9 @@ def part_c(s: Settings, seconds: float | None = None) -> dict:
                 c.train.update(batch_size=s.numbers_batch_size)
             if s.numbers_learning_rate:
                 c.optim.update(learning_rate=s.numbers_learning_rate)
-        if s is SMOKE:
+        if s is SMOKE:  # shrink every size the model has (an LM keeps num_encoder_layers=0)
             c.train.update(batch_size=8, eval_batches=1)
-            c.model.update(d_model=32, num_layers=1)
-            if c.model.kind == "seq2seq":
-                c.model.update(num_encoder_layers=1, d_ff=64, num_heads=2)
-            elif c.model.kind == "lm":
-                c.model.update(d_ff=64, num_heads=2)
+            c.model.update(**{k: v for k, v in _SMOKE_MODEL.items() if c.model.get(k)})
         return c
 
     out = {"seconds_lm": seconds or s.lm_train_seconds or s.train_seconds,

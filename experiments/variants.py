@@ -35,9 +35,8 @@ from absl import app, flags
 from flax import nnx
 
 import tformer
-from experiments import decode as dec
-from experiments import input_pipeline as ip
-from experiments import train as tr
+from experiments import decode, input_pipeline, run_config
+from experiments.tasks import build_task
 from tformer import kvcache
 from tformer.compress import param_bytes, with_config
 
@@ -90,14 +89,14 @@ def _config(name: str):
 
 def train_variant(config, task, overrides: dict):
     """Train `config`'s model with `overrides` for config.train.num_steps; returns the model."""
-    cfg = tr.model_config(config, task.tokenizer).replace(**overrides)
-    o, t = tr.optim_config(config), config.train
-    model_cls = tr.MODEL_KINDS[config.model.kind]
+    cfg = run_config.model_config(config, task.tokenizer).replace(**overrides)
+    o, t = run_config.optim_config(config), config.train
+    model_cls = run_config.family_of(config).model_class
     graphdef, tx, state, _ = tformer.create_train_state(model_cls, cfg, o, t.seed)
     step_fn = tformer.make_train_step(graphdef, tx, o)
     start = time.time()
     for step in range(t.num_steps):
-        state, m = step_fn(state, ip.batch_at(task.train, step, t.batch_size, t.seed))
+        state, m = step_fn(state, input_pipeline.batch_at(task.train, step, t.batch_size, t.seed))
     loss = float(m["loss"])
     return nnx.merge(graphdef, state.params), loss, time.time() - start
 
@@ -121,17 +120,17 @@ def lm_bits_per_byte(model, task, config, cached: bool = False) -> float:
 
     nll, w = 0.0, 0.0
     bs = config.train.batch_size
-    for i, batch in enumerate(ip.eval_batches(task.valid, bs)):
+    for i, batch in enumerate(input_pipeline.eval_batches(task.valid, bs)):
         if i >= config.train.eval_batches:
             break
         s = sums(state, batch)
         nll, w = nll + float(s[0]), w + float(s[1])
-    return ip.bits_per_byte(nll, w, task.valid)
+    return input_pipeline.bits_per_byte(nll, w, task.valid)
 
 
 def run_lm() -> None:
     config = _config("lm")
-    task = tr.build_task(config, Path(FLAGS.workdir))
+    task = build_task(config, Path(FLAGS.workdir))
     proto = dict(steps=FLAGS.steps, batch=config.train.batch_size, seq_len=config.data.seq_len,
                  eval_rows=config.train.eval_batches * config.train.batch_size)
     dense = None
@@ -164,10 +163,10 @@ def run_lm() -> None:
 
 def run_seq2seq() -> None:
     config = _config("seq2seq")
-    task = tr.build_task(config, Path(FLAGS.workdir))
+    task = build_task(config, Path(FLAGS.workdir))
     for name in _selected(list(S2S_TRAINED)):
         model, loss, secs = train_variant(config, task, S2S_TRAINED[name])
-        ev = dec.translation_scores(model, task.tokenizer, task.valid_pairs[: config.train.eval_decode_examples],
+        ev = decode.translation_scores(model, task.tokenizer, task.valid_pairs[: config.train.eval_decode_examples],
                                     config.data.src_len, config.data.tgt_len)
         emit(what="seq2seq", variant=name, exact_match=ev["exact_match"], bleu=ev["bleu"], train_loss=loss,
              train_s=round(secs, 1), steps=FLAGS.steps, src_len=config.data.src_len,

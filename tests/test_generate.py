@@ -11,6 +11,7 @@ import pytest
 from conftest import V, make_cfg
 from flax import nnx
 
+import tformer.rnn as rnn
 from tformer import Decode, DecoderLM, EncoderDecoder, Sampling, beam_search, generate, sample_logits, sequence_logprob
 
 gen_module = importlib.import_module("tformer.generate")  # `tformer.generate` is also the function
@@ -239,6 +240,28 @@ def test_beam_beats_greedy_and_scores_its_output(kind, lm, encdec, lm_naive, enc
     tokens, lengths = stop_at(np.asarray(out.tokens), eos, model.cfg.pad_id)
     np.testing.assert_array_equal(np.asarray(out.tokens), tokens)
     np.testing.assert_array_equal(np.asarray(out.lengths), lengths)
+
+
+@pytest.mark.parametrize("family", ["transformer", "rnn"])
+def test_greedy_and_beam_loops_stop_at_the_step_every_row_has_finished(family, lm):
+    # One loop serves both families. Without EOS they run every step; with an EOS first emitted as greedy's
+    # k-th token `generate` ends after k model steps; beam search (K=1, no length penalty) with greedy's first
+    # token as EOS has finished a hypothesis no alive beam can beat after one step, and ends there.
+    if family == "rnn":
+        model, gen, beam = rnn.RNNLM(rnn.RNNConfig(vocab_size=V, d_model=16), rngs=nnx.Rngs(0)), rnn.generate, \
+            rnn.beam_search
+    else:
+        model, gen, beam = lm, generate, beam_search
+    prompt = PROMPTS[:1] % V
+    full = gen(model, prompt, Decode(N, eos_id=-1))
+    assert int(full.steps) == N - 1
+    assert int(beam(model, prompt, Decode(N, eos_id=-1), beam_size=1, length_alpha=0.0).steps) == N
+    tokens = np.asarray(full.tokens[0]).tolist()
+    k = next(i for i in range(2, N - 1) if tokens[i] not in tokens[:i])  # the EOS's first appearance
+    out = gen(model, prompt, Decode(N, eos_id=tokens[k]))
+    assert int(out.steps) == k and np.asarray(out.lengths).tolist() == [k + 1]
+    one = beam(model, prompt, Decode(N, eos_id=tokens[0]), beam_size=1, length_alpha=0.0)
+    assert int(one.steps) == 1 and np.asarray(one.tokens).tolist() == [[tokens[0]] + [model.cfg.pad_id] * (N - 1)]
 
 
 def test_beam_search_compiles_once_per_call_shape(lm):

@@ -140,8 +140,8 @@ def test_an_abort_on_a_collectives_thread_still_prints_the_one_line_error():
     """gloo may meet a dead peer on its own thread and end in std::terminate (seen in the test above about half
     the time): the runner's hook must print its `error:` line before gloo's message and the abort."""
     code = ("import ctypes, threading\n"
-            "from experiments import train\n"
-            "train._say_so_if_the_transport_aborts('lost contact with process 1 (test)')\n"
+            "from experiments import processes\n"
+            "processes.say_so_if_the_transport_aborts('lost contact with process 1 (test)')\n"
             "t = threading.Thread(target=ctypes.CDLL('libstdc++.so.6')._ZSt9terminatev)\n"
             "t.start(); t.join()\n"
             "print('not reached')\n")

@@ -10,7 +10,10 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "colab").glob("*.ipynb"))
 # What each notebook prints once its last cell has run.
 DONE = {"quickstart.ipynb": "max |parallel - cached|", "parallelism.ipynb": "headline:",
-        "translation.ipynb": "cross-attention weights", "sharding.ipynb": "collective bytes per step"}
+        "translation.ipynb": "cross-attention weights", "sharding.ipynb": "collective bytes per step",
+        "finetune.ipynb": "held-out loss (transformers)"}
+# The accelerator notebooks report the runtime in their second cell (finetune is a CPU walkthrough with torch).
+REPORTS_RUNTIME = {"quickstart.ipynb", "parallelism.ipynb", "translation.ipynb", "sharding.ipynb"}
 NO_SOURCE = "REPO_URL is empty: set it in the form above"
 
 
@@ -49,7 +52,8 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     client.execute()
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
     assert NO_SOURCE in _stream_text(code[0]) and "Carrying on with the tformer" in _stream_text(code[0])
-    assert "backend cpu: 2 devices. NO accelerator in use" in _stream_text(code[1])
+    if path.name in REPORTS_RUNTIME:
+        assert "backend cpu: 2 devices. NO accelerator in use" in _stream_text(code[1])
     printed = "".join(_stream_text(cell) for cell in code)
     assert DONE[path.name] in printed, printed[-2000:]
 

@@ -21,6 +21,8 @@ import tformer
 pytest.importorskip("ml_collections")
 pytest.importorskip("orbax.checkpoint")
 
+from conftest import greedy_by_full_forward, lm_eval_by_full_forward
+
 from experiments import decode, train
 from experiments.configs import lm_tiny, seq2seq_tiny
 from tformer.checkpoint import Checkpointer, CheckpointError
@@ -58,7 +60,6 @@ def read_jsonl(workdir):
 
 def test_lm_run_end_to_end(tmp_path, capsys):
     result = train.train_and_evaluate(tiny_lm(), tmp_path)
-    assert math.isfinite(result["bits_per_byte"]) and result["bits_per_byte"] > 0
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-5)
     assert Checkpointer(tmp_path / "checkpoints").all_steps()[-1] == 6
     rows = read_jsonl(tmp_path)
@@ -75,21 +76,41 @@ def test_lm_run_end_to_end(tmp_path, capsys):
 
     for x, y in zip(jax.tree.leaves(nnx.to_pure_dict(nnx.state(model))), jax.tree.leaves(_params(tmp_path))):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # The final metrics are the saved model's, on the configured eval batches (float32 sums in another order:
+    # relative 1e-4 covers their rounding, and is far below what one more or one fewer batch would change).
+    loss, bits_per_byte = lm_eval_by_full_forward(model, tiny_lm(), tmp_path)
+    assert (result["loss"], result["bits_per_byte"]) == pytest.approx((loss, bits_per_byte), rel=1e-4)
+    # The cached decode loop continues the prompt exactly as greedy decoding by full forwards does.
+    expected = tok.decode(greedy_by_full_forward(model, [tok.bos_id, *tok.encode("def ")], 5, tok.eos_id))
     [text] = decode.complete(model, tok, ["def "], 5, jax.random.key(0))
-    assert text.startswith("def ")
+    assert expected and text == "def " + expected
     with pytest.raises(ValueError, match=r"prompt 'x+' is 65 tokens with BOS, .* max_len is 64; shorten the prompt"):
         decode.complete(model, tok, ["x" * 64], 5, jax.random.key(0))
 
 
 def test_seq2seq_run_end_to_end(tmp_path, capsys):
-    result = train.train_and_evaluate(tiny_seq2seq(), tmp_path)
-    assert 0.0 <= result["exact_match"] <= 1.0 and 0.0 <= result["bleu"] <= 100.0
+    config = tiny_seq2seq()
+    result = train.train_and_evaluate(config, tmp_path)
     assert "(reference:" in capsys.readouterr().out
     from experiments import sample
 
     model, tok, meta = sample.load(tmp_path)
     assert meta["config"]["model"]["kind"] == "seq2seq"
-    assert len(decode.translate(model, tok, ["123", "45"], 8, 10)) == 2
+    assert translation_scores_of_saved_model(model, tok, config, tmp_path) == pytest.approx(
+        (result["exact_match"], result["bleu"]))
+    src, _ = decode.encode_sources(tok, ["123"], 8)
+    expected = tok.decode(greedy_by_full_forward(model, [tok.bos_id], 10, tok.eos_id, src_bs=src))
+    assert decode.translate(model, tok, ["123"], 8, 10) == [expected]
+
+
+def translation_scores_of_saved_model(model, tok, config, workdir) -> tuple[float, float]:
+    """Exact match and BLEU of the saved model on the run's held-out pairs (the first eval_decode_examples)."""
+    from experiments.tasks import build_task
+
+    pairs = build_task(config, workdir).valid_pairs[: config.train.eval_decode_examples]
+    d = config.data
+    scores = decode.translation_scores(model, tok, pairs, d.src_len, d.tgt_len, config.train.beam_size)
+    return scores["exact_match"], scores["bleu"]
 
 
 def _params(workdir):
@@ -288,7 +309,7 @@ def test_final_checkpoint_is_saved_before_the_final_eval(tmp_path, monkeypatch):
 
 def test_a_workdir_in_use_is_refused_naming_the_pid_and_a_killed_holder_does_not_block(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from experiments.train import WorkdirLock\n"
+        [sys.executable, "-c", "import sys, time; from experiments.workdir import WorkdirLock\n"
          f"with WorkdirLock({str(tmp_path)!r}):\n    print('locked', flush=True); time.sleep(600)"],
         cwd=REPO, env={**CLI_ENV, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
     try:
@@ -374,6 +395,16 @@ def test_cli_overrides_any_field_and_errors_are_one_line(tmp_path):
     assert out.returncode == 1 and "Traceback" in out.stderr and "config.train.eval_batches must be >= 1" in out.stderr
 
 
+def test_a_mesh_axis_the_model_family_cannot_run_on_is_one_error_line_before_any_work(tmp_path):
+    """The RNN LM on a pipeline mesh (once an AttributeError deep inside the pipeline)."""
+    out = cli(f"--config={REPO}/experiments/configs/lm_tiny_rnn.py", f"--workdir={tmp_path / 'w'}",
+              "--config.mesh.stage=2")
+    assert (out.returncode, out.stderr.strip()) == (
+        1, "error: config.mesh.stage=2: the rnn_lm family (RNNLM) has no pipeline parallelism; set mesh.stage=1 "
+           "(it runs on mesh axes data, fsdp, tensor, sequence)")
+    assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.parametrize(
     "section,field,value,match",
     [
@@ -444,8 +475,8 @@ def test_sample_py_errors_are_one_line(tmp_path):
 
 def test_checkpointer_save_force_replaces_an_existing_step(tmp_path):
     def state(v):
-        return train.ts.TrainState(step=np.int32(v), params={"w": np.full((3,), v, np.float32)}, opt_state={},
-                                   rng=np.zeros(2, np.uint32))
+        return tformer.TrainState(step=np.int32(v), params={"w": np.full((3,), v, np.float32)}, opt_state={},
+                                  rng=np.zeros(2, np.uint32))
 
     ckpt = Checkpointer(tmp_path, async_save=False)
     assert ckpt.save(2, state(1))

@@ -6,6 +6,11 @@ layer weights are unstacked once before the loop. The loop stops as soon as
 every row has emitted EOS. Works for `DecoderLM` (continue a prompt) and
 `EncoderDecoder` (encode the source once, then decode from BOS).
 
+The greedy/sampling loop and the beam loop are written once, against what a
+model family provides after its prompt (`Prefilled`: first logits, a state,
+one-token `step`, beam `reorder`); `tformer.rnn` decodes its carried state
+through the same loops.
+
 A call is described by two specs: `Decode` (how many tokens, when to stop,
 the cache and its phases) and `Sampling` (how to pick a token). Every
 argument is checked when its value is concrete (Python numbers and host
@@ -17,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -118,6 +125,7 @@ class Generated:
     tokens: jax.Array  # [B, N] new tokens; after EOS the row holds pad_id
     lengths: jax.Array  # [B] new tokens up to and including EOS
     scores: jax.Array | None = None  # [B] beam search: best (length-normalised) log-prob
+    steps: jax.Array | None = None  # [] model steps the loop ran after the prompt (fewer once every row is done)
 
 
 # ---------------------------------------------------------------------------
@@ -184,17 +192,6 @@ def _as_src(model, src, src_segment_ids, batch: int, what: str):
     return src, None if src_segment_ids is None else jnp.asarray(src_segment_ids, jnp.int32)
 
 
-def _start(model, prompt, valid, length, src, src_segment_ids):
-    """Fresh cache with the prompt prefilled (in one parallel pass)."""
-    if model.kind == "seq2seq":
-        cache = model.init_cache(src, length, src_segment_ids=src_segment_ids)
-    else:
-        cache = model.init_cache(prompt.shape[0], length)
-    layers = model.decode_layers()
-    logits, cache = model.extend(prompt, cache, valid, layers)
-    return logits[:, -1], cache, layers
-
-
 def _lengths(tokens_bn, eos_id: int) -> jax.Array:
     """New tokens per row up to and including the first EOS (all of them when there is none)."""
     is_eos = tokens_bn == eos_id
@@ -224,17 +221,73 @@ def decode_phases(prompt_len: int, n: int, length: int, chunk: int | None = None
 
 
 # ---------------------------------------------------------------------------
+# What the decode loops drive: a model family after its prompt.
+
+
+@dataclasses.dataclass(frozen=True)
+class Prefilled:
+    """A model after its prompts, as the shared decode loops see it (built inside the jitted call).
+
+    logits_bv: next-token logits after each row's prompt.
+    state: the loop carry that `step` reads and returns (a KV cache, RNN carries).
+    step: (tokens [B], state, visible) -> (logits [B, V], state); `visible` is the
+      phase's static bound on the cache slots filled (None where the state does not grow).
+    reorder: (state, rows [B], visible) -> the state of rows `rows` (beam search
+      follows its surviving beams).
+    phases: number of steps -> [(first step, end step, visible)] covering them in order.
+    """
+
+    logits_bv: jax.Array
+    state: Any
+    step: Callable[[jax.Array, Any, int | None], tuple[jax.Array, Any]]
+    reorder: Callable[[Any, jax.Array, int | None], Any]
+    phases: Callable[[int], list[tuple[int, int, int | None]]]
+
+
+# A family's prefill: (model, the arrays its host-side checks produced, resolved Decode) -> Prefilled.
+Prefill = Callable[[Any, tuple, Decode], Prefilled]
+
+
+def _prefill(model, inputs: tuple, decode: Decode) -> Prefilled:
+    """The Transformers' prefill: left-aligned prompts through the cache in one parallel pass."""
+    prompt, valid, src, src_seg = inputs
+    if model.kind == "seq2seq":
+        cache = model.init_cache(src, decode.cache_len, src_segment_ids=src_seg)
+    else:
+        cache = model.init_cache(prompt.shape[0], decode.cache_len)
+    layers = model.decode_layers()  # unstacked once, outside the loop
+    logits, cache = model.extend(prompt, cache, valid, layers)
+
+    def step(tokens_b, cache, visible):
+        logits, cache = model.extend(tokens_b[:, None], cache, None, layers, visible=visible)
+        return logits[:, 0], cache
+
+    def reorder(cache, rows, visible):
+        def take(x):  # only the slots this phase can have filled
+            return x[rows] if x.ndim == 1 or visible >= x.shape[1] else x.at[:, :visible].set(x[rows, :visible])
+
+        return dataclasses.replace(cache, k=jax.tree.map(take, cache.k), v=jax.tree.map(take, cache.v),
+                                   positions=take(cache.positions), valid=take(cache.valid),
+                                   next_pos=take(cache.next_pos))
+
+    # Step s feeds token s and writes slot p + s (see decode_phases).
+    def phases(steps):
+        return decode_phases(prompt.shape[1], steps + 1, decode.cache_len, decode.chunk)
+
+    return Prefilled(logits[:, -1], cache, step, reorder, phases)
+
+
+# ---------------------------------------------------------------------------
 # Sampling / greedy.
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "decode", "greedy", "top_k", "layout"))
-def _generate(graphdef, state, prompt, valid, rng, src, src_seg, temperature, top_p, *, decode: Decode, greedy: bool,
+@functools.partial(jax.jit, static_argnames=("graphdef", "prefill", "decode", "greedy", "top_k", "layout"))
+def _generate(graphdef, state, inputs, rng, temperature, top_p, *, prefill: Prefill, decode: Decode, greedy: bool,
               top_k: int | None, layout: shd.Layout | None):
     """`decode` is resolved (eos_id, cache_len set); temperature and top_p are traced values."""
     with shd.use_layout(layout):
         model = nnx.merge(graphdef, state)
         vocab = model.cfg.vocab_size  # sample real ids only: -1e9 / temperature is not -inf
-        n, eos_id, pad_id = decode.max_new_tokens, decode.eos_id, model.cfg.pad_id
 
         def pick(logits_bv, key):
             logits_bv = logits_bv[:, :vocab]
@@ -242,31 +295,59 @@ def _generate(graphdef, state, prompt, valid, rng, src, src_seg, temperature, to
                 return jnp.argmax(logits_bv.astype(jnp.float32), axis=-1).astype(jnp.int32)
             return _sample(logits_bv, key, temperature, top_k, top_p)
 
-        last_logits, cache, layers = _start(model, prompt, valid, decode.cache_len, src, src_seg)
-        keys = jax.random.split(rng, n)
-        first = pick(last_logits, keys[0])
-        out = jnp.full((prompt.shape[0], n), pad_id, jnp.int32).at[:, 0].set(first)
+        return _sample_loop(prefill(model, inputs, decode), pick, rng, decode, model.cfg.pad_id)
 
-        def phase(hi, visible):
-            # Steps until `hi` or until every row has emitted EOS: an early end costs no more steps.
-            def running(carry):
-                i, _, _, done, _ = carry
-                return (i < hi) & ~jnp.all(done)
 
-            def step(carry):
-                i, tok, cache, done, out = carry
-                logits, cache = model.extend(tok[:, None], cache, None, layers, visible=visible)
-                nxt = jnp.where(done, pad_id, pick(logits[:, 0], keys[1 + i]))
-                out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i + 1))
-                return i + 1, nxt, cache, done | (nxt == eos_id), out
+def _sample_loop(run: Prefilled, pick, rng, decode: Decode, pad_id: int) -> Generated:
+    """One token per row per step, picked by `pick`, until max_new_tokens or until every row has emitted EOS."""
+    n, eos_id = decode.max_new_tokens, decode.eos_id
+    keys = jax.random.split(rng, n)
+    first = pick(run.logits_bv, keys[0])
+    out = jnp.full((first.shape[0], n), pad_id, jnp.int32).at[:, 0].set(first)
 
-            return running, step
+    def phase(hi, visible):
+        # Steps until `hi` or until every row has emitted EOS: an early end costs no more steps.
+        def running(carry):
+            i, _, _, done, _ = carry
+            return (i < hi) & ~jnp.all(done)
 
-        carry = (jnp.int32(0), first, cache, first == eos_id, out)
-        for _, hi, visible in decode_phases(prompt.shape[1], n, decode.cache_len, decode.chunk):
-            carry = jax.lax.while_loop(*phase(hi, visible), carry)
-        tokens = carry[-1]
-        return Generated(tokens=tokens, lengths=_lengths(tokens, eos_id))
+        def step(carry):
+            i, tok, state, done, out = carry
+            logits_bv, state = run.step(tok, state, visible)
+            nxt = jnp.where(done, pad_id, pick(logits_bv, keys[1 + i]))
+            out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i + 1))
+            return i + 1, nxt, state, done | (nxt == eos_id), out
+
+        return running, step
+
+    carry = (jnp.int32(0), first, run.state, first == eos_id, out)
+    for _, hi, visible in run.phases(n - 1):
+        carry = jax.lax.while_loop(*phase(hi, visible), carry)
+    tokens = carry[-1]
+    return Generated(tokens=tokens, lengths=_lengths(tokens, eos_id), steps=carry[0])
+
+
+def _check_sampling(sampling: Sampling, rng: jax.Array | None) -> None:
+    if not isinstance(sampling, Sampling):
+        raise ValueError(f"sampling must be a tformer.Sampling(temperature=..., top_k=..., top_p=...), "
+                         f"got {sampling!r}")
+    if not sampling.greedy and rng is None:
+        raise ValueError("sampling with temperature > 0 needs an explicit rng key (jax.random.key(seed))")
+
+
+def generate_with(prefill: Prefill, model, inputs: tuple, decode: Decode, sampling: Sampling,
+                  rng: jax.Array | None, layout: shd.Layout | None = None) -> Generated:
+    """The shared greedy/sampling loop over any family's `prefill` (inputs checked, decode resolved)."""
+    _check_sampling(sampling, rng)
+    graphdef, state = nnx.split(model)
+    return _generate(
+        graphdef, state, inputs, jax.random.key(0) if rng is None else rng,
+        # Values, not compile-time constants: a new temperature or top_p reuses the program.
+        jnp.float32(1.0 if sampling.greedy else sampling.temperature),
+        jnp.float32(sampling.top_p) if sampling.nucleus else None,
+        prefill=prefill, decode=decode, greedy=sampling.greedy, top_k=None if sampling.greedy else sampling.top_k,
+        layout=layout,
+    )
 
 
 def generate(model, prompts, decode: Decode, sampling: Sampling = GREEDY, *, lengths=None,
@@ -281,23 +362,11 @@ def generate(model, prompts, decode: Decode, sampling: Sampling = GREEDY, *, len
       the "tp" preset): activations and the KV cache get the matching
       constraints (batch over data axes, kv heads over `tensor`).
     """
-    if not isinstance(sampling, Sampling):
-        raise ValueError(f"sampling must be a tformer.Sampling(temperature=..., top_k=..., top_p=...), "
-                         f"got {sampling!r}")
-    if not sampling.greedy and rng is None:
-        raise ValueError("sampling with temperature > 0 needs an explicit rng key (jax.random.key(seed))")
     prompt, valid, p = _as_prompts(model, prompts, lengths)
     decode = _resolve(model.cfg, decode, p)
     src, src_segment_ids = _as_src(model, src, src_segment_ids, prompt.shape[0], "generation")
-    graphdef, state = nnx.split(model)
-    return _generate(
-        graphdef, state, prompt, valid, jax.random.key(0) if rng is None else rng, src, src_segment_ids,
-        # Values, not compile-time constants: a new temperature or top_p reuses the program.
-        jnp.float32(1.0 if sampling.greedy else sampling.temperature),
-        jnp.float32(sampling.top_p) if sampling.nucleus else None,
-        decode=decode, greedy=sampling.greedy, top_k=None if sampling.greedy else sampling.top_k,
-        layout=shd.layout(mesh, rules),
-    )
+    return generate_with(_prefill, model, (prompt, valid, src, src_segment_ids), decode, sampling, rng,
+                         shd.layout(mesh, rules))
 
 
 # ---------------------------------------------------------------------------
@@ -309,30 +378,23 @@ def length_penalty(length, alpha: float):
     return ((5.0 + length) / 6.0) ** alpha
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "decode", "beam", "alpha", "layout"))
-def _beam_search(graphdef, state, prompt, valid, src, src_seg, *, decode: Decode, beam: int, alpha: float,
+@functools.partial(jax.jit, static_argnames=("graphdef", "prefill", "decode", "beam", "alpha", "layout"))
+def _beam_search(graphdef, state, inputs, *, prefill: Prefill, decode: Decode, beam: int, alpha: float,
                  layout: shd.Layout | None):
     with shd.use_layout(layout):
-        return _beam_loop(nnx.merge(graphdef, state), prompt, valid, src, src_seg, decode, beam, alpha)
+        model = nnx.merge(graphdef, state)
+        batch = inputs[0].shape[0]
+        run = prefill(model, jax.tree.map(lambda x: jnp.repeat(x, beam, axis=0), inputs), decode)
+        return _beam_loop(run, model.cfg, batch, decode, beam, alpha)
 
 
-def _beam_loop(model, prompt, valid, src, src_seg, decode: Decode, beam: int, alpha: float) -> Generated:
-    b, n, eos_id, pad_id = prompt.shape[0], decode.max_new_tokens, decode.eos_id, model.cfg.pad_id
-
-    def rep(x):
-        return None if x is None else jnp.repeat(x, beam, axis=0)
-
-    logits, cache, layers = _start(model, rep(prompt), rep(valid), decode.cache_len, rep(src), rep(src_seg))
+def _beam_loop(run: Prefilled, cfg, b: int, decode: Decode, beam: int, alpha: float) -> Generated:
+    """Beam search over rows [b * beam] of `run`; stops once no row's finished top-`beam` can still change."""
+    n, eos_id, pad_id, v = decode.max_new_tokens, decode.eos_id, cfg.pad_id, cfg.vocab_size
     neg = jnp.float32(-1e9)
 
-    alive_seq = jnp.full((b, beam, n), pad_id, jnp.int32)
-    alive_lp = jnp.tile(jnp.where(jnp.arange(beam) == 0, 0.0, neg), (b, 1))  # only beam 0 starts
-    fin_seq = jnp.full((b, beam, n), pad_id, jnp.int32)
-    fin_score = jnp.full((b, beam), neg)
-
-    def step(carry, i, visible):
-        logits, cache, alive_seq, alive_lp, fin_seq, fin_score = carry
-        v = model.cfg.vocab_size
+    def step(carry, visible):
+        i, logits, state, alive_seq, alive_lp, fin_seq, fin_score = carry
         logp = jax.nn.log_softmax(logits[:, :v].astype(jnp.float32), axis=-1).reshape(b, beam, v)
         cand = (alive_lp[:, :, None] + logp).reshape(b, beam * v)
         top_lp, top_idx = jax.lax.top_k(cand, 2 * beam)  # 2K: K may end in EOS
@@ -344,33 +406,38 @@ def _beam_loop(model, prompt, valid, src, src_seg, decode: Decode, beam: int, al
         # (A candidate grown from a dead beam keeps its ~-1e9 and is never finished,
         # however much the length penalty divides it.)
         new_fin = jnp.where(is_eos & (top_lp > neg / 2), top_lp / length_penalty(i + 1.0, alpha), neg)
-        all_score = jnp.concatenate([fin_score, new_fin], axis=1)
-        all_seq = jnp.concatenate([fin_seq, seqs], axis=1)
-        fin_score, idx = jax.lax.top_k(all_score, beam)
-        fin_seq = jnp.take_along_axis(all_seq, idx[:, :, None], axis=1)
+        fin_score, idx = jax.lax.top_k(jnp.concatenate([fin_score, new_fin], axis=1), beam)
+        fin_seq = jnp.take_along_axis(jnp.concatenate([fin_seq, seqs], axis=1), idx[:, :, None], axis=1)
         # Alive: best K candidates that did not end.
-        alive_cand = jnp.where(is_eos, neg, top_lp)
-        alive_lp, idx = jax.lax.top_k(alive_cand, beam)
+        alive_lp, idx = jax.lax.top_k(jnp.where(is_eos, neg, top_lp), beam)
         alive_seq = jnp.take_along_axis(seqs, idx[:, :, None], axis=1)
-        alive_parent = jnp.take_along_axis(parent, idx, axis=1)
-        last = jnp.take_along_axis(tok, idx, axis=1).reshape(b * beam)
-        flat = (jnp.arange(b)[:, None] * beam + alive_parent).reshape(-1)
+        rows = (jnp.arange(b)[:, None] * beam + jnp.take_along_axis(parent, idx, axis=1)).reshape(-1)
+        state = run.reorder(state, rows, visible)  # the surviving beams' states
+        logits, state = run.step(jnp.take_along_axis(tok, idx, axis=1).reshape(-1), state, visible)
+        return i + 1, logits, state, alive_seq, alive_lp, fin_seq, fin_score
 
-        def reorder(x):  # follow the surviving beams; only the slots this phase can have filled
-            return x[flat] if x.ndim == 1 or visible >= x.shape[1] else x.at[:, :visible].set(x[flat, :visible])
+    def running(carry, hi):
+        i, _, _, _, alive_lp, _, fin_score = carry
+        return (i < hi) & ~jnp.all(_settled(alive_lp, fin_score, i, n, alpha))
 
-        cache = dataclasses.replace(
-            cache, k=jax.tree.map(reorder, cache.k), v=jax.tree.map(reorder, cache.v),
-            positions=reorder(cache.positions), valid=reorder(cache.valid), next_pos=reorder(cache.next_pos),
-        )
-        logits, cache = model.extend(last[:, None], cache, None, layers, visible=visible)
-        return (logits[:, 0], cache, alive_seq, alive_lp, fin_seq, fin_score), None
+    carry = (jnp.int32(0), run.logits_bv, run.state, jnp.full((b, beam, n), pad_id, jnp.int32),
+             jnp.tile(jnp.where(jnp.arange(beam) == 0, 0.0, neg), (b, 1)),  # only beam 0 starts
+             jnp.full((b, beam, n), pad_id, jnp.int32), jnp.full((b, beam), neg))
+    for _, hi, visible in run.phases(n):
+        carry = jax.lax.while_loop(functools.partial(running, hi=hi), functools.partial(step, visible=visible), carry)
+    return dataclasses.replace(_best_hypothesis(*carry[3:], n, alpha, eos_id, neg), steps=carry[0])
 
-    carry = (logits, cache, alive_seq, alive_lp, fin_seq, fin_score)
-    # Step i writes slot p + i: the phases of `generate`, over n steps (see decode_phases).
-    for lo, hi, visible in decode_phases(prompt.shape[1], n + 1, decode.cache_len, decode.chunk):
-        carry, _ = jax.lax.scan(functools.partial(step, visible=visible), carry, jnp.arange(lo, hi))
-    return _best_hypothesis(*carry[2:], n, alpha, eos_id, neg)
+
+def _settled(alive_lp, fin_score, i, n: int, alpha: float) -> jax.Array:
+    """[B] True once no alive beam can enter a row's finished top-K, so more steps cannot change the result.
+
+    Log-probs only fall as a beam grows, so the best score an alive beam can
+    still finish with is its log-prob now over the largest length penalty of
+    the lengths still ahead (i + 1 .. n; the penalty is monotone in length).
+    Until K hypotheses have finished the K-th score is -1e9 and nothing settles.
+    """
+    best_penalty = jnp.maximum(length_penalty(i + 1.0, alpha), length_penalty(float(n), alpha))
+    return fin_score[:, -1] > alive_lp[:, 0] / best_penalty
 
 
 def _best_hypothesis(alive_seq, alive_lp, fin_seq, fin_score, n: int, alpha: float, eos_id: int, neg) -> Generated:
@@ -382,23 +449,35 @@ def _best_hypothesis(alive_seq, alive_lp, fin_seq, fin_score, n: int, alpha: flo
     return Generated(tokens=best_seq, lengths=_lengths(best_seq, eos_id), scores=best_score)
 
 
+def _check_beam(beam_size: int, length_alpha: float) -> None:
+    if not (_is_int(beam_size) and beam_size >= 1):
+        raise ValueError(f"beam_size must be an integer >= 1, got {beam_size}")
+    if not math.isfinite(length_alpha):
+        raise ValueError(f"length_alpha must be a finite number (0 = raw log-prob), got {length_alpha}")
+
+
+def beam_search_with(prefill: Prefill, model, inputs: tuple, decode: Decode, beam_size: int, length_alpha: float,
+                     layout: shd.Layout | None = None) -> Generated:
+    """The shared beam loop over any family's `prefill` (inputs checked, decode resolved; inputs[0] is [B, ...])."""
+    _check_beam(beam_size, length_alpha)
+    graphdef, state = nnx.split(model)
+    return _beam_search(graphdef, state, inputs, prefill=prefill, decode=decode, beam=beam_size,
+                        alpha=float(length_alpha), layout=layout)
+
+
 def beam_search(model, prompts, decode: Decode, *, beam_size: int = 4, length_alpha: float = 0.6, lengths=None,
                 src=None, src_segment_ids=None, mesh=None, rules=None) -> Generated:
     """Beam search (GNMT length penalty); returns the best hypothesis per row.
 
     Same prompt conventions and `Decode` spec as `generate`. Beam size 1
-    equals greedy decoding.
+    equals greedy decoding. The loop ends early once every row's best
+    `beam_size` finished hypotheses can no longer change.
     """
-    if not (_is_int(beam_size) and beam_size >= 1):
-        raise ValueError(f"beam_size must be an integer >= 1, got {beam_size}")
-    if not math.isfinite(length_alpha):
-        raise ValueError(f"length_alpha must be a finite number (0 = raw log-prob), got {length_alpha}")
     prompt, valid, p = _as_prompts(model, prompts, lengths)
     decode = _resolve(model.cfg, decode, p)
     src, src_segment_ids = _as_src(model, src, src_segment_ids, prompt.shape[0], "beam search")
-    graphdef, state = nnx.split(model)
-    return _beam_search(graphdef, state, prompt, valid, src, src_segment_ids, decode=decode, beam=beam_size,
-                        alpha=float(length_alpha), layout=shd.layout(mesh, rules))
+    return beam_search_with(_prefill, model, (prompt, valid, src, src_segment_ids), decode, beam_size, length_alpha,
+                            shd.layout(mesh, rules))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "eos_id"))

@@ -25,9 +25,9 @@ functions so that `import tformer` does not need it.
 from __future__ import annotations
 
 import contextlib
-import functools
+import dataclasses
 import json
-import operator
+import math
 import re
 import warnings
 from pathlib import Path
@@ -36,7 +36,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from tformer.config import ModelConfig
 from tformer.layers import DTYPE
@@ -277,6 +277,121 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 
 # ---------------------------------------------------------------------------
+# The tensor-name tables: one per family, read by both load and save.
+
+
+def _dims(cfg: ModelConfig, positions: int) -> dict[str, int]:
+    """The sizes HF shapes are written in; `positions`: rows of GPT-2's wpe (n_positions, >= max_len)."""
+    return dict(d=cfg.d_model, h=cfg.num_heads, kh=cfg.kv_heads, hd=cfg.head_dim_, f=cfg.d_ff_, v=cfg.vocab_size,
+                p=positions)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    """One HF tensor and the tformer parameter(s) it holds.
+
+    hf: name below the base-model prefix ("{i}": the layer index).
+    ours: parameter paths, space-separated (per layer: below blocks/layers);
+      several are concatenated along HF's last axis (GPT-2's fused q | k | v);
+      none: a tensor tformer lacks, written as zeros and loaded only when zero.
+    shape: HF's shape in `_dims` sizes ("h*hd d"); why: the config fields that imply it.
+    transpose: torch Linear's [out, in] against our [in, out].
+    vocab: the first HF axis is the vocabulary (ours is padded to `padded_vocab`).
+    rows: HF may hold more rows than ours (learned positions past max_len).
+    optional: absent from a checkpoint means zeros (biases the architecture lacks).
+    """
+
+    hf: str
+    ours: str
+    shape: str
+    why: str
+    transpose: bool = False
+    vocab: bool = False
+    rows: bool = False
+    optional: bool = False
+
+    @property
+    def paths(self) -> list[str]:
+        return self.ours.split()
+
+    def shape_of(self, dims: dict[str, int]) -> tuple[int, ...]:
+        return tuple(math.prod(int(f) if f.isdigit() else dims[f] for f in axis.split("*"))
+                     for axis in self.shape.split())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Table:
+    prefix: str  # the base model's ("transformer." / "model."), absent from bare base-model checkpoints
+    layer: tuple[_Tensor, ...]  # per layer
+    bias: tuple[_Tensor, ...]  # per layer, only when ModelConfig.use_bias
+    top: tuple[_Tensor, ...]
+    head: _Tensor  # the untied output projection (tied: the embedding table)
+
+
+_T = _Tensor
+# Conv1D weights are [in, out] like ours; c_attn's out axis is q | k | v, each heads-major.
+_GPT2 = _Table("transformer.", layer=(
+    _T("h.{i}.attn.c_attn.weight", "attn/wq attn/wk attn/wv", "d 3*d", "n_embd"),
+    _T("h.{i}.attn.c_attn.bias", "attn/bq attn/bk attn/bv", "3*d", "n_embd"),
+    _T("h.{i}.ln_1.weight", "attn_norm/scale", "d", "n_embd"),
+    _T("h.{i}.ln_1.bias", "attn_norm/bias", "d", "n_embd"),
+    _T("h.{i}.attn.c_proj.weight", "attn/wo", "d d", "n_embd"),
+    _T("h.{i}.attn.c_proj.bias", "attn/bo", "d", "n_embd"),
+    _T("h.{i}.ln_2.weight", "mlp_norm/scale", "d", "n_embd"),
+    _T("h.{i}.ln_2.bias", "mlp_norm/bias", "d", "n_embd"),
+    _T("h.{i}.mlp.c_fc.weight", "mlp/w_in", "d f", "n_embd, n_inner"),
+    _T("h.{i}.mlp.c_fc.bias", "mlp/b_in", "f", "n_inner"),
+    _T("h.{i}.mlp.c_proj.weight", "mlp/w_out", "f d", "n_inner, n_embd"),
+    _T("h.{i}.mlp.c_proj.bias", "mlp/b_out", "d", "n_embd"),
+), bias=(), top=(
+    _T("wte.weight", "embed/table", "v d", "vocab_size, n_embd", vocab=True),
+    _T("wpe.weight", "embed/pos_table", "p d", "n_positions, n_embd", rows=True),
+    _T("ln_f.weight", "final_norm/scale", "d", "n_embd"),
+    _T("ln_f.bias", "final_norm/bias", "d", "n_embd"),
+), head=_T("lm_head.weight", "embed/head", "v d", "vocab_size, n_embd", transpose=True, vocab=True))
+
+# torch Linear weights are [out, in]; the out axis is heads-major (view(..., heads, head_dim)).
+_LLAMA = _Table("model.", layer=(
+    _T("layers.{i}.self_attn.q_proj.weight", "attn/wq", "h*hd d", "num_attention_heads, head_dim", transpose=True),
+    _T("layers.{i}.self_attn.k_proj.weight", "attn/wk", "kh*hd d", "num_key_value_heads, head_dim", transpose=True),
+    _T("layers.{i}.self_attn.v_proj.weight", "attn/wv", "kh*hd d", "num_key_value_heads, head_dim", transpose=True),
+    _T("layers.{i}.self_attn.o_proj.weight", "attn/wo", "d h*hd", "hidden_size, num_attention_heads", transpose=True),
+    _T("layers.{i}.mlp.gate_proj.weight", "mlp/w_gate", "f d", "intermediate_size, hidden_size", transpose=True),
+    _T("layers.{i}.mlp.up_proj.weight", "mlp/w_in", "f d", "intermediate_size, hidden_size", transpose=True),
+    _T("layers.{i}.mlp.down_proj.weight", "mlp/w_out", "d f", "hidden_size, intermediate_size", transpose=True),
+    _T("layers.{i}.input_layernorm.weight", "attn_norm/scale", "d", "hidden_size"),
+    _T("layers.{i}.post_attention_layernorm.weight", "mlp_norm/scale", "d", "hidden_size"),
+), bias=(  # Llama has none by default, Qwen2 only q/k/v: absent ones are zeros in tformer (exact)
+    _T("layers.{i}.self_attn.q_proj.bias", "attn/bq", "h*hd", "attention_bias", optional=True),
+    _T("layers.{i}.self_attn.k_proj.bias", "attn/bk", "kh*hd", "attention_bias", optional=True),
+    _T("layers.{i}.self_attn.v_proj.bias", "attn/bv", "kh*hd", "attention_bias", optional=True),
+    _T("layers.{i}.self_attn.o_proj.bias", "attn/bo", "d", "attention_bias", optional=True),
+    _T("layers.{i}.mlp.up_proj.bias", "mlp/b_in", "f", "mlp_bias", optional=True),
+    _T("layers.{i}.mlp.down_proj.bias", "mlp/b_out", "d", "mlp_bias", optional=True),
+    _T("layers.{i}.mlp.gate_proj.bias", "", "f", "mlp_bias", optional=True),  # tformer has no gate bias
+), top=(
+    _T("embed_tokens.weight", "embed/table", "v d", "vocab_size, hidden_size", vocab=True),
+    _T("norm.weight", "final_norm/scale", "d", "hidden_size"),
+), head=_T("lm_head.weight", "embed/head", "v d", "vocab_size, hidden_size", transpose=True, vocab=True))
+
+_TABLES = {"gpt2": _GPT2, "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA}
+_LAYERS = "blocks/layers/"  # tformer's Stack keeps every layer's weights under one leading axis
+
+
+def _entries(table: _Table, cfg: ModelConfig):
+    """(HF name below the prefix, layer index or None, tensor) of every tensor `cfg` has, in reading order."""
+    for i in range(cfg.num_layers):
+        for t in table.layer + (table.bias if cfg.use_bias else ()):
+            yield t.hf.format(i=i), i, t
+    yield from ((t.hf, None, t) for t in table.top + (() if cfg.tie_embeddings else (table.head,)))
+
+
+def _full_name(prefix: str, key: str) -> str:
+    """The stored name of `key`: the output head sits beside the base model, not inside it."""
+    return key if key.startswith("lm_head.") else prefix + key
+
+
+# ---------------------------------------------------------------------------
 # Reading tensors.
 
 # Buffers some checkpoints carry that are not weights (recomputed by the model).
@@ -352,7 +467,7 @@ class _Checkpoint:
     def get(self, key: str, shape: tuple[int, ...], why: str) -> np.ndarray:
         """Tensor `key` (prefix-free) with the `shape` the config implies (`why` names the fields)."""
         if key not in self.files:
-            name = key if key.startswith("lm_head.") else self.prefix + key
+            name = _full_name(self.prefix, key)
             raise ValueError(f"tensor {name!r} is missing from the checkpoint in {self.directory} "
                              f"(looked in {self.source}); the config expects it with shape {shape}")
         name, f = self.files[key]
@@ -383,111 +498,48 @@ def _pad_rows(x_vd: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate([x_vd, np.zeros((rows - x_vd.shape[0],) + x_vd.shape[1:], x_vd.dtype)])
 
 
-def _stack(layers: list[dict]) -> dict:
-    """Per-layer param dicts -> one dict with a leading `layers` axis (tformer's Stack layout)."""
-    return jax.tree.map(lambda *xs: np.stack(xs), *layers)
+def _read(ck: _Checkpoint, key: str, t: _Tensor, dims: dict[str, int], cfg: ModelConfig,
+          want: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Our parameter(s) {path: array} from HF tensor `key`, by its table entry `t`; `want`: our shapes."""
+    shape = t.shape_of(dims)
+    x = np.zeros(shape, np.float32) if t.optional and not ck.has(key) else ck.get(key, shape, t.why)
+    if not t.ours:
+        if np.any(x != 0):
+            raise ValueError(f"tensor {ck.files[key][0]!r} is nonzero, but tformer's gated MLP has no gate bias "
+                             "(mlp_bias=true checkpoints load only with a zero gate bias)")
+        return {}
+    if t.rows:
+        if cfg.max_len > x.shape[0]:
+            raise ValueError(f"max_len={cfg.max_len} exceeds the checkpoint's n_positions={x.shape[0]} "
+                             "(learned positions cannot be extended)")
+        x = x[: cfg.max_len]
+    if t.vocab:  # zero rows up to tformer's padded vocabulary (the padded logits are masked anyway)
+        x = np.concatenate([x, np.zeros((cfg.padded_vocab - x.shape[0],) + x.shape[1:], x.dtype)])
+    x = x.T if t.transpose else x
+    return {p: part.reshape(want[p]) for p, part in zip(t.paths, np.split(x, len(t.paths), axis=-1))}
 
 
-def _head_vd(ck: _Checkpoint, cfg: ModelConfig, embed_key: str, why: str) -> np.ndarray | None:
-    """The output projection [V, d] for untied models; for tied ones check a stored copy and return None."""
-    shape = (cfg.vocab_size, cfg.d_model)
-    if not cfg.tie_embeddings:
-        return ck.get("lm_head.weight", shape, why)
-    if ck.has("lm_head.weight"):  # some tied checkpoints store the shared matrix twice
-        head = ck.get("lm_head.weight", shape, why)
-        if not np.array_equal(head, ck.get(embed_key, shape, why)):
+def _params(ck: _Checkpoint, table: _Table, cfg: ModelConfig, dims: dict[str, int],
+            want: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Our flat parameters {path: array, layers stacked} from the checkpoint, by `table`; `want`: their shapes."""
+    entries = list(_entries(table, cfg))
+    mapped = {(_LAYERS if i is not None else "") + p for _, i, t in entries for p in t.paths}
+    if mapped != want.keys():
+        raise ValueError(f"tformer's DecoderLM parameters do not match the HF mapping at "
+                         f"{sorted(mapped ^ want.keys())[:5]}; "
+                         "tformer/hf.py needs updating for the model's current parameter layout")
+    per_layer = {k.removeprefix(_LAYERS): shape[1:] for k, shape in want.items() if k.startswith(_LAYERS)}
+    layers: list[dict[str, np.ndarray]] = [{} for _ in range(cfg.num_layers)]
+    flat: dict[str, np.ndarray] = {}
+    for key, i, t in entries:
+        (flat if i is None else layers[i]).update(_read(ck, key, t, dims, cfg, want if i is None else per_layer))
+    embed = next(t for t in table.top if t.ours == "embed/table")
+    if cfg.tie_embeddings and ck.has(table.head.hf):  # some tied checkpoints store the shared matrix twice
+        head = ck.get(table.head.hf, table.head.shape_of(dims), table.head.why)
+        if not np.array_equal(head, ck.get(embed.hf, embed.shape_of(dims), embed.why)):
             raise ValueError("config.json says tie_word_embeddings=true but lm_head.weight differs from "
-                             f"{embed_key}; set tie_word_embeddings=false in config.json to load both")
-    return None
-
-
-def _layer_tensor(ck: _Checkpoint, prefix: str, name: str, shape: tuple[int, ...], why: str) -> np.ndarray:
-    return ck.get(prefix + name, shape, why)
-
-
-def _gpt2_params(ck: _Checkpoint, cfg: ModelConfig, n_positions: int) -> dict:
-    d, h, hd, f, v = cfg.d_model, cfg.num_heads, cfg.head_dim_, cfg.d_ff_, cfg.vocab_size
-    layers = []
-    for i in range(cfg.num_layers):
-        get = functools.partial(_layer_tensor, ck, f"h.{i}.")
-        # Conv1D weights are [in, out]: c_attn's out axis is q | k | v, each heads-major.
-        qkv_w = get("attn.c_attn.weight", (d, 3 * d), "n_embd")
-        qkv_b = get("attn.c_attn.bias", (3 * d,), "n_embd")
-        w_dhk = [w.reshape(d, h, hd) for w in np.split(qkv_w, 3, axis=1)]
-        b_hk = [b.reshape(h, hd) for b in np.split(qkv_b, 3)]
-        layers.append({
-            "attn_norm": {"scale": get("ln_1.weight", (d,), "n_embd"), "bias": get("ln_1.bias", (d,), "n_embd")},
-            "attn": {"wq": w_dhk[0], "wk": w_dhk[1], "wv": w_dhk[2], "bq": b_hk[0], "bk": b_hk[1], "bv": b_hk[2],
-                     "wo": get("attn.c_proj.weight", (d, d), "n_embd").reshape(h, hd, d),
-                     "bo": get("attn.c_proj.bias", (d,), "n_embd")},
-            "mlp_norm": {"scale": get("ln_2.weight", (d,), "n_embd"), "bias": get("ln_2.bias", (d,), "n_embd")},
-            "mlp": {"w_in": get("mlp.c_fc.weight", (d, f), "n_embd, n_inner"),
-                    "b_in": get("mlp.c_fc.bias", (f,), "n_inner"),
-                    "w_out": get("mlp.c_proj.weight", (f, d), "n_inner, n_embd"),
-                    "b_out": get("mlp.c_proj.bias", (d,), "n_embd")},
-        })
-    wte_vd = ck.get("wte.weight", (v, d), "vocab_size, n_embd")
-    wpe_pd = ck.get("wpe.weight", (n_positions, d), "n_positions, n_embd")
-    if cfg.max_len > wpe_pd.shape[0]:
-        raise ValueError(f"max_len={cfg.max_len} exceeds the checkpoint's n_positions={wpe_pd.shape[0]} "
-                         "(learned positions cannot be extended)")
-    embed = {"table": _pad_rows(wte_vd, cfg.padded_vocab), "pos_table": wpe_pd[: cfg.max_len]}
-    head_vd = _head_vd(ck, cfg, "wte.weight", "vocab_size, n_embd")
-    if head_vd is not None:
-        embed["head"] = _pad_rows(head_vd, cfg.padded_vocab).T
-    return {"embed": embed, "blocks": {"layers": _stack(layers)},
-            "final_norm": {"scale": ck.get("ln_f.weight", (d,), "n_embd"), "bias": ck.get("ln_f.bias", (d,), "n_embd")}}
-
-
-def _llama_params(ck: _Checkpoint, cfg: ModelConfig) -> dict:
-    d, h, kh, hd, f, v = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim_, cfg.d_ff_, cfg.vocab_size
-    layers = []
-    for i in range(cfg.num_layers):
-        p = f"layers.{i}."
-
-        def get(name, shape, why, p=p):
-            return ck.get(p + name, shape, why)
-
-        def bias(name, shape, why, p=p):
-            # Biases the architecture lacks (all of Llama's by default, Qwen2's o_proj) are zero in tformer.
-            return ck.get(p + name, shape, why) if ck.has(p + name) else np.zeros(shape, np.float32)
-
-        # torch Linear weights are [out, in]; the out axis is heads-major (view(..., heads, head_dim)).
-        attn = {
-            "wq": get("self_attn.q_proj.weight", (h * hd, d), "num_attention_heads, head_dim").T.reshape(d, h, hd),
-            "wk": get("self_attn.k_proj.weight", (kh * hd, d), "num_key_value_heads, head_dim").T.reshape(d, kh, hd),
-            "wv": get("self_attn.v_proj.weight", (kh * hd, d), "num_key_value_heads, head_dim").T.reshape(d, kh, hd),
-            "wo": get("self_attn.o_proj.weight", (d, h * hd), "hidden_size, num_attention_heads").T.reshape(h, hd, d),
-        }
-        mlp = {
-            "w_gate": get("mlp.gate_proj.weight", (f, d), "intermediate_size, hidden_size").T,
-            "w_in": get("mlp.up_proj.weight", (f, d), "intermediate_size, hidden_size").T,
-            "w_out": get("mlp.down_proj.weight", (d, f), "hidden_size, intermediate_size").T,
-        }
-        if cfg.use_bias:
-            attn.update(bq=bias("self_attn.q_proj.bias", (h * hd,), "attention_bias").reshape(h, hd),
-                        bk=bias("self_attn.k_proj.bias", (kh * hd,), "attention_bias").reshape(kh, hd),
-                        bv=bias("self_attn.v_proj.bias", (kh * hd,), "attention_bias").reshape(kh, hd),
-                        bo=bias("self_attn.o_proj.bias", (d,), "attention_bias"))
-            mlp.update(b_in=bias("mlp.up_proj.bias", (f,), "mlp_bias"),
-                       b_out=bias("mlp.down_proj.bias", (d,), "mlp_bias"))
-            gate_b = bias("mlp.gate_proj.bias", (f,), "mlp_bias")
-            if np.any(gate_b != 0):
-                raise ValueError(f"tensor {ck.files[p + 'mlp.gate_proj.bias'][0]!r} is nonzero, but tformer's gated "
-                                 "MLP has no gate bias (mlp_bias=true checkpoints load only with a zero gate bias)")
-        layers.append({"attn_norm": {"scale": get("input_layernorm.weight", (d,), "hidden_size")}, "attn": attn,
-                       "mlp_norm": {"scale": get("post_attention_layernorm.weight", (d,), "hidden_size")}, "mlp": mlp})
-    embed = {"table": _pad_rows(ck.get("embed_tokens.weight", (v, d), "vocab_size, hidden_size"), cfg.padded_vocab)}
-    head_vd = _head_vd(ck, cfg, "embed_tokens.weight", "vocab_size, hidden_size")
-    if head_vd is not None:
-        embed["head"] = _pad_rows(head_vd, cfg.padded_vocab).T
-    return {"embed": embed, "blocks": {"layers": _stack(layers)},
-            "final_norm": {"scale": ck.get("norm.weight", (d,), "hidden_size")}}
-
-
-def _flat(tree: dict) -> dict[str, Any]:
-    return {"/".join(str(getattr(k, "key", k)) for k in path): x
-            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+                             f"{embed.hf}; set tie_word_embeddings=false in config.json to load both")
+    return flat | {_LAYERS + k: np.stack([layer[k] for layer in layers]) for k in layers[0]}
 
 
 def load_hf_checkpoint(path, *, dtype: str = "float32", param_dtype: str = "float32", **overrides) -> DecoderLM:
@@ -508,26 +560,18 @@ def load_hf_checkpoint(path, *, dtype: str = "float32", param_dtype: str = "floa
                          "(config.json + *.safetensors)")
     hf = _load_config_dict(directory)
     cfg = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype, **overrides)
-    with contextlib.ExitStack() as stack:
-        if hf["model_type"] == "gpt2":
-            ck = _Checkpoint(directory, "transformer.", stack)
-            params = _gpt2_params(ck, cfg, hf["n_positions"])
-        else:
-            ck = _Checkpoint(directory, "model.", stack)
-            params = _llama_params(ck, cfg)
-        ck.check_all_used()
-
+    table = _TABLES[hf["model_type"]]
     # Build the model abstractly (no random init), then fill in the weights.
     abstract = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    want, got = _flat(nnx.to_pure_dict(state)), _flat(params)
-    if want.keys() != got.keys() or any(tuple(want[k].shape) != tuple(got[k].shape) for k in want):
-        diff = sorted((want.keys() ^ got.keys()) | {k for k in want.keys() & got.keys()
-                                                    if tuple(want[k].shape) != tuple(got[k].shape)})
-        raise ValueError(f"tformer's DecoderLM parameters do not match the HF mapping at {diff[:5]}; "
-                         "tformer/hf.py needs updating for the model's current parameter layout")
+    want = {k: tuple(x.shape) for k, x in traverse_util.flatten_dict(nnx.to_pure_dict(state), sep="/").items()}
+    with contextlib.ExitStack() as stack:
+        ck = _Checkpoint(directory, table.prefix, stack)
+        params = _params(ck, table, cfg, _dims(cfg, hf.get("n_positions", cfg.max_len)), want)
+        ck.check_all_used()
     dt = DTYPE[cfg.param_dtype]
-    nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x.astype(np.float32), dt), params))
+    params = {k: jnp.asarray(x.astype(np.float32), dt) for k, x in params.items()}
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(params, sep="/"))
     return nnx.merge(graphdef, state)
 
 
@@ -535,60 +579,25 @@ def load_hf_checkpoint(path, *, dtype: str = "float32", param_dtype: str = "floa
 # Writing.
 
 
-def _to_numpy(model) -> dict:
-    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+def _write(t: _Tensor, xs: list[np.ndarray], dims: dict[str, int], dtype) -> np.ndarray:
+    """HF tensor of table entry `t` from our parameter(s) `xs` (one layer): `_read` run backwards."""
+    shape = t.shape_of(dims)
+    if not t.ours:
+        return np.zeros(shape, dtype)
+    view = shape[::-1] if t.transpose else shape  # HF's tensor before its final transpose
+    part = view[:-1] + (view[-1] // len(xs),)
+    if t.vocab:  # drop the padded rows (the last axis once transposed)
+        xs = [x[..., : dims["v"]] if t.transpose else x[: dims["v"]] for x in xs]
+    x = np.concatenate([x.reshape(part) for x in xs], axis=-1)
+    return x.T if t.transpose else x
 
 
-def _gpt2_tensors(cfg: ModelConfig, p: dict) -> dict[str, np.ndarray]:
-    """GPT2LMHeadModel tensors (Conv1D weights are [in, out], as ours) from our parameter tree `p`."""
-    d, v = cfg.d_model, cfg.vocab_size
-    lay, emb = p["blocks"]["layers"], p["embed"]
-    out: dict[str, np.ndarray] = {}
-    pre = "transformer."
-    for i in range(cfg.num_layers):
-        layer = operator.itemgetter(i)
-        a, m, n1, n2 = (jax.tree.map(layer, lay[k]) for k in ("attn", "mlp", "attn_norm", "mlp_norm"))
-        out |= {
-            f"{pre}h.{i}.ln_1.weight": n1["scale"], f"{pre}h.{i}.ln_1.bias": n1["bias"],
-            f"{pre}h.{i}.attn.c_attn.weight": np.concatenate([a[k].reshape(d, d) for k in ("wq", "wk", "wv")], 1),
-            f"{pre}h.{i}.attn.c_attn.bias": np.concatenate([a[k].reshape(d) for k in ("bq", "bk", "bv")]),
-            f"{pre}h.{i}.attn.c_proj.weight": a["wo"].reshape(d, d), f"{pre}h.{i}.attn.c_proj.bias": a["bo"],
-            f"{pre}h.{i}.ln_2.weight": n2["scale"], f"{pre}h.{i}.ln_2.bias": n2["bias"],
-            f"{pre}h.{i}.mlp.c_fc.weight": m["w_in"], f"{pre}h.{i}.mlp.c_fc.bias": m["b_in"],
-            f"{pre}h.{i}.mlp.c_proj.weight": m["w_out"], f"{pre}h.{i}.mlp.c_proj.bias": m["b_out"],
-        }
-    out |= {f"{pre}wte.weight": emb["table"][:v], f"{pre}wpe.weight": emb["pos_table"],
-            f"{pre}ln_f.weight": p["final_norm"]["scale"], f"{pre}ln_f.bias": p["final_norm"]["bias"]}
-    return out
-
-
-def _llama_tensors(cfg: ModelConfig, p: dict) -> dict[str, np.ndarray]:
-    """LlamaForCausalLM tensors (nn.Linear weights are [out, in]) from our parameter tree `p`."""
-    d, h, kh, hd, v = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim_, cfg.vocab_size
-    lay, emb = p["blocks"]["layers"], p["embed"]
-    out: dict[str, np.ndarray] = {}
-    pre = "model."
-    for i in range(cfg.num_layers):
-        a, m = jax.tree.map(operator.itemgetter(i), lay["attn"]), jax.tree.map(operator.itemgetter(i), lay["mlp"])
-        q = f"{pre}layers.{i}."
-        out |= {
-            q + "input_layernorm.weight": lay["attn_norm"]["scale"][i],
-            q + "post_attention_layernorm.weight": lay["mlp_norm"]["scale"][i],
-            q + "self_attn.q_proj.weight": a["wq"].reshape(d, h * hd).T,
-            q + "self_attn.k_proj.weight": a["wk"].reshape(d, kh * hd).T,
-            q + "self_attn.v_proj.weight": a["wv"].reshape(d, kh * hd).T,
-            q + "self_attn.o_proj.weight": a["wo"].reshape(h * hd, d).T,
-            q + "mlp.gate_proj.weight": m["w_gate"].T, q + "mlp.up_proj.weight": m["w_in"].T,
-            q + "mlp.down_proj.weight": m["w_out"].T,
-        }
-        if cfg.use_bias:
-            out |= {q + "self_attn.q_proj.bias": a["bq"].reshape(-1),
-                    q + "self_attn.k_proj.bias": a["bk"].reshape(-1),
-                    q + "self_attn.v_proj.bias": a["bv"].reshape(-1), q + "self_attn.o_proj.bias": a["bo"],
-                    q + "mlp.gate_proj.bias": np.zeros_like(m["b_in"]), q + "mlp.up_proj.bias": m["b_in"],
-                    q + "mlp.down_proj.bias": m["b_out"]}
-    out |= {f"{pre}embed_tokens.weight": emb["table"][:v], f"{pre}norm.weight": p["final_norm"]["scale"]}
-    return out
+def _tensors(table: _Table, cfg: ModelConfig, flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every HF tensor {stored name: array} from our flat parameters, by `table`."""
+    dims, dtype = _dims(cfg, cfg.max_len), flat["embed/table"].dtype
+    return {_full_name(table.prefix, key): _write(t, [flat[p] if i is None else flat[_LAYERS + p][i] for p in t.paths],
+                                                  dims, dtype)
+            for key, i, t in _entries(table, cfg)}
 
 
 def save_hf_checkpoint(model: DecoderLM, path) -> Path:
@@ -605,10 +614,8 @@ def save_hf_checkpoint(model: DecoderLM, path) -> Path:
         raise ValueError(f"save_hf_checkpoint needs a DecoderLM, got {type(model).__name__}")
     cfg = model.cfg
     hf = config_to_hf(cfg)
-    p = _to_numpy(model)
-    out = _gpt2_tensors(cfg, p) if hf["model_type"] == "gpt2" else _llama_tensors(cfg, p)
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = p["embed"]["head"][:, :cfg.vocab_size].T
+    params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    out = _tensors(_TABLES[hf["model_type"]], cfg, traverse_util.flatten_dict(params, sep="/"))
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")

@@ -82,7 +82,8 @@ class Block(nnx.Module):
         k_att, v_att, m = k_bskd, v_bskd, masking
         if visible is not None and visible < k_att.shape[1]:
             k_att, v_att, m = k_att[:, :visible], v_att[:, :visible], masking.first_keys(visible)
-        x = self._out(x_btd, self.attn.output(attend(q, k_att, v_att, m, self.cfg)), self.attn_norm, None)
+        x = self._out(x_btd, self.attn.output(attend(q, k_att, v_att, m, self.cfg, q_offset=index)), self.attn_norm,
+                      None)
         if self.has_cross:
             ck, cv, cmask = cross
             q = self.cross_attn.query(self._in(x, self.cross_norm), masking.q_pos)
@@ -339,11 +340,3 @@ class EncoderDecoder(_Transformer):
             self._empty_cache(src_bs.shape[0], length, dtype), cross_k=tuple(k for k, _ in kvs),
             cross_v=tuple(v for _, v in kvs), src_valid=src_seg != 0,
         )
-
-
-MODELS: dict[str, type[_Transformer]] = {"lm": DecoderLM, "seq2seq": EncoderDecoder}
-
-
-def model_class(cfg: ModelConfig) -> type[_Transformer]:
-    """The model class a config describes (`ModelConfig.kind`)."""
-    return MODELS[cfg.kind]

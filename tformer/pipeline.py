@@ -30,6 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from tformer import families
 from tformer import sharding as shd
 from tformer.attention import Masking, self_masking
 from tformer.layers import dropout, fold
@@ -154,8 +155,9 @@ def run_blocks(stack, x_mbtd, pos_mbt, seg_mbt, *, mesh: Mesh, default_positions
 
 def logits_and_targets(model, batch: dict, dropout_rng=None, *, mesh: Mesh, microbatches: int | None = None):
     """`tformer.batch.logits_and_targets` with the decoder blocks run as a pipeline (DecoderLM batches only)."""
-    if model.kind != "lm":
-        raise ValueError(f"pipeline parallelism (mesh.stage={num_stages(mesh)}) supports DecoderLM only, not "
+    if "stage" not in families.of_model(model).mesh_axes:
+        pipelined = ", ".join(f.model_class.__name__ for f in families.FAMILIES.values() if "stage" in f.mesh_axes)
+        raise ValueError(f"pipeline parallelism (mesh.stage={num_stages(mesh)}) supports {pipelined} only, not "
                          f"{type(model).__name__}; use mesh.stage=1 (data / fsdp / tensor / sequence) for it")
     logits = decoder_logits(model, batch["inputs"], positions=batch.get("positions"),
                             segment_ids=batch.get("segment_ids"), dropout_rng=dropout_rng, mesh=mesh,

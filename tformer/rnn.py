@@ -14,7 +14,7 @@ The models mirror the Transformer's interface so the runner treats them alike:
     RNN's KV cache; `extend` by a prompt, then `step` one token at a time,
     computes the logits of `__call__` (tests/test_rnn.py). A step costs the
     same at every position: the state does not grow.
-`generate` and `beam_search` below decode with that state.
+`generate` and `beam_search` below decode with that state through `tformer.generate`'s loops.
 
 Every weight carries logical axis names (NNX `out_sharding` metadata) like the Transformer's (the cell
 size is the logical axis `rnn`, which no preset shards), so the rule tables,
@@ -25,13 +25,12 @@ weight decay mask and checkpoints work unchanged: data parallel and FSDP over
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tformer.generate import GREEDY, Decode, Generated, Sampling, length_penalty, sample_logits
+from tformer.generate import GREEDY, Decode, Generated, Prefilled, Sampling, beam_search_with, generate_with
 
 CELLS = {"lstm": nnx.LSTMCell, "optimized_lstm": nnx.OptimizedLSTMCell, "gru": nnx.GRUCell}
 ATTENTION = ("none", "luong")
@@ -258,12 +257,9 @@ class RNNSeq2Seq(nnx.Module):
         return logits
 
 
-def is_rnn(model) -> bool:
-    return isinstance(model, (RNNLM, RNNSeq2Seq))
-
-
 # ---------------------------------------------------------------------------
-# Decoding with a carried state: greedy / sampling and beam search.
+# Decoding with a carried state: the prefill, step and beam reorder that
+# tformer.generate's shared greedy / sampling / beam loops drive.
 
 
 def _prompts(model, prompts, lengths, src):
@@ -284,97 +280,39 @@ def _prompts(model, prompts, lengths, src):
     return prompt, lengths, src
 
 
-def _prefill(model, prompt, lengths, src):
-    """State after each row's prompt and the logits [B, V] of its last real token."""
+def _prefill(model, inputs: tuple, decode: Decode) -> Prefilled:
+    """Each row's state after its right-padded prompt, and the logits of its last real token.
+
+    A step costs the same at every position (the state does not grow), so the
+    whole decode is one phase with nothing to bound.
+    """
+    del decode
+    prompt, lengths, src = inputs
     state = model.init_state(src) if isinstance(model, RNNSeq2Seq) else model.init_state(prompt.shape[0])
     logits, state = model.extend(prompt, state, lengths)
-    return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0], state
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return Prefilled(last, state, step=lambda tokens_b, state, _: model.step(tokens_b, state),
+                     reorder=lambda state, rows, _: jax.tree.map(lambda x: x[rows], state),
+                     phases=lambda steps: [(0, steps, None)] if steps else [])
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n", "sampling", "eos_id", "pad_id"))
-def _generate(graphdef, params, prompt, lengths, src, rng, *, n, sampling, eos_id, pad_id):
-    model = nnx.merge(graphdef, params)
-    vocab = model.cfg.vocab_size
-    last, state = _prefill(model, prompt, lengths, src)
-    keys = jax.random.split(rng, n)
-    first = sample_logits(last[:, :vocab], keys[0], sampling)
-
-    def step(carry, key):
-        tok, state, done = carry
-        logits, state = model.step(tok, state)
-        nxt = jnp.where(done, pad_id, sample_logits(logits[:, :vocab], key, sampling))
-        return (nxt, state, done | (nxt == eos_id)), nxt
-
-    _, rest = jax.lax.scan(step, (first, state, first == eos_id), keys[1:])
-    tokens = jnp.concatenate([first[:, None], rest.T], axis=1)
-    is_eos = tokens == eos_id
-    return Generated(tokens=tokens, lengths=jnp.where(is_eos.any(1), jnp.argmax(is_eos, 1) + 1, n).astype(jnp.int32))
+def _resolve(model, decode: Decode) -> Decode:
+    return dataclasses.replace(decode, eos_id=model.cfg.eos_id if decode.eos_id is None else decode.eos_id)
 
 
-def generate(model, prompts, decode: Decode, sampling: Sampling = GREEDY, *, lengths=None, rng=None,
-             src=None) -> Generated:
+def generate(model: RNNLM | RNNSeq2Seq, prompts, decode: Decode, sampling: Sampling = GREEDY, *, lengths=None,
+             rng: jax.Array | None = None, src=None) -> Generated:
     """`tformer.generate` for the RNN models: prompts [B, P] right-padded to `lengths`; one carry per row.
 
     Produces `decode.max_new_tokens` per row (`decode.cache_len` and `chunk` do not apply: the state does
     not grow); each new token costs one step of every layer, whatever its position.
     """
-    if not isinstance(sampling, Sampling):
-        raise ValueError(f"sampling must be a tformer.Sampling(temperature=..., top_k=..., top_p=...), "
-                         f"got {sampling!r}")
-    if not sampling.greedy and rng is None:
-        raise ValueError("sampling with temperature > 0 needs an explicit rng key (jax.random.key(seed))")
     prompt, lengths, src = _prompts(model, prompts, lengths, src)
-    graphdef, params = nnx.split(model)
-    eos_id = model.cfg.eos_id if decode.eos_id is None else decode.eos_id
-    return _generate(graphdef, params, prompt, lengths, src, jax.random.key(0) if rng is None else rng,
-                     n=decode.max_new_tokens, sampling=sampling, eos_id=eos_id, pad_id=model.cfg.pad_id)
+    return generate_with(_prefill, model, (prompt, lengths, src), _resolve(model, decode), sampling, rng)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n", "beam", "alpha", "eos_id", "pad_id"))
-def _beam_search(graphdef, params, prompt, lengths, src, *, n, beam, alpha, eos_id, pad_id):
-    model = nnx.merge(graphdef, params)
-    b, v = prompt.shape[0], model.cfg.vocab_size
-    def rep(x):
-        return None if x is None else jnp.repeat(x, beam, axis=0)
-    logits, state = _prefill(model, rep(prompt), rep(lengths), rep(src))
-    neg = jnp.float32(-1e9)
-
-    def step(carry, i):
-        logits, state, alive_seq, alive_lp, fin_seq, fin_score = carry
-        logp = jax.nn.log_softmax(logits[:, :v], axis=-1).reshape(b, beam, v)
-        top_lp, top_idx = jax.lax.top_k((alive_lp[:, :, None] + logp).reshape(b, beam * v), 2 * beam)
-        parent, tok = top_idx // v, (top_idx % v).astype(jnp.int32)
-        seqs = jnp.take_along_axis(alive_seq, parent[:, :, None], axis=1).at[:, :, i].set(tok)
-        is_eos = tok == eos_id
-        new_fin = jnp.where(is_eos & (top_lp > neg / 2), top_lp / length_penalty(i + 1.0, alpha), neg)
-        fin_score, idx = jax.lax.top_k(jnp.concatenate([fin_score, new_fin], axis=1), beam)
-        fin_seq = jnp.take_along_axis(jnp.concatenate([fin_seq, seqs], axis=1), idx[:, :, None], axis=1)
-        alive_lp, idx = jax.lax.top_k(jnp.where(is_eos, neg, top_lp), beam)
-        alive_seq = jnp.take_along_axis(seqs, idx[:, :, None], axis=1)
-        rows = (jnp.arange(b)[:, None] * beam + jnp.take_along_axis(parent, idx, axis=1)).reshape(-1)
-        state = jax.tree.map(lambda x: x[rows], state)  # the surviving beams' carries
-        logits, state = model.step(jnp.take_along_axis(tok, idx, axis=1).reshape(-1), state)
-        return (logits, state, alive_seq, alive_lp, fin_seq, fin_score), None
-
-    carry = (logits, state, jnp.full((b, beam, n), pad_id, jnp.int32),
-             jnp.tile(jnp.where(jnp.arange(beam) == 0, 0.0, neg), (b, 1)),  # only beam 0 starts
-             jnp.full((b, beam, n), pad_id, jnp.int32), jnp.full((b, beam), neg))
-    (_, _, alive_seq, alive_lp, fin_seq, fin_score), _ = jax.lax.scan(step, carry, jnp.arange(n))
-    use_fin = fin_score[:, 0] > neg / 2  # rows where nothing finished keep their best unfinished beam
-    best = jnp.where(use_fin[:, None], fin_seq[:, 0], alive_seq[:, 0])
-    score = jnp.where(use_fin, fin_score[:, 0], alive_lp[:, 0] / length_penalty(float(n), alpha))
-    is_eos = best == eos_id
-    return Generated(tokens=best, lengths=jnp.where(is_eos.any(1), jnp.argmax(is_eos, 1) + 1, n).astype(jnp.int32),
-                     scores=score)
-
-
-def beam_search(model, prompts, decode: Decode, *, beam_size: int = 4, length_alpha: float = 0.6, lengths=None,
-                src=None) -> Generated:
+def beam_search(model: RNNLM | RNNSeq2Seq, prompts, decode: Decode, *, beam_size: int = 4, length_alpha: float = 0.6,
+                lengths=None, src=None) -> Generated:
     """`tformer.beam_search` for the RNN models (GNMT length penalty); the state follows each surviving beam."""
-    if not (isinstance(beam_size, int) and beam_size >= 1):
-        raise ValueError(f"beam_size must be an integer >= 1, got {beam_size}")
     prompt, lengths, src = _prompts(model, prompts, lengths, src)
-    graphdef, params = nnx.split(model)
-    return _beam_search(graphdef, params, prompt, lengths, src, n=decode.max_new_tokens, beam=beam_size,
-                        alpha=float(length_alpha), eos_id=model.cfg.eos_id if decode.eos_id is None else decode.eos_id,
-                        pad_id=model.cfg.pad_id)
+    return beam_search_with(_prefill, model, (prompt, lengths, src), _resolve(model, decode), beam_size, length_alpha)
