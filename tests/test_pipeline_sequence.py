@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_trains_alike
 from flax import nnx
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
@@ -79,7 +80,7 @@ def mesh_of(shape: dict):
 
 @functools.cache
 def run(shape: tuple | None, microbatches: int | None, kind: str):
-    """(losses, final state as numpy, final state's shardings, compiled HLO) of STEPS steps; shared by tests."""
+    """(per-step [loss, grad norm], final state as numpy, its shardings, compiled HLO) of STEPS steps; shared."""
     batches = BATCHES[kind]()
     mesh = None if shape is None else mesh_of(dict(shape))
     graphdef, tx, state, state_sh = ts.create_train_state(tformer.DecoderLM, CFG, OPT, 0, mesh,
@@ -95,18 +96,13 @@ def run(shape: tuple | None, microbatches: int | None, kind: str):
     losses = []
     for b in batches:
         state, m = compiled(state, put(b))
-        losses.append(float(m["loss"]))
+        losses.append([float(m["loss"]), float(m["grad_norm"])])
     shardings = jax.tree.map(lambda a: a.sharding, state)
     return losses, jax.tree.map(np.asarray, state), shardings, compiled.as_text()
 
 
 def assert_same_training(got, ref, what):
-    np.testing.assert_allclose(got[0], ref[0], rtol=1e-5, err_msg=f"{what}: per-step loss differs from one device")
-    flat_ref = dict(jax.tree_util.tree_leaves_with_path(ref[1].params))
-    for path, value in jax.tree_util.tree_leaves_with_path(got[1].params):
-        want = flat_ref[path]
-        np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(want))),
-                                   err_msg=f"{what}: {jax.tree_util.keystr(path)} differs after {STEPS} steps")
+    assert_trains_alike(got[0], got[1].params, ref[0], ref[1].params, OPT, STEPS, what)
 
 
 PP_CASES = [  # (mesh, microbatches)
