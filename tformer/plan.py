@@ -164,9 +164,7 @@ class Plan:
     @property
     def peak_bytes(self) -> int | None:
         """Arguments + outputs not aliased onto them + temporaries: the step's device-memory high mark."""
-        if self.argument_bytes is None or self.temp_bytes is None:
-            return None
-        return self.argument_bytes + (self.output_bytes or 0) - (self.alias_bytes or 0) + self.temp_bytes
+        return peak_bytes(self.argument_bytes, self.output_bytes, self.alias_bytes, self.temp_bytes)
 
     @property
     def collective_bytes(self) -> int:
@@ -237,6 +235,20 @@ def _cost(compiled) -> dict:
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
     return dict(cost or {})
+
+
+def peak_bytes(argument: int | None, output: int | None, alias: int | None, temp: int | None) -> int | None:
+    """A compiled program's device-memory high mark by XLA's plan: its arguments, the outputs not written in
+    place over donated arguments, and its temporaries (None without arguments or temporaries)."""
+    if argument is None or temp is None:
+        return None
+    return argument + (output or 0) - (alias or 0) + temp
+
+
+def compiled_peak_bytes(compiled) -> int | None:
+    """`peak_bytes` of a compiled program's `memory_analysis()` (None where the backend has none)."""
+    m = _memory_fields(compiled)
+    return peak_bytes(m["argument_bytes"], m["output_bytes"], m["alias_bytes"], m["temp_bytes"])
 
 
 def _memory_fields(compiled) -> dict:
