@@ -7,6 +7,7 @@ config is hashable (it is a static argument of jitted functions).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 POSITIONS = ("learned", "sinusoidal", "rope", "none")
 NORMS = ("layernorm", "rmsnorm")
@@ -195,11 +196,11 @@ class ModelConfig:
     def gated(self) -> bool:
         return self.activation in ("swiglu", "geglu")
 
-    def replace(self, **kw) -> ModelConfig:
+    def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
 
-def gpt2_small(**kw) -> ModelConfig:
+def gpt2_small(**kw: Any) -> ModelConfig:
     """GPT-2 124M shape (vocab padded to 50304 by vocab_multiple=128)."""
     base = dict(vocab_size=50257, d_model=768, num_heads=12, num_layers=12, max_len=1024,
                 positions="learned", norm="layernorm", activation="gelu", use_bias=True,
@@ -208,7 +209,7 @@ def gpt2_small(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def transformer_base(vocab_size: int = 32000, **kw) -> ModelConfig:
+def transformer_base(vocab_size: int = 32000, **kw: Any) -> ModelConfig:
     """The original Transformer base (Vaswani et al. 2017): 6+6 layers, d 512, 8 heads, post-LN."""
     base = dict(vocab_size=vocab_size, d_model=512, num_heads=8, d_ff=2048, num_layers=6,
                 num_encoder_layers=6, max_len=512, positions="sinusoidal", norm="layernorm",

@@ -189,7 +189,7 @@ def _check_int_fields(hf: dict) -> None:
             raise ValueError(f"Hugging Face config field {field!r} must be an integer, got {value!r}")
 
 
-def config_from_hf(hf_config, **overrides) -> ModelConfig:
+def config_from_hf(hf_config: dict | str | Path | Any, **overrides: Any) -> ModelConfig:
     """`ModelConfig` equivalent to a Hugging Face GPT-2 or Llama-family config.
 
     hf_config: a config.json dict, its path (or its directory), or a transformers config.
@@ -542,7 +542,8 @@ def _params(ck: _Checkpoint, table: _Table, cfg: ModelConfig, dims: dict[str, in
     return flat | {_LAYERS + k: np.stack([layer[k] for layer in layers]) for k in layers[0]}
 
 
-def load_hf_checkpoint(path, *, dtype: str = "float32", param_dtype: str = "float32", **overrides) -> DecoderLM:
+def load_hf_checkpoint(path: str | Path, *, dtype: str = "float32", param_dtype: str = "float32",
+                       **overrides: Any) -> DecoderLM:
     """A `DecoderLM` holding the weights of a local Hugging Face checkpoint.
 
     path: a directory with config.json and model.safetensors, or sharded
@@ -600,7 +601,7 @@ def _tensors(table: _Table, cfg: ModelConfig, flat: dict[str, np.ndarray]) -> di
             for key, i, t in _entries(table, cfg)}
 
 
-def save_hf_checkpoint(model: DecoderLM, path) -> Path:
+def save_hf_checkpoint(model: DecoderLM, path: str | Path) -> Path:
     """Write `model` as a Hugging Face checkpoint (config.json + model.safetensors) in directory `path`.
 
     GPT-2-shaped configs become "gpt2" (GPT2LMHeadModel), RoPE/RMSNorm/SwiGLU ones

@@ -26,10 +26,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from tformer import batch as batch_lib
@@ -117,7 +119,7 @@ def parse_collectives(hlo_text: str) -> list[Collective]:
     return out
 
 
-def summarize_collectives(collectives) -> dict[str, dict[str, int]]:
+def summarize_collectives(collectives: Iterable[Collective]) -> dict[str, dict[str, int]]:
     """{kind: {"count": instructions, "arrays": result arrays, "bytes": result bytes}}."""
     out: dict[str, dict[str, int]] = {}
     for c in collectives:
@@ -219,7 +221,7 @@ def fmt_bytes(b: float | None) -> str:
     return f"{b:.2f} TiB"
 
 
-def shard_bytes(tree, shardings) -> int:
+def shard_bytes(tree: Any, shardings: Any) -> int:
     """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs) under `shardings` (max over devices)."""
     total = 0
     for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))):
@@ -245,7 +247,7 @@ def peak_bytes(argument: int | None, output: int | None, alias: int | None, temp
     return argument + (output or 0) - (alias or 0) + temp
 
 
-def compiled_peak_bytes(compiled) -> int | None:
+def compiled_peak_bytes(compiled: jax.stages.Compiled) -> int | None:
     """`peak_bytes` of a compiled program's `memory_analysis()` (None where the backend has none)."""
     m = _memory_fields(compiled)
     return peak_bytes(m["argument_bytes"], m["output_bytes"], m["alias_bytes"], m["temp_bytes"])
@@ -262,7 +264,7 @@ def _memory_fields(compiled) -> dict:
 
 
 def plan_train_step(
-    model_cls,
+    model_cls: type[nnx.Module],
     cfg: ModelConfig,
     optim: ts.OptimizerConfig,
     mesh: Mesh,
