@@ -194,7 +194,7 @@ def test_ring_passes_kv_blocks(shape):
     n, rows = shape["sequence"], B // shape.get("data", 1)
     # Forward: K and V blocks move N - 1 times; backward: their gradients go
     # back the same N - 1 hops.
-    block = (rows, T // n, CFG.kv_heads, CFG.head_dim_)
+    block = (rows, T // n, CFG.kv_heads, CFG.resolved_head_dim)
     assert len(permutes_of(hlo, block)) == 4 * (n - 1)
     # The visiting keys' positions and segment ids travel with them (forward only).
     assert len(permutes_of(hlo, (rows, T // n))) == 2 * (n - 1)
@@ -330,8 +330,8 @@ def test_plan_reports_the_schedule():
     assert "4 stages x 4 microbatches (GPipe), bubble 42.9%" in p.table()
     # Per device: the embedding and head whole, one of the four layers (fp32; Adam: 2 moments + a counter).
     c = CFG
-    layer = c.d_model * c.num_heads * c.head_dim_ * 2 + 2 * c.d_model * c.kv_heads * c.head_dim_ \
-        + 3 * c.d_model * c.d_ff_ + 2 * c.d_model
+    layer = c.d_model * c.num_heads * c.resolved_head_dim * 2 + 2 * c.d_model * c.kv_heads * c.resolved_head_dim \
+        + 3 * c.d_model * c.resolved_d_ff + 2 * c.d_model
     ends = 2 * c.padded_vocab * c.d_model + c.d_model
     assert p.param_bytes == 4 * (ends + layer)
     # Activation sends of [1 row, T, D] fp32 (see expected_sends), with their bytes.

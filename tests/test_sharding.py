@@ -326,8 +326,8 @@ def test_kv_cache_is_sharded():
     c = cache()
     k = c.k[0]
     # Batch over the data axis (4), KV heads over tensor (2).
-    assert k.shape == (B, 16, CFG.kv_heads, CFG.head_dim_)
-    assert k.sharding.shard_shape(k.shape) == (B // 4, 16, CFG.kv_heads // 2, CFG.head_dim_)
+    assert k.shape == (B, 16, CFG.kv_heads, CFG.resolved_head_dim)
+    assert k.sharding.shard_shape(k.shape) == (B // 4, 16, CFG.kv_heads // 2, CFG.resolved_head_dim)
 
 
 # ---------------------------------------------------------------------------
@@ -378,7 +378,7 @@ PLAN_CFG = CFG.replace(num_layers=1)
 def hand_param_bytes(preset: str, F: int, Tn: int) -> int:
     """Per-device parameter bytes of PLAN_CFG, counted by hand (fp32)."""
     c = PLAN_CFG
-    V, Dm, H, K, hd, Ff = c.padded_vocab, c.d_model, c.num_heads, c.kv_heads, c.head_dim_, c.d_ff_
+    V, Dm, H, K, hd, Ff = c.padded_vocab, c.d_model, c.num_heads, c.kv_heads, c.resolved_head_dim, c.resolved_d_ff
     fsdp = F if preset in ("fsdp", "fsdp_tp") else 1
     tp = Tn if preset in ("tp", "dp_tp", "fsdp_tp") else 1
     matrices = c.num_layers * (Dm * H * hd + 2 * Dm * K * hd + H * hd * Dm + 3 * Dm * Ff) + 2 * V * Dm

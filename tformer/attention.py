@@ -242,8 +242,8 @@ def resolve_impl(cfg: ModelConfig, dtype, masking: Masking, training_dropout: bo
                 jax.default_backend() == "gpu"
                 and dtype in (jnp.bfloat16, jnp.float16)
                 and masking.plain_causal
-                and cfg.head_dim_ <= 128
-                and cfg.head_dim_ % 8 == 0
+                and cfg.resolved_head_dim <= 128
+                and cfg.resolved_head_dim % 8 == 0
             )
             impl = "cudnn" if ok else "xla"
     if impl == "cudnn" and not masking.plain_causal:
@@ -371,7 +371,7 @@ class Attention(nnx.Module):
         self.cfg = cfg
         self.cross = cross
         self.lowrank = lowrank and cfg.attention_lowrank is not None and not cross
-        d, h, kh, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim_
+        d, h, kh, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.resolved_head_dim
         out_std = cfg.init_std / math.sqrt(2 * max(cfg.num_layers, 1))
         self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg)
         self.wk = param(rngs, (d, kh, hd), ("embed", "kv_heads", "head_dim"), cfg)

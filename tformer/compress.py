@@ -102,7 +102,7 @@ def compress_mlp(model: nnx.Module, rank: int, method: str = "svd", seed: int = 
     reproduce the model exactly at rank = min(d_model, d_ff).
     """
     cfg = model.cfg
-    top = min(cfg.d_model, cfg.d_ff_)
+    top = min(cfg.d_model, cfg.resolved_d_ff)
     if not isinstance(rank, (int, np.integer)) or not 1 <= rank <= top:
         raise ValueError(f"compress_mlp: rank must be an int in [1, min(d_model, d_ff) = {top}], got {rank!r}")
     if method not in _METHODS:

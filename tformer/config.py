@@ -130,9 +130,10 @@ class ModelConfig:
         _check(0.0 <= self.attention_dropout < 1.0, "attention_dropout",
                f"must be in [0, 1), got {self.attention_dropout}")
         _check(self.vocab_multiple >= 1, "vocab_multiple", "must be >= 1")
-        _check(self.d_ff_ >= 1, "d_ff", f"must be >= 1, got {self.d_ff}")
+        _check(self.resolved_d_ff >= 1, "d_ff", f"must be >= 1, got {self.d_ff}")
         if self.positions == "rope":
-            _check(self.head_dim_ % 2 == 0, "head_dim", f"RoPE needs an even head_dim, got {self.head_dim_}")
+            _check(self.resolved_head_dim % 2 == 0, "head_dim",
+                   f"RoPE needs an even head_dim, got {self.resolved_head_dim}")
         if self.local_window is not None:
             _check(self.local_window >= 1, "local_window", f"must be >= 1 or None, got {self.local_window}")
         self._check_cheaper_variants()
@@ -165,7 +166,7 @@ class ModelConfig:
                    f"unknown cache dtype {self.kv_cache_dtype!r}; choose one of {KV_CACHE_DTYPES} "
                    "or None (the compute dtype)")
         if self.mlp_rank is not None:
-            top = min(self.d_model, self.d_ff_)
+            top = min(self.d_model, self.resolved_d_ff)
             _check(1 <= self.mlp_rank <= top, "mlp_rank",
                    f"must be in [1, min(d_model, d_ff) = {top}] or None, got {self.mlp_rank}")
 
@@ -175,11 +176,13 @@ class ModelConfig:
         return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
     @property
-    def head_dim_(self) -> int:
+    def resolved_head_dim(self) -> int:
+        """`head_dim`, or its default d_model // num_heads."""
         return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
 
     @property
-    def d_ff_(self) -> int:
+    def resolved_d_ff(self) -> int:
+        """`d_ff`, or its default 4 * d_model."""
         return self.d_ff if self.d_ff is not None else 4 * self.d_model
 
     @property

@@ -65,7 +65,7 @@ def empty(num_layers: int, batch: int, length: int, kv_heads: int, head_dim: int
 
 def for_config(cfg: ModelConfig, batch: int, length: int, dtype: jnp.dtype | None = None) -> KVCache:
     """The empty self-attention cache a model with `cfg` decodes into (`dtype`: default the compute dtype)."""
-    return empty(cfg.num_layers, batch, length, cfg.kv_heads, cfg.head_dim_, dtype or DTYPE[cfg.dtype],
+    return empty(cfg.num_layers, batch, length, cfg.kv_heads, cfg.resolved_head_dim, dtype or DTYPE[cfg.dtype],
                  int8=cfg.kv_cache_dtype == "int8")
 
 

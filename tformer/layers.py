@@ -248,7 +248,7 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        d, f = cfg.d_model, cfg.d_ff_
+        d, f = cfg.d_model, cfg.resolved_d_ff
         out_std = cfg.init_std / math.sqrt(2 * max(cfg.num_layers, 1))
         self._matrix(rngs, "w_in", (d, f), ("embed", "mlp"), cfg.init_std)
         if cfg.gated:

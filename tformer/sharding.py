@@ -321,7 +321,7 @@ def check_divisibility(cfg: ModelConfig, mesh: Mesh, rules: Rules, global_batch:
     sizes = {
         "heads": ("num_heads", cfg.num_heads),
         "kv_heads": ("num_kv_heads", cfg.kv_heads),
-        "mlp": ("d_ff", cfg.d_ff_),
+        "mlp": ("d_ff", cfg.resolved_d_ff),
         "vocab": ("vocab_size (padded)", cfg.padded_vocab),
         "embed": ("d_model", cfg.d_model),
     }
