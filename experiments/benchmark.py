@@ -44,6 +44,7 @@ from tformer import flops, host, training
 from tformer.attention import Masking, resolve_impl
 from tformer.generate import decode_phases
 from tformer.layers import DTYPE
+from tformer.lora import LoraConfig
 from tformer.plan import compiled_peak_bytes
 
 # ---------------------------------------------------------------------------
@@ -99,6 +100,7 @@ class Options:
     donate: bool = True
     skip_nonfinite: bool = False  # its select over every parameter is not free
     packed: bool = False  # rows of packed documents (segment ids, positions), as experiments/train.py feeds
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank only (tformer.lora), the base weights frozen
     decode_batches: tuple[int, ...] | None = None
     prompt_len: int | None = None
     new_tokens: int | None = None
@@ -240,7 +242,8 @@ def bench_train(opts: Options, dev: dict) -> dict:
     preset = PRESETS[opts.model]
     b, t = opts.batch or preset.batch, opts.seq_len or preset.seq_len
     o = training.OptimizerConfig(skip_nonfinite=opts.skip_nonfinite, warmup_steps=10, total_steps=10_000)
-    graphdef, tx, state, _ = training.create_train_state(tformer.DecoderLM, cfg, o, seed=opts.seed)
+    lcfg = LoraConfig(opts.lora_rank) if opts.lora_rank else None
+    graphdef, tx, state, _ = training.create_train_state(tformer.DecoderLM, cfg, o, seed=opts.seed, lora=lcfg)
     step = training.make_train_step(graphdef, tx, o, donate=opts.donate)
     batch = lm_batch(cfg, b, t, opts.seed, opts.packed)
 
@@ -280,7 +283,7 @@ def bench_train(opts: Options, dev: dict) -> dict:
         compile_s=_round(t2 - t1), lower_s=_round(t1 - t0), peak_memory_bytes=mem, memory_source=mem_src,
         host_page_faults_per_step=statistics.median(faults),
         flops_per_token=fpt, params=flops.param_count(cfg), loss=_round(metrics["loss"]),
-        attention_resolved=impl, **_knobs(cfg, opts), **dev,
+        attention_resolved=impl, lora_rank=opts.lora_rank, **_knobs(cfg, opts), **dev,
     )
 
 
@@ -559,6 +562,7 @@ def define_flags(fv=None) -> None:
     flags.DEFINE_integer("vocab_multiple", None, "Pad the vocabulary to a multiple of this.", **d)
     flags.DEFINE_bool("donate", True, "Donate the train state to the step (update in place).", **d)
     flags.DEFINE_bool("skip_nonfinite", False, "Guard the update against non-finite loss (costs a select).", **d)
+    flags.DEFINE_integer("lora_rank", 0, "Train LoRA adapters of this rank only (0: every parameter).", **d)
     flags.DEFINE_bool("packed", False, "Train on packed rows (segment ids, positions), as experiments/train.py does.",
                       **d)
     flags.DEFINE_list("decode_batches", None, "Decode batch sizes (default: the preset's).", **d)
@@ -597,6 +601,7 @@ def options_from_flags(fv) -> Options:
     return Options(
         model=fv.model, overrides=tuple(overrides), what=tuple(fv.what), batch=fv.batch, seq_len=fv.seq_len,
         steps=fv.steps, warmup=fv.warmup, donate=fv.donate, skip_nonfinite=fv.skip_nonfinite, packed=fv.packed,
+        lora_rank=fv.lora_rank,
         decode_batches=tuple(int(x) for x in fv.decode_batches) if fv.decode_batches else None,
         prompt_len=fv.prompt_len, new_tokens=fv.new_tokens, cache_len=fv.cache_len, decode_chunk=fv.decode_chunk,
         decode_param_dtype=fv.decode_param_dtype, decode_repeats=fv.decode_repeats,

@@ -106,7 +106,8 @@ def _small_int_dtype(max_value: int):
 # Language modelling: packing documents into rows.
 
 
-def pack_documents(docs_ids: Sequence[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+def pack_documents(docs_ids: Sequence[np.ndarray], seq_len: int, bos_id: int = BOS_ID, eos_id: int = EOS_ID,
+                   pad_id: int = PAD_ID) -> dict[str, np.ndarray]:
     """Packs tokenized documents into rows of `seq_len` inputs.
 
     Each document becomes [BOS] + ids + [EOS]; the documents are concatenated
@@ -133,11 +134,11 @@ def pack_documents(docs_ids: Sequence[np.ndarray], seq_len: int) -> dict[str, np
         raise ValueError("no documents to pack")
     t = seq_len
     lengths = np.array([len(ids) + 2 for ids in docs_ids], np.int64)
-    stream = np.concatenate([np.concatenate([[BOS_ID], ids, [EOS_ID]]).astype(np.int32) for ids in docs_ids])
+    stream = np.concatenate([np.concatenate([[bos_id], ids, [eos_id]]).astype(np.int32) for ids in docs_ids])
     doc_of = np.repeat(np.arange(len(docs_ids), dtype=np.int64), lengths)
     num_rows = max(1, math.ceil((len(stream) - 1) / t))
     pad = num_rows * t + 1 - len(stream)
-    stream = np.concatenate([stream, np.full(pad, PAD_ID, np.int32)])
+    stream = np.concatenate([stream, np.full(pad, pad_id, np.int32)])
     doc_of = np.concatenate([doc_of, np.full(pad, -1, np.int64)])
 
     starts_n1 = np.arange(num_rows, dtype=np.int64)[:, None] * t
@@ -166,7 +167,7 @@ def pack_documents(docs_ids: Sequence[np.ndarray], seq_len: int) -> dict[str, np
 def make_lm_split(tokenizer: Tokenizer, docs: Sequence[str], seq_len: int) -> Split:
     """Tokenizes and packs one split's documents (see `pack_documents`)."""
     docs_ids = _encode_all(tokenizer, docs)
-    arrays = pack_documents(docs_ids, seq_len)
+    arrays = pack_documents(docs_ids, seq_len, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     num_tokens = int(arrays["weights"].sum(dtype=np.int64))
     expected = sum(len(ids) + 1 for ids in docs_ids)
     assert num_tokens == expected, (num_tokens, expected)  # the bits-per-byte contract

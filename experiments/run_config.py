@@ -25,7 +25,7 @@ _AT_LEAST = {
                   top_k=0, beam_size=1, eval_decode_examples=1),
     "data": dict(vocab_size=2, seq_len=1, src_len=1, tgt_len=1, max_bytes=0, num_train=1, num_valid=1),
 }
-_CHOICES = {("data", "tokenizer"): ("byte", "sentencepiece")}
+_CHOICES = {("data", "tokenizer"): ("byte", "sentencepiece", "hf")}
 SECTIONS = ("model", "optim", "data", "train", "mesh")
 
 
@@ -77,6 +77,10 @@ def validate(config: ConfigDict) -> None:
     if not 0.0 <= config.data.validation_fraction < 1.0:
         raise ValueError(f"config.data.validation_fraction must be in [0, 1), got {config.data.validation_fraction}")
     _validate_mesh(config.mesh)
+    from experiments import finetune, profiling  # init_from, LoRA, profile_steps: their own modules
+
+    finetune.validate(config)
+    profiling.parse_steps(config.train.profile_steps, config.train.num_steps)
     family.check_mesh({a: config.mesh[a] for a in sharding.OPTIONAL_AXES + ("tensor",) if config.mesh[a] != -1})
 
 

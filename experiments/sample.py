@@ -15,17 +15,18 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    # Replace (not prepend to) the script's folder: experiments/tokenizers.py must not shadow the library.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import jax
 from absl import app, flags, logging
 from flax import nnx
 
-from experiments import decode
+from experiments import decode, finetune
 from experiments.metrics import QuietLibraries
 from experiments.tokenizers import Tokenizer, make_tokenizer
-from tformer import families, training
-from tformer.checkpoint import Checkpointer, CheckpointError
+from tformer import families
+from tformer.checkpoint import CheckpointError
 
 FLAGS = flags.FLAGS
 
@@ -65,21 +66,13 @@ def load(workdir: str | Path):
     """(model with the newest checkpoint's weights, tokenizer, saved run config dict)."""
     workdir = Path(workdir)
     meta = read_run(workdir)
-    family = families.get(meta["config"]["model"]["kind"])
-    cfg = family.config_class(**meta["model"])
     data = meta["config"]["data"]
     if meta["tokenizer"] == "sentencepiece" and not (workdir / "tokenizer.model").is_file():
         raise ValueError(f"{workdir / 'tokenizer.model'} is missing: the run's tokenizer is needed to read its ids")
     tok = make_tokenizer(meta["tokenizer"], workdir, (), data["vocab_size"])
-    graphdef, abstract = training.abstract_model(family.model_class, cfg)
-    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device),
-                          nnx.to_pure_dict(abstract))
-    ckpt = Checkpointer(workdir / "checkpoints")
-    try:
-        params = ckpt.restore_params(target)
-    finally:
-        ckpt.close()
+    # A LoRA run's checkpoint holds base weights + adapters: read both, fold the adapters in.
+    graphdef = finetune.abstract_run_params(meta)[2]
+    _, params = finetune.load_params(workdir)
     return nnx.merge(graphdef, params), tok, meta
 
 

@@ -4,6 +4,9 @@
 * `SentencePieceTokenizer`: a unigram or BPE model trained locally on the
   training split and saved in the run's workdir, so a resumed run reads the
   same vocabulary back instead of retraining.
+* `HFTokenizer`: a pretrained checkpoint's own `tokenizer.json` (the
+  `tokenizers` library), with that checkpoint's special ids; a run started with
+  `init_from=hf:<dir>` keeps a copy in `<workdir>/hf_tokenizer/`.
 
 `make_tokenizer` picks one by name.
 """
@@ -23,12 +26,15 @@ __all__ = [
     "Tokenizer",
     "ByteTokenizer",
     "SentencePieceTokenizer",
+    "HFTokenizer",
     "make_tokenizer",
     "TOKENIZER_KINDS",
 ]
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
-TOKENIZER_KINDS = ("byte", "sentencepiece")
+TOKENIZER_KINDS = ("byte", "sentencepiece", "hf")
+HF_TOKENIZER_DIR = "hf_tokenizer"  # in a workdir: the checkpoint's tokenizer files + specials.json
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 @runtime_checkable
@@ -219,6 +225,60 @@ class SentencePieceTokenizer(_Specials):
         return self._sp.decode(self._content_ids(ids))
 
 
+class HFTokenizer(_Specials):
+    """A Hugging Face `tokenizer.json` (BPE, unigram, ...) through the `tokenizers` library.
+
+    The special ids are the checkpoint's (from its config.json), not tformer's
+    0/1/2: the data pipeline frames documents with `bos_id` / `eos_id`. GPT-2
+    has one id for all three; `decode` stops at the first EOS as always.
+    """
+
+    def __init__(self, tokenizer, bos_id: int, eos_id: int, pad_id: int):
+        self._tok = tokenizer
+        self.bos_id, self.eos_id, self.pad_id = int(bos_id), int(eos_id), int(pad_id)
+
+    @classmethod
+    def from_file(cls, path, bos_id: int, eos_id: int, pad_id: int) -> HFTokenizer:
+        from tokenizers import Tokenizer as _Tokenizer
+
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise ValueError(f"{path.parent} has no tokenizer.json: a run started from a Hugging Face checkpoint "
+                             "uses the checkpoint's own tokenizer; save it there (tokenizer.save_pretrained)")
+        try:
+            return cls(_Tokenizer.from_file(str(path)), bos_id, eos_id, pad_id)
+        except Exception as e:  # the tokenizers library raises its own exception type
+            raise ValueError(f"{path} is not a readable tokenizers file ({e})") from None
+
+    @classmethod
+    def load(cls, directory) -> HFTokenizer:
+        """The copy a run keeps: `<directory>/tokenizer.json` with the ids in `<directory>/specials.json`."""
+        import json
+
+        directory = pathlib.Path(directory)
+        specials = directory / "specials.json"
+        if not specials.is_file():
+            raise ValueError(f"{specials} is missing: the run's Hugging Face tokenizer was not saved with it; "
+                             "start the run again with config.init_from=hf:<dir>")
+        ids = json.loads(specials.read_text())
+        return cls.from_file(directory / "tokenizer.json", ids["bos_id"], ids["eos_id"], ids["pad_id"])
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without BOS/EOS (the tokenizer's own post-processing is off)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids` up to the first EOS, PAD and BOS skipped."""
+        return self._tok.decode(self._content_ids(ids), skip_special_tokens=False)
+
+
 def make_tokenizer(kind: str, workdir=None, train_texts: Iterable[str] = (), vocab_size: int = 8000,
                    name: str = "tokenizer") -> Tokenizer:
     """The tokenizer of kind 'byte' or 'sentencepiece' for a run.
@@ -230,6 +290,10 @@ def make_tokenizer(kind: str, workdir=None, train_texts: Iterable[str] = (), voc
     """
     if kind == "byte":
         return ByteTokenizer()
+    if kind == "hf":
+        if workdir is None:
+            raise ValueError("a Hugging Face tokenizer is read from a run's workdir; none was given")
+        return HFTokenizer.load(pathlib.Path(workdir) / HF_TOKENIZER_DIR)
     if kind != "sentencepiece":
         raise ValueError(f"unknown tokenizer kind {kind!r}; valid kinds are {', '.join(map(repr, TOKENIZER_KINDS))}")
     if workdir is None:

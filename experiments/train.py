@@ -47,17 +47,17 @@ import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python experiments/train.py`: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # replaced: experiments/tokenizers.py shadows the library
 
 import jax
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from experiments import decode, input_pipeline, processes, run_config
+from experiments import decode, finetune, input_pipeline, processes, profiling, run_config
 from experiments.metrics import MetricWriter, QuietLibraries, atomic_write, plot_loss
 from experiments.tasks import Task, check_sample_prompts, load_task
 from experiments.workdir import WorkdirLock, prepare_workdir, restore_latest
-from tformer import families, flops, host, sharding, training
+from tformer import families, flops, host, lora, sharding, training
 from tformer.checkpoint import Checkpointer, CheckpointError
 
 FLAGS = flags.FLAGS
@@ -81,6 +81,9 @@ def define_flags() -> None:
                       "per-device memory, FLOPs and collectives, and exit (no data, no training).")
     flags.DEFINE_integer("plan_devices", None,
                          "With --plan: plan on this many fake CPU devices (e.g. 256 for a pod slice).")
+    flags.DEFINE_enum("plan_platform", None, ["tpu", "gpu", "cpu"],
+                      "With --plan: lower (not compile) the train step, a prefill and a decode step for this "
+                      "platform, here, and print per attention call the kernel chosen and its largest temporary.")
     flags.DEFINE_bool("tune_allocator", True,
                       "Keep freed host memory in the process (tformer.host.tune_allocator): a CPU train step "
                       "then page-faults nothing instead of its whole working set. Resident memory stays at its peak.")
@@ -114,7 +117,7 @@ class Run:
     def model(self):
         from flax import nnx
 
-        return nnx.merge(self.graphdef, self.state.params)
+        return nnx.merge(self.graphdef, lora.merged(self.state.params))
 
     def train_batch(self, step: int) -> dict:
         t = self.config.train
@@ -132,8 +135,10 @@ def _peak_tflops() -> float | None:
 def setup_run(config: ConfigDict, workdir: Path) -> Run:
     """Data, model, optimizer, mesh, jitted steps, and the state: restored from the newest readable checkpoint."""
     mesh, rules = run_config.make_run_mesh(config), sharding.rules_for(config.mesh.preset)
+    source = finetune.prepare(config, workdir)  # init_from: the source's tokenizer into the workdir
     family, task = run_config.family_of(config), load_task(config, workdir)
-    cfg, o, t = run_config.model_config(config, task.tokenizer), run_config.optim_config(config), config.train
+    cfg = source.cfg if source else run_config.model_config(config, task.tokenizer)
+    o, t = run_config.optim_config(config), config.train
     check_sample_prompts(config, task, cfg.max_len)
     microbatches = config.mesh.microbatches or None
     seq_len = config.data.seq_len if family.task == "lm" else config.data.tgt_len
@@ -142,12 +147,16 @@ def setup_run(config: ConfigDict, workdir: Path) -> Run:
             sharding.check_divisibility(cfg, mesh, rules, batch_size, seq_len=seq_len, microbatches=microbatches)
     logging.info("mesh %s (preset %r) over %d process(es), %d devices", dict(mesh.shape), config.mesh.preset,
                  jax.process_count(), mesh.size)
-    graphdef, tx, state, state_sh = training.create_train_state(family.model_class, cfg, o, t.seed, mesh, rules)
+    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=t.keep_checkpoints)
+    params = finetune.initial_params(source, cfg) if source and ckpt.latest_step() is None else None
+    graphdef, tx, state, state_sh = training.create_train_state(family.model_class, cfg, o, t.seed, mesh, rules,
+                                                                params=params, lora=finetune.lora_config(t))
     batch_sh = training.batch_sharding(mesh, rules, input_pipeline.batch_at(task.train, 0, t.batch_size))
     kw = dict(mesh=mesh, rules=rules, batch_sharding=batch_sh, microbatches=microbatches)
     train_fn = training.make_train_step(graphdef, tx, o, state_sharding=state_sh, **kw)
     eval_fn = training.make_eval_step(graphdef, o, params_sharding=state_sh.params, **kw)
-    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=t.keep_checkpoints)
+    if ckpt.latest_step() is not None:
+        finetune.check_resume(workdir, config)
     state, _ = restore_latest(ckpt, state, state_sh, workdir=workdir, family=family.name, cfg=cfg, o=o)
     if jax.process_index() == 0:
         atomic_write(workdir / "config.json", json.dumps({
@@ -233,9 +242,13 @@ def train_steps(run: Run, preempt: processes.Preemption) -> bool:
     start = int(run.state.step)
     window = Window(start, time.time())
     batches = input_pipeline.Prefetcher(run.train_batch, range(start, t.num_steps))
+    prof = profiling.StepProfiler.for_run(t.profile_steps, t.num_steps, run.workdir)  # None unless asked
     try:
         for done, batch in enumerate(batches, start + 1):
-            run.state, metrics = run.train_fn(run.state, batch)
+            with (prof and prof.annotate(done)) or contextlib.nullcontext():
+                run.state, metrics = run.train_fn(run.state, batch)
+            if prof:
+                prof.after(done, metrics)
             window.metrics.append(metrics)
             stop = preempt.requested
             if stop or done % t.log_every == 0 or done % t.checkpoint_every == 0 or done == t.num_steps:
@@ -254,6 +267,8 @@ def train_steps(run: Run, preempt: processes.Preemption) -> bool:
                 window = Window(done, time.time())  # train tokens/s counts train steps only
     finally:
         batches.close()
+        if prof:
+            prof.close()
     return True
 
 
@@ -312,10 +327,33 @@ def print_plan(config: ConfigDict):
     cfg, o = run_config.plan_model_config(config), run_config.optim_config(config)
     mesh, rules = run_config.make_run_mesh(config), sharding.rules_for(config.mesh.preset)
     seq, src = (d.seq_len, None) if family.task == "lm" else (d.tgt_len, d.src_len)
+    lcfg = finetune.lora_config(config.train)
     p = plan_lib.plan_train_step(family.model_class, cfg, o, mesh, rules, batch=config.train.batch_size,
-                                 seq_len=seq, src_len=src, microbatches=config.mesh.microbatches or None)
+                                 seq_len=seq, src_len=src, microbatches=config.mesh.microbatches or None, lora=lcfg)
     print(f"plan: {family.name} model, preset {config.mesh.preset!r}, "
           f"{jax.device_count()} {jax.devices()[0].platform} devices\n{p.table()}")
+    if lcfg is not None:
+        print(finetune.lora_savings(family.model_class, cfg, o, mesh, rules, lcfg, p))
+    return p
+
+
+def print_platform_plan(config: ConfigDict, platform: str):
+    """Lower (never compile) the config's train step, prefill and decode for `platform`; print what each
+    attention call runs there. Returns the `tformer.plan.PlatformPlan`."""
+    from tformer import plan as plan_lib
+
+    run_config.validate(config)
+    family, d = run_config.family_of(config), config.data
+    if not family.plannable:
+        plannable = ", ".join(name for name, f in families.FAMILIES.items() if f.plannable)
+        raise ValueError(f"config.model.kind: --plan_platform plans the Transformer kinds ({plannable}), "
+                         f"not {family.name!r}")
+    seq, src = (d.seq_len, None) if family.task == "lm" else (d.tgt_len, d.src_len)
+    p = plan_lib.plan_platform(family.model_class, run_config.plan_model_config(config),
+                               run_config.optim_config(config), platform, batch=config.train.batch_size,
+                               seq_len=seq, src_len=src)
+    print(f"plan for {platform} ({p.platform} lowering on this {jax.default_backend()} machine): {family.name} "
+          f"model, batch {config.train.batch_size} x {seq} tokens, one device\n{p.table()}")
     return p
 
 
@@ -331,6 +369,8 @@ def _check_flags() -> None:
             raise app.UsageError("--plan_devices only applies to --plan (fake CPU devices cannot train a real run)")
         if FLAGS.distributed or FLAGS.coordinator_address:
             raise app.UsageError("--plan_devices plans on one host's fake devices; drop the multi-host flags")
+    if FLAGS.plan_platform is not None and not FLAGS.plan:
+        raise app.UsageError("--plan_platform only applies to --plan")
     if not FLAGS.plan and FLAGS.workdir is None:
         raise app.UsageError("--workdir is required (except with --plan)")
 
@@ -346,7 +386,9 @@ def main(argv):
             processes.use_fake_cpu_devices(FLAGS.plan_devices)
         processes.start_processes(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                   auto=FLAGS.distributed, heartbeat_timeout=FLAGS.heartbeat_timeout)
-        if FLAGS.plan:
+        if FLAGS.plan and FLAGS.plan_platform:
+            print_platform_plan(FLAGS.config, FLAGS.plan_platform)
+        elif FLAGS.plan:
             print_plan(FLAGS.config)
         else:
             train_and_evaluate(FLAGS.config, FLAGS.workdir)

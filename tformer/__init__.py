@@ -15,6 +15,7 @@ from tformer.families import model_class
 from tformer.generate import Decode, Generated, Sampling, beam_search, generate, sample_logits, sequence_logprob
 from tformer.hf import config_from_hf, load_hf_checkpoint, save_hf_checkpoint  # safetensors imported lazily
 from tformer.kvcache import KVCache
+from tformer.lora import LoraConfig
 from tformer.models import DecoderLM, EncoderDecoder
 from tformer.sharding import PRESETS, make_mesh, rules_for
 from tformer.training import OptimizerConfig, TrainState, create_train_state, make_eval_step, make_train_step
@@ -23,7 +24,7 @@ __all__ = [
     "ModelConfig", "gpt2_small", "transformer_base",
     "DecoderLM", "EncoderDecoder", "model_class", "KVCache",
     "generate", "beam_search", "sequence_logprob", "sample_logits", "Decode", "Sampling", "Generated",
-    "OptimizerConfig", "TrainState", "create_train_state", "make_train_step", "make_eval_step",
+    "OptimizerConfig", "TrainState", "LoraConfig", "create_train_state", "make_train_step", "make_eval_step",
     "make_mesh", "rules_for", "PRESETS",
     "config_from_hf", "load_hf_checkpoint", "save_hf_checkpoint",
     "quantize_weights", "compress_mlp",

@@ -13,8 +13,11 @@ only one with attention dropout), "xla" (`jax.nn.dot_product_attention`),
 "cudnn" (flash attention on GPU, bf16/fp16) and "blocked" (block-causal:
 query block i of n attends only to keys [0, (i+1) T/n), skipping the masked
 upper triangle; same maths as the dense path when positions increase along
-the slots within each segment). "auto" picks cuDNN where it applies,
-"blocked" on CPU for long causal self-attention (packed rows included), else XLA.
+the slots within each segment). "flash" and "auto" choose per platform when
+the program is lowered (`jax.lax.platform_dependent`, see `tformer.flash`):
+the Pallas splash kernel on TPU, cuDNN or the Pallas Triton kernel on GPU,
+and on CPU "blocked" for long causal self-attention (packed rows included),
+else XLA; "auto" keeps short sequences and the cached decode step dense.
 
 Cheaper variants (ModelConfig fields, see README "What each cheaper variant
 costs and buys"):
@@ -33,6 +36,7 @@ costs and buys"):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import jax
@@ -40,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tformer import ring_attention
+from tformer import flash, ring_attention
 from tformer.config import ModelConfig
 from tformer.layers import apply_rope, cast, dense, dropout, param
 from tformer.quant import Int8KV
@@ -221,31 +225,38 @@ def _blocked_causal_attention(q, k, v, masking: Masking, blocks: int = BLOCKS):
     return jnp.concatenate(outs, axis=1)
 
 
-def resolve_impl(cfg: ModelConfig, dtype, masking: Masking, training_dropout: bool,
-                 seq_lens: tuple[int, int] | None = None) -> str:
-    """The implementation `attend` will use for this call (`seq_lens`: query and key lengths).
+def lowering_platform(platform: str | None = None) -> str:
+    """The `jax.lax.platform_dependent` branch a platform takes: "tpu", "cuda" or "cpu" (every other one)."""
+    p = platform or jax.default_backend()
+    return {"tpu": "tpu", "gpu": "cuda", "cuda": "cuda"}.get(p, "cpu")
 
-    A local window over equal query and key lengths (self-attention, or a
-    prefill into an empty cache: slots align) goes "banded" unless cuDNN's
-    own windowed flash kernel runs; top-k / threshold need the explicit scores.
+
+def resolve_impl(cfg: ModelConfig, dtype, masking: Masking, training_dropout: bool,
+                 seq_lens: tuple[int, int] | None = None, platform: str | None = None, cache: bool = False) -> str:
+    """The implementation `attend` uses for this call when lowered for `platform` (default: the backend here).
+
+    `seq_lens`: query and key lengths; `cache`: causal attention of new tokens over KV-cache slots.
+    "auto" and "flash" take the platform's kernel (`tformer.flash`) where it applies, else the dense path
+    ("auto" keeps fewer than `flash.MIN_KERNEL_LEN` queries dense). A local window over equal query and
+    key lengths (self-attention, or a prefill into an empty cache: slots align) goes "banded" unless a
+    kernel or cuDNN's own windowed flash kernel runs; top-k / threshold need the explicit scores.
     """
+    platform = lowering_platform(platform)
     banded = masking.window is not None and seq_lens is not None and seq_lens[0] == seq_lens[1]
     if training_dropout or cfg.attention_topk is not None or cfg.attention_threshold is not None:
         return "banded" if banded else "einsum"  # the paths with dropout and explicit scores
     impl = cfg.attention
-    if impl == "auto":
-        if jax.default_backend() == "cpu":
+    if impl in ("auto", "flash"):
+        if platform != "cpu":
+            kernel, why = flash.kernel_for(platform, masking, seq_lens, dtype, cfg.resolved_head_dim,
+                                           auto=impl == "auto", cache=cache)
+            if kernel is not None:
+                return kernel
+            flash.note_fallback(platform, why, logging.WARNING if impl == "flash" else logging.INFO)
+            impl = "xla"
+        else:
             ok = _blocked_applies(masking, seq_lens) and seq_lens[0] >= BLOCKED_MIN_LEN
             impl = "blocked" if ok else "xla"
-        else:
-            ok = (
-                jax.default_backend() == "gpu"
-                and dtype in (jnp.bfloat16, jnp.float16)
-                and masking.plain_causal
-                and cfg.resolved_head_dim <= 128
-                and cfg.resolved_head_dim % 8 == 0
-            )
-            impl = "cudnn" if ok else "xla"
     if impl == "cudnn" and not masking.plain_causal:
         impl = "xla"  # segments/padding/cache need a dense mask
     if impl == "blocked" and not _blocked_applies(masking, seq_lens):
@@ -253,17 +264,43 @@ def resolve_impl(cfg: ModelConfig, dtype, masking: Masking, training_dropout: bo
     return "banded" if banded and impl != "cudnn" else impl
 
 
-def attend(q_bthd, k_bskd, v_bskd, masking: Masking, cfg: ModelConfig, rng=None) -> jax.Array:
+def attend(q_bthd, k_bskd, v_bskd, masking: Masking, cfg: ModelConfig, rng=None, q_offset=None) -> jax.Array:
     """Scaled dot-product attention with GQA; output [B, T, H, D].
 
-    `k_bskd` / `v_bskd` may be `Int8KV` (an int8 cache), read without dequantizing.
+    `k_bskd` / `v_bskd` may be `Int8KV` (an int8 cache), read without dequantizing. `q_offset`: the
+    queries are new tokens at KV-cache slots [q_offset, q_offset + T) (self-attention over a cache).
+    Where the implementation differs by platform ("auto", "flash"), each platform's choice is a
+    `jax.lax.platform_dependent` branch: the platforms the program is lowered for pick.
     """
     topk, threshold = cfg.attention_topk, cfg.attention_threshold
     if isinstance(k_bskd, Int8KV):
         return _int8_attention(q_bthd, k_bskd, v_bskd, masking.dense(), topk, threshold)
     training_dropout = rng is not None and cfg.attention_dropout > 0
     rate = cfg.attention_dropout if training_dropout else 0.0
-    impl = resolve_impl(cfg, q_bthd.dtype, masking, training_dropout, (q_bthd.shape[1], k_bskd.shape[1]))
+    seq_lens, cache = (q_bthd.shape[1], k_bskd.shape[1]), q_offset is not None and masking.causal
+    impls = {p: resolve_impl(cfg, q_bthd.dtype, masking, training_dropout, seq_lens, platform=p, cache=cache)
+             for p in flash.PLATFORMS}
+
+    flash.record(lambda: flash.AttentionCall(
+        tuple(q_bthd.shape), tuple(k_bskd.shape), str(q_bthd.dtype), masking.causal, masking.window,
+        masking.plain_causal, (None if masking.q_seg is None else tuple(masking.q_seg.shape),
+                               None if masking.k_seg is None else tuple(masking.k_seg.shape),
+                               masking.q_seg is masking.k_seg), cache, tuple(impls.items()), rate, topk, threshold))
+
+    def branch(impl):
+        return lambda q, k, v: _attend_with(impl, q, k, v, masking, rate, rng, topk, threshold,
+                                            q_offset if cache else None)
+
+    if len(set(impls.values())) == 1:
+        return branch(impls["cpu"])(q_bthd, k_bskd, v_bskd)
+    return jax.lax.platform_dependent(q_bthd, k_bskd, v_bskd, tpu=branch(impls["tpu"]), cuda=branch(impls["cuda"]),
+                                      default=branch(impls["cpu"]))
+
+
+def _attend_with(impl: str, q_bthd, k_bskd, v_bskd, masking: Masking, rate, rng, topk, threshold, q_offset):
+    """One implementation of `attend` (see `resolve_impl`)."""
+    if impl in ("splash", "triton") or (impl == "cudnn" and flash.gpu_present()):
+        return flash.kernel_attention(impl, q_bthd, k_bskd, v_bskd, masking, q_offset)
     if impl == "cudnn":
         window = None if masking.window is None else (masking.window - 1, 0)
         try:
@@ -428,6 +465,11 @@ class Attention(nnx.Module):
                 o = nystrom_attention(q, k, v, masking, self.cfg.lowrank_dim)
             return self.output(o)
         if ring_attention.applies(q.shape[1], k.shape[1]):  # a mesh with a `sequence` axis
+            if self.cfg.attention == "flash":
+                raise ValueError("ModelConfig.attention='flash' is not supported with sequence parallelism "
+                                 "(mesh.sequence > 1): ring attention folds each visiting K/V block with its own "
+                                 "blocked online softmax (never more than [T/N, T/N] scores); use attention='auto' "
+                                 "or mesh.sequence=1")
             if rng is not None and self.cfg.attention_dropout > 0:
                 raise ValueError("ModelConfig.attention_dropout > 0 is not supported with sequence parallelism "
                                  "(mesh.sequence > 1); set attention_dropout=0 or mesh.sequence=1")

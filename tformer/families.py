@@ -46,6 +46,7 @@ class Family:
     mesh_axes: frozenset[str]  # the axes of _AXIS_FEATURES it can run on (size > 1)
     shards_weights: bool  # weights laid out by the sharding rules (else only the batch is split)
     plannable: bool  # tformer.plan can compile its train step from abstract shapes
+    hf_causal_lm: bool = False  # a Hugging Face causal LM both ways (tformer.hf): init_from=hf:, export.py
 
     @property
     def batch_keys(self) -> tuple[str, ...]:
@@ -73,7 +74,8 @@ def _rnn_flops(seq2seq: bool) -> Callable[[rnn.RNNConfig, int], float]:
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("lm", models.DecoderLM, ModelConfig, "lm", flops.train_flops_per_token, generate.generate,
-           generate.beam_search, frozenset({"tensor", "stage", "sequence"}), shards_weights=True, plannable=True),
+           generate.beam_search, frozenset({"tensor", "stage", "sequence"}), shards_weights=True, plannable=True,
+           hf_causal_lm=True),
     Family("seq2seq", models.EncoderDecoder, ModelConfig, "seq2seq", flops.train_flops_per_token,
            generate.generate, generate.beam_search, frozenset({"tensor", "sequence"}), shards_weights=True,
            plannable=True),

@@ -82,7 +82,8 @@ class Block(nnx.Module):
         k_att, v_att, m = k_bskd, v_bskd, masking
         if visible is not None and visible < k_att.shape[1]:
             k_att, v_att, m = k_att[:, :visible], v_att[:, :visible], masking.first_keys(visible)
-        x = self._out(x_btd, self.attn.output(attend(q, k_att, v_att, m, self.cfg)), self.attn_norm, None)
+        x = self._out(x_btd, self.attn.output(attend(q, k_att, v_att, m, self.cfg, q_offset=index)), self.attn_norm,
+                      None)
         if self.has_cross:
             ck, cv, cmask = cross
             q = self.cross_attn.query(self._in(x, self.cross_norm), masking.q_pos)

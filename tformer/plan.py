@@ -24,6 +24,7 @@ on CPU a reduce-scatter is emitted as an all-reduce followed by a slice).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Iterable
@@ -275,17 +276,19 @@ def plan_train_step(
     src_len: int | None = None,
     batch_shapes: dict | None = None,
     microbatches: int | None = None,
+    lora=None,
 ) -> Plan:
     """Compile (never run) one train step on `mesh` under `rules`; see the module docstring.
 
     `microbatches`: the pipeline's count on a mesh with a `stage` axis (default 2 x stages).
+    `lora`: a `tformer.lora.LoraConfig`: plan the step that trains adapters only.
     """
     rules = shd.rules_for(rules)
     shd.check_divisibility(cfg, mesh, rules, batch, seq_len=seq_len, microbatches=microbatches)
     graphdef, abstract = ts.abstract_model(model_cls, cfg)
-    tx = ts.make_optimizer(optim, abstract)
-    state_sh = ts.state_shardings(model_cls, cfg, tx, mesh, rules)
-    abstract_state = ts.abstract_train_state(abstract, tx)
+    tx = ts.make_optimizer(optim, abstract, lora)
+    state_sh = ts.state_shardings(model_cls, cfg, tx, mesh, rules, lora)
+    abstract_state = ts.abstract_train_state(abstract, tx, lora)
     params = abstract_state.params
     shapes = batch_shapes if batch_shapes is not None else batch_lib.abstract_batch(cfg.kind, batch, seq_len, src_len)
     batch_sh = ts.batch_sharding(mesh, rules, shapes)
@@ -316,3 +319,185 @@ def plan_train_step(
         microbatches=pipeline.resolve_microbatches(mesh, microbatches) if pipeline.num_stages(mesh) > 1 else 1,
         sequence_parts=shd.axis_size(mesh, "sequence"),
     )
+
+
+# ---------------------------------------------------------------------------
+# Planning for a platform that is not here: lower (never compile) for it.
+
+PLATFORM_NAMES = {"tpu": "tpu", "gpu": "cuda", "cuda": "cuda", "cpu": "cpu"}  # --plan_platform -> lowering platform
+KERNEL_CALLS = {"tpu_custom_call": "Pallas TPU (Mosaic)", "__gpu$xla.gpu.triton": "Pallas GPU (Triton)",
+                "__cudnn$fmha": "cuDNN flash attention"}
+_TENSOR = re.compile(r"tensor<((?:\d+x)+)([a-z][a-z0-9]*)>")
+_HLO_BYTES = {"i1": 1, "i8": 1, "ui8": 1, "i16": 2, "i32": 4, "ui32": 4, "i64": 8, "bf16": 2, "f16": 2, "f32": 4,
+              "f64": 8}
+
+
+def largest_tensor(stablehlo_text: str) -> tuple[str, int]:
+    """(type, bytes) of the largest ranked tensor type in a lowered program's StableHLO text."""
+    best = ("none", 0)
+    for dims, dtype in _TENSOR.findall(stablehlo_text):
+        shape = tuple(int(d) for d in dims.rstrip("x").split("x"))
+        size = math.prod(shape) * _HLO_BYTES.get(dtype, 4)
+        if size > best[1]:
+            best = (f"{dtype}[{','.join(map(str, shape))}]", size)
+    return best
+
+
+_DEFINES = re.compile(r'^\s*%[\w#:]+\s*=\s*"?([\w.]+)')
+_FORWARDING_OPS = ("stablehlo.case", "stablehlo.if", "stablehlo.while", "call", "func.call",
+                   "stablehlo.optimization_barrier")
+_SCALAR_FILL = re.compile(r"stablehlo\.broadcast_in_dim %\w+, dims = \[\] : \(tensor<[a-z0-9]+>\)")
+
+
+def score_tensors(stablehlo_text: str, tq: int, tk: int) -> set[str]:
+    """Tensor types of rank >= 3 ending in [.., tq, tk] that the program computes: dense attention scores,
+    probabilities or masks.
+
+    Not counted: values an op only forwards (case / call / while results) and scalar fills. Under
+    differentiation a `platform_dependent` branch that is not taken still returns the residuals the other
+    branches save, as zero fills; nothing reads them and XLA removes them when it compiles.
+    """
+    pat = re.compile(rf"tensor<((?:\d+x){{1,}}){tq}x{tk}x([a-z][a-z0-9]*)>")
+    found = set()
+    for line in stablehlo_text.splitlines():
+        op = _DEFINES.match(line)
+        if op is None or op.group(1) in _FORWARDING_OPS or _SCALAR_FILL.search(line):
+            continue
+        found |= {f"{m.group(2)}[{m.group(1)}{tq}x{tk}]" for m in pat.finditer(line)}
+    return found
+
+
+def kernel_calls(stablehlo_text: str) -> dict[str, int]:
+    """{fused-kernel custom call target: count} in a lowered program's StableHLO text."""
+    counts = {name: stablehlo_text.count(f"@{name}(") for name in KERNEL_CALLS}
+    return {name: n for name, n in counts.items() if n}
+
+
+@dataclasses.dataclass
+class AttentionLine:
+    """One distinct attention call of a lowered program, as the target platform runs it."""
+
+    program: str  # train | prefill | decode
+    call: Any  # tformer.flash.AttentionCall
+    impl: str
+    temp: tuple[str, int]  # largest tensor of the call lowered alone (forward, + backward for train)
+
+
+@dataclasses.dataclass
+class PlatformPlan:
+    """What a config's train step, prefill and decode step run on `platform`, from programs lowered for it."""
+
+    platform: str
+    lines: list[AttentionLine]
+    kernel_calls: dict[str, dict[str, int]]  # program -> {custom call target: count}
+    score_tensors: dict[str, set[str]]  # program -> [.., T, T] tensor types
+
+    def table(self) -> str:
+        from tformer import flash
+
+        rows = [f"{'program':<8} {'attention':<20} {'queries x keys':<15} {'kernel / path':<48} "
+                f"largest attention temporary"]
+        for ln in self.lines:
+            shape = f"{ln.call.q_shape[1]} x {ln.call.k_shape[1]}"
+            rows.append(f"{ln.program:<8} {ln.call.kind:<20} {shape:<15} {flash.describe(self.platform, ln.impl):<48} "
+                        f"{ln.temp[0]} ({fmt_bytes(ln.temp[1])})")
+        for prog, calls in self.kernel_calls.items():
+            found = ", ".join(f"{KERNEL_CALLS[k]} x{n}" for k, n in calls.items()) or "none"
+            scores = ", ".join(sorted(self.score_tensors[prog])) or "none"
+            rows.append(f"{prog}: fused-kernel custom calls: {found}; [.., T, T] score tensors: {scores}")
+        if self.platform == "cuda":
+            rows.append("(cuda: a GPU present while tracing takes cuDNN for plain causal rows; without one, and for "
+                        "packed / padded rows, the Pallas Triton kernel)")
+        return "\n".join(rows)
+
+
+def _lower_text(fn, platform: str, *args) -> str:
+    """StableHLO of `fn` lowered for `platform`; traced afresh (a new function, so no cached trace skips
+    the attention calls' recording)."""
+    return jax.jit(lambda *a: fn(*a)).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+def _attention_alone(call, platform: str, grads: bool) -> tuple[str, int]:
+    """Largest tensor of one recorded attention call lowered alone for `platform` (its own implementation)."""
+    from tformer.attention import Masking, _attend_with
+
+    b, tq = call.q_shape[:2]
+    tk = call.k_shape[1]
+    sds = jax.ShapeDtypeStruct
+    q, k = sds(call.q_shape, call.dtype), sds(call.k_shape, call.dtype)
+    pos = (sds((b, tq), np.int32), sds((b, tk), np.int32))
+    q_seg, k_seg, same = call.seg_shapes
+    segs = tuple(None if s is None else sds(s, np.int32) for s in (q_seg, k_seg))
+    impl = call.impl(platform)
+
+    def attend(q, k, v, q_pos, k_pos, q_seg, k_seg):
+        masking = Masking(q_pos, k_pos, k_seg if same else q_seg, k_seg, call.causal, call.window, call.plain_causal)
+        rng = jax.random.key(0) if call.rate > 0 else None
+        offset = 0 if call.cache else None
+        return _attend_with(impl, q, k, v, masking, call.rate, rng, call.topk, call.threshold, offset)
+
+    def fwd_bwd(q, k, v, *masks):
+        out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, *masks), q, k, v)
+        return out, vjp(out)
+
+    return largest_tensor(_lower_text(fwd_bwd if grads else attend, platform, q, k, k, *pos, *segs))
+
+
+def _programs(model_cls, cfg: ModelConfig, optim, batch: int, seq_len: int, src_len: int | None):
+    """(name, fn, abstract args) for the train step, a prefill and one decode step (no mesh: one device)."""
+    from flax import nnx
+
+    graphdef, abstract = ts.abstract_model(model_cls, cfg)
+    tx = ts.make_optimizer(optim, abstract)
+    step = ts.make_train_step(graphdef, tx, optim, donate=False)
+    state = ts.abstract_train_state(abstract, tx)
+    shapes = batch_lib.abstract_batch(cfg.kind, batch, seq_len, src_len)
+    seq2seq = cfg.kind == "seq2seq"
+    prompt = 1 if seq2seq else max(1, seq_len // 2)  # an encoder-decoder prefills BOS after encoding the source
+    ints = functools.partial(jax.ShapeDtypeStruct, dtype=np.int32)
+    src = ints((batch, src_len or seq_len)) if seq2seq else None
+
+    def prefill(model_state, tokens, src):
+        model = nnx.merge(graphdef, model_state)
+        cache = model.init_cache(src, seq_len) if seq2seq else model.init_cache(batch, seq_len)
+        return model.extend(tokens, cache)
+
+    def decode(model_state, token, cache):
+        return nnx.merge(graphdef, model_state).extend(token, cache)
+
+    model_state = nnx.state(nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0))))
+    cache = jax.eval_shape(prefill, model_state, ints((batch, prompt)), src)[1]
+    return [("train", step, (state, shapes)), ("prefill", prefill, (model_state, ints((batch, prompt)), src)),
+            ("decode", decode, (model_state, ints((batch, 1)), cache))]
+
+
+def plan_platform(model_cls, cfg: ModelConfig, optim: ts.OptimizerConfig, platform: str, *, batch: int,
+                  seq_len: int, src_len: int | None = None,
+                  programs: tuple[str, ...] = ("train", "prefill", "decode")) -> PlatformPlan:
+    """Lower (never compile: that needs the target backend) the train step, a prefill of seq_len / 2 prompt
+    tokens (an encoder-decoder: the source, then BOS) into a seq_len cache and one decode step for
+    `platform` ("tpu", "gpu" or "cpu"); report per distinct attention call the implementation the platform
+    runs and the largest tensor of that call lowered alone, and per program the fused-kernel custom calls
+    and any [.., T, T] score tensor in the StableHLO. Works on a CPU-only machine. `programs`: which of
+    train, prefill, decode to lower."""
+    from tformer import flash
+
+    if platform not in PLATFORM_NAMES:
+        raise ValueError(f"unknown platform {platform!r}; choose one of tpu, gpu, cpu")
+    target = PLATFORM_NAMES[platform]
+    lines, calls_by_prog, scores = [], {}, {}
+    for name, fn, args in _programs(model_cls, cfg, optim, batch, seq_len, src_len):
+        if name not in programs:
+            continue
+        with flash.record_calls() as calls:
+            text = _lower_text(fn, target, *args)
+        calls_by_prog[name] = kernel_calls(text)
+        # At T = 128 on TPU the splash kernel's own lane-wide tensors ([.., T, 128] segment ids and softmax
+        # statistics) have the score shape, so that length is not searched.
+        lens = {(c.q_shape[1], c.k_shape[1]) for c in calls
+                if c.q_shape[1] > 1 and not (target == "tpu" and c.k_shape[1] == flash.LANES)}
+        scores[name] = set().union(*(score_tensors(text, tq, tk) for tq, tk in lens)) if lens else set()
+        for call in dict.fromkeys(calls):  # distinct calls, in order
+            lines.append(AttentionLine(name, call, call.impl(target),
+                                       _attention_alone(call, target, grads=name == "train")))
+    return PlatformPlan(target, lines, calls_by_prog, scores)

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tformer import batch as batch_lib
+from tformer import lora as lora_lib
 from tformer import pipeline
 from tformer import sharding as shd
 from tformer.config import ModelConfig
@@ -101,13 +102,18 @@ def decay_mask(abstract_state: nnx.State, optim: OptimizerConfig) -> Params:
     return nnx.to_pure_dict(jax.tree.map(decide, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
-def make_optimizer(optim: OptimizerConfig, abstract_state: nnx.State) -> optax.GradientTransformation:
+def make_optimizer(optim: OptimizerConfig, abstract_state: nnx.State,
+                   lora: lora_lib.LoraConfig | None = None) -> optax.GradientTransformation:
+    """AdamW over the model's parameters, or with `lora` over the adapters only (all of them decayed)."""
+    mask = decay_mask(abstract_state, optim)
+    if lora is not None:
+        mask = jax.tree.map(lambda _: True, lora_lib.adapter_shapes(nnx.to_pure_dict(abstract_state), lora))
     parts = []
     if optim.clip_norm is not None:
         parts.append(optax.clip_by_global_norm(optim.clip_norm))
     parts.append(
         optax.adamw(schedule(optim), b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
-                    mask=decay_mask(abstract_state, optim))
+                    mask=mask)
     )
     return optax.chain(*parts)
 
@@ -153,7 +159,7 @@ def cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array, weights_bt: jax.
 def loss_sums(graphdef: nnx.GraphDef, params: Params, batch: dict, optim: OptimizerConfig,
               dropout_rng: jax.Array | None = None, microbatches: int | None = None):
     """Summed loss terms of `batch`; on a mesh with a `stage` axis the blocks run as a pipeline (tformer.pipeline)."""
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, lora_lib.merged(params))
     mesh, _ = shd.active()
     if pipeline.num_stages(mesh) > 1:
         logits, targets, weights = pipeline.logits_and_targets(model, batch, dropout_rng, mesh=mesh,
@@ -172,11 +178,15 @@ def abstract_model(model_cls: type[nnx.Module], cfg: ModelConfig):
     return nnx.split(nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0))))
 
 
-def abstract_train_state(abstract: nnx.State, tx: optax.GradientTransformation) -> TrainState:
+def abstract_train_state(abstract: nnx.State, tx: optax.GradientTransformation,
+                         lora: lora_lib.LoraConfig | None = None) -> TrainState:
     """The TrainState as ShapeDtypeStructs (allocates nothing): a restore target, a plan's input."""
     params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(abstract))
+    if lora is not None:
+        params = lora_lib.abstract_lora_params(params, lora)
     return TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=jax.eval_shape(tx.init, params),
+        step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+        opt_state=jax.eval_shape(tx.init, lora_lib.trainable(params)),
         rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
     )
 
@@ -186,41 +196,50 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: shd.Rules | No
 
 
 def state_shardings(model_cls: type[nnx.Module], cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                    rules: shd.Rules | None):
-    """NamedSharding pytree of a TrainState, from the rule table."""
+                    rules: shd.Rules | None, lora: lora_lib.LoraConfig | None = None):
+    """NamedSharding pytree of a TrainState, from the rule table (LoRA adapters, being small, replicated)."""
     _, abstract = abstract_model(model_cls, cfg)
     p_sh = param_shardings(abstract, mesh, rules)
     p_abs = nnx.to_pure_dict(abstract)
-    opt_abs = jax.eval_shape(tx.init, p_abs)
     rep = NamedSharding(mesh, P())
-    return TrainState(step=rep, params=p_sh, opt_state=shd.optimizer_shardings(tx, opt_abs, p_sh, mesh), rng=rep)
+    if lora is not None:
+        p_abs = lora_lib.abstract_lora_params(p_abs, lora)
+        p_sh = {"base": p_sh, "lora": jax.tree.map(lambda _: rep, p_abs["lora"]), "scale": rep}
+    opt_abs = jax.eval_shape(tx.init, lora_lib.trainable(p_abs))
+    opt_sh = shd.optimizer_shardings(tx, opt_abs, lora_lib.trainable(p_sh), mesh)
+    return TrainState(step=rep, params=p_sh, opt_state=opt_sh, rng=rep)
 
 
 def create_train_state(model_cls: type[nnx.Module], cfg: ModelConfig, optim: OptimizerConfig, seed: int = 0,
-                       mesh: Mesh | None = None, rules: shd.Rules | None = None, params: Params | None = None):
+                       mesh: Mesh | None = None, rules: shd.Rules | None = None, params: Params | None = None,
+                       lora: lora_lib.LoraConfig | None = None):
     """(graphdef, tx, state, state_shardings or None). Sharded at birth when a mesh is given.
 
     `params` (e.g. `nnx.to_pure_dict(nnx.state(tformer.load_hf_checkpoint(path)))`)
     starts from given weights instead of a fresh init, to fine-tune; they must
     have the structure, shapes and dtypes of `model_cls(cfg)`'s parameters.
+    `lora`: the state's params are a LoRA tree (`tformer.lora`) over them, and
+    the optimizer (and its state) covers the adapters only.
     """
     graphdef, abstract = abstract_model(model_cls, cfg)
-    tx = make_optimizer(optim, abstract)
+    tx = make_optimizer(optim, abstract, lora)
     if params is not None:
         _check_params(params, nnx.to_pure_dict(abstract))
 
     def init(given):
         p = nnx.to_pure_dict(nnx.state(model_cls(cfg, rngs=nnx.Rngs(seed)))) if given is None else given
+        if lora is not None:
+            p = lora_lib.lora_params(p, lora, jax.random.key(seed + 2))
         return TrainState(
-            step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+            step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(lora_lib.trainable(p)),
             rng=jax.random.key_data(jax.random.key(seed + 1)),
         )
 
     if mesh is None:
         return graphdef, tx, jax.jit(init)(params), None
-    shardings = state_shardings(model_cls, cfg, tx, mesh, rules)
+    shardings = state_shardings(model_cls, cfg, tx, mesh, rules, lora)
     if params is not None:  # placed shard by shard: never whole on one device
-        params = jax.device_put(params, shardings.params)
+        params = jax.device_put(params, shardings.params["base"] if lora is not None else shardings.params)
     return graphdef, tx, jax.jit(init, out_shardings=shardings)(params), shardings
 
 
@@ -260,42 +279,46 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, optim: 
     """
     with shd.use_layout(layout):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        def sums_and_grads(params, mb, i):
+        # Gradients of the trainable leaves only (LoRA: the adapters; the base weights get none).
+        trainable = lora_lib.trainable(state.params)
+
+        def sums_and_grads(t, mb, i):
             rng = jax.random.fold_in(key, i)
 
-            def f(p):
-                s = loss_sums(graphdef, p, mb, optim, rng, microbatches)
+            def f(t):
+                s = loss_sums(graphdef, lora_lib.with_trainable(state.params, t), mb, optim, rng, microbatches)
                 return s["loss_sum"], s
 
-            (_, s), g = jax.value_and_grad(f, has_aux=True)(params)
+            (_, s), g = jax.value_and_grad(f, has_aux=True)(t)
             return s, g
 
         if optim.grad_accum_steps == 1:
-            sums, grads = sums_and_grads(state.params, batch, 0)
+            sums, grads = sums_and_grads(trainable, batch, 0)
         else:
             mbs = _microbatches(batch, optim.grad_accum_steps)
 
             def body(acc, inp):
                 mb, i = inp
-                s, g = sums_and_grads(state.params, mb, i)
+                s, g = sums_and_grads(trainable, mb, i)
                 return jax.tree.map(jnp.add, acc, (s, g)), None
 
             first = jax.tree.map(lambda x: x[0], mbs)
-            zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: sums_and_grads(state.params, first, 0)))
+            zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: sums_and_grads(trainable, first, 0)))
             (sums, grads), _ = jax.lax.scan(body, zero, (mbs, jnp.arange(optim.grad_accum_steps)))
 
         denom = jnp.maximum(sums["weight_sum"], 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        updates, opt_state = tx.update(grads, state.opt_state, trainable)
+        params = optax.apply_updates(trainable, updates)
         loss = sums["loss_sum"] / denom
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if optim.skip_nonfinite:
             def keep(new, old):
                 return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
-            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+            params, opt_state = keep(params, trainable), keep(opt_state, state.opt_state)
+        params = lora_lib.with_trainable(state.params, params)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
         metrics = {
             "loss": loss,

@@ -35,6 +35,7 @@ def dataclass_defaults(cls, skip: tuple[str, ...] = ()) -> ConfigDict:
 
 def base_config() -> ConfigDict:
     c = ConfigDict()
+    c.init_from = ""  # "" | hf:<dir> (a Hugging Face folder) | <workdir> (a tformer run): see experiments/finetune.py
     c.model = dataclass_defaults(tformer.ModelConfig, skip=TOKENIZER_FIELDS)
     c.model.kind = "lm"
     c.model.vocab_size = 0  # 0: take the tokenizer's size
@@ -42,7 +43,7 @@ def base_config() -> ConfigDict:
     c.optim.total_steps = 0  # 0: = train.num_steps
     c.data = ConfigDict(dict(
         corpus="stdlib",        # stdlib | a text file or directory | numbers:<direction> | a TSV / "src,tgt" files
-        tokenizer="byte",       # byte | sentencepiece
+        tokenizer="byte",       # byte | sentencepiece | hf (set by init_from=hf:<dir>)
         vocab_size=4096,        # sentencepiece only
         seq_len=256,            # LM rows
         src_len=32, tgt_len=64,  # seq2seq
@@ -56,6 +57,9 @@ def base_config() -> ConfigDict:
         checkpoint_every=250, keep_checkpoints=3,
         num_samples=3, sample_tokens=120, sample_prompts="def |class |import ",
         temperature=0.8, top_k=40, beam_size=1, eval_decode_examples=500,
+        # LoRA (tformer/lora.py): rank 0 = off; alpha 0 = rank; targets: weight names or groups attn, mlp.
+        lora_rank=0, lora_alpha=0.0, lora_targets="attn,mlp",
+        profile_steps="",       # "START,END": jax.profiler trace of steps START..END-1 (experiments/profiling.py)
     ))
     # stage: pipeline stages; sequence: sequence-parallel split; microbatches: pipeline microbatches (0: 2 x stage).
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, stage=1, sequence=1, microbatches=0, preset="dp"))
