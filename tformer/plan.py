@@ -40,6 +40,7 @@ from tformer import pipeline
 from tformer import sharding as shd
 from tformer import training as ts
 from tformer.config import ModelConfig
+from tformer.lora import LoraConfig
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
                "collective-broadcast", "ragged-all-to-all")
@@ -269,14 +270,14 @@ def plan_train_step(
     cfg: ModelConfig,
     optim: ts.OptimizerConfig,
     mesh: Mesh,
-    rules,
+    rules: shd.Rules,
     *,
     batch: int,
     seq_len: int,
     src_len: int | None = None,
     batch_shapes: dict | None = None,
     microbatches: int | None = None,
-    lora=None,
+    lora: LoraConfig | None = None,
 ) -> Plan:
     """Compile (never run) one train step on `mesh` under `rules`; see the module docstring.
 
@@ -471,8 +472,8 @@ def _programs(model_cls, cfg: ModelConfig, optim, batch: int, seq_len: int, src_
             ("decode", decode, (model_state, ints((batch, 1)), cache))]
 
 
-def plan_platform(model_cls, cfg: ModelConfig, optim: ts.OptimizerConfig, platform: str, *, batch: int,
-                  seq_len: int, src_len: int | None = None,
+def plan_platform(model_cls: type[nnx.Module], cfg: ModelConfig, optim: ts.OptimizerConfig, platform: str, *,
+                  batch: int, seq_len: int, src_len: int | None = None,
                   programs: tuple[str, ...] = ("train", "prefill", "decode")) -> PlatformPlan:
     """Lower (never compile: that needs the target backend) the train step, a prefill of seq_len / 2 prompt
     tokens (an encoder-decoder: the source, then BOS) into a seq_len cache and one decode step for
