@@ -269,8 +269,10 @@ def bench_train(opts: Options, dev: dict) -> dict:
     tokens_per_s = b * t / step_s
     fpt = flops.train_flops_per_token(cfg, t)
     mem, mem_src = peak_memory_bytes(compiled)
-    # What `attention="auto"|"cudnn"|"blocked"` resolves to for this call (plain causal T x T, no dropout).
-    probe = Masking(q_pos=None, k_pos=None, plain_causal=True)
+    # What `attention="auto"|"flash"|"cudnn"|"blocked"` resolves to here for this call (causal T x T, no dropout;
+    # packed rows carry one segment-id array for queries and keys).
+    seg = batch.get("segment_ids")
+    probe = Masking(q_pos=None, k_pos=None, q_seg=seg, k_seg=seg, plain_causal=seg is None)
     impl = resolve_impl(cfg, DTYPE[cfg.dtype], probe, training_dropout=False, seq_lens=(t, t))
     if impl == "cudnn" and "cudnn" not in compiled.as_text():
         impl = "xla (cudnn fell back)"

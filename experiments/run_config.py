@@ -94,6 +94,8 @@ def _validate_mesh(mesh: ConfigDict) -> None:
         raise ValueError(f"config.mesh: at most one axis may be -1, got {shape}")
     if mesh.microbatches < 0:
         raise ValueError(f"config.mesh.microbatches must be >= 1, or 0 for 2 x stage; got {mesh.microbatches}")
+    if mesh.virtual_stages < 1:
+        raise ValueError(f"config.mesh.virtual_stages must be >= 1 (1 = GPipe); got {mesh.virtual_stages}")
     if mesh.preset not in sharding.PRESETS:
         raise ValueError(f"config.mesh.preset: unknown {mesh.preset!r}; choose one of {sorted(sharding.PRESETS)}")
 

@@ -14,6 +14,7 @@ NORMS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post")
 ACTIVATIONS = ("gelu", "gelu_exact", "relu", "silu", "swiglu", "geglu")
 ATTENTION_IMPLS = ("auto", "flash", "einsum", "xla", "cudnn", "blocked")
+SEQUENCE_LAYOUTS = ("consecutive", "zigzag")
 LOWRANK_KINDS = ("linformer", "nystrom")
 KV_CACHE_DTYPES = ("int8",)
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -56,6 +57,9 @@ class ModelConfig:
     dropout: float = 0.0
     attention_dropout: float = 0.0
     attention: str = "auto"
+    # Sequence parallelism's token layout (`tformer.ring_attention`): "consecutive" (device d holds the d-th
+    # run of T / N positions) or "zigzag" (blocks d and 2N - 1 - d of 2N: equal causal work per device).
+    sequence_layout: str = "consecutive"
     # Sparse attention. `local_window`: a token sees at most this many previous
     # positions, computed banded (O(T x window) time and memory, not O(T^2)).
     local_window: int | None = None
@@ -123,6 +127,8 @@ class ModelConfig:
                f"unknown kind {self.activation!r}; choose one of {ACTIVATIONS}")
         _check(self.attention in ATTENTION_IMPLS, "attention",
                f"unknown kind {self.attention!r}; choose one of {ATTENTION_IMPLS}")
+        _check(self.sequence_layout in SEQUENCE_LAYOUTS, "sequence_layout",
+               f"unknown layout {self.sequence_layout!r}; choose one of {SEQUENCE_LAYOUTS}")
         _check(self.remat in REMAT_POLICIES, "remat", f"unknown policy {self.remat!r}; choose one of {REMAT_POLICIES}")
         for f in ("dtype", "param_dtype", "logits_dtype"):
             _check(getattr(self, f) in DTYPES, f, f"unknown dtype {getattr(self, f)!r}; choose one of {DTYPES}")

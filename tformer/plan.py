@@ -8,10 +8,10 @@ with the rule table's shardings, and reads back what XLA decided:
   * argument / output / temporary (activation) bytes (`memory_analysis()`),
   * FLOPs and bytes accessed per step (`cost_analysis()`),
   * every collective in the compiled program with its result size,
-  * for a pipeline (`stage` axis): stages, microbatches and the GPipe bubble
-    fraction (S - 1) / (M + S - 1); the stage-to-stage sends are the
-    collective-permutes (one per tick and direction: the schedule is
-    unrolled, so the HLO holds each of them); for sequence parallelism the
+  * for a pipeline (`stage` axis): stages, microbatches, virtual stages and
+    the schedule's bubble fraction (S - 1) / (V M + S - 1); the stage-to-stage
+    sends are the collective-permutes (the ticks are one scan, so the HLO
+    holds one send each way, whatever M); for sequence parallelism the
     ring's K/V sends are collective-permutes too.
 
 Compiling needs devices, not memory: with
@@ -154,12 +154,13 @@ class Plan:
     collectives: list[Collective]
     stages: int = 1  # pipeline stages (mesh axis `stage`)
     microbatches: int = 1  # pipeline microbatches per step (1 without a pipeline)
+    virtual_stages: int = 1  # layer groups per stage (1 = GPipe, more = interleaved)
     sequence_parts: int = 1  # sequence-parallel split of the positions (mesh axis `sequence`)
 
     @property
     def bubble_fraction(self) -> float:
-        """Idle fraction of each stage's time in the GPipe schedule (0 without a pipeline)."""
-        return pipeline.bubble_fraction(self.stages, self.microbatches)
+        """Idle fraction of each stage's time in the pipeline schedule (0 without a pipeline)."""
+        return pipeline.bubble_fraction(self.stages, self.microbatches, self.virtual_stages)
 
     @property
     def state_bytes(self) -> int:
@@ -195,7 +196,8 @@ class Plan:
             ("collective bytes per step", fmt_bytes(self.collective_bytes)),
         ]
         if self.stages > 1:
-            rows.insert(2, ("pipeline", f"{self.stages} stages x {self.microbatches} microbatches (GPipe), "
+            rows.insert(2, ("pipeline", f"{self.stages} stages x {self.microbatches} microbatches "
+                                        f"({pipeline.schedule_name(self.virtual_stages)}), "
                                         f"bubble {self.bubble_fraction:.1%}"))
         if self.sequence_parts > 1:
             rows.insert(2, ("sequence", f"{self.sequence_parts}-way ring attention, "
@@ -277,15 +279,18 @@ def plan_train_step(
     src_len: int | None = None,
     batch_shapes: dict | None = None,
     microbatches: int | None = None,
+    virtual_stages: int = 1,
     lora: LoraConfig | None = None,
 ) -> Plan:
     """Compile (never run) one train step on `mesh` under `rules`; see the module docstring.
 
-    `microbatches`: the pipeline's count on a mesh with a `stage` axis (default 2 x stages).
+    `microbatches`: the pipeline's count on a mesh with a `stage` axis (default 2 x stages);
+    `virtual_stages`: layer groups per stage (1 = GPipe, more = the interleaved schedule).
     `lora`: a `tformer.lora.LoraConfig`: plan the step that trains adapters only.
     """
     rules = shd.rules_for(rules)
-    shd.check_divisibility(cfg, mesh, rules, batch, seq_len=seq_len, microbatches=microbatches)
+    shd.check_divisibility(cfg, mesh, rules, batch, seq_len=seq_len, microbatches=microbatches,
+                           virtual_stages=virtual_stages)
     graphdef, abstract = ts.abstract_model(model_cls, cfg)
     tx = ts.make_optimizer(optim, abstract, lora)
     state_sh = ts.state_shardings(model_cls, cfg, tx, mesh, rules, lora)
@@ -300,7 +305,7 @@ def plan_train_step(
     state_in = jax.tree.map(with_sharding, abstract_state, state_sh)
     batch_in = jax.tree.map(with_sharding, shapes, batch_sh)
     step = ts.make_train_step(graphdef, tx, optim, mesh=mesh, rules=rules, state_sharding=state_sh,
-                              batch_sharding=batch_sh, microbatches=microbatches)
+                              batch_sharding=batch_sh, microbatches=microbatches, virtual_stages=virtual_stages)
     compiled = step.lower(state_in, batch_in).compile()
     cost = _cost(compiled)
     return Plan(
@@ -318,6 +323,7 @@ def plan_train_step(
         collectives=parse_collectives(compiled.as_text()),
         stages=pipeline.num_stages(mesh),
         microbatches=pipeline.resolve_microbatches(mesh, microbatches) if pipeline.num_stages(mesh) > 1 else 1,
+        virtual_stages=virtual_stages,
         sequence_parts=shd.axis_size(mesh, "sequence"),
     )
 

@@ -301,17 +301,15 @@ def _divisors(n: int) -> list[int]:
 
 
 def check_divisibility(cfg: ModelConfig, mesh: Mesh, rules: Rules, global_batch: int | None = None, *,
-                       seq_len: int | None = None, microbatches: int | None = None) -> None:
+                       seq_len: int | None = None, microbatches: int | None = None, virtual_stages: int = 1) -> None:
     """Fail early, naming the field, when a sharded dimension does not split evenly.
 
-    Pipeline meshes (`stage` > 1) also need layers divisible by stages and the
-    global batch by (data axes) x `microbatches`; sequence meshes need
-    `seq_len` divisible by `sequence`.
+    Pipeline meshes (`stage` > 1) also need layers divisible by stages (x
+    `virtual_stages`), the global batch by (data axes) x `microbatches` and,
+    interleaved, microbatches >= stages; sequence meshes need `seq_len`
+    divisible by `sequence`.
     """
     stages, seq_parts = axis_size(mesh, "stage"), axis_size(mesh, "sequence")
-    if stages > 1 and seq_parts > 1:
-        raise ValueError(f"mesh.stage={stages} and mesh.sequence={seq_parts}: pipeline and sequence "
-                         "parallelism do not combine; set one of them to 1")
     if cfg.num_layers % stages:
         raise ValueError(f"ModelConfig.num_layers={cfg.num_layers} is not divisible by mesh.stage={stages}; "
                          f"valid stage sizes are {_divisors(cfg.num_layers)}")
@@ -352,6 +350,12 @@ def check_divisibility(cfg: ModelConfig, mesh: Mesh, rules: Rules, global_batch:
                     f"global batch size {global_batch} is not divisible by data axes ({parts}) x "
                     f"mesh.microbatches ({m}); valid microbatches for this batch are {valid}"
                 )
+    if stages > 1:
+        from tformer import pipeline  # the schedule's own rule (pipeline imports this module)
+
+        m = 2 * stages if not microbatches else microbatches
+        for field in ("num_layers", "num_encoder_layers") if cfg.num_encoder_layers else ("num_layers",):
+            pipeline.check_schedule(getattr(cfg, field), stages, m, virtual_stages, field)
 
 
 # ---------------------------------------------------------------------------

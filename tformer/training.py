@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from tformer import batch as batch_lib
 from tformer import lora as lora_lib
-from tformer import pipeline
+from tformer import pipeline, ring_attention
 from tformer import sharding as shd
 from tformer.config import ModelConfig
 
@@ -157,16 +157,29 @@ def cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array, weights_bt: jax.
 
 
 def loss_sums(graphdef: nnx.GraphDef, params: Params, batch: dict, optim: OptimizerConfig,
-              dropout_rng: jax.Array | None = None, microbatches: int | None = None):
+              dropout_rng: jax.Array | None = None, microbatches: int | None = None, virtual_stages: int = 1):
     """Summed loss terms of `batch`; on a mesh with a `stage` axis the blocks run as a pipeline (tformer.pipeline)."""
     model = nnx.merge(graphdef, lora_lib.merged(params))
     mesh, _ = shd.active()
+    batch = _sequence_layout(model, batch, mesh)
     if pipeline.num_stages(mesh) > 1:
         logits, targets, weights = pipeline.logits_and_targets(model, batch, dropout_rng, mesh=mesh,
-                                                               microbatches=microbatches)
+                                                               microbatches=microbatches,
+                                                               virtual_stages=virtual_stages)
     else:
         logits, targets, weights = batch_lib.logits_and_targets(model, batch, dropout_rng)
     return cross_entropy(logits, targets, weights, optim.z_loss, optim.label_smoothing)
+
+
+def _sequence_layout(model, batch: dict, mesh) -> dict:
+    """The batch in the ring's token layout (`ModelConfig.sequence_layout`) on a mesh with a `sequence` axis."""
+    n = shd.axis_size(mesh, ring_attention.AXIS)
+    if n == 1 or model.cfg.sequence_layout == "consecutive":
+        return batch
+    if model.kind != "lm":
+        raise ValueError(f"ModelConfig.sequence_layout={model.cfg.sequence_layout!r} applies to DecoderLM batches "
+                         f"only, not {type(model).__name__}'s; use sequence_layout='consecutive'")
+    return ring_attention.to_layout(batch, n)
 
 
 # ---------------------------------------------------------------------------
@@ -271,11 +284,13 @@ def _microbatches(batch: dict, k: int) -> dict:
 
 
 def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, optim: OptimizerConfig, state: TrainState,
-               batch: dict, *, layout: shd.Layout | None = None, microbatches: int | None = None):
+               batch: dict, *, layout: shd.Layout | None = None, microbatches: int | None = None,
+               virtual_stages: int = 1):
     """One optimizer step (pure). Loss is normalised over the whole (accumulated) batch.
 
     `layout` (static): the mesh and rule table activation constraints follow.
-    `microbatches`: the pipeline's count on a mesh with a `stage` axis (default 2 x stages).
+    `microbatches`: the pipeline's count on a mesh with a `stage` axis (default 2 x stages);
+    `virtual_stages`: layer groups per stage (1 = GPipe, more = the interleaved schedule).
     """
     with shd.use_layout(layout):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -286,7 +301,8 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, optim: 
             rng = jax.random.fold_in(key, i)
 
             def f(t):
-                s = loss_sums(graphdef, lora_lib.with_trainable(state.params, t), mb, optim, rng, microbatches)
+                s = loss_sums(graphdef, lora_lib.with_trainable(state.params, t), mb, optim, rng, microbatches,
+                              virtual_stages)
                 return s["loss_sum"], s
 
             (_, s), g = jax.value_and_grad(f, has_aux=True)(t)
@@ -334,10 +350,11 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, optim: 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, optim: OptimizerConfig, *,
                     mesh: Mesh | None = None, rules: shd.Rules | None = None, state_sharding: Any = None,
-                    batch_sharding: Any = None, donate: bool = True, microbatches: int | None = None) -> Callable:
+                    batch_sharding: Any = None, donate: bool = True, microbatches: int | None = None,
+                    virtual_stages: int = 1) -> Callable:
     """Jitted `step(state, batch) -> (state, metrics)` with shardings and donated state."""
     fn = functools.partial(train_step, graphdef, tx, optim, layout=shd.layout(mesh, rules),
-                           microbatches=microbatches)
+                           microbatches=microbatches, virtual_stages=virtual_stages)
     kw = {}
     if state_sharding is not None:
         kw["in_shardings"] = (state_sharding, batch_sharding)
@@ -346,16 +363,17 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, op
 
 
 def eval_sums(graphdef: nnx.GraphDef, optim: OptimizerConfig, params: Params, batch: dict, *,
-              layout: shd.Layout | None = None, microbatches: int | None = None):
+              layout: shd.Layout | None = None, microbatches: int | None = None, virtual_stages: int = 1):
     """Summed NLL / weights / correct over a batch, no dropout."""
     with shd.use_layout(layout):
-        return loss_sums(graphdef, params, batch, optim, None, microbatches)
+        return loss_sums(graphdef, params, batch, optim, None, microbatches, virtual_stages)
 
 
 def make_eval_step(graphdef: nnx.GraphDef, optim: OptimizerConfig, *, mesh: Mesh | None = None,
                    rules: shd.Rules | None = None, params_sharding: Any = None, batch_sharding: Any = None,
-                   microbatches: int | None = None):
-    fn = functools.partial(eval_sums, graphdef, optim, layout=shd.layout(mesh, rules), microbatches=microbatches)
+                   microbatches: int | None = None, virtual_stages: int = 1):
+    fn = functools.partial(eval_sums, graphdef, optim, layout=shd.layout(mesh, rules), microbatches=microbatches,
+                           virtual_stages=virtual_stages)
     kw = {} if params_sharding is None else {"in_shardings": (params_sharding, batch_sharding)}
     return jax.jit(fn, **kw)
 
