@@ -15,6 +15,7 @@ import jax
 from absl import flags
 from ml_collections import ConfigDict
 
+from experiments.tokenizers import Tokenizer
 from tformer import families, sharding, training
 
 # Runner fields that must be >= the bound (an int or float); `eval_batch_size` 0 means `batch_size`.
@@ -93,11 +94,13 @@ def _validate_mesh(mesh: ConfigDict) -> None:
         raise ValueError(f"config.mesh: at most one axis may be -1, got {shape}")
     if mesh.microbatches < 0:
         raise ValueError(f"config.mesh.microbatches must be >= 1, or 0 for 2 x stage; got {mesh.microbatches}")
+    if mesh.virtual_stages < 1:
+        raise ValueError(f"config.mesh.virtual_stages must be >= 1 (1 = GPipe); got {mesh.virtual_stages}")
     if mesh.preset not in sharding.PRESETS:
         raise ValueError(f"config.mesh.preset: unknown {mesh.preset!r}; choose one of {sorted(sharding.PRESETS)}")
 
 
-def model_config(config: ConfigDict, tok):
+def model_config(config: ConfigDict, tok: Tokenizer):
     """The model config of a run: vocab_size 0 follows the tokenizer, whose special ids are used."""
     m = {k: v for k, v in config.model.to_dict().items() if k != "kind"}
     if not m["vocab_size"]:

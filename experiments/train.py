@@ -144,7 +144,8 @@ def setup_run(config: ConfigDict, workdir: Path) -> Run:
     seq_len = config.data.seq_len if family.task == "lm" else config.data.tgt_len
     if family.shards_weights:  # the others shard nothing but the batch and `embed`
         for batch_size in {t.batch_size, t.eval_batch_size or t.batch_size}:
-            sharding.check_divisibility(cfg, mesh, rules, batch_size, seq_len=seq_len, microbatches=microbatches)
+            sharding.check_divisibility(cfg, mesh, rules, batch_size, seq_len=seq_len, microbatches=microbatches,
+                                        virtual_stages=config.mesh.virtual_stages)
     logging.info("mesh %s (preset %r) over %d process(es), %d devices", dict(mesh.shape), config.mesh.preset,
                  jax.process_count(), mesh.size)
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=t.keep_checkpoints)
@@ -152,7 +153,8 @@ def setup_run(config: ConfigDict, workdir: Path) -> Run:
     graphdef, tx, state, state_sh = training.create_train_state(family.model_class, cfg, o, t.seed, mesh, rules,
                                                                 params=params, lora=finetune.lora_config(t))
     batch_sh = training.batch_sharding(mesh, rules, input_pipeline.batch_at(task.train, 0, t.batch_size))
-    kw = dict(mesh=mesh, rules=rules, batch_sharding=batch_sh, microbatches=microbatches)
+    kw = dict(mesh=mesh, rules=rules, batch_sharding=batch_sh, microbatches=microbatches,
+              virtual_stages=config.mesh.virtual_stages)
     train_fn = training.make_train_step(graphdef, tx, o, state_sharding=state_sh, **kw)
     eval_fn = training.make_eval_step(graphdef, o, params_sharding=state_sh.params, **kw)
     if ckpt.latest_step() is not None:
@@ -329,7 +331,8 @@ def print_plan(config: ConfigDict):
     seq, src = (d.seq_len, None) if family.task == "lm" else (d.tgt_len, d.src_len)
     lcfg = finetune.lora_config(config.train)
     p = plan_lib.plan_train_step(family.model_class, cfg, o, mesh, rules, batch=config.train.batch_size,
-                                 seq_len=seq, src_len=src, microbatches=config.mesh.microbatches or None, lora=lcfg)
+                                 seq_len=seq, src_len=src, microbatches=config.mesh.microbatches or None, lora=lcfg,
+                                 virtual_stages=config.mesh.virtual_stages)
     print(f"plan: {family.name} model, preset {config.mesh.preset!r}, "
           f"{jax.device_count()} {jax.devices()[0].platform} devices\n{p.table()}")
     if lcfg is not None:

@@ -61,7 +61,6 @@ def test_every_run_config_names_a_family_and_has_exactly_its_config_fields():
 @pytest.mark.parametrize("name,axis,size,feature", [
     ("rnn_lm", "stage", 2, "pipeline parallelism"),
     ("rnn_seq2seq", "stage", 4, "pipeline parallelism"),
-    ("seq2seq", "stage", 2, "pipeline parallelism"),
 ])
 def test_a_mesh_axis_a_family_cannot_run_on_fails_naming_the_family_and_the_field(name, axis, size, feature):
     family = families.get(name)

@@ -77,7 +77,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            generate.beam_search, frozenset({"tensor", "stage", "sequence"}), shards_weights=True, plannable=True,
            hf_causal_lm=True),
     Family("seq2seq", models.EncoderDecoder, ModelConfig, "seq2seq", flops.train_flops_per_token,
-           generate.generate, generate.beam_search, frozenset({"tensor", "sequence"}), shards_weights=True,
+           generate.generate, generate.beam_search, frozenset({"tensor", "stage", "sequence"}), shards_weights=True,
            plannable=True),
     Family("rnn_lm", rnn.RNNLM, rnn.RNNConfig, "lm", _rnn_flops(seq2seq=False), rnn.generate, rnn.beam_search,
            _RNN_AXES, shards_weights=False, plannable=False),
@@ -93,7 +93,7 @@ def get(name: str) -> Family:
     return FAMILIES[name]
 
 
-def of_model(model) -> Family:
+def of_model(model: object) -> Family:
     """The family whose model class built `model` (a merged nnx module)."""
     for family in FAMILIES.values():
         if type(model) is family.model_class:

@@ -19,7 +19,7 @@ def param_count(cfg: ModelConfig, include_positions: bool = False) -> int:
     a lookup, not a matmul, so the 6N training-FLOP rule excludes it.
     """
     encoder_decoder = cfg.kind == "seq2seq"
-    d, f, h, kh, hd = cfg.d_model, cfg.d_ff_, cfg.num_heads, cfg.kv_heads, cfg.head_dim_
+    d, f, h, kh, hd = cfg.d_model, cfg.resolved_d_ff, cfg.num_heads, cfg.kv_heads, cfg.resolved_head_dim
     bias = cfg.use_bias
     attn = d * h * hd * 2 + d * kh * hd * 2 + (h * hd + 2 * kh * hd + d if bias else 0)
     mlp = d * f * (3 if cfg.gated else 2) + (f + d if bias else 0)
@@ -44,7 +44,7 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     The causal mask is not discounted, as in the PaLM and nanoGPT MFU figures.
     """
     n = param_count(cfg)
-    return 6.0 * n + 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim_ * seq_len
+    return 6.0 * n + 12.0 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * seq_len
 
 
 def model_tflops(flops_per_token: float, tokens_per_s: float) -> float:
@@ -61,7 +61,7 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak_tflops: float) -> floa
 
 def decode_flops_per_token(cfg: ModelConfig, context_len: float) -> float:
     """Forward-only FLOPs to emit one token: 2 N + 4 L d S over S attended positions."""
-    return 2.0 * param_count(cfg) + 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim_ * context_len
+    return 2.0 * param_count(cfg) + 4.0 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * context_len
 
 
 # ---------------------------------------------------------------------------
@@ -70,7 +70,7 @@ def decode_flops_per_token(cfg: ModelConfig, context_len: float) -> float:
 
 def kv_bytes_per_step(cfg: ModelConfig, batch: int, context_len: int, kv_bytes: int) -> int:
     """K and V bytes one decode step reads: layers x 2 x batch x context x kv_heads x head_dim x bytes."""
-    return cfg.num_layers * 2 * batch * context_len * cfg.kv_heads * cfg.head_dim_ * kv_bytes
+    return cfg.num_layers * 2 * batch * context_len * cfg.kv_heads * cfg.resolved_head_dim * kv_bytes
 
 
 def decode_bytes_per_step(cfg: ModelConfig, batch: int, context_len: int, bytes_per_param: int, kv_bytes: int) -> int:

@@ -58,38 +58,80 @@ class Block(nnx.Module):
         y = dropout(y, self.cfg.dropout, rng)
         return x + y if self.cfg.norm_placement == "pre" else norm(x + y)
 
-    def __call__(self, x_btd, masking: Masking, *, enc_bsd=None, cross_masking=None, rng=None):
-        x = self._out(x_btd, self.attn(self._in(x_btd, self.attn_norm), masking, rng=fold(rng, 0)),
-                      self.attn_norm, fold(rng, 1))
-        if self.has_cross:
-            y = self.cross_attn(self._in(x, self.cross_norm), cross_masking, kv_src=enc_bsd, rng=fold(rng, 2))
-            x = self._out(x, y, self.cross_norm, fold(rng, 3))
-        x = self._out(x, self.mlp(self._in(x, self.mlp_norm)), self.mlp_norm, fold(rng, 4))
-        return constrain(x, ("batch", "length", "act_embed"))
+    def __call__(self, x_btd, masking: Masking, *, enc_bsd=None, cross_masking=None, rng=None,
+                 cache: LayerCache | None = None):
+        """The layer on every position at once, or (with `cache`) on new tokens against cached K/V.
 
-    def extend(self, x_btd, masking: Masking, k_bskd, v_bskd, index, cross=None, visible: int | None = None):
-        """Like __call__ for new tokens against cached K/V: returns (x, k_bskd, v_bskd).
-
-        The new tokens' K/V are written at slot `index` first. `cross`: the
-        layer's cached (cross K, cross V, cross masking) for an encoder-decoder.
-        `visible` (static): attend over cache slots [0, visible) only; the
-        caller guarantees every slot the new tokens may see lies below it.
+        Without a cache: returns x. With one: the new tokens' K/V are written at
+        `cache.index` first and the layer returns (x, k_bskd, v_bskd), the
+        updated cache arrays; cross-attention reads the cached cross K/V.
         """
         h = self._in(x_btd, self.attn_norm)
-        q = self.attn.query(h, masking.q_pos)
-        k_new, v_new = self.attn.key_value(h, masking.q_pos)
-        k_bskd, v_bskd = kvcache.write(k_bskd, k_new, index), kvcache.write(v_bskd, v_new, index)
-        k_att, v_att, m = k_bskd, v_bskd, masking
-        if visible is not None and visible < k_att.shape[1]:
-            k_att, v_att, m = k_att[:, :visible], v_att[:, :visible], masking.first_keys(visible)
-        x = self._out(x_btd, self.attn.output(attend(q, k_att, v_att, m, self.cfg, q_offset=index)), self.attn_norm,
-                      None)
+        if cache is None:
+            y = self.attn(h, masking, rng=fold(rng, 0))
+        else:
+            y, k_bskd, v_bskd = self._cached_self_attention(h, masking, cache)
+        x = self._out(x_btd, y, self.attn_norm, fold(rng, 1))
         if self.has_cross:
-            ck, cv, cmask = cross
-            q = self.cross_attn.query(self._in(x, self.cross_norm), masking.q_pos)
-            x = self._out(x, self.cross_attn.output(attend(q, ck, cv, cmask, self.cfg)), self.cross_norm, None)
-        x = self._out(x, self.mlp(self._in(x, self.mlp_norm)), self.mlp_norm, None)
+            h = self._in(x, self.cross_norm)
+            if cache is None:
+                y = self.cross_attn(h, cross_masking, kv_src=enc_bsd, rng=fold(rng, 2))
+            else:
+                y = self.cross_attn.output(attend(self.cross_attn.query(h, masking.q_pos), cache.cross_k,
+                                                  cache.cross_v, cross_masking, self.cfg))
+            x = self._out(x, y, self.cross_norm, fold(rng, 3))
+        x = self._out(x, self.mlp(self._in(x, self.mlp_norm)), self.mlp_norm, fold(rng, 4))
+        if cache is None:
+            return constrain(x, ("batch", "length", "act_embed"))
         return x, k_bskd, v_bskd
+
+    def _cached_self_attention(self, h_btd, masking: Masking, cache: LayerCache):
+        """Self-attention of new tokens over the cache after writing their K/V: (y, k_bskd, v_bskd)."""
+        q = self.attn.query(h_btd, masking.q_pos)
+        k_new, v_new = self.attn.key_value(h_btd, masking.q_pos)
+        k_bskd, v_bskd = kvcache.write(cache.k, k_new, cache.index), kvcache.write(cache.v, v_new, cache.index)
+        k_att, v_att, m = k_bskd, v_bskd, masking
+        if cache.visible is not None and cache.visible < k_att.shape[1]:
+            k_att, v_att, m = k_att[:, :cache.visible], v_att[:, :cache.visible], masking.first_keys(cache.visible)
+        return self.attn.output(attend(q, k_att, v_att, m, self.cfg, q_offset=cache.index)), k_bskd, v_bskd
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCache:
+    """One layer's view of a KV cache for `Block.__call__`: K/V [B, S, K, D], the slot to write new tokens at,
+    an encoder-decoder's cross K/V, and `visible` (static): attend over slots [0, visible) only, the caller
+    guaranteeing every slot the new tokens may see lies below it."""
+
+    k: jax.Array
+    v: jax.Array
+    index: jax.Array
+    cross_k: jax.Array | None = None
+    cross_v: jax.Array | None = None
+    visible: int | None = None
+
+
+def run_layers(graphdef, state, x, fn, cfg: ModelConfig, rng=None, first_layer=0):
+    """x <- fn(block_i, x, rng_i) for each of the stacked layers in `state` (leading `layers` axis).
+
+    The one stack body: scanned (`cfg.scan_layers`) or unrolled, rematerialised
+    by `cfg.remat`; layer i draws its dropout from fold(rng, first_layer + i),
+    so a pipeline stage holding layers [first_layer, ...) draws what the whole
+    stack would.
+    """
+
+    def body(x, inp):
+        layer_state, i = inp
+        return fn(nnx.merge(graphdef, layer_state), x, fold(rng, i)), None
+
+    if cfg.remat != "none":
+        body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
+    n = jax.tree.leaves(state)[0].shape[0]
+    layer_ids = first_layer + jnp.arange(n)
+    if cfg.scan_layers:
+        return jax.lax.scan(body, x, (state, layer_ids))[0]
+    for i in range(n):
+        x, _ = body(x, (jax.tree.map(operator.itemgetter(i), state), layer_ids[i]))
+    return x
 
 
 class Stack(nnx.Module):
@@ -106,21 +148,9 @@ class Stack(nnx.Module):
         self.layers = make(jax.random.split(rngs.params(), n))
 
     def __call__(self, x, fn, rng=None):
-        """x <- fn(block_i, x, rng_i) for each layer, scanned or unrolled."""
+        """x <- fn(block_i, x, rng_i) for each layer (`run_layers`)."""
         graphdef, state = nnx.split(self.layers)
-
-        def body(x, inp):
-            layer_state, i = inp
-            return fn(nnx.merge(graphdef, layer_state), x, fold(rng, i)), None
-
-        if self.cfg.remat != "none":
-            body = jax.checkpoint(body, policy=_REMAT[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
-        if self.cfg.scan_layers:
-            x, _ = jax.lax.scan(body, x, (state, jnp.arange(self.n)))
-            return x
-        for i in range(self.n):
-            x, _ = body(x, (jax.tree.map(operator.itemgetter(i), state), i))
-        return x
+        return run_layers(graphdef, state, x, fn, self.cfg, rng)
 
     def unstacked(self) -> list[Block]:
         """Per-layer blocks (sliced once, e.g. before a decode loop)."""
@@ -128,7 +158,7 @@ class Stack(nnx.Module):
         return [nnx.merge(graphdef, jax.tree.map(operator.itemgetter(i), state)) for i in range(self.n)]
 
 
-def _default_positions(tokens_bt, positions_bt):
+def positions_or_default(tokens_bt, positions_bt):
     if positions_bt is not None:
         return positions_bt
     b, t = tokens_bt.shape
@@ -198,8 +228,9 @@ class _Transformer(nnx.Module):
         index = cache.index - tokens_bt.shape[1]
         ks, vs = [], []
         for i, blk in enumerate(layers or self.decoder_stack.unstacked()):
-            cross = None if cross_masking is None else (cache.cross_k[i], cache.cross_v[i], cross_masking)
-            x, k, v = blk.extend(x, masking, cache.k[i], cache.v[i], index, cross=cross, visible=visible)
+            cross = (None, None) if cross_masking is None else (cache.cross_k[i], cache.cross_v[i])
+            layer_cache = LayerCache(cache.k[i], cache.v[i], index, *cross, visible=visible)
+            x, k, v = blk(x, masking, cross_masking=cross_masking, cache=layer_cache)
             ks.append(k)
             vs.append(v)
         return self._head(x), dataclasses.replace(cache, k=tuple(ks), v=tuple(vs))
@@ -258,7 +289,7 @@ class DecoderLM(_Transformer):
         Token ids are range-checked when concrete (not when traced inside jit).
         """
         check_tokens(tokens_bt, self.cfg)
-        pos = _default_positions(tokens_bt, positions)
+        pos = positions_or_default(tokens_bt, positions)
         masking = self_masking(pos, segment_ids, self.cfg, causal=True, default_positions=positions is None)
         return self._decoder(tokens_bt, pos, masking, rng=dropout_rng)[0]
 
@@ -302,7 +333,7 @@ class EncoderDecoder(_Transformer):
         cfg = self.cfg
         check_tokens(src_bs, cfg, "src")
         seg = self._src_segments(src_bs, src_segment_ids)
-        pos = _default_positions(src_bs, src_positions)
+        pos = positions_or_default(src_bs, src_positions)
         masking = self_masking(pos, seg, cfg, causal=False)
 
         def run_block(blk, x, r):
@@ -324,7 +355,7 @@ class EncoderDecoder(_Transformer):
         enc = self.encode(src_bs, src_segment_ids=src_segment_ids, src_positions=src_positions,
                           dropout_rng=fold(dropout_rng, 0))
         src_seg = self._src_segments(src_bs, src_segment_ids)
-        pos = _default_positions(tgt_inputs_bt, tgt_positions)
+        pos = positions_or_default(tgt_inputs_bt, tgt_positions)
         masking = self_masking(pos, tgt_segment_ids, cfg, causal=True, default_positions=tgt_positions is None)
         cross = Masking(q_pos=pos, k_pos=jnp.zeros_like(src_seg), q_seg=tgt_segment_ids, k_seg=src_seg, causal=False)
         return self._decoder(tgt_inputs_bt, pos, masking, enc_bsd=enc, cross_masking=cross,

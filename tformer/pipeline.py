@@ -1,28 +1,43 @@
-"""Pipeline (layer) parallelism: a GPipe fill-drain schedule over the `stage` mesh axis.
+"""Pipeline (layer) parallelism over the `stage` mesh axis: GPipe and the interleaved (circular) schedule.
 
-The stacked decoder blocks (leading `layers` axis, split over `stage` by the
-rule `layers -> stage`) form `S` contiguous groups of `L / S` layers; stage
-`s` holds only its group's weights (and so only their Adam moments). The
-global batch is cut into `M` microbatches. At tick `t` (0 <= t < M + S - 1)
-stage `s` runs its layers on microbatch `t - s` (when 0 <= t - s < M) and
-passes the result to stage `s + 1` with one `ppermute`; stage 0 reads the
-embedded microbatches, the last stage's outputs go to the head. Idle ticks
-(the bubble, a fraction (S - 1) / (M + S - 1) of each stage's time) compute on
-zeros and their results are discarded, so gradients (plain `jax.grad`
-through `shard_map`, `scan` and `ppermute`) are exactly those of the
-unpipelined model. (With dropout, each microbatch draws its own masks, so
-the pipelined model is the same in distribution, not bit for bit.)
+The stacked blocks (leading `layers` axis, L layers) are cut into S x V
+groups of L / (S V) consecutive layers, S = stages, V = virtual stages
+(`virtual_stages`, 1 = GPipe); group g = r S + s runs on stage s (its r-th
+"repeat"), so every microbatch goes round the ring of stages V times. The
+global batch is cut into M microbatches. At tick t (0 <= t < V M + S - 1)
+stage s works on unit u = t - s, i.e. microbatch u mod M on its repeat
+u // M, when 0 <= u < V M, and passes the result to stage s + 1 (the last
+stage to stage 0, for the next repeat) with one `ppermute`. Stage 0 takes a
+new microbatch at ticks t < M and afterwards the last stage's output of the
+previous repeat, which it has kept in a buffer of M slots (it is ready in
+time when M >= S). Each stage is busy V M of the V M + S - 1 ticks: the
+bubble is (S - 1) / (V M + S - 1).
 
-Only the `stage` axis is manual inside the `shard_map`; `data`, `fsdp` and
-`tensor` stay automatic, so the rule table's other splits compose unchanged.
-The embedding runs outside the pipeline on every stage (replicated over
-`stage`); the output head and the loss run outside it too, with the batch
-rows split over `stage` as well, so each stage computes 1 / S of the logits.
+The ticks run as one `lax.scan`, so the program (and its compile time) does
+not grow with M. Idle ticks compute on stale data whose results are never
+read, so gradients (plain `jax.grad` through `shard_map`, `scan` and
+`ppermute`) are exactly those of the unpipelined model. (With dropout, each
+microbatch draws its own masks: the same model in distribution, not bit for
+bit.)
+
+Placement: the train state keeps the `layers` axis split over `stage` in S
+contiguous blocks (rule `layers -> stage`), one checkpoint layout whatever V;
+the step views it as [V, S, L / (S V)] with the S axis on `stage`. For V = 1
+that view is the stored split (nothing moves); for V > 1 the step moves each
+stage's groups to it (and their gradients back) once per step.
+
+Only `stage` is manual inside the `shard_map`; `data`, `fsdp`, `tensor` and
+`sequence` stay automatic, so the rule table's other splits (and ring
+attention, itself a `shard_map` over `sequence`) compose unchanged. The
+embedding runs outside the pipeline (replicated over `stage`); the output
+head and the loss too, with the batch rows split over `stage` as well, so
+each stage computes 1 / S of the logits.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +49,7 @@ from tformer import families
 from tformer import sharding as shd
 from tformer.attention import Masking, self_masking
 from tformer.layers import dropout, fold
-from tformer.models import _REMAT, _default_positions, check_tokens
+from tformer.models import Stack, check_tokens, positions_or_default, run_layers
 
 AXIS = "stage"
 
@@ -48,9 +63,29 @@ def resolve_microbatches(mesh: Mesh | None, microbatches: int | None) -> int:
     return microbatches if microbatches else 2 * num_stages(mesh)
 
 
-def bubble_fraction(stages: int, microbatches: int) -> float:
-    """Idle fraction of each stage's time in a GPipe fill-drain schedule: (S - 1) / (M + S - 1)."""
-    return (stages - 1) / (microbatches + stages - 1)
+def bubble_fraction(stages: int, microbatches: int, virtual_stages: int = 1) -> float:
+    """Idle fraction of each stage's time: (S - 1) / (V M + S - 1) (V = 1: GPipe's fill-drain)."""
+    return (stages - 1) / (virtual_stages * microbatches + stages - 1)
+
+
+def schedule_name(virtual_stages: int) -> str:
+    return "GPipe" if virtual_stages == 1 else f"interleaved, {virtual_stages} virtual stages"
+
+
+def check_schedule(num_layers: int, stages: int, microbatches: int, virtual_stages: int,
+                   field: str = "num_layers") -> None:
+    """Fail before tracing, naming the field, when the schedule cannot run (see module docstring)."""
+    if virtual_stages < 1:
+        raise ValueError(f"mesh.virtual_stages={virtual_stages} must be >= 1 (1 = GPipe)")
+    groups = stages * virtual_stages
+    if num_layers % groups:
+        valid = [v for v in range(1, num_layers + 1) if num_layers % (stages * v) == 0]
+        raise ValueError(f"ModelConfig.{field}={num_layers} is not divisible by mesh.stage={stages} x "
+                         f"mesh.virtual_stages={virtual_stages}; valid virtual_stages here are {valid}")
+    if virtual_stages > 1 and microbatches < stages:
+        raise ValueError(f"mesh.microbatches={microbatches} < mesh.stage={stages}: the interleaved schedule "
+                         f"(mesh.virtual_stages={virtual_stages}) needs at least one microbatch per stage, so a "
+                         "microbatch's next repeat finds stage 0 free; raise microbatches or set virtual_stages=1")
 
 
 def _split_microbatches(a: jax.Array, m: int) -> jax.Array:
@@ -69,122 +104,158 @@ def _merge_microbatches(a: jax.Array) -> jax.Array:
     return a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
 
 
-def _stage_layers(graphdef, state, x, masking: Masking, first_layer, cfg, rng):
-    """This stage's L / S blocks on one microbatch (scanned, or unrolled like `Stack`)."""
-
-    def body(x, inp):
-        layer_state, i = inp
-        return nnx.merge(graphdef, layer_state)(x, masking, rng=fold(rng, i)), None
-
-    if cfg.remat != "none":
-        body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
-    n = jax.tree.leaves(state)[0].shape[0]
-    layer_ids = first_layer + jnp.arange(n)
-    if cfg.scan_layers:
-        return jax.lax.scan(body, x, (state, layer_ids))[0]
-    for i in range(n):
-        x, _ = body(x, (jax.tree.map(lambda a, i=i: a[i], state), layer_ids[i]))
-    return x
+# A layer call for microbatch i: (block, x, side inputs of microbatch i, rng) -> x.
+LayerFn = Callable[[nnx.Module, jax.Array, dict, jax.Array | None], jax.Array]
 
 
-def _fetch(x_local, t: int, chunk: int):
-    """Stage 0's input at tick t < M (garbage on the other stages, which read their carry)."""
-    owner, i = divmod(t, chunk)
-    return x_local[i] if owner == 0 else jax.lax.ppermute(x_local[i], AXIS, [(owner, 0)])
+def run_blocks(stack: Stack, x_mbtd: jax.Array, side: dict, layer_fn: LayerFn, *, mesh: Mesh, rng=None,
+               virtual_stages: int = 1) -> jax.Array:
+    """`stack`'s layers as the pipeline schedule: [M, b, T, D] microbatches in, same shape out.
 
-
-def _deliver(outs: list, s, stages: int, chunk: int | None):
-    """The last stage's outputs, microbatch block k to stage k (receivers of nothing get zeros); with no
-    `chunk` (S does not divide M), every output stacked, to be read from the last stage."""
-    if chunk is None:
-        return jnp.stack(outs).astype(jnp.float32)[None]
-    blocks = [jnp.stack(outs[k * chunk:(k + 1) * chunk]) for k in range(stages)]
-    mine = jnp.where(s == stages - 1, blocks[-1], 0)
-    for k in range(stages - 1):
-        mine = mine + jax.lax.ppermute(blocks[k], AXIS, [(stages - 1, k)])
-    return mine
-
-
-def run_blocks(stack, x_mbtd, pos_mbt, seg_mbt, *, mesh: Mesh, default_positions: bool, rng=None):
-    """The GPipe schedule over `stack`'s layers: [M, b, T, D] microbatches in, same shape out.
-
-    When S divides M, microbatches [k M / S, (k + 1) M / S) enter and leave on
-    stage k (in and out split over `stage`): stage 0 fetches each input with
-    one collective-permute and the last stage hands each output block back
-    with one, so the head that follows runs split over stages. Otherwise the
-    inputs and outputs are replicated over `stage` (an all-reduce / all-gather).
+    `side`: per-microbatch inputs of the layers ([M, ...] arrays: positions,
+    segment ids, an encoder's output), replicated over `stage`; microbatch i's
+    slice goes to `layer_fn`. Float inputs cross the `shard_map` boundary in
+    fp32: replicated over stages, their gradient is an all-reduce over them,
+    which XLA:CPU fails to compile in bf16 ("Invalid binary instruction opcode
+    copy"); they are cast back inside.
     """
-    cfg = stack.cfg
+    stages, v, m = num_stages(mesh), virtual_stages, x_mbtd.shape[0]
+    check_schedule(stack.n, stages, m, v)
+    per_group = stack.n // (stages * v)
     graphdef, state = nnx.split(stack.layers)
-    stages, m = num_stages(mesh), x_mbtd.shape[0]
-    per_stage = stack.n // stages
-    forward = [(i, i + 1) for i in range(stages - 1)]
-    spread = m % stages == 0
-    chunk = m // stages if spread else m
-    dtype = x_mbtd.dtype
+    # [L, ...] -> [V, S, L / (S V), ...]: group r S + s at [r, s], the S axis on `stage`.
+    groups = jax.tree.map(lambda a: a.reshape((v, stages, per_group) + a.shape[1:]), state)
+    dtypes = jax.tree.map(lambda a: a.dtype, (x_mbtd, side))
+    to_f32 = jax.tree.map(lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                          (x_mbtd, side))
 
-    def stage_program(state, x_local, masks):
-        x_local = x_local.astype(dtype)
-        pos_mbt, seg_mbt = masks["pos"], masks.get("seg")
+    def stage_program(groups, inputs):
+        x_all, side = jax.tree.map(lambda a, d: a.astype(d), inputs, dtypes)
         s = jax.lax.axis_index(AXIS)
-        carry = jnp.zeros_like(x_local[0])
-        outs = []
-        for t in range(m + stages - 1):  # static: each tick's collective-permute shows in the HLO
-            mb = jnp.clip(t - s, 0, m - 1)  # the microbatch this stage works on at tick t
-            x = jnp.where(s == 0, _fetch(x_local, t, chunk), carry) if t < m else carry  # stage 0 idle from tick M
-            seg = None if seg_mbt is None else seg_mbt[mb]
-            masking = self_masking(pos_mbt[mb], seg, cfg, causal=True, default_positions=default_positions)
-            y = _stage_layers(graphdef, state, x, masking, s * per_stage, cfg, fold(rng, mb))
-            if t >= stages - 1:
-                outs.append(y)  # meaningful on the last stage only: microbatch t - (S - 1)
-            if t < m + stages - 2:
-                carry = jax.lax.ppermute(y, AXIS, forward)
-        return _deliver(outs, s, stages, chunk if spread else None)
+        ring = [(i, (i + 1) % stages) for i in range(stages)]
 
-    x_spec = P(AXIS) if spread else P()
-    run = jax.shard_map(stage_program, mesh=mesh, in_specs=(P(AXIS), x_spec, P()), out_specs=P(AXIS),
+        def tick(carry, t):
+            incoming, buf, out = carry
+            u = t - s  # this stage's unit: microbatch u mod M on repeat u // M (idle outside [0, V M))
+            i, r = u % m, jnp.clip(u // m, 0, v - 1)
+            first = jnp.where(t < m, x_all[jnp.minimum(t, m - 1)], buf[i])  # stage 0: new, or a next repeat
+            x = jnp.where(s == 0, first, incoming)
+            group = jax.tree.map(lambda a: a[r, 0], groups)
+            side_i = jax.tree.map(lambda a: a[i], side)
+            y = run_layers(graphdef, group, x, lambda blk, x, rr: layer_fn(blk, x, side_i, rr), stack.cfg,
+                           fold(rng, i), first_layer=(r * stages + s) * per_group)
+            # The last stage's final repeat writes microbatch i's output last: earlier writes are overwritten.
+            out = jax.lax.dynamic_update_index_in_dim(out, y, i, 0)
+            sent = jax.lax.ppermute(y, AXIS, ring)
+            # Stage 0 files the last stage's output of unit t - (S - 1); it is read at that unit + M >= t + 1.
+            buf = jax.lax.dynamic_update_index_in_dim(buf, sent, (t - stages + 1) % m, 0)
+            return (sent, buf, out), None
+
+        zeros = jnp.zeros_like(x_all)
+        carry = (zeros[0], zeros, zeros)
+        (_, _, out), _ = jax.lax.scan(tick, carry, jnp.arange(v * m + stages - 1))
+        return out.astype(jnp.float32)[None]
+
+    run = jax.shard_map(stage_program, mesh=mesh, in_specs=(P(None, AXIS), P()), out_specs=P(AXIS),
                         axis_names=frozenset({AXIS}), check_vma=False)
-    masks = {"pos": pos_mbt} if seg_mbt is None else {"pos": pos_mbt, "seg": seg_mbt}
-    if spread:
-        return run(state, x_mbtd, masks)
-    # Replicated over stages, the input's gradient is an all-reduce over them,
-    # which XLA:CPU fails to compile in bf16 ("Invalid binary instruction
-    # opcode copy"): cross the boundary in fp32 (cast back inside).
-    return run(state, x_mbtd.astype(jnp.float32), masks)[stages - 1].astype(dtype)
+    return run(groups, to_f32)[stages - 1].astype(x_mbtd.dtype)
 
 
-def logits_and_targets(model, batch: dict, dropout_rng=None, *, mesh: Mesh, microbatches: int | None = None):
-    """`tformer.batch.logits_and_targets` with the decoder blocks run as a pipeline (DecoderLM batches only)."""
-    if "stage" not in families.of_model(model).mesh_axes:
+def logits_and_targets(model, batch: dict, dropout_rng=None, *, mesh: Mesh, microbatches: int | None = None,
+                       virtual_stages: int = 1):
+    """`tformer.batch.logits_and_targets` with the blocks run as a pipeline (both stacks of an EncoderDecoder)."""
+    family = families.of_model(model)
+    if "stage" not in family.mesh_axes:
         pipelined = ", ".join(f.model_class.__name__ for f in families.FAMILIES.values() if "stage" in f.mesh_axes)
         raise ValueError(f"pipeline parallelism (mesh.stage={num_stages(mesh)}) supports {pipelined} only, not "
                          f"{type(model).__name__}; use mesh.stage=1 (data / fsdp / tensor / sequence) for it")
+    m = resolve_microbatches(mesh, microbatches)
+    if family.task == "seq2seq":
+        logits = encoder_decoder_logits(model, batch["src"], batch["tgt_inputs"],
+                                        src_segment_ids=batch.get("src_segment_ids"),
+                                        tgt_segment_ids=batch.get("tgt_segment_ids"), dropout_rng=dropout_rng,
+                                        mesh=mesh, microbatches=m, virtual_stages=virtual_stages)
+        return logits, batch["tgt_targets"], batch["tgt_weights"]
     logits = decoder_logits(model, batch["inputs"], positions=batch.get("positions"),
                             segment_ids=batch.get("segment_ids"), dropout_rng=dropout_rng, mesh=mesh,
-                            microbatches=resolve_microbatches(mesh, microbatches))
+                            microbatches=m, virtual_stages=virtual_stages)
     weights = batch.get("weights")
     return logits, batch["targets"], jnp.ones(batch["targets"].shape, jnp.float32) if weights is None else weights
 
 
+def _check_batch(b: int, microbatches: int) -> None:
+    if b % microbatches:
+        raise ValueError(f"batch size {b} is not divisible by mesh.microbatches={microbatches}")
+
+
 def decoder_logits(model, tokens_bt, *, positions=None, segment_ids=None, dropout_rng=None,
-                   mesh: Mesh, microbatches: int):
+                   mesh: Mesh, microbatches: int, virtual_stages: int = 1):
     """`DecoderLM.__call__` with the blocks run as a pipeline over `mesh`'s `stage` axis."""
     cfg = model.cfg
     check_tokens(tokens_bt, cfg)
-    b = tokens_bt.shape[0]
-    if b % microbatches:
-        raise ValueError(f"batch size {b} is not divisible by mesh.microbatches={microbatches}")
-    if cfg.num_layers % num_stages(mesh):
-        raise ValueError(f"ModelConfig.num_layers={cfg.num_layers} is not divisible by "
-                         f"mesh.stage={num_stages(mesh)}")
-    pos = _default_positions(tokens_bt, positions)
+    _check_batch(tokens_bt.shape[0], microbatches)
+    check_schedule(cfg.num_layers, num_stages(mesh), microbatches, virtual_stages)
+    pos = positions_or_default(tokens_bt, positions)
     x = dropout(model.embed.encode(tokens_bt, pos), cfg.dropout, fold(dropout_rng, 0))
     split = _split_microbatches
-    seg = None if segment_ids is None else split(segment_ids, microbatches)
-    y = run_blocks(model.blocks, split(x, microbatches), split(pos, microbatches), seg, mesh=mesh,
-                   default_positions=positions is None, rng=fold(dropout_rng, 1))
-    with shd.use_rules(mesh, _head_rules(mesh, b)):
-        return model._head(_merge_microbatches(y))
+    side = {"pos": split(pos, microbatches)}
+    if segment_ids is not None:
+        side["seg"] = split(segment_ids, microbatches)
+    plain = positions is None
+
+    def layer_fn(blk, x, side_i, rng):
+        masking = self_masking(side_i["pos"], side_i.get("seg"), cfg, causal=True, default_positions=plain)
+        return blk(x, masking, rng=rng)
+
+    y = run_blocks(model.blocks, split(x, microbatches), side, layer_fn, mesh=mesh, rng=fold(dropout_rng, 1),
+                   virtual_stages=virtual_stages)
+    return _head(model, y, mesh)
+
+
+def encoder_decoder_logits(model, src_bs, tgt_inputs_bt, *, src_segment_ids=None, tgt_segment_ids=None,
+                           dropout_rng=None, mesh: Mesh, microbatches: int, virtual_stages: int = 1):
+    """`EncoderDecoder.__call__` with both stacks run as pipelines: the encoder's layers over the stages, then
+    the decoder's, each microbatch's encoder output feeding its cross-attention on every stage."""
+    cfg = model.cfg
+    check_tokens(src_bs, cfg, "src")
+    check_tokens(tgt_inputs_bt, cfg, "tgt_inputs")
+    _check_batch(src_bs.shape[0], microbatches)
+    for field in ("num_encoder_layers", "num_layers"):
+        check_schedule(getattr(cfg, field), num_stages(mesh), microbatches, virtual_stages, field)
+    split, m = _split_microbatches, microbatches
+    enc_rng, dec_rng = fold(dropout_rng, 0), fold(dropout_rng, 1)
+    src_seg = model._src_segments(src_bs, src_segment_ids)
+    src_pos = positions_or_default(src_bs, None)
+    x = dropout(model.embed.encode(src_bs, src_pos), cfg.dropout, fold(enc_rng, 0))
+
+    def encoder_fn(blk, x, side_i, rng):
+        return blk(x, self_masking(side_i["pos"], side_i["seg"], cfg, causal=False), rng=rng)
+
+    enc = run_blocks(model.encoder, split(x, m), {"pos": split(src_pos, m), "seg": split(src_seg, m)}, encoder_fn,
+                     mesh=mesh, rng=fold(enc_rng, 1), virtual_stages=virtual_stages)
+    if cfg.norm_placement == "pre" and cfg.final_norm:
+        enc = model.encoder_norm(enc)
+    pos = positions_or_default(tgt_inputs_bt, None)
+    side = {"pos": split(pos, m), "enc": enc, "src_seg": split(src_seg, m)}
+    if tgt_segment_ids is not None:
+        side["seg"] = split(tgt_segment_ids, m)
+
+    def decoder_fn(blk, x, side_i, rng):
+        masking = self_masking(side_i["pos"], side_i.get("seg"), cfg, causal=True)
+        cross = Masking(q_pos=side_i["pos"], k_pos=jnp.zeros_like(side_i["src_seg"]), q_seg=side_i.get("seg"),
+                        k_seg=side_i["src_seg"], causal=False)
+        return blk(x, masking, enc_bsd=side_i["enc"], cross_masking=cross, rng=rng)
+
+    x = dropout(model.embed.encode(tgt_inputs_bt, pos), cfg.dropout, fold(dec_rng, 0))
+    y = run_blocks(model.decoder, split(x, m), side, decoder_fn, mesh=mesh, rng=fold(dec_rng, 1),
+                   virtual_stages=virtual_stages)
+    return _head(model, y, mesh)
+
+
+def _head(model, y_mbtd, mesh: Mesh):
+    """The output head on the merged microbatches, its rows split over `stage` too (`_head_rules`)."""
+    with shd.use_rules(mesh, _head_rules(mesh, y_mbtd.shape[0] * y_mbtd.shape[1])):
+        return model._head(_merge_microbatches(y_mbtd))
 
 
 def _head_rules(mesh: Mesh, batch: int):
@@ -201,3 +272,4 @@ def _head_rules(mesh: Mesh, batch: int):
     axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
     parts = math.prod(mesh.shape[a] for a in axes) * num_stages(mesh)
     return rules if batch % parts else {**rules, "batch": axes + (AXIS,)}
+

@@ -8,10 +8,10 @@ with the rule table's shardings, and reads back what XLA decided:
   * argument / output / temporary (activation) bytes (`memory_analysis()`),
   * FLOPs and bytes accessed per step (`cost_analysis()`),
   * every collective in the compiled program with its result size,
-  * for a pipeline (`stage` axis): stages, microbatches and the GPipe bubble
-    fraction (S - 1) / (M + S - 1); the stage-to-stage sends are the
-    collective-permutes (one per tick and direction: the schedule is
-    unrolled, so the HLO holds each of them); for sequence parallelism the
+  * for a pipeline (`stage` axis): stages, microbatches, virtual stages and
+    the schedule's bubble fraction (S - 1) / (V M + S - 1); the stage-to-stage
+    sends are the collective-permutes (the ticks are one scan, so the HLO
+    holds one send each way, whatever M); for sequence parallelism the
     ring's K/V sends are collective-permutes too.
 
 Compiling needs devices, not memory: with
@@ -27,10 +27,12 @@ import dataclasses
 import functools
 import math
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from tformer import batch as batch_lib
@@ -38,6 +40,7 @@ from tformer import pipeline
 from tformer import sharding as shd
 from tformer import training as ts
 from tformer.config import ModelConfig
+from tformer.lora import LoraConfig
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
                "collective-broadcast", "ragged-all-to-all")
@@ -118,7 +121,7 @@ def parse_collectives(hlo_text: str) -> list[Collective]:
     return out
 
 
-def summarize_collectives(collectives) -> dict[str, dict[str, int]]:
+def summarize_collectives(collectives: Iterable[Collective]) -> dict[str, dict[str, int]]:
     """{kind: {"count": instructions, "arrays": result arrays, "bytes": result bytes}}."""
     out: dict[str, dict[str, int]] = {}
     for c in collectives:
@@ -151,12 +154,13 @@ class Plan:
     collectives: list[Collective]
     stages: int = 1  # pipeline stages (mesh axis `stage`)
     microbatches: int = 1  # pipeline microbatches per step (1 without a pipeline)
+    virtual_stages: int = 1  # layer groups per stage (1 = GPipe, more = interleaved)
     sequence_parts: int = 1  # sequence-parallel split of the positions (mesh axis `sequence`)
 
     @property
     def bubble_fraction(self) -> float:
-        """Idle fraction of each stage's time in the GPipe schedule (0 without a pipeline)."""
-        return pipeline.bubble_fraction(self.stages, self.microbatches)
+        """Idle fraction of each stage's time in the pipeline schedule (0 without a pipeline)."""
+        return pipeline.bubble_fraction(self.stages, self.microbatches, self.virtual_stages)
 
     @property
     def state_bytes(self) -> int:
@@ -165,9 +169,7 @@ class Plan:
     @property
     def peak_bytes(self) -> int | None:
         """Arguments + outputs not aliased onto them + temporaries: the step's device-memory high mark."""
-        if self.argument_bytes is None or self.temp_bytes is None:
-            return None
-        return self.argument_bytes + (self.output_bytes or 0) - (self.alias_bytes or 0) + self.temp_bytes
+        return peak_bytes(self.argument_bytes, self.output_bytes, self.alias_bytes, self.temp_bytes)
 
     @property
     def collective_bytes(self) -> int:
@@ -194,7 +196,8 @@ class Plan:
             ("collective bytes per step", fmt_bytes(self.collective_bytes)),
         ]
         if self.stages > 1:
-            rows.insert(2, ("pipeline", f"{self.stages} stages x {self.microbatches} microbatches (GPipe), "
+            rows.insert(2, ("pipeline", f"{self.stages} stages x {self.microbatches} microbatches "
+                                        f"({pipeline.schedule_name(self.virtual_stages)}), "
                                         f"bubble {self.bubble_fraction:.1%}"))
         if self.sequence_parts > 1:
             rows.insert(2, ("sequence", f"{self.sequence_parts}-way ring attention, "
@@ -222,7 +225,7 @@ def fmt_bytes(b: float | None) -> str:
     return f"{b:.2f} TiB"
 
 
-def shard_bytes(tree, shardings) -> int:
+def shard_bytes(tree: Any, shardings: Any) -> int:
     """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs) under `shardings` (max over devices)."""
     total = 0
     for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))):
@@ -240,6 +243,20 @@ def _cost(compiled) -> dict:
     return dict(cost or {})
 
 
+def peak_bytes(argument: int | None, output: int | None, alias: int | None, temp: int | None) -> int | None:
+    """A compiled program's device-memory high mark by XLA's plan: its arguments, the outputs not written in
+    place over donated arguments, and its temporaries (None without arguments or temporaries)."""
+    if argument is None or temp is None:
+        return None
+    return argument + (output or 0) - (alias or 0) + temp
+
+
+def compiled_peak_bytes(compiled: jax.stages.Compiled) -> int | None:
+    """`peak_bytes` of a compiled program's `memory_analysis()` (None where the backend has none)."""
+    m = _memory_fields(compiled)
+    return peak_bytes(m["argument_bytes"], m["output_bytes"], m["alias_bytes"], m["temp_bytes"])
+
+
 def _memory_fields(compiled) -> dict:
     """XLA's memory analysis of `compiled` as Plan's `*_bytes` fields (None where the backend has none)."""
     try:
@@ -251,26 +268,29 @@ def _memory_fields(compiled) -> dict:
 
 
 def plan_train_step(
-    model_cls,
+    model_cls: type[nnx.Module],
     cfg: ModelConfig,
     optim: ts.OptimizerConfig,
     mesh: Mesh,
-    rules,
+    rules: shd.Rules,
     *,
     batch: int,
     seq_len: int,
     src_len: int | None = None,
     batch_shapes: dict | None = None,
     microbatches: int | None = None,
-    lora=None,
+    virtual_stages: int = 1,
+    lora: LoraConfig | None = None,
 ) -> Plan:
     """Compile (never run) one train step on `mesh` under `rules`; see the module docstring.
 
-    `microbatches`: the pipeline's count on a mesh with a `stage` axis (default 2 x stages).
+    `microbatches`: the pipeline's count on a mesh with a `stage` axis (default 2 x stages);
+    `virtual_stages`: layer groups per stage (1 = GPipe, more = the interleaved schedule).
     `lora`: a `tformer.lora.LoraConfig`: plan the step that trains adapters only.
     """
     rules = shd.rules_for(rules)
-    shd.check_divisibility(cfg, mesh, rules, batch, seq_len=seq_len, microbatches=microbatches)
+    shd.check_divisibility(cfg, mesh, rules, batch, seq_len=seq_len, microbatches=microbatches,
+                           virtual_stages=virtual_stages)
     graphdef, abstract = ts.abstract_model(model_cls, cfg)
     tx = ts.make_optimizer(optim, abstract, lora)
     state_sh = ts.state_shardings(model_cls, cfg, tx, mesh, rules, lora)
@@ -285,7 +305,7 @@ def plan_train_step(
     state_in = jax.tree.map(with_sharding, abstract_state, state_sh)
     batch_in = jax.tree.map(with_sharding, shapes, batch_sh)
     step = ts.make_train_step(graphdef, tx, optim, mesh=mesh, rules=rules, state_sharding=state_sh,
-                              batch_sharding=batch_sh, microbatches=microbatches)
+                              batch_sharding=batch_sh, microbatches=microbatches, virtual_stages=virtual_stages)
     compiled = step.lower(state_in, batch_in).compile()
     cost = _cost(compiled)
     return Plan(
@@ -303,6 +323,7 @@ def plan_train_step(
         collectives=parse_collectives(compiled.as_text()),
         stages=pipeline.num_stages(mesh),
         microbatches=pipeline.resolve_microbatches(mesh, microbatches) if pipeline.num_stages(mesh) > 1 else 1,
+        virtual_stages=virtual_stages,
         sequence_parts=shd.axis_size(mesh, "sequence"),
     )
 
@@ -457,8 +478,8 @@ def _programs(model_cls, cfg: ModelConfig, optim, batch: int, seq_len: int, src_
             ("decode", decode, (model_state, ints((batch, 1)), cache))]
 
 
-def plan_platform(model_cls, cfg: ModelConfig, optim: ts.OptimizerConfig, platform: str, *, batch: int,
-                  seq_len: int, src_len: int | None = None,
+def plan_platform(model_cls: type[nnx.Module], cfg: ModelConfig, optim: ts.OptimizerConfig, platform: str, *,
+                  batch: int, seq_len: int, src_len: int | None = None,
                   programs: tuple[str, ...] = ("train", "prefill", "decode")) -> PlatformPlan:
     """Lower (never compile: that needs the target backend) the train step, a prefill of seq_len / 2 prompt
     tokens (an encoder-decoder: the source, then BOS) into a seq_len cache and one decode step for

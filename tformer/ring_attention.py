@@ -12,18 +12,30 @@ per-token rule of `tformer.attention.Masking` (causal, window, packed
 segments, padding) evaluated on the visiting keys' own positions and
 segments, so the result equals dense attention up to summation order.
 
+Each (query half, key half) block that no query may see is skipped
+(`lax.cond`), never computed. Under a causal mask the consecutive layout
+leaves device 0 with 3 such blocks to compute and device N - 1 with 4N - 1;
+the zigzag layout of load-balanced ring attention
+(`ModelConfig.sequence_layout="zigzag"`) gives device d blocks d and
+2N - 1 - d of 2N, so every device computes 2N + 1. The layout is applied once to the batch
+(`to_layout`, in the train step): masks follow positions and segments, not
+slots, so nothing else changes.
+
 Only `sequence` is manual inside the `shard_map`; `data` and `tensor` (batch
-and heads) stay automatic. Each ring step is rematerialised in the backward
-pass, so the saved residuals are the K/V blocks and the running statistics,
-never the scores.
+and heads) stay automatic, and inside a pipeline stage (`stage` manual) the
+ring nests under the stage's `shard_map`. Each ring step is rematerialised in
+the backward pass, so the saved residuals are the K/V blocks and the running
+statistics, never the scores.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -48,21 +60,6 @@ def applies(q_len: int, k_len: int) -> bool:
     return True
 
 
-def _block_mask(q_pos, k_pos, q_seg, k_seg, causal: bool, window: int | None):
-    """[B, Tq, Tk] visibility, the rule of `Masking.dense` on one (query block, key block) pair."""
-    q, k = q_pos[:, :, None], k_pos[:, None, :]
-    m = jnp.ones((q.shape[0], q.shape[1], k.shape[2]), bool)
-    if causal:
-        m &= k <= q
-    if window is not None:
-        m &= (q - k) < window
-    if k_seg is not None:
-        m &= k_seg[:, None, :] != 0
-        if q_seg is not None:
-            m &= q_seg[:, :, None] == k_seg[:, None, :]
-    return m
-
-
 def _fold_block(carry, q_bqkgd, k_bskd, v_bskd, mask_bqs):
     """One online-softmax update with a visiting K/V block."""
     m_bkgq, l_bkgq, o_bkgqd = carry
@@ -78,25 +75,103 @@ def _fold_block(carry, q_bqkgd, k_bskd, v_bskd, mask_bqs):
     return m_new, l_new, o_new
 
 
-def _ring(q_bthd, k_bskd, v_bskd, masks, *, n: int, causal: bool, window: int | None):
-    """Per-device program: local queries against every K/V block as it comes round the ring."""
+def _halves(t: int) -> list[slice]:
+    """The two halves of a device's slots (one zigzag block each), or the whole when t is odd."""
+    return [slice(0, t // 2), slice(t // 2, t)] if t % 2 == 0 else [slice(0, t)]
+
+
+def _ring(q_bthd, k_bskd, v_bskd, masks, *, n: int, rule):
+    """Per-device program: local queries against every K/V block as it comes round the ring.
+
+    `rule`: the caller's `tformer.attention.Masking`, whose `dense` rule is
+    evaluated on each (local queries, visiting keys) pair. Each pair is cut
+    into (query half, key half) blocks; a block that no query of this device
+    may see is skipped (`lax.cond`), never computed: under a causal mask that
+    is every block of later positions, which the zigzag layout spreads evenly.
+    """
     b, t, h, d = q_bthd.shape
     kh = k_bskd.shape[2]
     q = q_bthd.reshape(b, t, kh, h // kh, d)  # GQA: query heads grouped per KV head
     carry = (jnp.full((b, kh, h // kh, t), _NEG, jnp.float32), jnp.zeros((b, kh, h // kh, t), jnp.float32),
              jnp.zeros((b, kh, h // kh, t, d), jnp.float32))
     fold_block = jax.checkpoint(_fold_block)  # backward recomputes each block's scores
+
     k, v, k_pos, k_seg = k_bskd, v_bskd, masks["k_pos"], masks.get("k_seg")
     ring = [(i, (i + 1) % n) for i in range(n)]
     for step in range(n):  # static: each step's collective-permute shows in the HLO
-        mask = _block_mask(masks["q_pos"], k_pos, masks.get("q_seg"), k_seg, causal, window)
-        carry = fold_block(carry, q, k, v, mask)
+        mask = dataclasses.replace(rule, q_pos=masks["q_pos"], k_pos=k_pos, q_seg=masks.get("q_seg"), k_seg=k_seg,
+                                   plain_causal=False).dense()
+        parts = []
+        for qs in _halves(t):
+            c_half = tuple(x[:, :, :, qs] for x in carry)
+            for ks in _halves(k.shape[1]):
+                c_half = jax.lax.cond(jnp.any(mask[:, qs, ks]), fold_block, lambda c, *_: c,
+                                      c_half, q[:, qs], k[:, ks], v[:, ks], mask[:, qs, ks])
+            parts.append(c_half)
+        carry = tuple(jnp.concatenate(xs, axis=3) for xs in zip(*parts))
         if step < n - 1:
             k, v, k_pos = (jax.lax.ppermute(a, AXIS, ring) for a in (k, v, k_pos))
             k_seg = None if k_seg is None else jax.lax.ppermute(k_seg, AXIS, ring)
     _, l_bkgq, o_bkgqd = carry
-    o = o_bkgqd / l_bkgq[..., None]
+    # A query that may see no key at all (padding) had every block skipped: l = 0. It gets 0 (dense attention
+    # gives it the mean of the values); either way nothing reads it, as no real token attends to padding
+    # and its loss weight is 0.
+    o = o_bkgqd / jnp.where(l_bkgq == 0, 1.0, l_bkgq)[..., None]
     return jnp.moveaxis(o, 3, 1).reshape(b, t, h, d).astype(q_bthd.dtype)
+
+
+def computed_blocks(masking, n: int) -> list[int]:
+    """Per device of an n-way ring: how many (query half, key half) blocks `_ring` computes (not skips).
+
+    `masking`: concrete [B, T] positions / segments of the rows one device of
+    each ring holds, in the layout the ring sees (after `to_layout`). The
+    same rule as the ring's: a block is computed iff some query may see some key.
+    """
+    dense = np.asarray(masking.dense())
+    t = dense.shape[1] // n
+    counts = []
+    for dev in range(n):
+        rows = dense[:, dev * t:(dev + 1) * t]
+        count = 0
+        for step in range(n):
+            src = (dev - step) % n
+            keys = rows[:, :, src * t:(src + 1) * t]
+            count += sum(bool(keys[:, qs, ks].any()) for qs in _halves(t) for ks in _halves(t))
+        counts.append(count)
+    return counts
+
+
+# ---------------------------------------------------------------------------
+# The zigzag layout (balanced causal work).
+
+
+def zigzag_order(t: int, n: int) -> np.ndarray:
+    """Slot order of the zigzag layout: cut T into 2n blocks; device d holds blocks d and 2n - 1 - d.
+
+    Under a causal mask, device d's early block sees the keys of d blocks and
+    its late block those of 2n - 1 - d: 2n - 1 block-pairs on every device.
+    """
+    if t % (2 * n):
+        raise ValueError(f"ModelConfig.sequence_layout='zigzag': sequence length {t} must be divisible by "
+                         f"2 x mesh.sequence = {2 * n}; pad the sequence or use sequence_layout='consecutive'")
+    c = t // (2 * n)
+    blocks = [b for dev in range(n) for b in (dev, 2 * n - 1 - dev)]
+    return np.concatenate([np.arange(b * c, (b + 1) * c) for b in blocks])
+
+
+def to_layout(batch: dict, n: int) -> dict:
+    """An LM batch in the zigzag layout: every [B, T] array (tokens, positions, segment ids, targets,
+    weights) permuted along T the same way, positions made explicit (the slot is no longer the position).
+
+    Attention masks follow positions and segments, never slots, and the loss
+    is a sum over tokens, so the loss and gradients are those of the original
+    order; logits come out in the layout's order, aligned with its targets.
+    """
+    t = batch["inputs"].shape[1]
+    order = zigzag_order(t, n)
+    if "positions" not in batch:
+        batch = {**batch, "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), batch["inputs"].shape)}
+    return {k: v[:, order] if v.ndim == 2 and v.shape[1] == t else v for k, v in batch.items()}
 
 
 def attend(q_bthd, k_bskd, v_bskd, masking, mesh: Mesh | None = None) -> jax.Array:
@@ -111,8 +186,11 @@ def attend(q_bthd, k_bskd, v_bskd, masking, mesh: Mesh | None = None) -> jax.Arr
     seq = P(None, AXIS)
 
     def program(q, k, v, masks):
-        return _ring(q, k, v, masks, n=n, causal=masking.causal, window=masking.window)
+        return _ring(q, k, v, masks, n=n, rule=masking)
 
+    inner = jax.sharding.get_abstract_mesh()
+    if not inner.empty and inner.manual_axes:
+        mesh = inner  # nested in another shard_map (a pipeline stage): the context mesh, `stage` already manual
     run = jax.shard_map(program, mesh=mesh, in_specs=(seq, seq, seq, seq), out_specs=seq,
                         axis_names=frozenset({AXIS}), check_vma=False)
     return run(q_bthd, k_bskd, v_bskd, masks)

@@ -61,6 +61,8 @@ def base_config() -> ConfigDict:
         lora_rank=0, lora_alpha=0.0, lora_targets="attn,mlp",
         profile_steps="",       # "START,END": jax.profiler trace of steps START..END-1 (experiments/profiling.py)
     ))
-    # stage: pipeline stages; sequence: sequence-parallel split; microbatches: pipeline microbatches (0: 2 x stage).
-    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, stage=1, sequence=1, microbatches=0, preset="dp"))
+    # stage: pipeline stages; sequence: sequence-parallel split; microbatches: pipeline microbatches (0: 2 x stage);
+    # virtual_stages: layer groups per stage (1: GPipe; V > 1: the interleaved schedule, bubble / ~V).
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, stage=1, sequence=1, microbatches=0, virtual_stages=1,
+                             preset="dp"))
     return c
