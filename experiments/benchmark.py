@@ -38,12 +38,14 @@ import numpy as np
 from flax import nnx
 
 import tformer
+from experiments import timing
 from tformer import batch as batch_lib
 from tformer import flops, host, training
 from tformer.attention import Masking, resolve_impl
 from tformer.generate import decode_phases
 from tformer.layers import DTYPE
 from tformer.lora import LoraConfig
+from tformer.plan import compiled_peak_bytes
 
 # ---------------------------------------------------------------------------
 # Workloads.
@@ -191,12 +193,8 @@ def peak_memory_bytes(compiled) -> tuple[int | None, str]:
         pass
     if stats and "peak_bytes_in_use" in stats:
         return int(stats["peak_bytes_in_use"]), "memory_stats"
-    try:
-        m = compiled.memory_analysis()
-        total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-        return int(total), "memory_analysis"
-    except Exception:
-        return None, "unavailable"
+    total = compiled_peak_bytes(compiled)
+    return (None, "unavailable") if total is None else (total, "memory_analysis")
 
 
 def _knobs(cfg: tformer.ModelConfig, opts: Options) -> dict:
@@ -313,12 +311,6 @@ def plant_eos(model, position: int, seed: int) -> int:
     return cfg.eos_id
 
 
-def _timed(fn) -> float:
-    s0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - s0
-
-
 def bench_decode(opts: Options, dev: dict) -> list[dict]:
     """Greedy generation: prefill time, then per-step latency of the lax.scan decode loop.
 
@@ -346,11 +338,11 @@ def bench_decode(opts: Options, dev: dict) -> list[dict]:
             decode = tformer.Decode(k, eos_id=eos_id, cache_len=cache_len, chunk=opts.decode_chunk)
             return tformer.generate(model, prompts, decode).tokens
 
-        first_full = _timed(lambda: run(n))  # compile + run
-        first_pre = _timed(lambda: run(1))
+        first_full = timing.seconds(lambda: run(n))  # compile + run
+        first_pre = timing.seconds(lambda: run(1))
         # Best of the repeats: latency noise (other processes) only ever adds time.
-        full = min(_timed(lambda: run(n)) for _ in range(opts.decode_repeats))
-        pre = min(_timed(lambda: run(1)) for _ in range(opts.decode_repeats))
+        full = min(timing.seconds(lambda: run(n)) for _ in range(opts.decode_repeats))
+        pre = min(timing.seconds(lambda: run(1)) for _ in range(opts.decode_repeats))
         phases = decode_phases(p, n, cache_len, opts.decode_chunk)
         slots = round(sum((hi - lo) * vis for lo, hi, vis in phases) / (n - 1)) if phases else cache_len
         nbytes = flops.decode_bytes_per_step(cfg, b, slots, param_bytes, kv_bytes)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import numpy as np
 
 import tformer
+from experiments.tokenizers import Tokenizer
 from tformer import families
 
 
-def encode_prompts(tok, prompts: list[str], max_len: int) -> list[list[int]]:
+def encode_prompts(tok: Tokenizer, prompts: list[str], max_len: int) -> list[list[int]]:
     """BOS + ids of each prompt (as documents start in training); a prompt leaving no room fails."""
     enc = [[tok.bos_id] + list(tok.encode(p)) for p in prompts]
     for p, e in zip(prompts, enc):
@@ -23,7 +24,7 @@ def encode_prompts(tok, prompts: list[str], max_len: int) -> list[list[int]]:
     return enc
 
 
-def complete(model, tok, prompts: list[str], max_new: int, rng, temperature: float = 0.0,
+def complete(model, tok: Tokenizer, prompts: list[str], max_new: int, rng, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None) -> list[str]:
     """LM continuations of `prompts`, at most `max_new` tokens and never past the model's max_len."""
     enc = encode_prompts(tok, prompts, model.cfg.max_len)
@@ -38,7 +39,7 @@ def complete(model, tok, prompts: list[str], max_new: int, rng, temperature: flo
     return [p + tok.decode(row) for p, row in zip(prompts, np.asarray(out.tokens))]
 
 
-def encode_sources(tok, sources: list[str], src_len: int) -> tuple[np.ndarray, int]:
+def encode_sources(tok: Tokenizer, sources: list[str], src_len: int) -> tuple[np.ndarray, int]:
     """[B, src_len] source ids (+EOS, zero padded) and how many sources were cut to fit."""
     src = np.zeros((len(sources), src_len), np.int32)
     cut = 0
@@ -50,7 +51,7 @@ def encode_sources(tok, sources: list[str], src_len: int) -> tuple[np.ndarray, i
     return src, cut
 
 
-def translate(model, tok, sources: list[str], src_len: int, max_new: int, beam_size: int = 1) -> list[str]:
+def translate(model, tok: Tokenizer, sources: list[str], src_len: int, max_new: int, beam_size: int = 1) -> list[str]:
     """Greedy (beam 1) or beam-search translations of `sources` (cut to `src_len` tokens)."""
     src, _ = encode_sources(tok, sources, src_len)
     max_new = min(max_new, model.cfg.max_len - 1)
@@ -63,7 +64,7 @@ def translate(model, tok, sources: list[str], src_len: int, max_new: int, beam_s
     return [tok.decode(row) for row in np.asarray(out.tokens)]
 
 
-def translation_scores(model, tok, pairs: list[tuple[str, str]], src_len: int, max_new: int,
+def translation_scores(model, tok: Tokenizer, pairs: list[tuple[str, str]], src_len: int, max_new: int,
                        beam_size: int = 1, chunk: int = 256) -> dict:
     """Exact match and corpus BLEU of the translations of `pairs`' sources against their targets."""
     import sacrebleu
@@ -81,7 +82,7 @@ def sample_prompts(spec: str, limit: int) -> list[str]:
     return [p for p in spec.split("|") if p][:limit]
 
 
-def sample_lines(model, tok, train_cfg, data_cfg, task: str, valid_pairs, rng) -> list[str]:
+def sample_lines(model, tok: Tokenizer, train_cfg, data_cfg, task: str, valid_pairs, rng) -> list[str]:
     """The text a run prints at its end: LM samples from its prompts (task "lm"), or translations of held-out
     pairs (task "seq2seq")."""
     t = train_cfg

@@ -15,6 +15,7 @@ import jax
 from absl import flags
 from ml_collections import ConfigDict
 
+from experiments.tokenizers import Tokenizer
 from tformer import families, sharding, training
 
 # Runner fields that must be >= the bound (an int or float); `eval_batch_size` 0 means `batch_size`.
@@ -99,7 +100,7 @@ def _validate_mesh(mesh: ConfigDict) -> None:
         raise ValueError(f"config.mesh.preset: unknown {mesh.preset!r}; choose one of {sorted(sharding.PRESETS)}")
 
 
-def model_config(config: ConfigDict, tok):
+def model_config(config: ConfigDict, tok: Tokenizer):
     """The model config of a run: vocab_size 0 follows the tokenizer, whose special ids are used."""
     m = {k: v for k, v in config.model.to_dict().items() if k != "kind"}
     if not m["vocab_size"]:

@@ -24,7 +24,7 @@ from flax import nnx
 
 from experiments import decode, finetune
 from experiments.metrics import QuietLibraries
-from experiments.tokenizers import make_tokenizer
+from experiments.tokenizers import Tokenizer, make_tokenizer
 from tformer import families
 from tformer.checkpoint import CheckpointError
 
@@ -86,7 +86,7 @@ def source_lines() -> list[str]:
     return lines
 
 
-def run(model, tok, meta: dict) -> list[str]:
+def run(model: nnx.Module, tok: Tokenizer, meta: dict) -> list[str]:
     """The lines to print: translations (seq2seq) or prompt continuations (LM)."""
     if families.get(meta["config"]["model"]["kind"]).task == "seq2seq":  # translation (Transformer or RNN)
         lines, src_len = source_lines(), meta["config"]["data"]["src_len"]

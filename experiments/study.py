@@ -34,7 +34,6 @@ import dataclasses
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -98,22 +97,10 @@ SMOKE = Settings(lengths=(16, 32), tokens_per_step=64, d_model=16, num_layers=1,
 
 
 def _interleaved(fns: dict, repeats: int, block: int = 1) -> dict[str, float]:
-    """Seconds per call of each zero-argument function, in rounds of `block` back-to-back calls of each in
-    turn, `repeats` rounds after a warm-up: `{name}` the fastest call (the one least disturbed by other
-    processes), `{name}_median` the median. A `block` > 1 lets a small call run warm after a big one
-    has flushed the CPU caches."""
-    import jax
+    """Seconds per call of each zero-argument function, timed interleaved (`experiments.timing`)."""
+    from experiments import timing
 
-    for f in fns.values():
-        jax.block_until_ready(f())
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            for _ in range(block):
-                t = time.perf_counter()
-                jax.block_until_ready(f())
-                times[k].append(time.perf_counter() - t)
-    return {**{k: min(v) for k, v in times.items()}, **{f"{k}_median": statistics.median(v) for k, v in times.items()}}
+    return timing.best_and_median(timing.interleaved(fns, repeats, block))
 
 
 # ---------------------------------------------------------------------------

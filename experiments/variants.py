@@ -20,7 +20,6 @@ One JSON line per figure on stdout.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,10 +34,11 @@ from absl import app, flags
 from flax import nnx
 
 import tformer
-from experiments import decode, input_pipeline, run_config
+from experiments import decode, input_pipeline, run_config, timing
 from experiments.tasks import build_task
 from tformer import kvcache
 from tformer.compress import param_bytes, with_config
+from tformer.plan import compiled_peak_bytes
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("what", "lm", ["lm", "seq2seq", "window_speed", "encoder_speed", "decode"], "Which table.")
@@ -182,20 +182,7 @@ RUN_LIMIT_BYTES = 3 << 30  # compile everything (for its peak bytes), run only w
 
 def _interleaved(fns: dict, rounds: int) -> dict:
     """Median seconds per call of each fn, timed round-robin after one warm-up call each."""
-    for fn in fns.values():
-        jax.block_until_ready(fn())
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def _peak_bytes(compiled) -> int:
-    m = compiled.memory_analysis()
-    return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
+    return timing.medians(timing.interleaved(fns, rounds))
 
 
 def _train_step(cfg, t: int):
@@ -206,7 +193,7 @@ def _train_step(cfg, t: int):
     toks = np.random.default_rng(0).integers(3, 256, (1, t + 1)).astype(np.int32)
     batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:]}
     compiled = step.lower(state, batch).compile()
-    return (lambda: compiled(state, batch)), _peak_bytes(compiled)
+    return (lambda: compiled(state, batch)), compiled_peak_bytes(compiled)
 
 
 def run_window_speed() -> None:
@@ -242,7 +229,7 @@ def run_encoder_speed() -> None:
                 return jnp.mean(nnx.merge(graphdef, state).encode(src) ** 2)
 
             compiled = jax.jit(jax.value_and_grad(loss)).lower(state, src).compile()
-            peaks[name] = _peak_bytes(compiled)
+            peaks[name] = compiled_peak_bytes(compiled)
             fns[name] = lambda c=compiled, st=state, x=src: c(st, x)
         secs = _interleaved(fns, FLAGS.rounds)
         for name in peaks:

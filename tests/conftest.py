@@ -9,6 +9,9 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax
+import numpy as np
+
 from tformer.config import ModelConfig
 
 V = 120  # test vocabulary: not a multiple of vocab_multiple, so padded ids are always present
@@ -108,3 +111,31 @@ def pytest_sessionfinish(session, exitstatus):
         reasons = sorted({str(getattr(r, "longrepr", r))[:200] for r in skipped})
         print(f"\n{len(skipped)} test(s) skipped in CI, where nothing should be:\n" + "\n".join(reasons))
         session.exitstatus = 1
+
+
+# ---------------------------------------------------------------------------
+# Sharded == one device, within what fp32 summation order can explain.
+
+# A gradient entry of a sharded step and of the one-device step are the same sums in another order: they differ
+# by ~sqrt(n) x 2^-24 of the terms they add, which clipping bounds by clip_norm; 1e-6 x clip_norm leaves margin.
+GRAD_NOISE = 1e-6
+
+
+def assert_trains_alike(got_curves, got_params, ref_curves, ref_params, opt, steps: int, what: str) -> None:
+    """Per-step (loss, grad norm) and final parameters of two runs agree as far as their arithmetic allows.
+
+    Loss and gradient norm come before the optimizer: the same fp32 sums in another order, ~1e-6 relative,
+    so rtol 1e-5. Parameters start equal and take `steps` AdamW updates lr x (m / (sqrt(v) + eps) + wd x p):
+    a gradient entry that moves by d moves m / (sqrt(v) + eps) by at most d / eps whatever the gradient's
+    size, so the runs part by at most steps x lr x GRAD_NOISE x clip_norm / eps (3e-4 for the tests' lr 1e-2,
+    eps 1e-4, 3 steps: 1% of the lr x steps a parameter can travel). A sharding bug changes gradients by O(1)
+    of their size and so parameters by O(lr) each step, far beyond it. No bound scales with the parameter's
+    own size: Adam's step does not.
+    """
+    np.testing.assert_allclose(got_curves, ref_curves, rtol=1e-5,
+                               err_msg=f"{what}: per-step (loss, grad norm) differs from one device")
+    atol = steps * opt.learning_rate * GRAD_NOISE * opt.clip_norm / opt.eps
+    flat_ref = dict(jax.tree_util.tree_leaves_with_path(ref_params))
+    for path, value in jax.tree_util.tree_leaves_with_path(got_params):
+        np.testing.assert_allclose(value, flat_ref[path], rtol=0, atol=atol,
+                                   err_msg=f"{what}: {jax.tree_util.keystr(path)} differs after {steps} steps")

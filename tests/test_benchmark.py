@@ -117,11 +117,17 @@ def test_decode_roofline_by_hand():
         flops.roofline_ms(1, 0)
 
 
+# (device_kind as JAX reports it, name, peak TFLOP/s and bytes/s per JAX device)
 @pytest.mark.parametrize("kind,name,peak,bw", [
     ("NVIDIA H100 80GB HBM3", "H100 SXM", 989, 3.35e12),
     ("NVIDIA H100 PCIe", "H100 PCIe", 756, 2.0e12),
     ("NVIDIA H200", "H200", 989, 4.8e12),
     ("NVIDIA A100-SXM4-80GB", "A100", 312, 2.0e12),
+    ("NVIDIA A100-PCIE-40GB", "A100", 312, 2.0e12),
+    ("NVIDIA L4", "L4", 121, 0.3e12),
+    ("Tesla T4", "T4", 65, 0.32e12),
+    ("TPU v2", "TPU v2", 22.5, 0.35e12),  # a chip's two cores are two devices: half a chip each
+    ("TPU v3", "TPU v3", 61.5, 0.45e12),
     ("TPU v4", "TPU v4", 275, 1.2e12),
     ("TPU v5 lite", "TPU v5e", 197, 0.82e12),
     ("TPU v5", "TPU v5p", 459, 2.76e12),
@@ -132,9 +138,18 @@ def test_device_spec_lookup(kind, name, peak, bw):
     assert (spec.name, spec.peak_tflops, spec.hbm_bytes_per_s) == (name, peak, bw)
 
 
+@pytest.mark.parametrize("kind,devices,chips,chip_tflops", [
+    ("TPU v2", 8, 4, 45), ("TPU v3", 8, 4, 123), ("TPU v5 lite", 1, 1, 197), ("TPU v6 lite", 1, 1, 918)])
+def test_colab_tpu_run_peak_counts_chips_not_cores(kind, devices, chips, chip_tflops):
+    """A Colab v2-8 / v3-8 shows 8 devices on 4 chips; v5e-1 / v6e-1 one device on one chip."""
+    spec = flops.device_spec(kind)
+    assert spec.peak_tflops * devices == chips * chip_tflops
+
+
 def test_device_spec_unknown_is_none():
     assert flops.device_spec("cpu") is None
     assert flops.device_spec("Some Future Chip") is None
+    assert flops.device_spec("NVIDIA L40S") is None  # whole words: not the L4
 
 
 # ---------------------------------------------------------------------------

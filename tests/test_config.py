@@ -57,10 +57,10 @@ def test_replace_validates_too():
 
 def test_derived_sizes():
     cfg = ModelConfig(**OK, num_kv_heads=2, vocab_multiple=64)
-    assert (cfg.kv_heads, cfg.head_dim_, cfg.d_ff_, cfg.padded_vocab) == (2, 8, 128, 128)
+    assert (cfg.kv_heads, cfg.resolved_head_dim, cfg.resolved_d_ff, cfg.padded_vocab) == (2, 8, 128, 128)
     assert ModelConfig(**{**OK, "vocab_size": 128}, vocab_multiple=64).padded_vocab == 128
-    assert ModelConfig(**OK, head_dim=16).head_dim_ == 16  # explicit head_dim: no divisibility needed
-    assert ModelConfig(**{**OK, "d_model": 30}, head_dim=8).head_dim_ == 8
+    assert ModelConfig(**OK, head_dim=16).resolved_head_dim == 16  # explicit head_dim: no divisibility needed
+    assert ModelConfig(**{**OK, "d_model": 30}, head_dim=8).resolved_head_dim == 8
     assert ModelConfig(**OK, activation="swiglu").gated and not ModelConfig(**OK).gated
     assert hash(ModelConfig(**OK)) == hash(ModelConfig(**OK))  # a static jit argument
     assert gpt2_small().padded_vocab == 50304

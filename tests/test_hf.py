@@ -128,7 +128,8 @@ def test_config_from_hf_maps_every_llama_field():
                                   rope_theta=1234.0, max_position_embeddings=77, tie_word_embeddings=True,
                                   attention_bias=True, eos_token_id=[4, 6])
     cfg = thf.config_from_hf(hf.to_dict(), dtype="bfloat16", scan_layers=True)
-    assert (cfg.d_model, cfg.d_ff, cfg.num_layers, cfg.num_heads, cfg.kv_heads, cfg.head_dim_) == (64, 96, 3, 8, 2, 12)
+    sizes = (cfg.d_model, cfg.d_ff, cfg.num_layers, cfg.num_heads, cfg.kv_heads, cfg.resolved_head_dim)
+    assert sizes == (64, 96, 3, 8, 2, 12)
     assert (cfg.norm, cfg.norm_eps, cfg.positions, cfg.rope_theta, cfg.max_len) == ("rmsnorm", 1e-5, "rope", 1234.0, 77)
     assert (cfg.activation, cfg.use_bias, cfg.tie_embeddings, cfg.eos_id) == ("swiglu", True, True, 4)
     assert (cfg.dtype, cfg.scan_layers) == ("bfloat16", True)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_trains_alike
 from flax import nnx
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
@@ -83,7 +84,7 @@ CFG8 = CFG.replace(num_layers=8)  # stage 4 x 2 virtual stages: 8 layer groups
 
 
 def run(shape: tuple | None, microbatches: int | None, kind: str, virtual_stages: int = 1, cfg=CFG):
-    """(losses, final state as numpy, final state's shardings, compiled HLO) of STEPS steps; shared by tests."""
+    """(per-step [loss, grad norm], final state as numpy, its shardings, compiled HLO) of STEPS steps."""
     return _run(shape, microbatches, kind, virtual_stages, cfg)
 
 
@@ -104,28 +105,13 @@ def _run(shape, microbatches, kind, virtual_stages, cfg):
     losses = []
     for b in batches:
         state, m = compiled(state, put(b))
-        losses.append(float(m["loss"]))
+        losses.append([float(m["loss"]), float(m["grad_norm"])])
     shardings = jax.tree.map(lambda a: a.sharding, state)
     return losses, jax.tree.map(np.asarray, state), shardings, compiled.as_text()
 
 
 def assert_same_training(got, ref, what):
-    """Same losses (1e-5 relative) and parameters after STEPS AdamW steps.
-
-    fp32 throughout; a mesh only reorders sums (over microbatches, devices,
-    ring blocks), which moves each loss by a few ulp (~1e-7 relative). Adam
-    scales every update to ~lr whatever the gradient's size, so an entry
-    whose gradient is near zero gets an update whose size is set by the
-    reordering noise: parameters are compared with an absolute bound of
-    1e-4 x lr x steps (the most such an entry can drift is lr x steps;
-    measured drifts stay below 2e-5 of it) on top of 1e-5 relative.
-    """
-    np.testing.assert_allclose(got[0], ref[0], rtol=1e-5, err_msg=f"{what}: per-step loss differs from one device")
-    flat_ref = dict(jax.tree_util.tree_leaves_with_path(ref[1].params))
-    atol = 1e-4 * OPT.learning_rate * STEPS
-    for path, value in jax.tree_util.tree_leaves_with_path(got[1].params):
-        np.testing.assert_allclose(value, flat_ref[path], rtol=1e-5, atol=atol,
-                                   err_msg=f"{what}: {jax.tree_util.keystr(path)} differs after {STEPS} steps")
+    assert_trains_alike(got[0], got[1].params, ref[0], ref[1].params, OPT, STEPS, what)
 
 
 PP_CASES = [  # (mesh, microbatches, virtual stages)
@@ -240,7 +226,7 @@ def test_ring_passes_kv_blocks(shape):
     n, rows = shape["sequence"], B // shape.get("data", 1)
     # Forward: K and V blocks move N - 1 times; backward: their gradients go
     # back the same N - 1 hops.
-    block = (rows, T // n, CFG.kv_heads, CFG.head_dim_)
+    block = (rows, T // n, CFG.kv_heads, CFG.resolved_head_dim)
     assert len(permutes_of(hlo, block)) == 4 * (n - 1)
     # The visiting keys' positions and segment ids travel with them (forward only).
     assert len(permutes_of(hlo, (rows, T // n))) == 2 * (n - 1)
@@ -380,8 +366,8 @@ def test_plan_reports_the_schedule():
     assert "2 stages x 4 microbatches (interleaved, 2 virtual stages), bubble 11.1%" in p.table()
     # Per device: the embedding and head whole, two of the four layers (fp32; Adam: 2 moments + a counter).
     c = CFG
-    layer = c.d_model * c.num_heads * c.head_dim_ * 2 + 2 * c.d_model * c.kv_heads * c.head_dim_ \
-        + 3 * c.d_model * c.d_ff_ + 2 * c.d_model
+    layer = c.d_model * c.num_heads * c.resolved_head_dim * 2 + 2 * c.d_model * c.kv_heads * c.resolved_head_dim \
+        + 3 * c.d_model * c.resolved_d_ff + 2 * c.d_model
     ends = 2 * c.padded_vocab * c.d_model + c.d_model
     assert p.param_bytes == 4 * (ends + 2 * layer)
     # Activation sends of [1 row, T, D] fp32: one forward and one backward in the scanned schedule.
@@ -432,7 +418,7 @@ def run_s2s(shape: tuple | None, microbatches: int | None):
     losses = []
     for b in batches:
         state, m = step(state, put(b))
-        losses.append(float(m["loss"]))
+        losses.append([float(m["loss"]), float(m["grad_norm"])])
     return losses, jax.tree.map(np.asarray, state)
 
 

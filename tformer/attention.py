@@ -88,8 +88,8 @@ class Masking:
         return m
 
 
-def self_masking(positions_bt, segment_ids_bt, cfg: ModelConfig, causal: bool, default_positions: bool = True
-                 ) -> Masking:
+def self_masking(positions_bt: jax.Array, segment_ids_bt: jax.Array | None, cfg: ModelConfig, causal: bool,
+                 default_positions: bool = True) -> Masking:
     """Self-attention masking; `default_positions`: positions are the default 0..T-1 (not given by the caller)."""
     return Masking(
         q_pos=positions_bt,
@@ -231,7 +231,7 @@ def lowering_platform(platform: str | None = None) -> str:
     return {"tpu": "tpu", "gpu": "cuda", "cuda": "cuda"}.get(p, "cpu")
 
 
-def resolve_impl(cfg: ModelConfig, dtype, masking: Masking, training_dropout: bool,
+def resolve_impl(cfg: ModelConfig, dtype: jnp.dtype, masking: Masking, training_dropout: bool,
                  seq_lens: tuple[int, int] | None = None, platform: str | None = None, cache: bool = False) -> str:
     """The implementation `attend` uses for this call when lowered for `platform` (default: the backend here).
 
@@ -248,8 +248,8 @@ def resolve_impl(cfg: ModelConfig, dtype, masking: Masking, training_dropout: bo
     impl = cfg.attention
     if impl in ("auto", "flash"):
         if platform != "cpu":
-            kernel, why = flash.kernel_for(platform, masking, seq_lens, dtype, cfg.head_dim_, auto=impl == "auto",
-                                           cache=cache)
+            kernel, why = flash.kernel_for(platform, masking, seq_lens, dtype, cfg.resolved_head_dim,
+                                           auto=impl == "auto", cache=cache)
             if kernel is not None:
                 return kernel
             flash.note_fallback(platform, why, logging.WARNING if impl == "flash" else logging.INFO)
@@ -264,7 +264,8 @@ def resolve_impl(cfg: ModelConfig, dtype, masking: Masking, training_dropout: bo
     return "banded" if banded and impl != "cudnn" else impl
 
 
-def attend(q_bthd, k_bskd, v_bskd, masking: Masking, cfg: ModelConfig, rng=None, q_offset=None) -> jax.Array:
+def attend(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, masking: Masking, cfg: ModelConfig,
+           rng: jax.Array | None = None, q_offset: jax.Array | None = None) -> jax.Array:
     """Scaled dot-product attention with GQA; output [B, T, H, D].
 
     `k_bskd` / `v_bskd` may be `Int8KV` (an int8 cache), read without dequantizing. `q_offset`: the
@@ -328,7 +329,8 @@ def _key_valid(masking: Masking, b: int, s: int) -> jax.Array:
     return jnp.ones((b, s), bool) if masking.k_seg is None else masking.k_seg != 0
 
 
-def linformer_attention(q_bthd, k_bskd, v_bskd, masking: Masking, proj_k_sr, proj_v_sr) -> jax.Array:
+def linformer_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, masking: Masking, proj_k_sr: jax.Array,
+                        proj_v_sr: jax.Array) -> jax.Array:
     """Linformer (Wang et al. 2020): keys and values projected along the length, S -> r rows.
 
     `proj_*` are [max_len, r]; rows [0, S) are used. Padding keys are zeroed
@@ -361,7 +363,8 @@ def _iterative_pinv(a_bhmn: jax.Array, iters: int = 6) -> jax.Array:
     return z
 
 
-def nystrom_attention(q_bthd, k_bskd, v_bskd, masking: Masking, landmarks: int) -> jax.Array:
+def nystrom_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, masking: Masking,
+                      landmarks: int) -> jax.Array:
     """Nystromformer (Xiong et al. 2021): softmax(QK^T) ~= F A^+ B with m landmarks (segment means).
 
     F = softmax(Q Kl^T), A = softmax(Ql Kl^T), B = softmax(Ql K^T), where Ql, Kl
@@ -408,7 +411,7 @@ class Attention(nnx.Module):
         self.cfg = cfg
         self.cross = cross
         self.lowrank = lowrank and cfg.attention_lowrank is not None and not cross
-        d, h, kh, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim_
+        d, h, kh, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.resolved_head_dim
         out_std = cfg.init_std / math.sqrt(2 * max(cfg.num_layers, 1))
         self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg)
         self.wk = param(rngs, (d, kh, hd), ("embed", "kv_heads", "head_dim"), cfg)
@@ -427,7 +430,7 @@ class Attention(nnx.Module):
     def _rope(self, x, positions):
         return apply_rope(x, positions, self.cfg) if self.cfg.positions == "rope" and not self.cross else x
 
-    def query(self, x_btd, positions_bt):
+    def query(self, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
         cfg = self.cfg
         q = dense(x_btd, self, "wq", cfg)
         if cfg.use_bias:
@@ -435,7 +438,7 @@ class Attention(nnx.Module):
         q = constrain(q, ("batch", "length", "act_heads", "head_dim"))
         return self._rope(q, positions_bt)
 
-    def key_value(self, x_bsd, positions_bs):
+    def key_value(self, x_bsd: jax.Array, positions_bs: jax.Array) -> tuple[jax.Array, jax.Array]:
         cfg = self.cfg
         k = dense(x_bsd, self, "wk", cfg)
         v = dense(x_bsd, self, "wv", cfg)
@@ -445,14 +448,15 @@ class Attention(nnx.Module):
         v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
         return self._rope(k, positions_bs), v
 
-    def output(self, o_bthd):
+    def output(self, o_bthd: jax.Array) -> jax.Array:
         cfg = self.cfg
         y = dense(o_bthd, self, "wo", cfg, n_in=2)
         if cfg.use_bias:
             y = y + cast(self.bo, cfg)
         return y
 
-    def __call__(self, x_btd, masking: Masking, *, kv_src=None, rng=None):
+    def __call__(self, x_btd: jax.Array, masking: Masking, *, kv_src: jax.Array | None = None,
+                 rng: jax.Array | None = None):
         """Attention over `kv_src` (cross) or `x` itself, all positions at once."""
         q = self.query(x_btd, masking.q_pos)
         k, v = self.key_value(x_btd if kv_src is None else kv_src, masking.k_pos)

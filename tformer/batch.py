@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.typing import ArrayLike
 
 # kind -> {key: dtype}; the first keys are required, the rest optional.
 LAYOUT: dict[str, dict[str, type]] = {
@@ -40,13 +42,13 @@ def abstract_batch(kind: str, batch: int, seq_len: int, src_len: int | None = No
     return {k: jax.ShapeDtypeStruct((batch, lengths.get(k, seq_len)), LAYOUT[kind][k]) for k in KEYS[kind]}
 
 
-def lm_batch(tokens_bt1) -> dict:
+def lm_batch(tokens_bt1: ArrayLike) -> dict:
     """An LM batch from token windows [B, T + 1]: inputs, next-token targets, unit weights."""
     tokens = jnp.asarray(tokens_bt1, jnp.int32)
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": jnp.ones(tokens[:, 1:].shape, jnp.float32)}
 
 
-def logits_and_targets(model, batch: dict, dropout_rng=None):
+def logits_and_targets(model: nnx.Module, batch: dict, dropout_rng: jax.Array | None = None):
     """Teacher-forced logits and (targets, weights) of `batch` under `model` (by `model.kind`)."""
     kind = model.kind
     missing = [k for k in REQUIRED[kind] if k not in batch]

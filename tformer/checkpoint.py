@@ -41,7 +41,7 @@ def _abstract(leaf, sharding=None):
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding or getattr(leaf, "sharding", None))
 
 
-def abstract_like(state_or_shapes, shardings=None):
+def abstract_like(state_or_shapes: Any, shardings: Any = None) -> Any:
     """ShapeDtypeStruct tree (with target shardings) to restore into."""
     if shardings is None:
         return jax.tree.map(_abstract, state_or_shapes)
@@ -98,7 +98,7 @@ class Checkpointer:
         restored, _ = self._restore_newest(step, lambda _: args, move_aside)
         return TrainState(**restored["state"]), dict(restored["extra"] or {})
 
-    def restore_params(self, params_target, step: int | None = None):
+    def restore_params(self, params_target: Any, step: int | None = None):
         """Only the parameters of `step` (default: the newest readable), into `params_target`'s shapes and
         shardings: what serving needs, without building an optimizer (its state is never read)."""
         target = {"params": params_target}

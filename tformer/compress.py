@@ -11,6 +11,7 @@ an ordinary model with factored MLP matrices, fit for inference or fine-tuning.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +58,7 @@ def _quantize_param(module: nnx.Module, name: str, n_in: int) -> None:
     setattr(module, name + "_scale", _param(scale, axes[:lead] + axes[lead + n_in:]))
 
 
-def quantize_weights(model, dtype: str = "int8"):
+def quantize_weights(model: nnx.Module, dtype: str = "int8") -> nnx.Module:
     """A copy of `model` whose attention projections and MLP matrices are int8 with per-output-channel scales.
 
     W[in, out] ~= Q[in, out] * s[out] with s = max_in |W| / 127 (symmetric):
@@ -92,7 +93,7 @@ def _factor(w: np.ndarray, rank: int, method: str, rng: np.random.Generator) -> 
     return q, np.swapaxes(q, -1, -2) @ w
 
 
-def compress_mlp(model, rank: int, method: str = "svd", seed: int = 0):
+def compress_mlp(model: nnx.Module, rank: int, method: str = "svd", seed: int = 0) -> nnx.Module:
     """A copy of `model` with every MLP matrix factored at `rank` (its config gets `mlp_rank=rank`).
 
     method "svd": truncated SVD (the best rank-`rank` approximation of each
@@ -101,7 +102,7 @@ def compress_mlp(model, rank: int, method: str = "svd", seed: int = 0):
     reproduce the model exactly at rank = min(d_model, d_ff).
     """
     cfg = model.cfg
-    top = min(cfg.d_model, cfg.d_ff_)
+    top = min(cfg.d_model, cfg.resolved_d_ff)
     if not isinstance(rank, (int, np.integer)) or not 1 <= rank <= top:
         raise ValueError(f"compress_mlp: rank must be an int in [1, min(d_model, d_ff) = {top}], got {rank!r}")
     if method not in _METHODS:
@@ -133,7 +134,7 @@ def _set_config(model, old, new):
     return model
 
 
-def with_config(model, **changes):
+def with_config(model: nnx.Module, **changes: Any) -> nnx.Module:
     """A copy of `model` whose ModelConfig has `changes`, for fields that leave the parameters as they are.
 
     E.g. `with_config(model, kv_cache_dtype="int8")` decodes a trained model
@@ -148,7 +149,7 @@ def with_config(model, **changes):
     return _set_config(_copy(model), model.cfg, new_cfg)
 
 
-def param_bytes(model) -> int:
+def param_bytes(model: nnx.Module) -> int:
     """Bytes of every parameter (int8 values and their scales included)."""
     leaves = [v[...] for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves)

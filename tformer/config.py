@@ -7,6 +7,7 @@ config is hashable (it is a static argument of jitted functions).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 POSITIONS = ("learned", "sinusoidal", "rope", "none")
 NORMS = ("layernorm", "rmsnorm")
@@ -135,9 +136,10 @@ class ModelConfig:
         _check(0.0 <= self.attention_dropout < 1.0, "attention_dropout",
                f"must be in [0, 1), got {self.attention_dropout}")
         _check(self.vocab_multiple >= 1, "vocab_multiple", "must be >= 1")
-        _check(self.d_ff_ >= 1, "d_ff", f"must be >= 1, got {self.d_ff}")
+        _check(self.resolved_d_ff >= 1, "d_ff", f"must be >= 1, got {self.d_ff}")
         if self.positions == "rope":
-            _check(self.head_dim_ % 2 == 0, "head_dim", f"RoPE needs an even head_dim, got {self.head_dim_}")
+            _check(self.resolved_head_dim % 2 == 0, "head_dim",
+                   f"RoPE needs an even head_dim, got {self.resolved_head_dim}")
         if self.local_window is not None:
             _check(self.local_window >= 1, "local_window", f"must be >= 1 or None, got {self.local_window}")
         self._check_cheaper_variants()
@@ -170,7 +172,7 @@ class ModelConfig:
                    f"unknown cache dtype {self.kv_cache_dtype!r}; choose one of {KV_CACHE_DTYPES} "
                    "or None (the compute dtype)")
         if self.mlp_rank is not None:
-            top = min(self.d_model, self.d_ff_)
+            top = min(self.d_model, self.resolved_d_ff)
             _check(1 <= self.mlp_rank <= top, "mlp_rank",
                    f"must be in [1, min(d_model, d_ff) = {top}] or None, got {self.mlp_rank}")
 
@@ -180,11 +182,13 @@ class ModelConfig:
         return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
     @property
-    def head_dim_(self) -> int:
+    def resolved_head_dim(self) -> int:
+        """`head_dim`, or its default d_model // num_heads."""
         return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
 
     @property
-    def d_ff_(self) -> int:
+    def resolved_d_ff(self) -> int:
+        """`d_ff`, or its default 4 * d_model."""
         return self.d_ff if self.d_ff is not None else 4 * self.d_model
 
     @property
@@ -201,11 +205,11 @@ class ModelConfig:
     def gated(self) -> bool:
         return self.activation in ("swiglu", "geglu")
 
-    def replace(self, **kw) -> ModelConfig:
+    def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
 
-def gpt2_small(**kw) -> ModelConfig:
+def gpt2_small(**kw: Any) -> ModelConfig:
     """GPT-2 124M shape (vocab padded to 50304 by vocab_multiple=128)."""
     base = dict(vocab_size=50257, d_model=768, num_heads=12, num_layers=12, max_len=1024,
                 positions="learned", norm="layernorm", activation="gelu", use_bias=True,
@@ -214,7 +218,7 @@ def gpt2_small(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def transformer_base(vocab_size: int = 32000, **kw) -> ModelConfig:
+def transformer_base(vocab_size: int = 32000, **kw: Any) -> ModelConfig:
     """The original Transformer base (Vaswani et al. 2017): 6+6 layers, d 512, 8 heads, post-LN."""
     base = dict(vocab_size=vocab_size, d_model=512, num_heads=8, d_ff=2048, num_layers=6,
                 num_encoder_layers=6, max_len=512, positions="sinusoidal", norm="layernorm",

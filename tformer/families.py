@@ -93,7 +93,7 @@ def get(name: str) -> Family:
     return FAMILIES[name]
 
 
-def of_model(model) -> Family:
+def of_model(model: object) -> Family:
     """The family whose model class built `model` (a merged nnx module)."""
     for family in FAMILIES.values():
         if type(model) is family.model_class:

@@ -57,12 +57,17 @@ import dataclasses
 import functools
 import logging
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from tformer import sharding as shd
+
+if TYPE_CHECKING:  # attention imports this module
+    from tformer.attention import Masking
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +112,8 @@ def gpu_present() -> bool:
         return False
 
 
-def kernel_for(platform: str, masking, seq_lens: tuple[int, int] | None, dtype, head_dim: int, auto: bool,
-               cache: bool = False) -> tuple[str | None, str]:
+def kernel_for(platform: str, masking: Masking, seq_lens: tuple[int, int] | None, dtype: jnp.dtype, head_dim: int,
+               auto: bool, cache: bool = False) -> tuple[str | None, str]:
     """(kernel, why not): the kernel `platform` runs for this attention call, or None and the reason.
 
     `cache`: causal self-attention of new tokens over KV-cache slots (a prefill; `attend`'s `q_offset` says
@@ -211,7 +216,8 @@ def _at_cache_slots(q_bthd, masking, q_offset, cache_len: int, seg_q_bt):
     return q, full, take_rows
 
 
-def splash_attention(q_bthd, k_bskd, v_bskd, masking, *, q_offset=None, interpret: bool = False) -> jax.Array:
+def splash_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, masking: Masking, *,
+                     q_offset: jax.Array | None = None, interpret: bool = False) -> jax.Array:
     """Splash attention of [B, T, H, D] queries over [B, S, K, D] keys/values (K divides H); output [B, T, H, D].
 
     `q_offset`: the queries are new tokens at cache slots [q_offset, q_offset + T) of the keys (a prefill).
@@ -248,7 +254,8 @@ def splash_attention(q_bthd, k_bskd, v_bskd, masking, *, q_offset=None, interpre
 # GPU: the Pallas (Triton) flash kernel, and cuDNN where a GPU is present.
 
 
-def triton_attention(q_bthd, k_bskd, v_bskd, masking, *, q_offset=None, interpret: bool = False) -> jax.Array:
+def triton_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, masking: Masking, *,
+                     q_offset: jax.Array | None = None, interpret: bool = False) -> jax.Array:
     """The Pallas GPU flash kernel over self-attention (one segment row for queries and keys); [B, T, H, D].
 
     `q_offset`: as `splash_attention`; the cache's validity row is then the segment row of both sides
@@ -274,7 +281,7 @@ def triton_attention(q_bthd, k_bskd, v_bskd, masking, *, q_offset=None, interpre
     return out if take_rows is None else take_rows(out)
 
 
-def cudnn_attention(q_bthd, k_bskd, v_bskd, masking) -> jax.Array:
+def cudnn_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, masking: Masking) -> jax.Array:
     window = None if masking.window is None else (masking.window - 1, 0)
     return jax.nn.dot_product_attention(q_bthd, k_bskd, v_bskd, is_causal=masking.causal, local_window_size=window,
                                         implementation="cudnn")
@@ -336,7 +343,8 @@ def _kernel_call(q, k, v, q_seg, k_seg, q_offset, *, kernel, causal, window, pla
     raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {sorted(KERNEL_NAMES)}")
 
 
-def kernel_attention(kernel: str, q_bthd, k_bskd, v_bskd, masking, q_offset=None) -> jax.Array:
+def kernel_attention(kernel: str, q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, masking: Masking,
+                     q_offset: jax.Array | None = None) -> jax.Array:
     """Run `kernel` ("splash", "triton", "cudnn") on one attention call (`q_offset`: a prefill's first slot)."""
     if kernel == "cudnn":
         return cudnn_attention(q_bthd, k_bskd, v_bskd, masking)
@@ -402,7 +410,7 @@ def record_calls():
         _CALLS.reset(token)
 
 
-def record(call_fn) -> None:
+def record(call_fn: Callable[[], Any]) -> None:
     """Append `call_fn()` to the active recording, if any (built lazily: recording is rare)."""
     calls = _CALLS.get()
     if calls is not None:

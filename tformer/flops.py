@@ -7,6 +7,7 @@ check it against a count written out by hand and against the real model.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from tformer.config import ModelConfig
 
@@ -18,7 +19,7 @@ def param_count(cfg: ModelConfig, include_positions: bool = False) -> int:
     a lookup, not a matmul, so the 6N training-FLOP rule excludes it.
     """
     encoder_decoder = cfg.kind == "seq2seq"
-    d, f, h, kh, hd = cfg.d_model, cfg.d_ff_, cfg.num_heads, cfg.kv_heads, cfg.head_dim_
+    d, f, h, kh, hd = cfg.d_model, cfg.resolved_d_ff, cfg.num_heads, cfg.kv_heads, cfg.resolved_head_dim
     bias = cfg.use_bias
     attn = d * h * hd * 2 + d * kh * hd * 2 + (h * hd + 2 * kh * hd + d if bias else 0)
     mlp = d * f * (3 if cfg.gated else 2) + (f + d if bias else 0)
@@ -43,7 +44,7 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     The causal mask is not discounted, as in the PaLM and nanoGPT MFU figures.
     """
     n = param_count(cfg)
-    return 6.0 * n + 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim_ * seq_len
+    return 6.0 * n + 12.0 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * seq_len
 
 
 def model_tflops(flops_per_token: float, tokens_per_s: float) -> float:
@@ -60,7 +61,7 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak_tflops: float) -> floa
 
 def decode_flops_per_token(cfg: ModelConfig, context_len: float) -> float:
     """Forward-only FLOPs to emit one token: 2 N + 4 L d S over S attended positions."""
-    return 2.0 * param_count(cfg) + 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim_ * context_len
+    return 2.0 * param_count(cfg) + 4.0 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * context_len
 
 
 # ---------------------------------------------------------------------------
@@ -69,7 +70,7 @@ def decode_flops_per_token(cfg: ModelConfig, context_len: float) -> float:
 
 def kv_bytes_per_step(cfg: ModelConfig, batch: int, context_len: int, kv_bytes: int) -> int:
     """K and V bytes one decode step reads: layers x 2 x batch x context x kv_heads x head_dim x bytes."""
-    return cfg.num_layers * 2 * batch * context_len * cfg.kv_heads * cfg.head_dim_ * kv_bytes
+    return cfg.num_layers * 2 * batch * context_len * cfg.kv_heads * cfg.resolved_head_dim * kv_bytes
 
 
 def decode_bytes_per_step(cfg: ModelConfig, batch: int, context_len: int, bytes_per_param: int, kv_bytes: int) -> int:
@@ -96,34 +97,60 @@ def roofline_ms(num_bytes: float, bytes_per_s: float) -> float:
 
 
 # ---------------------------------------------------------------------------
-# Known accelerators: dense bf16 peak (spec sheets, no sparsity) and HBM bandwidth.
+# Known accelerators: dense bf16 peak (spec sheets, no sparsity) and memory bandwidth.
 
 
 @dataclasses.dataclass(frozen=True)
 class DeviceSpec:
+    """One accelerator type, specified per chip and divided over the JAX devices a chip exposes.
+
+    JAX counts devices, not chips: on TPU v2 and v3 each chip's two TensorCores are two JAX devices (a
+    Colab "v2-8" or "v3-8" shows 8 devices on 4 chips); TPU v4 and v5p fuse their two cores into one
+    device (megacore); v5e and v6e chips have one core; a GPU is one device. `peak_tflops` and
+    `hbm_bytes_per_s` are therefore per JAX device, so a run's peak is `peak_tflops * jax.device_count()`
+    on any of them.
+    """
+
     name: str
-    peak_tflops: float  # dense bf16 TFLOP/s
-    hbm_bytes_per_s: float
+    chip_tflops: float  # dense bf16 TFLOP/s per chip (the T4 has no bf16 units: its fp16 figure)
+    chip_bytes_per_s: float  # memory bandwidth per chip (HBM; GDDR6 on the L4 and T4)
+    devices_per_chip: int = 1
+
+    @property
+    def peak_tflops(self) -> float:
+        return self.chip_tflops / self.devices_per_chip
+
+    @property
+    def hbm_bytes_per_s(self) -> float:
+        return self.chip_bytes_per_s / self.devices_per_chip
 
 
-# Matched in order against the lower-cased `jax.Device.device_kind`, so the more
-# specific names ("v5 lite", "h100 pcie") come before the ones they contain.
+# `jax.Device.device_kind` strings as JAX reports them: "TPU v2", "TPU v3", "TPU v4", "TPU v5 lite" (v5e),
+# "TPU v5" (v5p), "TPU v6 lite" (v6e); "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H200",
+# "NVIDIA A100-SXM4-40GB", "NVIDIA L4", "Tesla T4". Each pattern matches whole words of the lower-cased
+# string (so "l4" is not "l40s"), first match wins: the more specific names ("v5 lite", "h100 pcie")
+# come before the ones they contain ("tpu v5", "h100"). Colab's TPU runtimes: v2-8 and v3-8 (4 chips,
+# 8 devices), v5e-1 and v6e-1 (1 chip, 1 device).
 DEVICE_SPECS: tuple[tuple[tuple[str, ...], DeviceSpec], ...] = (
     (("h100 pcie",), DeviceSpec("H100 PCIe", 756.0, 2.0e12)),
     (("h100",), DeviceSpec("H100 SXM", 989.0, 3.35e12)),
     (("h200",), DeviceSpec("H200", 989.0, 4.8e12)),
     (("a100",), DeviceSpec("A100", 312.0, 2.0e12)),
+    (("l4",), DeviceSpec("L4", 121.0, 0.3e12)),
+    (("t4",), DeviceSpec("T4", 65.0, 0.32e12)),
     (("v6 lite", "v6e"), DeviceSpec("TPU v6e", 918.0, 1.64e12)),
     (("v5 lite", "v5e", "v5litepod"), DeviceSpec("TPU v5e", 197.0, 0.82e12)),
     (("v5p", "tpu v5"), DeviceSpec("TPU v5p", 459.0, 2.76e12)),
     (("tpu v4",), DeviceSpec("TPU v4", 275.0, 1.2e12)),
+    (("tpu v3",), DeviceSpec("TPU v3", 123.0, 0.9e12, devices_per_chip=2)),
+    (("tpu v2",), DeviceSpec("TPU v2", 45.0, 0.7e12, devices_per_chip=2)),  # Jouppi et al. 2020, table 3
 )
 
 
 def device_spec(device_kind: str) -> DeviceSpec | None:
-    """The spec for a `jax.devices()[0].device_kind` string, or None (e.g. CPU)."""
+    """The spec for a `jax.devices()[0].device_kind` string, or None (e.g. CPU, or a chip not listed)."""
     kind = device_kind.lower()
     for patterns, spec in DEVICE_SPECS:
-        if any(p in kind for p in patterns):
+        if any(re.search(rf"\b{re.escape(p)}\b", kind) for p in patterns):
             return spec
     return None

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
+from jax.typing import ArrayLike
 
 from tformer import sharding as shd
 
@@ -335,7 +337,7 @@ def _check_sampling(sampling: Sampling, rng: jax.Array | None) -> None:
         raise ValueError("sampling with temperature > 0 needs an explicit rng key (jax.random.key(seed))")
 
 
-def generate_with(prefill: Prefill, model, inputs: tuple, decode: Decode, sampling: Sampling,
+def generate_with(prefill: Prefill, model: nnx.Module, inputs: tuple, decode: Decode, sampling: Sampling,
                   rng: jax.Array | None, layout: shd.Layout | None = None) -> Generated:
     """The shared greedy/sampling loop over any family's `prefill` (inputs checked, decode resolved)."""
     _check_sampling(sampling, rng)
@@ -350,8 +352,10 @@ def generate_with(prefill: Prefill, model, inputs: tuple, decode: Decode, sampli
     )
 
 
-def generate(model, prompts, decode: Decode, sampling: Sampling = GREEDY, *, lengths=None,
-             rng: jax.Array | None = None, src=None, src_segment_ids=None, mesh=None, rules=None) -> Generated:
+def generate(model: nnx.Module, prompts: ArrayLike, decode: Decode, sampling: Sampling = GREEDY, *,
+             lengths: ArrayLike | None = None, rng: jax.Array | None = None, src: ArrayLike | None = None,
+             src_segment_ids: ArrayLike | None = None, mesh: Mesh | None = None,
+             rules: str | shd.Rules | None = None) -> Generated:
     """Generate up to `decode.max_new_tokens` after each prompt (see `Decode`, `Sampling`).
 
     prompts: [B, P] token ids, right-padded; `lengths` [B] (integers) gives
@@ -373,7 +377,7 @@ def generate(model, prompts, decode: Decode, sampling: Sampling = GREEDY, *, len
 # Beam search.
 
 
-def length_penalty(length, alpha: float):
+def length_penalty(length: float | jax.Array, alpha: float) -> float | jax.Array:
     """GNMT length normalisation ((5 + |Y|) / 6) ** alpha; alpha 0 = raw log-prob."""
     return ((5.0 + length) / 6.0) ** alpha
 
@@ -456,8 +460,8 @@ def _check_beam(beam_size: int, length_alpha: float) -> None:
         raise ValueError(f"length_alpha must be a finite number (0 = raw log-prob), got {length_alpha}")
 
 
-def beam_search_with(prefill: Prefill, model, inputs: tuple, decode: Decode, beam_size: int, length_alpha: float,
-                     layout: shd.Layout | None = None) -> Generated:
+def beam_search_with(prefill: Prefill, model: nnx.Module, inputs: tuple, decode: Decode, beam_size: int,
+                     length_alpha: float, layout: shd.Layout | None = None) -> Generated:
     """The shared beam loop over any family's `prefill` (inputs checked, decode resolved; inputs[0] is [B, ...])."""
     _check_beam(beam_size, length_alpha)
     graphdef, state = nnx.split(model)
@@ -465,8 +469,10 @@ def beam_search_with(prefill: Prefill, model, inputs: tuple, decode: Decode, bea
                         alpha=float(length_alpha), layout=layout)
 
 
-def beam_search(model, prompts, decode: Decode, *, beam_size: int = 4, length_alpha: float = 0.6, lengths=None,
-                src=None, src_segment_ids=None, mesh=None, rules=None) -> Generated:
+def beam_search(model: nnx.Module, prompts: ArrayLike, decode: Decode, *, beam_size: int = 4,
+                length_alpha: float = 0.6, lengths: ArrayLike | None = None, src: ArrayLike | None = None,
+                src_segment_ids: ArrayLike | None = None, mesh: Mesh | None = None,
+                rules: str | shd.Rules | None = None) -> Generated:
     """Beam search (GNMT length penalty); returns the best hypothesis per row.
 
     Same prompt conventions and `Decode` spec as `generate`. Beam size 1
@@ -504,8 +510,9 @@ def _sequence_logprob(graphdef, state, prompt, valid, cont, src, src_seg, *, eos
     return jnp.sum(jnp.where(before == 0, tok_lp, 0.0), axis=1)
 
 
-def sequence_logprob(model, prompts, continuation, *, lengths=None, src=None, src_segment_ids=None,
-                     eos_id: int | None = None) -> jax.Array:
+def sequence_logprob(model: nnx.Module, prompts: ArrayLike, continuation: ArrayLike, *,
+                     lengths: ArrayLike | None = None, src: ArrayLike | None = None,
+                     src_segment_ids: ArrayLike | None = None, eos_id: int | None = None) -> jax.Array:
     """Sum of log-probs of `continuation` [B, N] after each prompt (parallel forward).
 
     Used to score a greedy output the same way beam search scores its own.

@@ -189,7 +189,7 @@ def _check_int_fields(hf: dict) -> None:
             raise ValueError(f"Hugging Face config field {field!r} must be an integer, got {value!r}")
 
 
-def config_from_hf(hf_config, **overrides) -> ModelConfig:
+def config_from_hf(hf_config: dict | str | Path | Any, **overrides: Any) -> ModelConfig:
     """`ModelConfig` equivalent to a Hugging Face GPT-2 or Llama-family config.
 
     hf_config: a config.json dict, its path (or its directory), or a transformers config.
@@ -228,7 +228,7 @@ def _family(cfg: ModelConfig) -> str:
     if cfg.positions == "learned":
         problems = [("norm", cfg.norm == "layernorm"), ("activation", cfg.activation in _GPT2_ACT_INV),
                     ("use_bias", cfg.use_bias), ("num_kv_heads", cfg.kv_heads == cfg.num_heads),
-                    ("head_dim", cfg.head_dim_ * cfg.num_heads == cfg.d_model),
+                    ("head_dim", cfg.resolved_head_dim * cfg.num_heads == cfg.d_model),
                     ("local_window", cfg.local_window is None)]
         kind = "gpt2"
     elif cfg.positions == "rope":
@@ -255,7 +255,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     if kind == "gpt2":
         return dict(
             model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=cfg.d_model, n_head=cfg.num_heads,
-            n_layer=cfg.num_layers, n_positions=cfg.max_len, n_inner=cfg.d_ff_,
+            n_layer=cfg.num_layers, n_positions=cfg.max_len, n_inner=cfg.resolved_d_ff,
             activation_function=_GPT2_ACT_INV[cfg.activation], layer_norm_epsilon=cfg.norm_eps,
             resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.attention_dropout,
             scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False, **ids,
@@ -263,7 +263,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     out = dict(
         model_type=kind, architectures=["LlamaForCausalLM" if kind == "llama" else "MistralForCausalLM"],
         hidden_size=cfg.d_model, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
-        head_dim=cfg.head_dim_, intermediate_size=cfg.d_ff_, num_hidden_layers=cfg.num_layers,
+        head_dim=cfg.resolved_head_dim, intermediate_size=cfg.resolved_d_ff, num_hidden_layers=cfg.num_layers,
         max_position_embeddings=cfg.max_len, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
         rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         attention_dropout=cfg.attention_dropout, **ids,
@@ -282,8 +282,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 def _dims(cfg: ModelConfig, positions: int) -> dict[str, int]:
     """The sizes HF shapes are written in; `positions`: rows of GPT-2's wpe (n_positions, >= max_len)."""
-    return dict(d=cfg.d_model, h=cfg.num_heads, kh=cfg.kv_heads, hd=cfg.head_dim_, f=cfg.d_ff_, v=cfg.vocab_size,
-                p=positions)
+    return dict(d=cfg.d_model, h=cfg.num_heads, kh=cfg.kv_heads, hd=cfg.resolved_head_dim, f=cfg.resolved_d_ff,
+                v=cfg.vocab_size, p=positions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -542,7 +542,8 @@ def _params(ck: _Checkpoint, table: _Table, cfg: ModelConfig, dims: dict[str, in
     return flat | {_LAYERS + k: np.stack([layer[k] for layer in layers]) for k in layers[0]}
 
 
-def load_hf_checkpoint(path, *, dtype: str = "float32", param_dtype: str = "float32", **overrides) -> DecoderLM:
+def load_hf_checkpoint(path: str | Path, *, dtype: str = "float32", param_dtype: str = "float32",
+                       **overrides: Any) -> DecoderLM:
     """A `DecoderLM` holding the weights of a local Hugging Face checkpoint.
 
     path: a directory with config.json and model.safetensors, or sharded
@@ -600,7 +601,7 @@ def _tensors(table: _Table, cfg: ModelConfig, flat: dict[str, np.ndarray]) -> di
             for key, i, t in _entries(table, cfg)}
 
 
-def save_hf_checkpoint(model: DecoderLM, path) -> Path:
+def save_hf_checkpoint(model: DecoderLM, path: str | Path) -> Path:
     """Write `model` as a Hugging Face checkpoint (config.json + model.safetensors) in directory `path`.
 
     GPT-2-shaped configs become "gpt2" (GPT2LMHeadModel), RoPE/RMSNorm/SwiGLU ones

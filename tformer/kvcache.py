@@ -42,7 +42,7 @@ class KVCache:
     src_valid: jax.Array | None = None  # [B, S_src] bool
 
 
-def empty(num_layers: int, batch: int, length: int, kv_heads: int, head_dim: int, dtype,
+def empty(num_layers: int, batch: int, length: int, kv_heads: int, head_dim: int, dtype: jnp.dtype,
           int8: bool = False) -> KVCache:
     """A cache of zeros; `int8`: K/V as int8 values with `dtype` scales per token and head."""
     axes = ("batch", "length", "act_kv_heads", "head_dim")
@@ -63,9 +63,9 @@ def empty(num_layers: int, batch: int, length: int, kv_heads: int, head_dim: int
     )
 
 
-def for_config(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
+def for_config(cfg: ModelConfig, batch: int, length: int, dtype: jnp.dtype | None = None) -> KVCache:
     """The empty self-attention cache a model with `cfg` decodes into (`dtype`: default the compute dtype)."""
-    return empty(cfg.num_layers, batch, length, cfg.kv_heads, cfg.head_dim_, dtype or DTYPE[cfg.dtype],
+    return empty(cfg.num_layers, batch, length, cfg.kv_heads, cfg.resolved_head_dim, dtype or DTYPE[cfg.dtype],
                  int8=cfg.kv_cache_dtype == "int8")
 
 

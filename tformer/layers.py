@@ -21,7 +21,8 @@ from tformer.sharding import axis_size, constrain
 DTYPE = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, std: float | None = None, init: str = "normal") -> nnx.Param:
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], cfg: ModelConfig,
+          std: float | None = None, init: str = "normal") -> nnx.Param:
     """A parameter tagged with logical `axes` as NNX sharding metadata (see tformer.sharding).
 
     Eager sharding is off: where the weights go is decided by the rule table
@@ -247,7 +248,7 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        d, f = cfg.d_model, cfg.d_ff_
+        d, f = cfg.d_model, cfg.resolved_d_ff
         out_std = cfg.init_std / math.sqrt(2 * max(cfg.num_layers, 1))
         self._matrix(rngs, "w_in", (d, f), ("embed", "mlp"), cfg.init_std)
         if cfg.gated:

@@ -70,7 +70,7 @@ class LoraConfig:
         return tuple(dict.fromkeys(out))
 
 
-def is_lora(params) -> bool:
+def is_lora(params: object) -> bool:
     return isinstance(params, dict) and set(params) == {"base", "lora", "scale"}
 
 
@@ -151,13 +151,13 @@ def init_adapters(base: dict, lcfg: LoraConfig, key: jax.Array) -> dict:
     return jax.tree_util.tree_map_with_path(make, shapes)
 
 
-def delta(w_shape, a, b, scale):
+def delta(w_shape: tuple[int, ...], a: jax.Array, b: jax.Array, scale: float):
     """scale * A B, reshaped to the weight's shape."""
     ab = jnp.einsum("...ir,...ro->...io", a, b)
     return (scale * ab).reshape(w_shape)
 
 
-def merged(params) -> dict:
+def merged(params: dict) -> dict:
     """The model's parameter tree with every adapter folded in (W + scale A B); a plain tree passes through."""
     if not is_lora(params):
         return params
@@ -176,11 +176,11 @@ def merged(params) -> dict:
     return out
 
 
-def trainable(params):
+def trainable(params: dict):
     """What the optimizer updates: the adapters of a LoRA tree, else every parameter."""
     return params["lora"] if is_lora(params) else params
 
 
-def with_trainable(params, new):
+def with_trainable(params: dict, new: dict):
     """`params` with its trainable part replaced by `new` (the base weights are the same arrays)."""
     return {**params, "lora": new} if is_lora(params) else new

@@ -27,10 +27,12 @@ import dataclasses
 import functools
 import math
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from tformer import batch as batch_lib
@@ -38,6 +40,7 @@ from tformer import pipeline
 from tformer import sharding as shd
 from tformer import training as ts
 from tformer.config import ModelConfig
+from tformer.lora import LoraConfig
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
                "collective-broadcast", "ragged-all-to-all")
@@ -118,7 +121,7 @@ def parse_collectives(hlo_text: str) -> list[Collective]:
     return out
 
 
-def summarize_collectives(collectives) -> dict[str, dict[str, int]]:
+def summarize_collectives(collectives: Iterable[Collective]) -> dict[str, dict[str, int]]:
     """{kind: {"count": instructions, "arrays": result arrays, "bytes": result bytes}}."""
     out: dict[str, dict[str, int]] = {}
     for c in collectives:
@@ -166,9 +169,7 @@ class Plan:
     @property
     def peak_bytes(self) -> int | None:
         """Arguments + outputs not aliased onto them + temporaries: the step's device-memory high mark."""
-        if self.argument_bytes is None or self.temp_bytes is None:
-            return None
-        return self.argument_bytes + (self.output_bytes or 0) - (self.alias_bytes or 0) + self.temp_bytes
+        return peak_bytes(self.argument_bytes, self.output_bytes, self.alias_bytes, self.temp_bytes)
 
     @property
     def collective_bytes(self) -> int:
@@ -224,7 +225,7 @@ def fmt_bytes(b: float | None) -> str:
     return f"{b:.2f} TiB"
 
 
-def shard_bytes(tree, shardings) -> int:
+def shard_bytes(tree: Any, shardings: Any) -> int:
     """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs) under `shardings` (max over devices)."""
     total = 0
     for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))):
@@ -242,6 +243,20 @@ def _cost(compiled) -> dict:
     return dict(cost or {})
 
 
+def peak_bytes(argument: int | None, output: int | None, alias: int | None, temp: int | None) -> int | None:
+    """A compiled program's device-memory high mark by XLA's plan: its arguments, the outputs not written in
+    place over donated arguments, and its temporaries (None without arguments or temporaries)."""
+    if argument is None or temp is None:
+        return None
+    return argument + (output or 0) - (alias or 0) + temp
+
+
+def compiled_peak_bytes(compiled: jax.stages.Compiled) -> int | None:
+    """`peak_bytes` of a compiled program's `memory_analysis()` (None where the backend has none)."""
+    m = _memory_fields(compiled)
+    return peak_bytes(m["argument_bytes"], m["output_bytes"], m["alias_bytes"], m["temp_bytes"])
+
+
 def _memory_fields(compiled) -> dict:
     """XLA's memory analysis of `compiled` as Plan's `*_bytes` fields (None where the backend has none)."""
     try:
@@ -253,11 +268,11 @@ def _memory_fields(compiled) -> dict:
 
 
 def plan_train_step(
-    model_cls,
+    model_cls: type[nnx.Module],
     cfg: ModelConfig,
     optim: ts.OptimizerConfig,
     mesh: Mesh,
-    rules,
+    rules: shd.Rules,
     *,
     batch: int,
     seq_len: int,
@@ -265,7 +280,7 @@ def plan_train_step(
     batch_shapes: dict | None = None,
     microbatches: int | None = None,
     virtual_stages: int = 1,
-    lora=None,
+    lora: LoraConfig | None = None,
 ) -> Plan:
     """Compile (never run) one train step on `mesh` under `rules`; see the module docstring.
 
@@ -463,8 +478,8 @@ def _programs(model_cls, cfg: ModelConfig, optim, batch: int, seq_len: int, src_
             ("decode", decode, (model_state, ints((batch, 1)), cache))]
 
 
-def plan_platform(model_cls, cfg: ModelConfig, optim: ts.OptimizerConfig, platform: str, *, batch: int,
-                  seq_len: int, src_len: int | None = None,
+def plan_platform(model_cls: type[nnx.Module], cfg: ModelConfig, optim: ts.OptimizerConfig, platform: str, *,
+                  batch: int, seq_len: int, src_len: int | None = None,
                   programs: tuple[str, ...] = ("train", "prefill", "decode")) -> PlatformPlan:
     """Lower (never compile: that needs the target backend) the train step, a prefill of seq_len / 2 prompt
     tokens (an encoder-decoder: the source, then BOS) into a seq_len cache and one decode step for

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 INT8_MAX = 127.0
 
 
-def quantize_int8(x: jax.Array, axes: tuple[int, ...], scale_dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+def quantize_int8(x: jax.Array, axes: tuple[int, ...],
+                  scale_dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, jax.Array]:
     """(int8 values shaped like x, scale with `axes` reduced away) with x ~= values * scale."""
     x32 = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(x32), axis=axes, keepdims=True)
@@ -49,6 +50,6 @@ class Int8KV:
     def __getitem__(self, idx) -> Int8KV:
         return Int8KV(self.values[idx], self.scale[idx])
 
-    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+    def dequantize(self, dtype: jnp.dtype = jnp.float32) -> jax.Array:
         """The full-precision view (tests and debugging; the decode loop never builds it)."""
         return (self.values.astype(jnp.float32) * self.scale[..., None].astype(jnp.float32)).astype(dtype)

@@ -29,6 +29,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import ArrayLike
 
 from tformer.generate import GREEDY, Decode, Generated, Prefilled, Sampling, beam_search_with, generate_with
 
@@ -153,10 +154,10 @@ class _EmbedHead(nnx.Module):
                                    param_dtype=_dtype(cfg.param_dtype), rngs=rngs,
                                    kernel_metadata=_axes("embed", "vocab"), bias_metadata=_axes("vocab"))
 
-    def __call__(self, tokens_bt):
+    def __call__(self, tokens_bt: jax.Array) -> jax.Array:
         return self.table(tokens_bt)
 
-    def logits(self, x_btd):
+    def logits(self, x_btd: jax.Array) -> jax.Array:
         out = self.table.attend(x_btd) if self.cfg.tie_embeddings else self.head(x_btd)
         return out.astype(jnp.float32)
 
@@ -172,7 +173,8 @@ class RNNLM(nnx.Module):
         self.embed = _EmbedHead(cfg, rngs=rngs)
         self.layers = _stack(cfg, rngs)
 
-    def __call__(self, tokens_bt, *, positions=None, segment_ids=None, dropout_rng=None):
+    def __call__(self, tokens_bt: jax.Array, *, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, dropout_rng: jax.Array | None = None) -> jax.Array:
         """Logits [B, T, V]; position t depends on tokens [0, t] only (causal by construction)."""
         del positions, segment_ids, dropout_rng  # one stream per row; no dropout
         logits, _ = self.extend(tokens_bt, self.init_state(tokens_bt.shape[0]))
@@ -182,12 +184,12 @@ class RNNLM(nnx.Module):
         """The empty state (zero carries): the RNN's counterpart of an empty KV cache."""
         return _zero_carry(self.cfg, batch)
 
-    def extend(self, tokens_bt, state, lengths=None):
+    def extend(self, tokens_bt: jax.Array, state: tuple, lengths: jax.Array | None = None) -> tuple[jax.Array, tuple]:
         """Run T new tokens from `state`: (logits [B, T, V], state after each row's `lengths` tokens)."""
         x, state = _run_stack(self.layers, self.embed(tokens_bt), state, lengths)
         return self.embed.logits(x), state
 
-    def step(self, tokens_b, state):
+    def step(self, tokens_b: jax.Array, state: tuple) -> tuple[jax.Array, tuple]:
         """One token per row: (logits [B, V], new state); equals `extend` by one token."""
         x, state = _step_stack(self.layers, self.embed(tokens_b), state)
         return self.embed.logits(x), state
@@ -215,27 +217,28 @@ class RNNSeq2Seq(nnx.Module):
             self.score = nnx.Linear(cfg.d_model, cfg.d_model, kernel_metadata=_axes("rnn_in", "embed"), **kw)
             self.combine = nnx.Linear(2 * cfg.d_model, cfg.d_model, kernel_metadata=_axes("rnn_in", "embed"), **kw)
 
-    def init_state(self, src_bs, *, src_segment_ids=None) -> dict:
+    def init_state(self, src_bs: jax.Array, *, src_segment_ids: jax.Array | None = None) -> dict:
         """Encode the source (right-padded with pad_id) once: decoder carry, encoder outputs, source mask."""
         valid_bs = src_bs != self.cfg.pad_id if src_segment_ids is None else src_segment_ids != 0
         lengths = jnp.maximum(jnp.sum(valid_bs, axis=1), 1)
         enc_bsd, carry = _run_stack(self.encoder, self.embed(src_bs), _zero_carry(self.cfg, src_bs.shape[0]), lengths)
         return {"carry": carry, "enc": enc_bsd, "src_valid": valid_bs}
 
-    def attention_weights(self, x_btd, state: dict):
+    def attention_weights(self, x_btd: jax.Array, state: dict) -> jax.Array:
         """Luong attention weights [B, T, S] of decoder outputs over the source positions."""
         scores = jnp.einsum("btd,bsd->bts", self.score(x_btd), state["enc"]).astype(jnp.float32)
         scores = jnp.where(state["src_valid"][:, None, :], scores, -1e9)
         return jax.nn.softmax(scores, axis=-1)
 
-    def extend(self, tokens_bt, state: dict, lengths=None, *, return_attention: bool = False):
+    def extend(self, tokens_bt: jax.Array, state: dict, lengths: jax.Array | None = None, *,
+               return_attention: bool = False) -> tuple:
         """Decoder over T new target tokens from `state`: (logits [B, T, V], new state[, attention])."""
         x, carry = _run_stack(self.decoder, self.embed(tokens_bt), state["carry"], lengths)
         logits, weights = self._output(x, state)
         out = (logits, {**state, "carry": carry})
         return out + (weights,) if return_attention else out
 
-    def step(self, tokens_b, state: dict):
+    def step(self, tokens_b: jax.Array, state: dict) -> tuple[jax.Array, dict]:
         """One target token per row: (logits [B, V], new state); equals `extend` by one token."""
         x, carry = _step_stack(self.decoder, self.embed(tokens_b), state["carry"])
         logits, _ = self._output(x[:, None], state)
@@ -249,8 +252,9 @@ class RNNSeq2Seq(nnx.Module):
         context = jnp.einsum("bts,bsd->btd", weights.astype(x_btd.dtype), state["enc"])
         return self.embed.logits(jnp.tanh(self.combine(jnp.concatenate([context, x_btd], axis=-1)))), weights
 
-    def __call__(self, src_bs, tgt_inputs_bt, *, src_segment_ids=None, tgt_segment_ids=None, tgt_positions=None,
-                 src_positions=None, dropout_rng=None):
+    def __call__(self, src_bs: jax.Array, tgt_inputs_bt: jax.Array, *, src_segment_ids: jax.Array | None = None,
+                 tgt_segment_ids: jax.Array | None = None, tgt_positions: jax.Array | None = None,
+                 src_positions: jax.Array | None = None, dropout_rng: jax.Array | None = None) -> jax.Array:
         """Teacher-forced logits [B, T, V] (same signature as `EncoderDecoder`; one pair per row)."""
         del tgt_segment_ids, tgt_positions, src_positions, dropout_rng
         logits, _ = self.extend(tgt_inputs_bt, self.init_state(src_bs, src_segment_ids=src_segment_ids))
@@ -300,8 +304,8 @@ def _resolve(model, decode: Decode) -> Decode:
     return dataclasses.replace(decode, eos_id=model.cfg.eos_id if decode.eos_id is None else decode.eos_id)
 
 
-def generate(model: RNNLM | RNNSeq2Seq, prompts, decode: Decode, sampling: Sampling = GREEDY, *, lengths=None,
-             rng: jax.Array | None = None, src=None) -> Generated:
+def generate(model: RNNLM | RNNSeq2Seq, prompts: ArrayLike, decode: Decode, sampling: Sampling = GREEDY, *,
+             lengths: ArrayLike | None = None, rng: jax.Array | None = None, src: ArrayLike | None = None) -> Generated:
     """`tformer.generate` for the RNN models: prompts [B, P] right-padded to `lengths`; one carry per row.
 
     Produces `decode.max_new_tokens` per row (`decode.cache_len` and `chunk` do not apply: the state does
@@ -311,8 +315,8 @@ def generate(model: RNNLM | RNNSeq2Seq, prompts, decode: Decode, sampling: Sampl
     return generate_with(_prefill, model, (prompt, lengths, src), _resolve(model, decode), sampling, rng)
 
 
-def beam_search(model: RNNLM | RNNSeq2Seq, prompts, decode: Decode, *, beam_size: int = 4, length_alpha: float = 0.6,
-                lengths=None, src=None) -> Generated:
+def beam_search(model: RNNLM | RNNSeq2Seq, prompts: ArrayLike, decode: Decode, *, beam_size: int = 4,
+                length_alpha: float = 0.6, lengths: ArrayLike | None = None, src: ArrayLike | None = None) -> Generated:
     """`tformer.beam_search` for the RNN models (GNMT length penalty); the state follows each surviving beam."""
     prompt, lengths, src = _prompts(model, prompts, lengths, src)
     return beam_search_with(_prefill, model, (prompt, lengths, src), _resolve(model, decode), beam_size, length_alpha)

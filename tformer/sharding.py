@@ -38,6 +38,8 @@ from flax.core import spmd as flax_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from tformer.config import ModelConfig
+
 MESH_AXES = ("data", "fsdp", "tensor")  # always present (size 1 allowed)
 # Present only when larger than 1, so meshes without them read as before.
 # Order of the built mesh: stage outermost (the slow links between hosts).
@@ -97,6 +99,8 @@ def flax_rules(rules: Rules) -> tuple[tuple[str, Any], ...]:
                  for name, target in sorted(rules.items()))
 
 
+# Why a wrapper over Flax's `logical_to_mesh_axes`: Flax neither refuses two logical axes of one array on one
+# mesh axis nor drops size-1 mesh axes.
 def logical_to_spec(axes: Sequence[str | None], rules: Rules, mesh: Mesh | None = None) -> P:
     """PartitionSpec for logical `axes` under `rules` (Flax's `logical_to_mesh_axes`).
 
@@ -144,6 +148,7 @@ def layout(mesh: Mesh | None, rules: str | Rules | None = None) -> Layout | None
     return Layout(mesh, flax_rules(rules_for("dp" if rules is None else rules)))
 
 
+# Why not `jax.set_mesh`: layouts are activated while tracing inside jit, where `jax.set_mesh` refuses to run.
 _MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("tformer_mesh", default=None)
 
 
@@ -211,7 +216,9 @@ def param_axes(var: nnx.Variable) -> tuple[str | None, ...]:
     return axes
 
 
-def state_specs(state, rules: Rules, mesh: Mesh | None = None):
+# Why not `nnx.get_partition_spec`: it keeps a logical name without a rule as a mesh-axis name (P('fsdp', 'rnn')
+# where this gives P('fsdp', None)) and skips `logical_to_spec`'s checks.
+def state_specs(state: nnx.State, rules: Rules, mesh: Mesh | None = None) -> Any:
     """PartitionSpec pytree (same structure as `state`, Variables as leaves)."""
     return jax.tree.map(
         lambda v: logical_to_spec(param_axes(v), rules, mesh) if _is_var(v) else P(),
@@ -220,13 +227,14 @@ def state_specs(state, rules: Rules, mesh: Mesh | None = None):
     )
 
 
-def state_shardings(state, mesh: Mesh, rules: Rules):
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> Any:
     """NamedSharding pytree for an nnx.State (abstract or concrete)."""
     specs = state_specs(state, rules, mesh)
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
 
 
-def optimizer_shardings(tx: optax.GradientTransformation, abstract_opt, params_shardings, mesh: Mesh):
+def optimizer_shardings(tx: optax.GradientTransformation, abstract_opt: Any, params_shardings: Any,
+                        mesh: Mesh) -> Any:
     """Optimizer-state shardings: leaves that mirror a parameter (Adam's mu, nu, ...) take its
     sharding (`optax.tree_map_params`); the rest (counters) are replicated."""
     replicated = NamedSharding(mesh, P())
@@ -292,7 +300,7 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def check_divisibility(cfg, mesh: Mesh, rules: Rules, global_batch: int | None = None, *,
+def check_divisibility(cfg: ModelConfig, mesh: Mesh, rules: Rules, global_batch: int | None = None, *,
                        seq_len: int | None = None, microbatches: int | None = None, virtual_stages: int = 1) -> None:
     """Fail early, naming the field, when a sharded dimension does not split evenly.
 
@@ -311,7 +319,7 @@ def check_divisibility(cfg, mesh: Mesh, rules: Rules, global_batch: int | None =
     sizes = {
         "heads": ("num_heads", cfg.num_heads),
         "kv_heads": ("num_kv_heads", cfg.kv_heads),
-        "mlp": ("d_ff", cfg.d_ff_),
+        "mlp": ("d_ff", cfg.resolved_d_ff),
         "vocab": ("vocab_size (padded)", cfg.padded_vocab),
         "embed": ("d_model", cfg.d_model),
     }
@@ -360,7 +368,7 @@ def initialize_distributed(
     process_id: int | None = None,
     *,
     auto: bool = False,
-    **init_kwargs,
+    **init_kwargs: Any,
 ) -> bool:
     """Join a multi-process JAX run; returns whether `jax.distributed.initialize` was called.
 

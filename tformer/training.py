@@ -88,7 +88,7 @@ def schedule(optim: OptimizerConfig) -> optax.Schedule:
     return optax.join_schedules([warm, rest], [optim.warmup_steps])
 
 
-def decay_mask(abstract_state, optim: OptimizerConfig) -> Params:
+def decay_mask(abstract_state: nnx.State, optim: OptimizerConfig) -> Params:
     """True for weight matrices: >= 2 logical axes (layers excluded), optional embeddings."""
 
     def decide(v):
@@ -102,7 +102,7 @@ def decay_mask(abstract_state, optim: OptimizerConfig) -> Params:
     return nnx.to_pure_dict(jax.tree.map(decide, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
-def make_optimizer(optim: OptimizerConfig, abstract_state,
+def make_optimizer(optim: OptimizerConfig, abstract_state: nnx.State,
                    lora: lora_lib.LoraConfig | None = None) -> optax.GradientTransformation:
     """AdamW over the model's parameters, or with `lora` over the adapters only (all of them decayed)."""
     mask = decay_mask(abstract_state, optim)
@@ -131,7 +131,8 @@ class TrainState:
 # Losses.
 
 
-def cross_entropy(logits_btv, targets_bt, weights_bt, z_loss: float = 0.0, label_smoothing: float = 0.0):
+def cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array, weights_bt: jax.Array, z_loss: float = 0.0,
+                  label_smoothing: float = 0.0):
     """Sums (not means) so microbatches and devices add up exactly."""
     logits = logits_btv.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
@@ -155,8 +156,8 @@ def cross_entropy(logits_btv, targets_bt, weights_bt, z_loss: float = 0.0, label
     }
 
 
-def loss_sums(graphdef, params, batch, optim: OptimizerConfig, dropout_rng=None, microbatches: int | None = None,
-              virtual_stages: int = 1):
+def loss_sums(graphdef: nnx.GraphDef, params: Params, batch: dict, optim: OptimizerConfig,
+              dropout_rng: jax.Array | None = None, microbatches: int | None = None, virtual_stages: int = 1):
     """Summed loss terms of `batch`; on a mesh with a `stage` axis the blocks run as a pipeline (tformer.pipeline)."""
     model = nnx.merge(graphdef, lora_lib.merged(params))
     mesh, _ = shd.active()
@@ -185,12 +186,13 @@ def _sequence_layout(model, batch: dict, mesh) -> dict:
 # State creation (directly sharded) and the steps.
 
 
-def abstract_model(model_cls, cfg: ModelConfig):
+def abstract_model(model_cls: type[nnx.Module], cfg: ModelConfig):
     """(graphdef, abstract nnx.State with logical-axes metadata); allocates nothing."""
     return nnx.split(nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0))))
 
 
-def abstract_train_state(abstract, tx, lora: lora_lib.LoraConfig | None = None) -> TrainState:
+def abstract_train_state(abstract: nnx.State, tx: optax.GradientTransformation,
+                         lora: lora_lib.LoraConfig | None = None) -> TrainState:
     """The TrainState as ShapeDtypeStructs (allocates nothing): a restore target, a plan's input."""
     params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(abstract))
     if lora is not None:
@@ -202,11 +204,12 @@ def abstract_train_state(abstract, tx, lora: lora_lib.LoraConfig | None = None) 
     )
 
 
-def param_shardings(abstract_state, mesh: Mesh, rules) -> Params:
+def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: shd.Rules | None) -> Params:
     return nnx.to_pure_dict(shd.state_shardings(abstract_state, mesh, rules))
 
 
-def state_shardings(model_cls, cfg: ModelConfig, tx, mesh: Mesh, rules, lora: lora_lib.LoraConfig | None = None):
+def state_shardings(model_cls: type[nnx.Module], cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                    rules: shd.Rules | None, lora: lora_lib.LoraConfig | None = None):
     """NamedSharding pytree of a TrainState, from the rule table (LoRA adapters, being small, replicated)."""
     _, abstract = abstract_model(model_cls, cfg)
     p_sh = param_shardings(abstract, mesh, rules)
@@ -220,8 +223,8 @@ def state_shardings(model_cls, cfg: ModelConfig, tx, mesh: Mesh, rules, lora: lo
     return TrainState(step=rep, params=p_sh, opt_state=opt_sh, rng=rep)
 
 
-def create_train_state(model_cls, cfg: ModelConfig, optim: OptimizerConfig, seed: int = 0,
-                       mesh: Mesh | None = None, rules=None, params: Params | None = None,
+def create_train_state(model_cls: type[nnx.Module], cfg: ModelConfig, optim: OptimizerConfig, seed: int = 0,
+                       mesh: Mesh | None = None, rules: shd.Rules | None = None, params: Params | None = None,
                        lora: lora_lib.LoraConfig | None = None):
     """(graphdef, tx, state, state_shardings or None). Sharded at birth when a mesh is given.
 
@@ -280,8 +283,9 @@ def _microbatches(batch: dict, k: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def train_step(graphdef, tx, optim: OptimizerConfig, state: TrainState, batch: dict, *,
-               layout: shd.Layout | None = None, microbatches: int | None = None, virtual_stages: int = 1):
+def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, optim: OptimizerConfig, state: TrainState,
+               batch: dict, *, layout: shd.Layout | None = None, microbatches: int | None = None,
+               virtual_stages: int = 1):
     """One optimizer step (pure). Loss is normalised over the whole (accumulated) batch.
 
     `layout` (static): the mesh and rule table activation constraints follow.
@@ -344,9 +348,10 @@ def train_step(graphdef, tx, optim: OptimizerConfig, state: TrainState, batch: d
         return new_state, metrics
 
 
-def make_train_step(graphdef, tx, optim: OptimizerConfig, *, mesh: Mesh | None = None, rules=None,
-                    state_sharding=None, batch_sharding=None, donate: bool = True,
-                    microbatches: int | None = None, virtual_stages: int = 1) -> Callable:
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, optim: OptimizerConfig, *,
+                    mesh: Mesh | None = None, rules: shd.Rules | None = None, state_sharding: Any = None,
+                    batch_sharding: Any = None, donate: bool = True, microbatches: int | None = None,
+                    virtual_stages: int = 1) -> Callable:
     """Jitted `step(state, batch) -> (state, metrics)` with shardings and donated state."""
     fn = functools.partial(train_step, graphdef, tx, optim, layout=shd.layout(mesh, rules),
                            microbatches=microbatches, virtual_stages=virtual_stages)
@@ -357,22 +362,23 @@ def make_train_step(graphdef, tx, optim: OptimizerConfig, *, mesh: Mesh | None =
     return jax.jit(fn, donate_argnums=(0,) if donate else (), **kw)
 
 
-def eval_sums(graphdef, optim: OptimizerConfig, params, batch, *, layout: shd.Layout | None = None,
-              microbatches: int | None = None, virtual_stages: int = 1):
+def eval_sums(graphdef: nnx.GraphDef, optim: OptimizerConfig, params: Params, batch: dict, *,
+              layout: shd.Layout | None = None, microbatches: int | None = None, virtual_stages: int = 1):
     """Summed NLL / weights / correct over a batch, no dropout."""
     with shd.use_layout(layout):
         return loss_sums(graphdef, params, batch, optim, None, microbatches, virtual_stages)
 
 
-def make_eval_step(graphdef, optim: OptimizerConfig, *, mesh=None, rules=None, params_sharding=None,
-                   batch_sharding=None, microbatches: int | None = None, virtual_stages: int = 1):
+def make_eval_step(graphdef: nnx.GraphDef, optim: OptimizerConfig, *, mesh: Mesh | None = None,
+                   rules: shd.Rules | None = None, params_sharding: Any = None, batch_sharding: Any = None,
+                   microbatches: int | None = None, virtual_stages: int = 1):
     fn = functools.partial(eval_sums, graphdef, optim, layout=shd.layout(mesh, rules), microbatches=microbatches,
                            virtual_stages=virtual_stages)
     kw = {} if params_sharding is None else {"in_shardings": (params_sharding, batch_sharding)}
     return jax.jit(fn, **kw)
 
 
-def batch_sharding(mesh: Mesh, rules, batch: dict) -> dict:
+def batch_sharding(mesh: Mesh, rules: shd.Rules | None, batch: dict) -> dict:
     """Leading (batch) dimension over the data axes, the rest replicated."""
     spec = shd.logical_to_spec(("batch",), rules, mesh)
     return jax.tree.map(lambda x: NamedSharding(mesh, P(spec[0], *([None] * (x.ndim - 1)))), batch)
