@@ -57,6 +57,7 @@ def test_lm_extend_with_lengths_carries_each_rows_last_real_token():
             np.testing.assert_allclose(x[i], y[0], atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", ["none", "luong"])
 def test_seq2seq_stepwise_equals_teacher_forced(attention):
     model = seq2seq(attention)
