@@ -20,7 +20,7 @@ BAD = [
     (dict(vocab_size=1), r"ModelConfig.vocab_size: must be >= 2, got 1"),
     (dict(d_ff=0), r"ModelConfig.d_ff: must be >= 1, got 0"),
     (dict(positions="alibi"), r"ModelConfig.positions: unknown kind 'alibi'; choose one of \('learned', "),
-    (dict(attention="flash"), r"ModelConfig.attention: unknown kind 'flash'; choose one of \('auto', "),
+    (dict(attention="splash"), r"ModelConfig.attention: unknown kind 'splash'; choose one of \('auto', "),
     (dict(norm="batchnorm"), r"ModelConfig.norm: unknown kind 'batchnorm'; choose one of \('layernorm', 'rmsnorm'\)"),
     (dict(norm_placement="sandwich"), r"ModelConfig.norm_placement: unknown kind 'sandwich'"),
     (dict(activation="tanh"), r"ModelConfig.activation: unknown kind 'tanh'; choose one of \('gelu', "),
