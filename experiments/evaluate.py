@@ -27,12 +27,10 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import ConfigDict
 
-from experiments import corpora, finetune, run_config
-from experiments import input_pipeline as ip
+from experiments import corpora, finetune, input_pipeline, run_config
 from experiments.metrics import QuietLibraries, atomic_write
 from experiments.tasks import build_task, evaluate
-from tformer import lora, sharding
-from tformer import training as ts
+from tformer import lora, sharding, training
 from tformer.checkpoint import CheckpointError
 
 FLAGS = flags.FLAGS
@@ -58,7 +56,7 @@ def _task(config: ConfigDict, workdir: Path, data: str | None):
     if task.name == "lm" and Path(data).exists():
         corpus = corpora.read_text_corpus(data, validation_fraction=config.data.validation_fraction)
         docs = corpus["train"] + corpus["validation"]
-        task.valid = ip.make_lm_split(task.tokenizer, docs, config.data.seq_len)
+        task.valid = input_pipeline.make_lm_split(task.tokenizer, docs, config.data.seq_len)
     return task
 
 
@@ -75,16 +73,16 @@ def evaluate_run(workdir: str | Path, data: str | None = None, step: int | None 
         eval_batches = 0
     if eval_batches is not None:
         with config.unlocked():
-            t.eval_batches = eval_batches or ip.num_eval_batches(task.valid, bs)
+            t.eval_batches = eval_batches or input_pipeline.num_eval_batches(task.valid, bs)
     model_cls, cfg, graphdef, _ = finetune.abstract_run_params(meta)
-    o = ts.OptimizerConfig(**meta["optim"])
+    o = training.OptimizerConfig(**meta["optim"])
     mesh, rules = run_config.make_run_mesh(config), sharding.rules_for(config.mesh.preset)
     lcfg = finetune.lora_config(t) if "lora_rank" in t else None
-    tx = ts.make_optimizer(o, ts.abstract_model(model_cls, cfg)[1], lcfg)
-    params_sh = ts.state_shardings(model_cls, cfg, tx, mesh, rules, lcfg).params
+    tx = training.make_optimizer(o, training.abstract_model(model_cls, cfg)[1], lcfg)
+    params_sh = training.state_shardings(model_cls, cfg, tx, mesh, rules, lcfg).params
     _, params = finetune.load_params(workdir, step, shardings=params_sh, merge=False)
-    batch_sh = ts.batch_sharding(mesh, rules, next(ip.eval_batches(task.valid, bs)))
-    eval_fn = ts.make_eval_step(graphdef, o, mesh=mesh, rules=rules, params_sharding=params_sh,
+    batch_sh = training.batch_sharding(mesh, rules, next(input_pipeline.eval_batches(task.valid, bs)))
+    eval_fn = training.make_eval_step(graphdef, o, mesh=mesh, rules=rules, params_sharding=params_sh,
                                 batch_sharding=batch_sh, microbatches=config.mesh.microbatches or None)
     return evaluate(task, config, eval_fn, params, batch_sh, lambda: nnx.merge(graphdef, lora.merged(params)))
 

@@ -43,11 +43,11 @@ def export(workdir: str | Path, out: str | Path, step: int | None = None) -> Pat
     """Write `workdir`'s checkpoint (newest or `step`) as a Hugging Face folder `out`; returns it."""
     workdir, out = Path(workdir), Path(out)
     meta = finetune.read_run(workdir)
-    kind = meta["config"]["model"]["kind"]
-    if not families.get(kind).hf_causal_lm:
+    family_name = meta["config"]["model"]["kind"]
+    if not families.get(family_name).hf_causal_lm:
         hf_kinds = [name for name, f in families.FAMILIES.items() if f.hf_causal_lm]
-        raise ValueError(f"config.model.kind={kind!r} has no Hugging Face counterpart: export writes the families "
-                         f"{hf_kinds} (decoder-only LMs) as GPT-2 / Llama / Mistral")
+        raise ValueError(f"config.model.kind={family_name!r} has no Hugging Face counterpart: export writes the "
+                         f"families {hf_kinds} (decoder-only LMs) as GPT-2 / Llama / Mistral")
     _, cfg, graphdef, _ = finetune.abstract_run_params(meta)
     hf.config_to_hf(cfg)  # fails naming the ModelConfig field before any weight is read
     _, params = finetune.load_params(workdir, step)

@@ -28,9 +28,8 @@ from ml_collections import ConfigDict
 
 import tformer
 from experiments.tokenizers import HF_TOKENIZER_DIR, HF_TOKENIZER_FILES, HFTokenizer, make_tokenizer
-from tformer import families, hf
+from tformer import families, hf, training
 from tformer import lora as lora_lib
-from tformer import training as ts
 from tformer.checkpoint import Checkpointer, CheckpointError
 
 HF_PREFIX = "hf:"
@@ -157,12 +156,12 @@ def _hf_source(config: ConfigDict, folder: Path) -> Source:
 
 def _workdir_source(config: ConfigDict, src: Path) -> Source:
     meta = read_run(src, _where(config))
-    kind = meta["config"]["model"]["kind"]
-    if kind != config.model.kind:
-        raise ValueError(f"{_where(config)}: that run trained a {kind!r} model; this config's model.kind is "
+    family_name = meta["config"]["model"]["kind"]
+    if family_name != config.model.kind:
+        raise ValueError(f"{_where(config)}: that run trained a {family_name!r} model; this config's model.kind is "
                          f"{config.model.kind!r}")
-    if families.get(kind).config_class is not tformer.ModelConfig:
-        raise ValueError(f"{_where(config)}: init_from starts Transformer runs; that run is a {kind!r} model")
+    if families.get(family_name).config_class is not tformer.ModelConfig:
+        raise ValueError(f"{_where(config)}: init_from starts Transformer runs; that run is a {family_name!r} model")
     return Source("workdir", src, _architecture(config, tformer.ModelConfig(**meta["model"])), meta["tokenizer"])
 
 
@@ -251,7 +250,7 @@ def abstract_run_params(meta: dict):
     """(model class, ModelConfig, graphdef, params ShapeDtypeStructs) of a run; a LoRA run's tree has its adapters."""
     family = families.get(meta["config"]["model"]["kind"])
     cfg = family.config_class(**meta["model"])
-    graphdef, abstract = ts.abstract_model(family.model_class, cfg)
+    graphdef, abstract = training.abstract_model(family.model_class, cfg)
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nnx.to_pure_dict(abstract))
     lcfg = lora_config(ConfigDict(meta["config"]["train"])) if "lora_rank" in meta["config"]["train"] else None
     if lcfg is not None:
@@ -298,15 +297,15 @@ def run_tokenizer(workdir: Path, meta: dict):
     return make_tokenizer(meta["tokenizer"], workdir, (), meta["config"]["data"]["vocab_size"])
 
 
-def lora_savings(model_cls, cfg: tformer.ModelConfig, optim: ts.OptimizerConfig, mesh, rules,
+def lora_savings(model_cls, cfg: tformer.ModelConfig, optim: training.OptimizerConfig, mesh, rules,
                  lcfg: lora_lib.LoraConfig, lora_plan) -> str:
     """The plan's line on LoRA: trainable parameters and optimizer state against a full fine-tune's."""
     from tformer import plan as plan_lib
 
-    _, abstract = ts.abstract_model(model_cls, cfg)
-    tx = ts.make_optimizer(optim, abstract)
-    full_opt = plan_lib.shard_bytes(ts.abstract_train_state(abstract, tx).opt_state,
-                                    ts.state_shardings(model_cls, cfg, tx, mesh, rules).opt_state)
+    _, abstract = training.abstract_model(model_cls, cfg)
+    tx = training.make_optimizer(optim, abstract)
+    full_opt = plan_lib.shard_bytes(training.abstract_train_state(abstract, tx).opt_state,
+                                    training.state_shardings(model_cls, cfg, tx, mesh, rules).opt_state)
     base = nnx.to_pure_dict(abstract)
     n_base = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(base))
     n_lora = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(lora_lib.adapter_shapes(base, lcfg)))

@@ -53,25 +53,24 @@ def measure(v: int, m: int) -> dict:
     import jax
 
     import tformer
-    from tformer import sharding as shd
-    from tformer import training as ts
+    from tformer import sharding, training
 
     cfg = tformer.ModelConfig(vocab_size=512, d_model=FLAGS.d_model, num_heads=4, num_layers=FLAGS.layers,
                               max_len=FLAGS.seq_len, scan_layers=True)
-    optim = ts.OptimizerConfig(total_steps=10)
-    mesh = shd.make_mesh({"stage": FLAGS.stages}, devices=jax.devices()[: FLAGS.stages])
-    rules = shd.rules_for("dp")
-    graphdef, abstract = ts.abstract_model(tformer.DecoderLM, cfg)
-    tx = ts.make_optimizer(optim, abstract)
-    state_sh = ts.state_shardings(tformer.DecoderLM, cfg, tx, mesh, rules)
+    optim = training.OptimizerConfig(total_steps=10)
+    mesh = sharding.make_mesh({"stage": FLAGS.stages}, devices=jax.devices()[: FLAGS.stages])
+    rules = sharding.rules_for("dp")
+    graphdef, abstract = training.abstract_model(tformer.DecoderLM, cfg)
+    tx = training.make_optimizer(optim, abstract)
+    state_sh = training.state_shardings(tformer.DecoderLM, cfg, tx, mesh, rules)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         ts.abstract_train_state(abstract, tx), state_sh)
+                         training.abstract_train_state(abstract, tx), state_sh)
     rows = FLAGS.batch if FLAGS.microbatch_rows is None else FLAGS.microbatch_rows * m
     tok = jax.ShapeDtypeStruct((rows, FLAGS.seq_len), jax.numpy.int32)
     batch = {"inputs": tok, "targets": tok}
-    batch_sh = ts.batch_sharding(mesh, rules, batch)
+    batch_sh = training.batch_sharding(mesh, rules, batch)
     kw = {} if v == 1 else {"virtual_stages": v}  # V = 1 also runs on code that predates virtual stages
-    step = ts.make_train_step(graphdef, tx, optim, mesh=mesh, rules=rules, state_sharding=state_sh,
+    step = training.make_train_step(graphdef, tx, optim, mesh=mesh, rules=rules, state_sharding=state_sh,
                               batch_sharding=batch_sh, microbatches=m, **kw)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
@@ -88,17 +87,15 @@ def ring(n: int = 8) -> None:
     import numpy as np
 
     import tformer
-    from tformer import ring_attention
-    from tformer import sharding as shd
-    from tformer import training as ts
+    from tformer import ring_attention, sharding, training
 
     t, heads, head_dim = FLAGS.ring_len, 2, 32
     pos = np.arange(t, dtype=np.int32)[None]
     layouts = {"consecutive": np.arange(t), "zigzag": ring_attention.zigzag_order(t, n)}
     c = t // n // 2  # a block: half a device's slots
     block_flops = 4 * heads * c * c * head_dim  # scores and probabilities x values, forward
-    mesh = shd.make_mesh({"sequence": n}, devices=jax.devices()[:n])
-    rules, optim = shd.rules_for("dp"), ts.OptimizerConfig(total_steps=10)
+    mesh = sharding.make_mesh({"sequence": n}, devices=jax.devices()[:n])
+    rules, optim = sharding.rules_for("dp"), training.OptimizerConfig(total_steps=10)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 256, (1, t + 1)).astype(np.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
@@ -107,9 +104,9 @@ def ring(n: int = 8) -> None:
         blocks = ring_attention.computed_blocks(tformer.attention.Masking(q_pos=pos[:, order], k_pos=pos[:, order]), n)
         cfg = tformer.ModelConfig(vocab_size=256, d_model=heads * head_dim, num_heads=heads, num_layers=1, max_len=t,
                                   positions="rope", sequence_layout=name, attention="einsum")
-        graphdef, tx, state, state_sh = ts.create_train_state(tformer.DecoderLM, cfg, optim, 0, mesh, rules)
-        batch_sh = ts.batch_sharding(mesh, rules, batch)
-        steps[name] = ts.make_train_step(graphdef, tx, optim, mesh=mesh, rules=rules, state_sharding=state_sh,
+        graphdef, tx, state, state_sh = training.create_train_state(tformer.DecoderLM, cfg, optim, 0, mesh, rules)
+        batch_sh = training.batch_sharding(mesh, rules, batch)
+        steps[name] = training.make_train_step(graphdef, tx, optim, mesh=mesh, rules=rules, state_sharding=state_sh,
                                          batch_sharding=batch_sh, donate=False)
         states[name] = state
         put = jax.device_put(batch, batch_sh)

@@ -88,19 +88,23 @@ def run(shape: tuple | None, microbatches: int | None, kind: str, virtual_stages
     return _run(shape, microbatches, kind, virtual_stages, cfg)
 
 
+def _train_setup(model_cls, cfg, batches, shape, microbatches, virtual_stages=1):
+    """(state, jitted step, batch placement) for `model_cls` on the mesh `shape` (None: one device)."""
+    mesh = None if shape is None else mesh_of(dict(shape))
+    graphdef, tx, state, state_sh = ts.create_train_state(model_cls, cfg, OPT, 0, mesh,
+                                                          None if mesh is None else RULES)
+    if mesh is None:
+        return state, ts.make_train_step(graphdef, tx, OPT), (lambda b: b)
+    batch_sh = ts.batch_sharding(mesh, RULES, batches[0])
+    step = ts.make_train_step(graphdef, tx, OPT, mesh=mesh, rules=RULES, state_sharding=state_sh,
+                              batch_sharding=batch_sh, microbatches=microbatches, virtual_stages=virtual_stages)
+    return state, step, functools.partial(jax.device_put, device=batch_sh)
+
+
 @functools.cache
 def _run(shape, microbatches, kind, virtual_stages, cfg):
     batches = BATCHES[kind]()
-    mesh = None if shape is None else mesh_of(dict(shape))
-    graphdef, tx, state, state_sh = ts.create_train_state(tformer.DecoderLM, cfg, OPT, 0, mesh,
-                                                          None if mesh is None else RULES)
-    if mesh is None:
-        step, put = ts.make_train_step(graphdef, tx, OPT), (lambda b: b)
-    else:
-        batch_sh = ts.batch_sharding(mesh, RULES, batches[0])
-        step = ts.make_train_step(graphdef, tx, OPT, mesh=mesh, rules=RULES, state_sharding=state_sh,
-                                  batch_sharding=batch_sh, microbatches=microbatches, virtual_stages=virtual_stages)
-        put = functools.partial(jax.device_put, device=batch_sh)
+    state, step, put = _train_setup(tformer.DecoderLM, cfg, batches, shape, microbatches, virtual_stages)
     compiled = step.lower(state, put(batches[0])).compile()
     losses = []
     for b in batches:
@@ -405,16 +409,7 @@ def s2s_batches(seed=2):
 @functools.cache
 def run_s2s(shape: tuple | None, microbatches: int | None):
     batches = s2s_batches()
-    mesh = None if shape is None else mesh_of(dict(shape))
-    graphdef, tx, state, state_sh = ts.create_train_state(tformer.EncoderDecoder, S2S, OPT, 0, mesh,
-                                                          None if mesh is None else RULES)
-    if mesh is None:
-        step, put = ts.make_train_step(graphdef, tx, OPT), (lambda b: b)
-    else:
-        batch_sh = ts.batch_sharding(mesh, RULES, batches[0])
-        step = ts.make_train_step(graphdef, tx, OPT, mesh=mesh, rules=RULES, state_sharding=state_sh,
-                                  batch_sharding=batch_sh, microbatches=microbatches)
-        put = functools.partial(jax.device_put, device=batch_sh)
+    state, step, put = _train_setup(tformer.EncoderDecoder, S2S, batches, shape, microbatches)
     losses = []
     for b in batches:
         state, m = step(state, put(b))

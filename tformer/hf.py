@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
+from tformer import families
 from tformer.config import ModelConfig
 from tformer.layers import DTYPE
 from tformer.models import DecoderLM
@@ -611,8 +612,10 @@ def save_hf_checkpoint(model: DecoderLM, path: str | Path) -> Path:
     """
     from safetensors.numpy import save_file
 
-    if not isinstance(model, DecoderLM):
-        raise ValueError(f"save_hf_checkpoint needs a DecoderLM, got {type(model).__name__}")
+    family = families.of_model(model)
+    if not family.hf_causal_lm:
+        raise ValueError(f"save_hf_checkpoint: the {family.name} family ({type(model).__name__}) has no Hugging Face "
+                         f"causal-LM counterpart; export a DecoderLM (model.kind='lm')")
     cfg = model.cfg
     hf = config_to_hf(cfg)
     params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
