@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-import types
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -31,7 +30,7 @@ from ml_collections import ConfigDict
 from experiments import corpora, finetune, run_config
 from experiments import input_pipeline as ip
 from experiments.metrics import QuietLibraries, atomic_write
-from experiments.tasks import build_task
+from experiments.tasks import build_task, evaluate
 from tformer import lora, sharding
 from tformer import training as ts
 from tformer.checkpoint import CheckpointError
@@ -65,9 +64,7 @@ def _task(config: ConfigDict, workdir: Path, data: str | None):
 
 def evaluate_run(workdir: str | Path, data: str | None = None, step: int | None = None,
                  eval_batches: int | None = None) -> dict:
-    """The runner's eval (`train.evaluate`) of a checkpoint, on the run's mesh and its validation data."""
-    from experiments.train import evaluate
-
+    """The runner's eval (`tasks.evaluate`) of a checkpoint, on the run's mesh and its validation data."""
     workdir = Path(workdir)
     meta = finetune.read_run(workdir)
     config = ConfigDict(meta["config"])
@@ -89,10 +86,7 @@ def evaluate_run(workdir: str | Path, data: str | None = None, step: int | None 
     batch_sh = ts.batch_sharding(mesh, rules, next(ip.eval_batches(task.valid, bs)))
     eval_fn = ts.make_eval_step(graphdef, o, mesh=mesh, rules=rules, params_sharding=params_sh,
                                 batch_sharding=batch_sh, microbatches=config.mesh.microbatches or None)
-    run = types.SimpleNamespace(config=config, task=task, eval_fn=eval_fn, batch_sh=batch_sh,
-                                state=types.SimpleNamespace(params=params),
-                                model=lambda: nnx.merge(graphdef, lora.merged(params)))
-    return evaluate(run)
+    return evaluate(task, config, eval_fn, params, batch_sh, lambda: nnx.merge(graphdef, lora.merged(params)))
 
 
 def main(argv):

@@ -8,6 +8,8 @@ A run's task follows its model family (`tformer.families`): "lm" reads text
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -87,3 +89,28 @@ def check_sample_prompts(config: ConfigDict, task: Task, max_len: int) -> None:
                                                                     config.train.num_samples), max_len)
     except ValueError as e:
         raise ValueError(f"config.train.sample_prompts: {e}") from None
+
+
+def evaluate(task: Task, config: ConfigDict, eval_fn: Callable, params, batch_shardings: dict,
+             model: Callable[[], object]) -> dict:
+    """Mean loss / accuracy over `train.eval_batches` validation batches, plus perplexity and bits per byte
+    (LM) or exact match and BLEU (seq2seq). `eval_fn(params, batch)` gives the summed NLL / weights /
+    correct of a global batch (tformer.training.make_eval_step); `model()` the merged model, for decoding."""
+    t = config.train
+    bs = t.eval_batch_size or t.batch_size
+    sums = None
+    batches = input_pipeline.eval_batches(task.valid, bs, jax.process_index(), jax.process_count())
+    for _, batch in zip(range(t.eval_batches), batches):
+        s = eval_fn(params, input_pipeline.global_batch(batch, batch_shardings, bs))
+        sums = s if sums is None else jax.tree.map(lambda a, b: a + b, sums, s)
+    sums = jax.tree.map(float, sums)
+    w = max(sums["weight_sum"], 1.0)
+    out = {"loss": sums["nll_sum"] / w, "accuracy": sums["correct_sum"] / w}
+    if task.name == "lm":
+        out["perplexity"] = math.exp(min(out["loss"], 50.0))
+        out["bits_per_byte"] = input_pipeline.bits_per_byte(sums["nll_sum"], sums["weight_sum"], task.valid)
+    else:
+        d = config.data
+        out.update(decode.translation_scores(model(), task.tokenizer, task.valid_pairs[: t.eval_decode_examples],
+                                             d.src_len, d.tgt_len, t.beam_size))
+    return out

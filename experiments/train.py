@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -57,6 +56,7 @@ from ml_collections import ConfigDict, config_flags
 from experiments import decode, finetune, input_pipeline, planning, processes, profiling, run_config
 from experiments.metrics import MetricWriter, QuietLibraries, atomic_write, plot_loss
 from experiments.tasks import Task, check_sample_prompts, load_task
+from experiments.tasks import evaluate as evaluate_task
 from experiments.workdir import WorkdirLock, prepare_workdir, restore_latest
 from tformer import families, flops, host, lora, sharding, training
 from tformer.checkpoint import Checkpointer, CheckpointError
@@ -176,26 +176,8 @@ def save_checkpoint(run: Run, step: int) -> None:
 
 
 def evaluate(run: Run) -> dict:
-    """Mean loss / accuracy over `train.eval_batches` validation batches, plus perplexity and bits per byte
-    (LM) or exact match and BLEU (seq2seq)."""
-    t, task = run.config.train, run.task
-    bs = t.eval_batch_size or t.batch_size
-    sums = None
-    batches = input_pipeline.eval_batches(task.valid, bs, jax.process_index(), jax.process_count())
-    for _, batch in zip(range(t.eval_batches), batches):
-        s = run.eval_fn(run.state.params, input_pipeline.global_batch(batch, run.batch_sh, bs))
-        sums = s if sums is None else jax.tree.map(lambda a, b: a + b, sums, s)
-    sums = jax.tree.map(float, sums)
-    w = max(sums["weight_sum"], 1.0)
-    out = {"loss": sums["nll_sum"] / w, "accuracy": sums["correct_sum"] / w}
-    if task.name == "lm":
-        out["perplexity"] = math.exp(min(out["loss"], 50.0))
-        out["bits_per_byte"] = input_pipeline.bits_per_byte(sums["nll_sum"], sums["weight_sum"], task.valid)
-    else:
-        d = run.config.data
-        out.update(decode.translation_scores(run.model(), task.tokenizer, task.valid_pairs[: t.eval_decode_examples],
-                                             d.src_len, d.tgt_len, t.beam_size))
-    return out
+    """The run's eval (`tasks.evaluate`) of its current parameters."""
+    return evaluate_task(run.task, run.config, run.eval_fn, run.state.params, run.batch_sh, run.model)
 
 
 def _fmt(d: dict) -> str:
