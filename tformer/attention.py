@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -164,11 +165,12 @@ def _banded_attention(q, k, v, masking: Masking, rate, rng, topk=None, threshold
     n = -(-t // c)
     pad = n * c - t
 
-    def blocks(x):  # [B, T, ...] -> [B * n, c, ...], zero-padded at the end
+    def blocks(x: jax.Array) -> jax.Array:  # [B, T, ...] -> [B * n, c, ...], zero-padded at the end
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         return x.reshape((b * n, c) + x.shape[2:])
 
-    def with_prev(x):  # [B * n, c, ...] -> [B * n, 2c, ...]: previous block (zeros before the first), then own
+    # [B * n, c, ...] -> [B * n, 2c, ...]: previous block (zeros before the first), then own
+    def with_prev(x: jax.Array) -> jax.Array:
         if n == 1:  # window >= T: one block holds every key
             return x
         x = x.reshape((b, n) + x.shape[1:])
@@ -288,7 +290,7 @@ def attend(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, masking: Mas
                                None if masking.k_seg is None else tuple(masking.k_seg.shape),
                                masking.q_seg is masking.k_seg), cache, tuple(impls.items()), rate, topk, threshold))
 
-    def branch(impl):
+    def branch(impl: str) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
         return lambda q, k, v: _attend_with(impl, q, k, v, masking, rate, rng, topk, threshold,
                                             q_offset if cache else None)
 

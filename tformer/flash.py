@@ -210,7 +210,7 @@ def _at_cache_slots(q_bthd, masking, q_offset, cache_len: int, seg_q_bt):
     q = jax.lax.dynamic_update_slice(jnp.zeros((b, cache_len, h, d), q_bthd.dtype), q_bthd, (0, q_offset, 0, 0))
     full = dataclasses.replace(masking, q_seg=seg_q_bt(q_offset, t))
 
-    def take_rows(o_bshd):
+    def take_rows(o_bshd: jax.Array) -> jax.Array:
         return jax.lax.dynamic_slice_in_dim(o_bshd, q_offset, t, axis=1)
 
     return q, full, take_rows
@@ -224,7 +224,7 @@ def splash_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, ma
     """
     take_rows = None
     if q_offset is not None:
-        def seg_rows(offset, t):
+        def seg_rows(offset: jax.Array, t: int) -> jax.Array:
             q_seg = jnp.ones(q_bthd.shape[:2], jnp.int32) if masking.q_seg is None else masking.q_seg
             return jax.lax.dynamic_update_slice(jnp.zeros_like(masking.k_seg, jnp.int32), q_seg, (0, offset))
 
@@ -235,13 +235,14 @@ def splash_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, ma
     window = masking.window if masking.causal else None
     kernel = _splash_kernel(h, q.shape[1], k.shape[1], masking.causal, window, interpret)
 
-    def one_row(q_htd, k_hsd, v_hsd, seg_q, seg_kv):
+    def one_row(q_htd: jax.Array, k_hsd: jax.Array, v_hsd: jax.Array, seg_q: jax.Array | None,
+                seg_kv: jax.Array | None) -> jax.Array:
         from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
 
         ids = None if seg_q is None else SegmentIds(seg_q, seg_kv)
         return kernel(q_htd, k_hsd, v_hsd, segment_ids=ids)
 
-    def run(q, k, v, segs):
+    def run(q: jax.Array, k: jax.Array, v: jax.Array, segs: tuple[jax.Array, jax.Array] | None) -> jax.Array:
         heads_first = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
         seg_q, seg_kv = (None, None) if segs is None else segs
         return jnp.swapaxes(jax.vmap(one_row)(*heads_first, seg_q, seg_kv), 1, 2)
@@ -272,7 +273,7 @@ def triton_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, ma
     k, v = (jnp.repeat(x, g, axis=2) if g > 1 else x for x in (k_bskd, v_bskd))  # GQA: one K/V head per query head
     q, k, v, segs = _kernel_inputs(q_bthd, k, v, masking, masking.causal)
 
-    def run(q, k, v, segs):
+    def run(q: jax.Array, k: jax.Array, v: jax.Array, segs: tuple[jax.Array, jax.Array] | None) -> jax.Array:
         seg = None if segs is None else segs[0]
         return gpu_attention.mha(q, k, v, seg, sm_scale=1.0 / math.sqrt(d), causal=masking.causal,
                                  interpret=interpret)
@@ -303,7 +304,7 @@ def _per_shard(run, q, k, v, segs):
     if not free:
         return run(q, k, v, segs)
 
-    def spec(axes):
+    def spec(axes: tuple[str | None, ...]) -> P:
         s = shd.logical_to_spec(axes, rules, mesh)
         return P(*(shd._without(t, manual) if t is not None else None for t in s))
 

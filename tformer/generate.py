@@ -33,6 +33,7 @@ from jax.sharding import Mesh
 from jax.typing import ArrayLike
 
 from tformer import sharding as shd
+from tformer.kvcache import KVCache
 
 
 def _is_int(x) -> bool:
@@ -260,12 +261,12 @@ def _prefill(model, inputs: tuple, decode: Decode) -> Prefilled:
     layers = model.decode_layers()  # unstacked once, outside the loop
     logits, cache = model.extend(prompt, cache, valid, layers)
 
-    def step(tokens_b, cache, visible):
+    def step(tokens_b: jax.Array, cache: KVCache, visible: int | None) -> tuple[jax.Array, KVCache]:
         logits, cache = model.extend(tokens_b[:, None], cache, None, layers, visible=visible)
         return logits[:, 0], cache
 
-    def reorder(cache, rows, visible):
-        def take(x):  # only the slots this phase can have filled
+    def reorder(cache: KVCache, rows: jax.Array, visible: int) -> KVCache:
+        def take(x: jax.Array) -> jax.Array:  # only the slots this phase can have filled
             return x[rows] if x.ndim == 1 or visible >= x.shape[1] else x.at[:, :visible].set(x[rows, :visible])
 
         return dataclasses.replace(cache, k=jax.tree.map(take, cache.k), v=jax.tree.map(take, cache.v),
@@ -273,7 +274,7 @@ def _prefill(model, inputs: tuple, decode: Decode) -> Prefilled:
                                    next_pos=take(cache.next_pos))
 
     # Step s feeds token s and writes slot p + s (see decode_phases).
-    def phases(steps):
+    def phases(steps: int) -> list[tuple[int, int, int]]:
         return decode_phases(prompt.shape[1], steps + 1, decode.cache_len, decode.chunk)
 
     return Prefilled(logits[:, -1], cache, step, reorder, phases)
@@ -291,7 +292,7 @@ def _generate(graphdef, state, inputs, rng, temperature, top_p, *, prefill: Pref
         model = nnx.merge(graphdef, state)
         vocab = model.cfg.vocab_size  # sample real ids only: -1e9 / temperature is not -inf
 
-        def pick(logits_bv, key):
+        def pick(logits_bv: jax.Array, key: jax.Array) -> jax.Array:
             logits_bv = logits_bv[:, :vocab]
             if greedy:
                 return jnp.argmax(logits_bv.astype(jnp.float32), axis=-1).astype(jnp.int32)
@@ -307,13 +308,13 @@ def _sample_loop(run: Prefilled, pick, rng, decode: Decode, pad_id: int) -> Gene
     first = pick(run.logits_bv, keys[0])
     out = jnp.full((first.shape[0], n), pad_id, jnp.int32).at[:, 0].set(first)
 
-    def phase(hi, visible):
+    def phase(hi: int, visible: int | None) -> tuple[Callable[[tuple], jax.Array], Callable[[tuple], tuple]]:
         # Steps until `hi` or until every row has emitted EOS: an early end costs no more steps.
-        def running(carry):
+        def running(carry: tuple) -> jax.Array:
             i, _, _, done, _ = carry
             return (i < hi) & ~jnp.all(done)
 
-        def step(carry):
+        def step(carry: tuple) -> tuple:
             i, tok, state, done, out = carry
             logits_bv, state = run.step(tok, state, visible)
             nxt = jnp.where(done, pad_id, pick(logits_bv, keys[1 + i]))
@@ -397,7 +398,7 @@ def _beam_loop(run: Prefilled, cfg, b: int, decode: Decode, beam: int, alpha: fl
     n, eos_id, pad_id, v = decode.max_new_tokens, decode.eos_id, cfg.pad_id, cfg.vocab_size
     neg = jnp.float32(-1e9)
 
-    def step(carry, visible):
+    def step(carry: tuple, visible: int | None) -> tuple:
         i, logits, state, alive_seq, alive_lp, fin_seq, fin_score = carry
         logp = jax.nn.log_softmax(logits[:, :v].astype(jnp.float32), axis=-1).reshape(b, beam, v)
         cand = (alive_lp[:, :, None] + logp).reshape(b, beam * v)
@@ -420,7 +421,7 @@ def _beam_loop(run: Prefilled, cfg, b: int, decode: Decode, beam: int, alpha: fl
         logits, state = run.step(jnp.take_along_axis(tok, idx, axis=1).reshape(-1), state, visible)
         return i + 1, logits, state, alive_seq, alive_lp, fin_seq, fin_score
 
-    def running(carry, hi):
+    def running(carry: tuple, hi: int) -> jax.Array:
         i, _, _, _, alive_lp, _, fin_score = carry
         return (i < hi) & ~jnp.all(_settled(alive_lp, fin_score, i, n, alpha))
 

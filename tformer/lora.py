@@ -88,7 +88,7 @@ def _target_paths(base: dict, lcfg: LoraConfig) -> list[tuple[str, ...]]:
     """Paths (dict keys) of the weights to adapt; a target naming no weight fails."""
     wanted, found = lcfg.names(), []
 
-    def walk(tree, path):
+    def walk(tree: dict, path: tuple[str, ...]) -> None:
         for k, v in tree.items():
             if isinstance(v, dict):
                 walk(v, path + (k,))
@@ -141,7 +141,7 @@ def init_adapters(base: dict, lcfg: LoraConfig, key: jax.Array) -> dict:
     shapes = adapter_shapes(base, lcfg)
     keys = iter(jax.random.split(key, len(jax.tree.leaves(shapes))))
 
-    def make(path, s):
+    def make(path: tuple[jax.tree_util.DictKey, ...], s: jax.ShapeDtypeStruct) -> jax.Array:
         k = next(keys)
         if path[-1].key == "b":
             return jnp.zeros(s.shape, s.dtype)
@@ -164,7 +164,7 @@ def merged(params: dict) -> dict:
     base, scale = params["base"], params["scale"]
     out = jax.tree.map(lambda x: x, base)  # a new tree sharing the leaves
 
-    def fold(tree, path):
+    def fold(tree: dict, path: tuple[str, ...]) -> None:
         for k, v in tree.items():
             if isinstance(v, dict) and set(v) == {"a", "b"}:
                 w = _get(base, path + (k,))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from collections.abc import Callable
 from typing import ClassVar
 
 import jax
@@ -110,7 +111,12 @@ class LayerCache:
     visible: int | None = None
 
 
-def run_layers(graphdef, state, x, fn, cfg: ModelConfig, rng=None, first_layer=0):
+# fn(block_i, x, rng_i) -> x: one layer of a stack, with its dropout key (None = no dropout).
+LayerFn = Callable[[Block, jax.Array, jax.Array | None], jax.Array]
+
+
+def run_layers(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, fn: LayerFn, cfg: ModelConfig,
+               rng: jax.Array | None = None, first_layer: int | jax.Array = 0) -> jax.Array:
     """x <- fn(block_i, x, rng_i) for each of the stacked layers in `state` (leading `layers` axis).
 
     The one stack body: scanned (`cfg.scan_layers`) or unrolled, rematerialised
@@ -119,7 +125,7 @@ def run_layers(graphdef, state, x, fn, cfg: ModelConfig, rng=None, first_layer=0
     stack would.
     """
 
-    def body(x, inp):
+    def body(x: jax.Array, inp: tuple[nnx.State, jax.Array]) -> tuple[jax.Array, None]:
         layer_state, i = inp
         return fn(nnx.merge(graphdef, layer_state), x, fold(rng, i)), None
 
@@ -142,7 +148,7 @@ class Stack(nnx.Module):
 
         # nnx.vmap adds the leading `layers` axis to every weight's sharding metadata.
         @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make(key):
+        def make(key: jax.Array) -> Block:
             return Block(cfg, rngs=nnx.Rngs(key), cross=cross, encoder=encoder)
 
         self.layers = make(jax.random.split(rngs.params(), n))
@@ -158,14 +164,14 @@ class Stack(nnx.Module):
         return [nnx.merge(graphdef, jax.tree.map(operator.itemgetter(i), state)) for i in range(self.n)]
 
 
-def positions_or_default(tokens_bt, positions_bt):
+def positions_or_default(tokens_bt: jax.Array, positions_bt: jax.Array | None) -> jax.Array:
     if positions_bt is not None:
         return positions_bt
     b, t = tokens_bt.shape
     return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
 
-def check_tokens(tokens, cfg: ModelConfig, name: str = "tokens") -> None:
+def check_tokens(tokens: jax.Array, cfg: ModelConfig, name: str = "tokens") -> None:
     """Shape, length and (when the values are concrete, not traced inside jit) the id range."""
     if tokens.ndim != 2:
         raise ValueError(f"{name} must be [batch, length], got shape {tokens.shape}")
@@ -221,7 +227,7 @@ class _Transformer(nnx.Module):
         """
         x = dropout(self.embed.encode(tokens_bt, pos_bt), self.cfg.dropout, fold(rng, 0))
         if cache is None:
-            def run_block(blk, x, r):
+            def run_block(blk: Block, x: jax.Array, r: jax.Array | None) -> jax.Array:
                 return blk(x, masking, enc_bsd=enc_bsd, cross_masking=cross_masking, rng=r)
 
             return self._head(self.decoder_stack(x, run_block, fold(rng, 1))), None
@@ -235,8 +241,8 @@ class _Transformer(nnx.Module):
             vs.append(v)
         return self._head(x), dataclasses.replace(cache, k=tuple(ks), v=tuple(vs))
 
-    def extend(self, tokens_bt, cache: KVCache, valid_bt=None, layers: list[Block] | None = None,
-               visible: int | None = None):
+    def extend(self, tokens_bt: jax.Array, cache: KVCache, valid_bt: jax.Array | None = None,
+               layers: list[Block] | None = None, visible: int | None = None):
         """Run T new tokens against the cache: (logits [B, T, V], new cache).
 
         `valid_bt` marks real tokens (False = left padding of a short prompt).
@@ -293,7 +299,7 @@ class DecoderLM(_Transformer):
         masking = self_masking(pos, segment_ids, self.cfg, causal=True, default_positions=positions is None)
         return self._decoder(tokens_bt, pos, masking, rng=dropout_rng)[0]
 
-    def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
+    def init_cache(self, batch: int, length: int, dtype: jnp.dtype | None = None) -> KVCache:
         return self._empty_cache(batch, length, dtype)
 
 
@@ -325,7 +331,8 @@ class EncoderDecoder(_Transformer):
             return src_segment_ids
         return (src_bs != self.cfg.pad_id).astype(jnp.int32)
 
-    def encode(self, src_bs, *, src_segment_ids=None, src_positions=None, dropout_rng=None):
+    def encode(self, src_bs: jax.Array, *, src_segment_ids: jax.Array | None = None,
+               src_positions: jax.Array | None = None, dropout_rng: jax.Array | None = None) -> jax.Array:
         """Encoder output [B, S, D]; every source position in one pass.
 
         Source padding is `pad_id` unless `src_segment_ids` says otherwise.
@@ -336,7 +343,7 @@ class EncoderDecoder(_Transformer):
         pos = positions_or_default(src_bs, src_positions)
         masking = self_masking(pos, seg, cfg, causal=False)
 
-        def run_block(blk, x, r):
+        def run_block(blk: Block, x: jax.Array, r: jax.Array | None) -> jax.Array:
             return blk(x, masking, rng=r)
 
         x = dropout(self.embed.encode(src_bs, pos), cfg.dropout, fold(dropout_rng, 0))
@@ -361,7 +368,8 @@ class EncoderDecoder(_Transformer):
         return self._decoder(tgt_inputs_bt, pos, masking, enc_bsd=enc, cross_masking=cross,
                              rng=fold(dropout_rng, 1))[0]
 
-    def init_cache(self, src_bs, length: int, *, src_segment_ids=None, dtype=None) -> KVCache:
+    def init_cache(self, src_bs: jax.Array, length: int, *, src_segment_ids: jax.Array | None = None,
+                   dtype: jnp.dtype | None = None) -> KVCache:
         """Encode the source once and precompute every layer's cross-attention K/V."""
         enc = self.encode(src_bs, src_segment_ids=src_segment_ids)
         src_seg = self._src_segments(src_bs, src_segment_ids)

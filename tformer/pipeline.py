@@ -49,7 +49,7 @@ from tformer import families
 from tformer import sharding as shd
 from tformer.attention import Masking, self_masking
 from tformer.layers import dropout, fold
-from tformer.models import Stack, check_tokens, positions_or_default, run_layers
+from tformer.models import DecoderLM, EncoderDecoder, Stack, check_tokens, positions_or_default, run_layers
 
 AXIS = "stage"
 
@@ -108,8 +108,8 @@ def _merge_microbatches(a: jax.Array) -> jax.Array:
 LayerFn = Callable[[nnx.Module, jax.Array, dict, jax.Array | None], jax.Array]
 
 
-def run_blocks(stack: Stack, x_mbtd: jax.Array, side: dict, layer_fn: LayerFn, *, mesh: Mesh, rng=None,
-               virtual_stages: int = 1) -> jax.Array:
+def run_blocks(stack: Stack, x_mbtd: jax.Array, side: dict, layer_fn: LayerFn, *, mesh: Mesh,
+               rng: jax.Array | None = None, virtual_stages: int = 1) -> jax.Array:
     """`stack`'s layers as the pipeline schedule: [M, b, T, D] microbatches in, same shape out.
 
     `side`: per-microbatch inputs of the layers ([M, ...] arrays: positions,
@@ -129,12 +129,13 @@ def run_blocks(stack: Stack, x_mbtd: jax.Array, side: dict, layer_fn: LayerFn, *
     to_f32 = jax.tree.map(lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a,
                           (x_mbtd, side))
 
-    def stage_program(groups, inputs):
+    def stage_program(groups: nnx.State, inputs: tuple[jax.Array, dict]) -> jax.Array:
         x_all, side = jax.tree.map(lambda a, d: a.astype(d), inputs, dtypes)
         s = jax.lax.axis_index(AXIS)
         ring = [(i, (i + 1) % stages) for i in range(stages)]
 
-        def tick(carry, t):
+        def tick(carry: tuple[jax.Array, jax.Array, jax.Array], t: jax.Array
+                 ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], None]:
             incoming, buf, out = carry
             u = t - s  # this stage's unit: microbatch u mod M on repeat u // M (idle outside [0, V M))
             i, r = u % m, jnp.clip(u // m, 0, v - 1)
@@ -161,8 +162,9 @@ def run_blocks(stack: Stack, x_mbtd: jax.Array, side: dict, layer_fn: LayerFn, *
     return run(groups, to_f32)[stages - 1].astype(x_mbtd.dtype)
 
 
-def logits_and_targets(model, batch: dict, dropout_rng=None, *, mesh: Mesh, microbatches: int | None = None,
-                       virtual_stages: int = 1):
+def logits_and_targets(model: nnx.Module, batch: dict, dropout_rng: jax.Array | None = None, *, mesh: Mesh,
+                       microbatches: int | None = None, virtual_stages: int = 1
+                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`tformer.batch.logits_and_targets` with the blocks run as a pipeline (both stacks of an EncoderDecoder)."""
     family = families.of_model(model)
     if "stage" not in family.mesh_axes:
@@ -188,8 +190,9 @@ def _check_batch(b: int, microbatches: int) -> None:
         raise ValueError(f"batch size {b} is not divisible by mesh.microbatches={microbatches}")
 
 
-def decoder_logits(model, tokens_bt, *, positions=None, segment_ids=None, dropout_rng=None,
-                   mesh: Mesh, microbatches: int, virtual_stages: int = 1):
+def decoder_logits(model: DecoderLM, tokens_bt: jax.Array, *, positions: jax.Array | None = None,
+                   segment_ids: jax.Array | None = None, dropout_rng: jax.Array | None = None,
+                   mesh: Mesh, microbatches: int, virtual_stages: int = 1) -> jax.Array:
     """`DecoderLM.__call__` with the blocks run as a pipeline over `mesh`'s `stage` axis."""
     cfg = model.cfg
     check_tokens(tokens_bt, cfg)
@@ -203,7 +206,7 @@ def decoder_logits(model, tokens_bt, *, positions=None, segment_ids=None, dropou
         side["seg"] = split(segment_ids, microbatches)
     plain = positions is None
 
-    def layer_fn(blk, x, side_i, rng):
+    def layer_fn(blk: nnx.Module, x: jax.Array, side_i: dict, rng: jax.Array | None) -> jax.Array:
         masking = self_masking(side_i["pos"], side_i.get("seg"), cfg, causal=True, default_positions=plain)
         return blk(x, masking, rng=rng)
 
@@ -212,8 +215,10 @@ def decoder_logits(model, tokens_bt, *, positions=None, segment_ids=None, dropou
     return _head(model, y, mesh)
 
 
-def encoder_decoder_logits(model, src_bs, tgt_inputs_bt, *, src_segment_ids=None, tgt_segment_ids=None,
-                           dropout_rng=None, mesh: Mesh, microbatches: int, virtual_stages: int = 1):
+def encoder_decoder_logits(model: EncoderDecoder, src_bs: jax.Array, tgt_inputs_bt: jax.Array, *,
+                           src_segment_ids: jax.Array | None = None, tgt_segment_ids: jax.Array | None = None,
+                           dropout_rng: jax.Array | None = None, mesh: Mesh, microbatches: int,
+                           virtual_stages: int = 1) -> jax.Array:
     """`EncoderDecoder.__call__` with both stacks run as pipelines: the encoder's layers over the stages, then
     the decoder's, each microbatch's encoder output feeding its cross-attention on every stage."""
     cfg = model.cfg
@@ -228,7 +233,7 @@ def encoder_decoder_logits(model, src_bs, tgt_inputs_bt, *, src_segment_ids=None
     src_pos = positions_or_default(src_bs, None)
     x = dropout(model.embed.encode(src_bs, src_pos), cfg.dropout, fold(enc_rng, 0))
 
-    def encoder_fn(blk, x, side_i, rng):
+    def encoder_fn(blk: nnx.Module, x: jax.Array, side_i: dict, rng: jax.Array | None) -> jax.Array:
         return blk(x, self_masking(side_i["pos"], side_i["seg"], cfg, causal=False), rng=rng)
 
     enc = run_blocks(model.encoder, split(x, m), {"pos": split(src_pos, m), "seg": split(src_seg, m)}, encoder_fn,
@@ -240,7 +245,7 @@ def encoder_decoder_logits(model, src_bs, tgt_inputs_bt, *, src_segment_ids=None
     if tgt_segment_ids is not None:
         side["seg"] = split(tgt_segment_ids, m)
 
-    def decoder_fn(blk, x, side_i, rng):
+    def decoder_fn(blk: nnx.Module, x: jax.Array, side_i: dict, rng: jax.Array | None) -> jax.Array:
         masking = self_masking(side_i["pos"], side_i.get("seg"), cfg, causal=True)
         cross = Masking(q_pos=side_i["pos"], k_pos=jnp.zeros_like(side_i["src_seg"]), q_seg=side_i.get("seg"),
                         k_seg=side_i["src_seg"], causal=False)

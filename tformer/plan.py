@@ -40,6 +40,7 @@ from tformer import pipeline
 from tformer import sharding as shd
 from tformer import training as ts
 from tformer.config import ModelConfig
+from tformer.kvcache import KVCache
 from tformer.lora import LoraConfig
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
@@ -299,7 +300,7 @@ def plan_train_step(
     shapes = batch_shapes if batch_shapes is not None else batch_lib.abstract_batch(cfg.kind, batch, seq_len, src_len)
     batch_sh = ts.batch_sharding(mesh, rules, shapes)
 
-    def with_sharding(a, s):
+    def with_sharding(a: jax.ShapeDtypeStruct, s: NamedSharding) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
 
     state_in = jax.tree.map(with_sharding, abstract_state, state_sh)
@@ -437,13 +438,15 @@ def _attention_alone(call, platform: str, grads: bool) -> tuple[str, int]:
     segs = tuple(None if s is None else sds(s, np.int32) for s in (q_seg, k_seg))
     impl = call.impl(platform)
 
-    def attend(q, k, v, q_pos, k_pos, q_seg, k_seg):
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
+               q_seg: jax.Array | None, k_seg: jax.Array | None) -> jax.Array:
         masking = Masking(q_pos, k_pos, k_seg if same else q_seg, k_seg, call.causal, call.window, call.plain_causal)
         rng = jax.random.key(0) if call.rate > 0 else None
         offset = 0 if call.cache else None
         return _attend_with(impl, q, k, v, masking, call.rate, rng, call.topk, call.threshold, offset)
 
-    def fwd_bwd(q, k, v, *masks):
+    def fwd_bwd(q: jax.Array, k: jax.Array, v: jax.Array, *masks: jax.Array | None
+                ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, *masks), q, k, v)
         return out, vjp(out)
 
@@ -464,12 +467,12 @@ def _programs(model_cls, cfg: ModelConfig, optim, batch: int, seq_len: int, src_
     ints = functools.partial(jax.ShapeDtypeStruct, dtype=np.int32)
     src = ints((batch, src_len or seq_len)) if seq2seq else None
 
-    def prefill(model_state, tokens, src):
+    def prefill(model_state: nnx.State, tokens: jax.Array, src: jax.Array | None) -> tuple[jax.Array, KVCache]:
         model = nnx.merge(graphdef, model_state)
         cache = model.init_cache(src, seq_len) if seq2seq else model.init_cache(batch, seq_len)
         return model.extend(tokens, cache)
 
-    def decode(model_state, token, cache):
+    def decode(model_state: nnx.State, token: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         return nnx.merge(graphdef, model_state).extend(token, cache)
 
     model_state = nnx.state(nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0))))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,9 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from tformer import sharding as shd
+
+if TYPE_CHECKING:  # attention imports this module
+    from tformer.attention import Masking
 
 AXIS = "sequence"
 _NEG = -1e30  # as tformer.attention: fully masked rows stay finite (uniform), never NaN
@@ -120,7 +124,7 @@ def _ring(q_bthd, k_bskd, v_bskd, masks, *, n: int, rule):
     return jnp.moveaxis(o, 3, 1).reshape(b, t, h, d).astype(q_bthd.dtype)
 
 
-def computed_blocks(masking, n: int) -> list[int]:
+def computed_blocks(masking: Masking, n: int) -> list[int]:
     """Per device of an n-way ring: how many (query half, key half) blocks `_ring` computes (not skips).
 
     `masking`: concrete [B, T] positions / segments of the rows one device of
@@ -174,7 +178,8 @@ def to_layout(batch: dict, n: int) -> dict:
     return {k: v[:, order] if v.ndim == 2 and v.shape[1] == t else v for k, v in batch.items()}
 
 
-def attend(q_bthd, k_bskd, v_bskd, masking, mesh: Mesh | None = None) -> jax.Array:
+def attend(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, masking: Masking,
+           mesh: Mesh | None = None) -> jax.Array:
     """Exact attention of sequence-split Q against sequence-split K/V; output [B, T, H, D] split like Q."""
     mesh = mesh if mesh is not None else shd.active()[0]
     n = shd.axis_size(mesh, AXIS)
@@ -185,7 +190,7 @@ def attend(q_bthd, k_bskd, v_bskd, masking, mesh: Mesh | None = None) -> jax.Arr
             masks["q_seg"] = masking.q_seg
     seq = P(None, AXIS)
 
-    def program(q, k, v, masks):
+    def program(q: jax.Array, k: jax.Array, v: jax.Array, masks: dict[str, jax.Array]) -> jax.Array:
         return _ring(q, k, v, masks, n=n, rule=masking)
 
     inner = jax.sharding.get_abstract_mesh()

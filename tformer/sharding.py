@@ -118,7 +118,7 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules, mesh: Mesh | None 
             owner[t] = name
     spec = linen.logical_to_mesh_axes(tuple(axes), flax_rules(rules))
 
-    def keep(entry):
+    def keep(entry: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
         kept = tuple(t for t in _targets(entry) if mesh is None or mesh.shape.get(t, 1) > 1)
         return None if not kept else kept[0] if len(kept) == 1 else kept
 

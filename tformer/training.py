@@ -27,6 +27,7 @@ from tformer import pipeline, ring_attention
 from tformer import sharding as shd
 from tformer.config import ModelConfig
 
+PyTree = Any  # a nested structure of arrays (jax.tree)
 Params = dict  # nested dict of arrays (nnx.to_pure_dict of the model's Params)
 
 
@@ -91,7 +92,7 @@ def schedule(optim: OptimizerConfig) -> optax.Schedule:
 def decay_mask(abstract_state: nnx.State, optim: OptimizerConfig) -> Params:
     """True for weight matrices: >= 2 logical axes (layers excluded), optional embeddings."""
 
-    def decide(v):
+    def decide(v: nnx.Variable) -> bool:
         axes = [a for a in shd.param_axes(v) if a != "layers"]
         if len(axes) < 2:
             return False  # biases, norm scales
@@ -239,7 +240,7 @@ def create_train_state(model_cls: type[nnx.Module], cfg: ModelConfig, optim: Opt
     if params is not None:
         _check_params(params, nnx.to_pure_dict(abstract))
 
-    def init(given):
+    def init(given: Params | None) -> TrainState:
         p = nnx.to_pure_dict(nnx.state(model_cls(cfg, rngs=nnx.Rngs(seed)))) if given is None else given
         if lora is not None:
             p = lora_lib.lora_params(p, lora, jax.random.key(seed + 2))
@@ -258,7 +259,7 @@ def create_train_state(model_cls: type[nnx.Module], cfg: ModelConfig, optim: Opt
 
 def _check_params(given: Params, expected: Params) -> None:
     """Fail naming the first parameter whose path, shape or dtype differs from the model's."""
-    def flat(tree):
+    def flat(tree: Params) -> dict[str, jax.Array]:
         return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(tree)}
 
     got, want = flat(given), flat(expected)
@@ -275,12 +276,43 @@ def _check_params(given: Params, expected: Params) -> None:
 
 
 def _microbatches(batch: dict, k: int) -> dict:
-    def split(x):
+    def split(x: jax.Array) -> jax.Array:
         if x.shape[0] % k:
             raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum_steps={k}")
         return x.reshape((k, x.shape[0] // k) + x.shape[1:])
 
     return jax.tree.map(split, batch)
+
+
+def _summed_grads(graphdef: nnx.GraphDef, optim: OptimizerConfig, params: Params, trainable: Params, batch: dict,
+                  key: jax.Array, microbatches: int | None, virtual_stages: int) -> tuple[dict, Params]:
+    """(loss sums, gradients of the summed loss w.r.t. `trainable`) over the batch, accumulated over
+    `optim.grad_accum_steps` microbatches (scanned); microbatch i draws its dropout from fold(key, i)."""
+
+    def sums_and_grads(t: Params, mb: dict, i: int | jax.Array) -> tuple[dict, Params]:
+        rng = jax.random.fold_in(key, i)
+
+        def f(t: Params) -> tuple[jax.Array, dict]:
+            s = loss_sums(graphdef, lora_lib.with_trainable(params, t), mb, optim, rng, microbatches,
+                          virtual_stages)
+            return s["loss_sum"], s
+
+        (_, s), g = jax.value_and_grad(f, has_aux=True)(t)
+        return s, g
+
+    if optim.grad_accum_steps == 1:
+        return sums_and_grads(trainable, batch, 0)
+    mbs = _microbatches(batch, optim.grad_accum_steps)
+
+    def body(acc: tuple[dict, Params], inp: tuple[dict, jax.Array]) -> tuple[tuple[dict, Params], None]:
+        mb, i = inp
+        s, g = sums_and_grads(trainable, mb, i)
+        return jax.tree.map(jnp.add, acc, (s, g)), None
+
+    first = jax.tree.map(lambda x: x[0], mbs)
+    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: sums_and_grads(trainable, first, 0)))
+    (sums, grads), _ = jax.lax.scan(body, zero, (mbs, jnp.arange(optim.grad_accum_steps)))
+    return sums, grads
 
 
 def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, optim: OptimizerConfig, state: TrainState,
@@ -297,31 +329,8 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, optim: 
         # Gradients of the trainable leaves only (LoRA: the adapters; the base weights get none).
         trainable = lora_lib.trainable(state.params)
 
-        def sums_and_grads(t, mb, i):
-            rng = jax.random.fold_in(key, i)
-
-            def f(t):
-                s = loss_sums(graphdef, lora_lib.with_trainable(state.params, t), mb, optim, rng, microbatches,
-                              virtual_stages)
-                return s["loss_sum"], s
-
-            (_, s), g = jax.value_and_grad(f, has_aux=True)(t)
-            return s, g
-
-        if optim.grad_accum_steps == 1:
-            sums, grads = sums_and_grads(trainable, batch, 0)
-        else:
-            mbs = _microbatches(batch, optim.grad_accum_steps)
-
-            def body(acc, inp):
-                mb, i = inp
-                s, g = sums_and_grads(trainable, mb, i)
-                return jax.tree.map(jnp.add, acc, (s, g)), None
-
-            first = jax.tree.map(lambda x: x[0], mbs)
-            zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: sums_and_grads(trainable, first, 0)))
-            (sums, grads), _ = jax.lax.scan(body, zero, (mbs, jnp.arange(optim.grad_accum_steps)))
-
+        sums, grads = _summed_grads(graphdef, optim, state.params, trainable, batch, key, microbatches,
+                                    virtual_stages)
         denom = jnp.maximum(sums["weight_sum"], 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         grad_norm = optax.tree.norm(grads)
@@ -330,7 +339,7 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, optim: 
         loss = sums["loss_sum"] / denom
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if optim.skip_nonfinite:
-            def keep(new, old):
+            def keep(new: PyTree, old: PyTree) -> PyTree:
                 return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
             params, opt_state = keep(params, trainable), keep(opt_state, state.opt_state)
