@@ -21,8 +21,7 @@ from ml_collections import ConfigDict
 import tformer
 from experiments import evaluate as evaluate_lib
 from experiments import export as export_lib
-from experiments import finetune, run_config, train
-from experiments import input_pipeline as ip
+from experiments import finetune, input_pipeline, run_config, train
 from experiments.configs.base import base_config
 from experiments.tasks import build_task
 from tformer import lora, training
@@ -156,7 +155,7 @@ def lora_run(data) -> Path:
 def _first_batch(workdir: Path) -> dict:
     """The runner's batch for step 1, rebuilt from the run's saved config (with its copied tokenizer)."""
     c = ConfigDict(finetune.read_run(workdir)["config"])
-    return ip.batch_at(build_task(c, workdir).train, 0, c.train.batch_size, c.train.seed)
+    return input_pipeline.batch_at(build_task(c, workdir).train, 0, c.train.batch_size, c.train.seed)
 
 
 @pytest.mark.parametrize("layout", ["gpt2", "llama"])

@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 
 import tformer
-from tformer import flash
+from tformer import flash, training
 from tformer import plan as plan_lib
-from tformer import training as ts
 from tformer.attention import Masking, _einsum_attention, resolve_impl
 
 B, H, D = 2, 4, 32
@@ -219,7 +218,7 @@ def test_gqa_packed_bf16_decoder_lowered_for_tpu_and_cuda(attention):
     cfg = tformer.ModelConfig(vocab_size=300, d_model=256, num_heads=8, num_kv_heads=2, num_layers=1, max_len=512,
                               dtype="bfloat16", attention=attention)
     for platform, call in (("tpu", "tpu_custom_call"), ("gpu", "__gpu$xla.gpu.triton")):
-        p = _train_plan(tformer.DecoderLM, cfg, ts.OptimizerConfig(), platform, batch=2, seq_len=512)
+        p = _train_plan(tformer.DecoderLM, cfg, training.OptimizerConfig(), platform, batch=2, seq_len=512)
         assert p.kernel_calls["train"].get(call, 0) >= 1 and not p.score_tensors["train"], p.table()
 
 
@@ -228,7 +227,7 @@ def test_cpu_lowering_keeps_the_cpu_path():
     and the score check finds the CPU path's [B, T, T] mask of the packed rows (the check can fail)."""
     cfg = tformer.ModelConfig(vocab_size=300, d_model=128, num_heads=4, num_kv_heads=2, num_layers=1, max_len=256,
                               attention="auto")
-    p = _train_plan(tformer.DecoderLM, cfg, ts.OptimizerConfig(), "cpu", batch=2, seq_len=256)
+    p = _train_plan(tformer.DecoderLM, cfg, training.OptimizerConfig(), "cpu", batch=2, seq_len=256)
     assert not p.kernel_calls["train"] and [ln.impl for ln in p.lines] == ["blocked"]
     assert "i1[2x256x256]" in p.score_tensors["train"], p.table()
 
@@ -236,14 +235,14 @@ def test_cpu_lowering_keeps_the_cpu_path():
 def test_sequence_parallel_flash_raises_naming_the_limit():
     from flax import nnx
 
-    from tformer import sharding as shd
+    from tformer import sharding
     from tformer.attention import Attention
 
     cfg = tformer.ModelConfig(vocab_size=64, d_model=32, num_heads=2, num_layers=1, max_len=64, attention="flash")
     attn = Attention(cfg, rngs=nnx.Rngs(0))
     pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
-    mesh = shd.make_mesh({"data": 1, "sequence": 2}, devices=jax.devices()[:2])
-    with shd.use_rules(mesh, shd.rules_for("dp")), pytest.raises(ValueError, match="attention='flash' is not "
+    mesh = sharding.make_mesh({"data": 1, "sequence": 2}, devices=jax.devices()[:2])
+    with sharding.use_rules(mesh, sharding.rules_for("dp")), pytest.raises(ValueError, match="attention='flash' is not "
                                                                                    "supported with sequence"):
         jax.eval_shape(lambda x: attn(x, Masking(pos, pos)), jax.ShapeDtypeStruct((2, 16, 32), jnp.float32))
 
@@ -251,14 +250,14 @@ def test_sequence_parallel_flash_raises_naming_the_limit():
 def test_splash_kernel_under_a_mesh_runs_per_shard_and_matches_einsum():
     """Batch split over `data`, query and K/V heads over `tensor` (GQA groups whole): the kernel runs inside a
     shard_map over every mesh axis (a Mosaic call cannot be partitioned automatically) with the same result."""
-    from tformer import sharding as shd
+    from tformer import sharding
 
     masking, kv_heads = _case("packed", t=128)
     q, k, v = _qkv(masking, kv_heads, jnp.float32, seed=5)
-    mesh = shd.make_mesh({"data": 2, "tensor": 2}, devices=jax.devices()[:4])
+    mesh = sharding.make_mesh({"data": 2, "tensor": 2}, devices=jax.devices()[:4])
 
     def run(q, k, v):
-        with shd.use_rules(mesh, shd.rules_for("dp_tp")):
+        with sharding.use_rules(mesh, sharding.rules_for("dp_tp")):
             return flash.splash_attention(q, k, v, masking, interpret=True)
 
     lowered = jax.jit(run).lower(q, k, v)

@@ -348,7 +348,7 @@ def test_core_import_does_not_need_safetensors():
 
 def test_fine_tuning_starts_from_loaded_weights(llama_dir):
     """create_train_state(params=...) trains from the HF weights, sharded too, and names a bad tensor."""
-    from tformer import training as ts
+    from tformer import training
 
     model = thf.load_hf_checkpoint(llama_dir)
     params = nnx.to_pure_dict(nnx.state(model))
@@ -359,12 +359,12 @@ def test_fine_tuning_starts_from_loaded_weights(llama_dir):
     tp_mesh = tformer.make_mesh({"data": 2, "tensor": 2}, devices=jax.devices()[:4])
     for name, mesh in (("single", None), ("tp", tp_mesh)):
         rules = None if mesh is None else tformer.rules_for("dp_tp")
-        graphdef, tx, state, sh = ts.create_train_state(tformer.DecoderLM, model.cfg, o, mesh=mesh, rules=rules,
+        graphdef, tx, state, sh = training.create_train_state(tformer.DecoderLM, model.cfg, o, mesh=mesh, rules=rules,
                                                         params=jax.tree.map(jnp.copy, params))
         for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the loaded weights, not an init
-        step = ts.make_train_step(graphdef, tx, o, mesh=mesh, rules=rules, state_sharding=sh,
-                                  batch_sharding=None if mesh is None else ts.batch_sharding(mesh, rules, batch))
+        step = training.make_train_step(graphdef, tx, o, mesh=mesh, rules=rules, state_sharding=sh,
+                                  batch_sharding=None if mesh is None else training.batch_sharding(mesh, rules, batch))
         state, first = step(state, batch)
         state, second = step(state, batch)
         losses[name] = [float(first["loss"]), float(second["loss"])]
@@ -379,7 +379,7 @@ def test_fine_tuning_starts_from_loaded_weights(llama_dir):
     bad = jax.tree.map(lambda x: x, params)
     bad["embed"]["table"] = bad["embed"]["table"][:-1]
     with pytest.raises(ValueError, match=r"params=\.\.\.\): parameter .*embed.*table.* is float32\["):
-        ts.create_train_state(tformer.DecoderLM, model.cfg, o, params=bad)
+        training.create_train_state(tformer.DecoderLM, model.cfg, o, params=bad)
 
 
 @pytest.mark.parametrize("keep", [0, 0.5])  # empty, truncated halfway

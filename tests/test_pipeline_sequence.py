@@ -23,9 +23,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 
 import tformer
 from tformer import plan as plan_lib
-from tformer import ring_attention
-from tformer import sharding as shd
-from tformer import training as ts
+from tformer import ring_attention, sharding, training
 
 # 4 layers (split 2 or 4 ways), 8 query / 4 KV heads (GQA, split over tensor),
 # no biases (see test_sharding.py: a key bias's gradient is pure rounding noise).
@@ -34,9 +32,9 @@ CFG = tformer.ModelConfig(
     positions="rope", norm="rmsnorm", activation="swiglu", use_bias=False, tie_embeddings=False, scan_layers=True,
 )
 B, T, STEPS = 8, 16, 3
-OPT = ts.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=STEPS, weight_decay=0.1, clip_norm=1.0,
+OPT = training.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=STEPS, weight_decay=0.1, clip_norm=1.0,
                          eps=1e-4)
-RULES = shd.rules_for("tp")  # with layers -> stage and length -> sequence, like every preset
+RULES = sharding.rules_for("tp")  # with layers -> stage and length -> sequence, like every preset
 
 
 def plain_batches(seed=0):
@@ -77,7 +75,7 @@ BATCHES = {"plain": plain_batches, "packed": packed_batches}
 
 
 def mesh_of(shape: dict):
-    return shd.make_mesh(shape, devices=jax.devices()[: math.prod(shape.values())])
+    return sharding.make_mesh(shape, devices=jax.devices()[: math.prod(shape.values())])
 
 
 CFG8 = CFG.replace(num_layers=8)  # stage 4 x 2 virtual stages: 8 layer groups
@@ -91,12 +89,12 @@ def run(shape: tuple | None, microbatches: int | None, kind: str, virtual_stages
 def _train_setup(model_cls, cfg, batches, shape, microbatches, virtual_stages=1):
     """(state, jitted step, batch placement) for `model_cls` on the mesh `shape` (None: one device)."""
     mesh = None if shape is None else mesh_of(dict(shape))
-    graphdef, tx, state, state_sh = ts.create_train_state(model_cls, cfg, OPT, 0, mesh,
+    graphdef, tx, state, state_sh = training.create_train_state(model_cls, cfg, OPT, 0, mesh,
                                                           None if mesh is None else RULES)
     if mesh is None:
-        return state, ts.make_train_step(graphdef, tx, OPT), (lambda b: b)
-    batch_sh = ts.batch_sharding(mesh, RULES, batches[0])
-    step = ts.make_train_step(graphdef, tx, OPT, mesh=mesh, rules=RULES, state_sharding=state_sh,
+        return state, training.make_train_step(graphdef, tx, OPT), (lambda b: b)
+    batch_sh = training.batch_sharding(mesh, RULES, batches[0])
+    step = training.make_train_step(graphdef, tx, OPT, mesh=mesh, rules=RULES, state_sharding=state_sh,
                               batch_sharding=batch_sh, microbatches=microbatches, virtual_stages=virtual_stages)
     return state, step, functools.partial(jax.device_put, device=batch_sh)
 
@@ -201,15 +199,15 @@ def test_pipeline_sends_activations_between_stages(shape, mb, v):
 def compiled_text(shape: dict, microbatches: int, virtual_stages: int = 1, batch: int = B) -> str:
     """The compiled train step's HLO on abstract inputs (nothing runs)."""
     mesh = mesh_of(shape)
-    graphdef, abstract = ts.abstract_model(tformer.DecoderLM, CFG)
-    tx = ts.make_optimizer(OPT, abstract)
-    sh = ts.state_shardings(tformer.DecoderLM, CFG, tx, mesh, RULES)
+    graphdef, abstract = training.abstract_model(tformer.DecoderLM, CFG)
+    tx = training.make_optimizer(OPT, abstract)
+    sh = training.state_shardings(tformer.DecoderLM, CFG, tx, mesh, RULES)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         ts.abstract_train_state(abstract, tx), sh)
+                         training.abstract_train_state(abstract, tx), sh)
     tok = jax.ShapeDtypeStruct((batch, T), jnp.int32)
     lm_batch = {"inputs": tok, "targets": tok}
-    step = ts.make_train_step(graphdef, tx, OPT, mesh=mesh, rules=RULES, state_sharding=sh,
-                              batch_sharding=ts.batch_sharding(mesh, RULES, lm_batch), microbatches=microbatches,
+    step = training.make_train_step(graphdef, tx, OPT, mesh=mesh, rules=RULES, state_sharding=sh,
+                              batch_sharding=training.batch_sharding(mesh, RULES, lm_batch), microbatches=microbatches,
                               virtual_stages=virtual_stages)
     return step.lower(state, lm_batch).compile().as_text()
 
@@ -254,13 +252,13 @@ def test_ring_attention_never_holds_the_full_score_matrix():
                                    batch_shapes=batch)
     assert one.temp_bytes >= 4 * full, "the one-device reference should hold the fp32 [B, H, T, T] scores"
     mesh = mesh_of({"sequence": 4})
-    graphdef, abstract = ts.abstract_model(tformer.DecoderLM, cfg)
-    tx = ts.make_optimizer(OPT, abstract)
-    sh = ts.state_shardings(tformer.DecoderLM, cfg, tx, mesh, RULES)
+    graphdef, abstract = training.abstract_model(tformer.DecoderLM, cfg)
+    tx = training.make_optimizer(OPT, abstract)
+    sh = training.state_shardings(tformer.DecoderLM, cfg, tx, mesh, RULES)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         ts.abstract_train_state(abstract, tx), sh)
-    step = ts.make_train_step(graphdef, tx, OPT, mesh=mesh, rules=RULES, state_sharding=sh,
-                              batch_sharding=ts.batch_sharding(mesh, RULES, batch))
+                         training.abstract_train_state(abstract, tx), sh)
+    step = training.make_train_step(graphdef, tx, OPT, mesh=mesh, rules=RULES, state_sharding=sh,
+                              batch_sharding=training.batch_sharding(mesh, RULES, batch))
     compiled = step.lower(state, batch).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp < 4 * full, f"{temp} temporary bytes per device; one [B, H, T, T] fp32 matrix is {4 * full}"
@@ -275,28 +273,28 @@ def test_ring_attention_never_holds_the_full_score_matrix():
 def test_bad_meshes_fail_naming_the_field():
     with pytest.raises(ValueError, match=r"num_layers=4 is not divisible by mesh.stage=3; valid stage sizes are "
                                          r"\[1, 2, 4\]"):
-        shd.check_divisibility(CFG, mesh_of({"stage": 3}), RULES, B)
+        sharding.check_divisibility(CFG, mesh_of({"stage": 3}), RULES, B)
     with pytest.raises(ValueError, match=r"global batch size 8 is not divisible by data axes \(2\) x "
                                          r"mesh.microbatches \(8\); valid microbatches for this batch are \[1, 2, 4\]"):
-        shd.check_divisibility(CFG, mesh_of({"data": 2, "stage": 4}), RULES, B)  # default 2 x 4 microbatches
+        sharding.check_divisibility(CFG, mesh_of({"data": 2, "stage": 4}), RULES, B)  # default 2 x 4 microbatches
     with pytest.raises(ValueError, match=r"sequence length 18 is not divisible by mesh.sequence=4; valid sequence "
                                          r"sizes are \[1, 2, 3, 6, 9, 18\]"):
-        shd.check_divisibility(CFG, mesh_of({"sequence": 4}), RULES, B, seq_len=18)
+        sharding.check_divisibility(CFG, mesh_of({"sequence": 4}), RULES, B, seq_len=18)
     with pytest.raises(ValueError, match=r"num_layers=4 is not divisible by mesh.stage=4 x mesh.virtual_stages=2; "
                                          r"valid virtual_stages here are \[1\]"):
-        shd.check_divisibility(CFG, mesh_of({"stage": 4}), RULES, B, microbatches=4, virtual_stages=2)
+        sharding.check_divisibility(CFG, mesh_of({"stage": 4}), RULES, B, microbatches=4, virtual_stages=2)
     with pytest.raises(ValueError, match=r"mesh.microbatches=2 < mesh.stage=4: the interleaved schedule"):
-        shd.check_divisibility(CFG8, mesh_of({"stage": 4}), RULES, B, microbatches=2, virtual_stages=2)
+        sharding.check_divisibility(CFG8, mesh_of({"stage": 4}), RULES, B, microbatches=2, virtual_stages=2)
     with pytest.raises(ValueError, match=r"unknown mesh axes \['pipe'\]"):
-        shd.make_mesh({"pipe": 2})
+        sharding.make_mesh({"pipe": 2})
 
 
 def abstract_step(model_cls, cfg, mesh, batch, microbatches=None):
     """Trace (never compile) a train step: errors raised while tracing come before any compile."""
-    graphdef, abstract = ts.abstract_model(model_cls, cfg)
-    tx = ts.make_optimizer(OPT, abstract)
-    state = ts.abstract_train_state(abstract, tx)
-    step = functools.partial(ts.train_step, graphdef, tx, OPT, layout=shd.layout(mesh, RULES),
+    graphdef, abstract = training.abstract_model(model_cls, cfg)
+    tx = training.make_optimizer(OPT, abstract)
+    state = training.abstract_train_state(abstract, tx)
+    step = functools.partial(training.train_step, graphdef, tx, OPT, layout=sharding.layout(mesh, RULES),
                              microbatches=microbatches)
     return jax.eval_shape(step, state, batch)
 
@@ -324,8 +322,8 @@ def test_checkpoint_saved_under_a_pipeline_restores_anywhere(tmp_path):
     from tformer.checkpoint import Checkpointer, abstract_like
 
     save_mesh = mesh_of({"data": 2, "stage": 4})
-    _, tx, state, _ = ts.create_train_state(tformer.DecoderLM, CFG, OPT, 7, save_mesh, RULES)
-    state = ts.TrainState(step=state.step + 5, params=state.params,
+    _, tx, state, _ = training.create_train_state(tformer.DecoderLM, CFG, OPT, 7, save_mesh, RULES)
+    state = training.TrainState(step=state.step + 5, params=state.params,
                           opt_state=jax.tree.map(lambda m: m + 0.5 if m.dtype == jnp.float32 else m, state.opt_state),
                           rng=state.rng)
     wq = state.params["blocks"]["layers"]["attn"]["wq"]
@@ -334,7 +332,7 @@ def test_checkpoint_saved_under_a_pipeline_restores_anywhere(tmp_path):
     ckpt = Checkpointer(tmp_path, async_save=False)
     ckpt.save(5, state)
     ckpt.wait()
-    dp = ts.state_shardings(tformer.DecoderLM, CFG, tx, mesh_of({"data": 8}), shd.rules_for("dp"))
+    dp = training.state_shardings(tformer.DecoderLM, CFG, tx, mesh_of({"data": 8}), sharding.rules_for("dp"))
     one = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), state)
     for name, shardings in (("(8,1,1)", dp), ("one device", one)):
         restored, _ = Checkpointer(tmp_path).restore(5, target=abstract_like(state, shardings))
@@ -354,7 +352,7 @@ def test_generation_with_pipeline_placed_parameters():
     assert len(np.unique(np.asarray(ref.tokens))) > 8, "degenerate reference: the comparison would prove little"
     mesh = mesh_of({"data": 2, "stage": 4})
     graphdef, state = nnx.split(model)
-    placed = nnx.merge(graphdef, jax.device_put(state, shd.state_shardings(state, mesh, RULES)))
+    placed = nnx.merge(graphdef, jax.device_put(state, sharding.state_shardings(state, mesh, RULES)))
     wq = placed.blocks.layers.attn.wq[...]
     assert wq.sharding.shard_shape(wq.shape)[0] == 1, "one layer per stage"
     out = tformer.generate(placed, prompts, tformer.Decode(6, eos_id=-1), lengths=lengths, mesh=mesh, rules=RULES)

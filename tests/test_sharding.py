@@ -20,8 +20,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 
 import tformer
 from tformer import plan as plan_lib
-from tformer import sharding as shd
-from tformer import training as ts
+from tformer import sharding, training
 
 # 8 query heads / 4 KV heads (GQA), d_ff 128 and a padded vocab of 256 all
 # split 4 ways, so every preset works up to tensor=4. No biases: the gradient
@@ -37,7 +36,7 @@ L, B, T, D = CFG.num_layers, 8, 16, CFG.d_model
 # that is ~1e-4 of the typical size turns fp32 summation-order noise into a
 # ~1e-3 relative change of its step. eps=1e-4 (not 1e-8) keeps that division
 # well-conditioned; the comparison is then about sharding, not about Adam.
-OPT = ts.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=3, weight_decay=0.1, clip_norm=1.0,
+OPT = training.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=3, weight_decay=0.1, clip_norm=1.0,
                          eps=1e-4)
 STEPS = 3
 
@@ -53,20 +52,20 @@ def lm_batches(cfg=CFG, n=STEPS, seed=0):
 
 
 def mesh_of(shape):
-    return shd.make_mesh(shape, devices=jax.devices()[: math.prod(shape)])
+    return sharding.make_mesh(shape, devices=jax.devices()[: math.prod(shape)])
 
 
 def train(model_cls, cfg, batches, mesh=None, rules=None):
     """(per-step [loss, grad norm], final params as numpy, initial state, compiled HLO) after len(batches) steps."""
-    graphdef, tx, state, state_sh = ts.create_train_state(model_cls, cfg, OPT, 0, mesh, rules)
+    graphdef, tx, state, state_sh = training.create_train_state(model_cls, cfg, OPT, 0, mesh, rules)
     initial = jax.tree.map(lambda a: (a.shape, a.sharding), state)
     if mesh is None:
-        step = ts.make_train_step(graphdef, tx, OPT)
+        step = training.make_train_step(graphdef, tx, OPT)
         def put(b):
             return b
     else:
-        batch_sh = ts.batch_sharding(mesh, rules, batches[0])
-        step = ts.make_train_step(graphdef, tx, OPT, mesh=mesh, rules=rules, state_sharding=state_sh,
+        batch_sh = training.batch_sharding(mesh, rules, batches[0])
+        step = training.make_train_step(graphdef, tx, OPT, mesh=mesh, rules=rules, state_sharding=state_sh,
                                   batch_sharding=batch_sh)
         def put(b):
             return jax.device_put(b, batch_sh)
@@ -123,25 +122,25 @@ def assert_shards(preset, mesh, params_shapes_shardings):
     F, Tn = mesh.shape["fsdp"], mesh.shape["tensor"]
     div = expected_divisors(preset, F, Tn)
     seen = set()
-    for path, (shape, sharding) in jax.tree_util.tree_leaves_with_path(
+    for path, (shape, leaf_sharding) in jax.tree_util.tree_leaves_with_path(
         params_shapes_shardings, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
     ):
         key = param_key(path)
         want = tuple(s // d for s, d in zip(shape, div[key], strict=True))
-        assert sharding.shard_shape(shape) == want, (
+        assert leaf_sharding.shard_shape(shape) == want, (
             f"{preset} on {dict(mesh.shape)}: {jax.tree_util.keystr(path)} {shape} has shards "
-            f"{sharding.shard_shape(shape)}, want {want}"
+            f"{leaf_sharding.shard_shape(shape)}, want {want}"
         )
         seen.add(key)
     assert seen == set(div), f"parameters not checked: {set(div) - seen}"
 
 
-@pytest.mark.parametrize("preset", sorted(shd.PRESETS))
+@pytest.mark.parametrize("preset", sorted(sharding.PRESETS))
 def test_rule_table_gives_expected_shard_shapes(preset):
     mesh = mesh_of((2, 2, 2)) if "fsdp" in preset else mesh_of((2, 1, 4))
-    _, abstract = ts.abstract_model(tformer.DecoderLM, CFG)
+    _, abstract = training.abstract_model(tformer.DecoderLM, CFG)
     shapes = jax.tree.map(lambda v: v.shape, nnx.to_pure_dict(abstract))
-    shardings = ts.param_shardings(abstract, mesh, shd.rules_for(preset))
+    shardings = training.param_shardings(abstract, mesh, sharding.rules_for(preset))
     assert_shards(preset, mesh, jax.tree.map(lambda a, s: (a, s), shapes, shardings,
                                              is_leaf=lambda x: isinstance(x, tuple)))
 
@@ -155,7 +154,7 @@ NORMS = ("attn_norm/scale", "mlp_norm/scale", "final_norm/scale")
 
 def param_sizes(divide_by: dict[str, int] | None = None, exclude=()) -> collections.Counter:
     """Element counts of every per-layer parameter (the unit XLA gathers / reduces)."""
-    _, abstract = ts.abstract_model(tformer.DecoderLM, CFG)
+    _, abstract = training.abstract_model(tformer.DecoderLM, CFG)
     sizes = collections.Counter()
     for path, a in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(abstract)):
         if param_key(path) in exclude:
@@ -241,7 +240,7 @@ def test_mesh_trains_like_one_device(case):
     """Per mesh: the state is born sharded per the rules, the compiled step holds the
     strategy's collectives, and 3 steps equal the single-device run."""
     preset, shape = CASES[case]
-    mesh, rules = mesh_of(shape), shd.rules_for(preset)
+    mesh, rules = mesh_of(shape), sharding.rules_for(preset)
     run = train(tformer.DecoderLM, CFG, lm_batches(), mesh, rules)
     _, _, initial, hlo = run
 
@@ -283,7 +282,7 @@ def test_encoder_decoder_trains_like_one_device():
                 "tgt_weights": np.ones((B, T), np.float32)} for _ in range(STEPS)]
     mesh = mesh_of((4, 1, 2))
     ref = train(tformer.EncoderDecoder, cfg, batches)
-    run = train(tformer.EncoderDecoder, cfg, batches, mesh, shd.rules_for("dp_tp"))
+    run = train(tformer.EncoderDecoder, cfg, batches, mesh, sharding.rules_for("dp_tp"))
     assert_same_training(run, ref)
 
 
@@ -293,7 +292,7 @@ def test_encoder_decoder_trains_like_one_device():
 
 def shard_model(model, mesh, rules):
     graphdef, state = nnx.split(model)
-    sh = shd.state_shardings(state, mesh, rules)
+    sh = sharding.state_shardings(state, mesh, rules)
     return nnx.merge(graphdef, jax.device_put(state, sh))
 
 
@@ -306,7 +305,7 @@ def test_generation_is_mesh_independent():
     ref = tformer.generate(model, prompts, tformer.Decode(8, eos_id=-1), lengths=lengths)
     assert len(np.unique(np.asarray(ref.tokens))) > 8, "degenerate reference: the comparison would prove little"
     for preset, shape in [("tp", (1, 1, 4)), ("dp_tp", (4, 1, 2))]:  # tensor alone; data x tensor
-        mesh, rules = mesh_of(shape), shd.rules_for(preset)
+        mesh, rules = mesh_of(shape), sharding.rules_for(preset)
         sharded = shard_model(model, mesh, rules)
         wq = sharded.blocks.layers.attn.wq[...]
         assert wq.sharding.shard_shape(wq.shape)[2] == CFG.num_heads // shape[2], "query heads split over tensor"
@@ -315,12 +314,12 @@ def test_generation_is_mesh_independent():
 
 
 def test_kv_cache_is_sharded():
-    mesh, rules = mesh_of((4, 1, 2)), shd.rules_for("dp_tp")
+    mesh, rules = mesh_of((4, 1, 2)), sharding.rules_for("dp_tp")
     model = shard_model(tformer.DecoderLM(CFG, rngs=nnx.Rngs(0)), mesh, rules)
 
     @jax.jit
     def cache():
-        with shd.use_rules(mesh, rules):
+        with sharding.use_rules(mesh, rules):
             return model.init_cache(B, 16)
 
     c = cache()
@@ -339,9 +338,10 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path):
 
     cfg = CFG.replace(num_layers=1)
     save_mesh = mesh_of((2, 1, 4))
-    _, tx, state, _ = ts.create_train_state(tformer.DecoderLM, cfg, OPT, 7, save_mesh, shd.rules_for("dp_tp"))
+    _, tx, state, _ = training.create_train_state(tformer.DecoderLM, cfg, OPT, 7, save_mesh,
+                                                  sharding.rules_for("dp_tp"))
     # Make the optimizer moments non-trivial without compiling a train step.
-    state = ts.TrainState(step=state.step + 5, params=state.params,
+    state = training.TrainState(step=state.step + 5, params=state.params,
                           opt_state=jax.tree.map(lambda m: m + 0.5 if m.dtype == jnp.float32 else m, state.opt_state),
                           rng=state.rng)
     expected = jax.tree.map(np.asarray, state)
@@ -359,7 +359,7 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path):
             dev = SingleDeviceSharding(jax.devices()[0])
             shardings = jax.tree.map(lambda _, d=dev: d, state)
         else:
-            shardings = ts.state_shardings(tformer.DecoderLM, cfg, tx, mesh, shd.rules_for(preset))
+            shardings = training.state_shardings(tformer.DecoderLM, cfg, tx, mesh, sharding.rules_for(preset))
         restored, _ = Checkpointer(tmp_path).restore(5, target=abstract_like(state, shardings))
         for (path, got), want, sh in zip(jax.tree_util.tree_leaves_with_path(restored), jax.tree.leaves(expected),
                                          jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(
@@ -412,14 +412,14 @@ def test_plan_matches_hand_count(preset, shape):
 
 def test_divisibility_errors_name_the_problem():
     with pytest.raises(ValueError, match="num_kv_heads=4 is not divisible by the 8-way"):
-        shd.check_divisibility(CFG, mesh_of((1, 1, 8)), shd.rules_for("tp"))
+        sharding.check_divisibility(CFG, mesh_of((1, 1, 8)), sharding.rules_for("tp"))
     with pytest.raises(ValueError, match="global batch size 6 is not divisible by the 8 devices"):
-        shd.check_divisibility(CFG, mesh_of((8, 1, 1)), shd.rules_for("dp"), 6)
+        sharding.check_divisibility(CFG, mesh_of((8, 1, 1)), sharding.rules_for("dp"), 6)
     with pytest.raises(ValueError, match="needs 6 devices but 8 are available"):
-        shd.make_mesh((3, 2, 1))
+        sharding.make_mesh((3, 2, 1))
     with pytest.raises(ValueError, match="do not divide the 8 available devices"):
-        shd.make_mesh((3, -1, 1))
-    assert dict(shd.make_mesh({"data": -1, "tensor": 2}).shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+        sharding.make_mesh((3, -1, 1))
+    assert dict(sharding.make_mesh({"data": -1, "tensor": 2}).shape) == {"data": 4, "fsdp": 1, "tensor": 2}
 
 
 def test_collective_parser_reads_tuples_async_and_groups():
@@ -463,12 +463,13 @@ def test_rule_table_conflicts_raise_and_presets_are_separate_tables():
     rules = {"batch": ("data", "fsdp"), "embed": "fsdp"}
     with pytest.raises(ValueError, match=r"logical axes 'batch' and 'embed' of one array \('batch', 'length', "
                                          r"'embed'\) both map to mesh axis 'fsdp'"):
-        shd.logical_to_spec(("batch", "length", "embed"), rules)
-    assert shd.logical_to_spec(("embed", "mlp"), rules) == jax.sharding.PartitionSpec("fsdp", None)
-    assert shd.PRESETS["dp_tp"] is not shd.PRESETS["tp"] and shd.PRESETS["dp_tp"] == shd.PRESETS["tp"]
-    shd.rules_for("dp_tp")["heads"] = None  # a copy: the preset is untouched
-    assert shd.PRESETS["dp_tp"]["heads"] == "tensor"
+        sharding.logical_to_spec(("batch", "length", "embed"), rules)
+    assert sharding.logical_to_spec(("embed", "mlp"), rules) == jax.sharding.PartitionSpec("fsdp", None)
+    presets = sharding.PRESETS
+    assert presets["dp_tp"] is not presets["tp"] and presets["dp_tp"] == presets["tp"]
+    sharding.rules_for("dp_tp")["heads"] = None  # a copy: the preset is untouched
+    assert sharding.PRESETS["dp_tp"]["heads"] == "tensor"
     # Logical names live in Flax NNX sharding metadata, the stacked `layers` axis included.
-    _, abstract = ts.abstract_model(tformer.DecoderLM, CFG)
+    _, abstract = training.abstract_model(tformer.DecoderLM, CFG)
     assert abstract["blocks"]["layers"]["attn"]["wq"].get_metadata()["out_sharding"] == (
         "layers", "embed", "heads", "head_dim")

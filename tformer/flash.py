@@ -64,7 +64,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from tformer import sharding as shd
+from tformer import sharding
 
 if TYPE_CHECKING:  # attention imports this module
     from tformer.attention import Masking
@@ -295,7 +295,7 @@ def cudnn_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mas
 def _per_shard(run, q, k, v, segs):
     """`run(q, k, v, segs)` per device over the active mesh: batch split as the rules say, heads too when query
     and K/V heads split alike (GQA groups stay whole); the automatic partitioner cannot split a custom call."""
-    mesh, rules = shd.active()
+    mesh, rules = sharding.active()
     if mesh is None or mesh.size == 1:
         return run(q, k, v, segs)
     inner = jax.sharding.get_abstract_mesh()
@@ -305,8 +305,8 @@ def _per_shard(run, q, k, v, segs):
         return run(q, k, v, segs)
 
     def spec(axes: tuple[str | None, ...]) -> P:
-        s = shd.logical_to_spec(axes, rules, mesh)
-        return P(*(shd._without(t, manual) if t is not None else None for t in s))
+        s = sharding.logical_to_spec(axes, rules, mesh)
+        return P(*(sharding._without(t, manual) if t is not None else None for t in s))
 
     q_spec = spec(("batch", None, "act_heads", None))
     kv_spec = spec(("batch", None, "act_kv_heads", None))
@@ -336,7 +336,7 @@ def _kernel_call(q, k, v, q_seg, k_seg, q_offset, *, kernel, causal, window, pla
     forward retrace) reuse one trace. `layout` and `context` (the abstract mesh) only key that cache."""
     del context
     masking = _KernelMask(k_seg if same else q_seg, k_seg, causal, window, plain_causal)
-    with shd.use_layout(layout):
+    with sharding.use_layout(layout):
         if kernel == "splash":
             return splash_attention(q, k, v, masking, q_offset=q_offset)
         if kernel == "triton":
@@ -349,12 +349,12 @@ def kernel_attention(kernel: str, q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: 
     """Run `kernel` ("splash", "triton", "cudnn") on one attention call (`q_offset`: a prefill's first slot)."""
     if kernel == "cudnn":
         return cudnn_attention(q_bthd, k_bskd, v_bskd, masking)
-    mesh, rules = shd.active()
+    mesh, rules = sharding.active()
     same = masking.q_seg is masking.k_seg
     return _kernel_call(q_bthd, k_bskd, v_bskd, None if same else masking.q_seg, masking.k_seg, q_offset,
                         kernel=kernel, causal=masking.causal, window=masking.window,
                         plain_causal=masking.plain_causal, same=same,
-                        layout=None if mesh is None else shd.layout(mesh, rules),
+                        layout=None if mesh is None else sharding.layout(mesh, rules),
                         context=jax.sharding.get_abstract_mesh())
 
 

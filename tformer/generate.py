@@ -32,7 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.typing import ArrayLike
 
-from tformer import sharding as shd
+from tformer import sharding
 from tformer.kvcache import KVCache
 
 
@@ -286,9 +286,9 @@ def _prefill(model, inputs: tuple, decode: Decode) -> Prefilled:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "prefill", "decode", "greedy", "top_k", "layout"))
 def _generate(graphdef, state, inputs, rng, temperature, top_p, *, prefill: Prefill, decode: Decode, greedy: bool,
-              top_k: int | None, layout: shd.Layout | None):
+              top_k: int | None, layout: sharding.Layout | None):
     """`decode` is resolved (eos_id, cache_len set); temperature and top_p are traced values."""
-    with shd.use_layout(layout):
+    with sharding.use_layout(layout):
         model = nnx.merge(graphdef, state)
         vocab = model.cfg.vocab_size  # sample real ids only: -1e9 / temperature is not -inf
 
@@ -339,7 +339,7 @@ def _check_sampling(sampling: Sampling, rng: jax.Array | None) -> None:
 
 
 def generate_with(prefill: Prefill, model: nnx.Module, inputs: tuple, decode: Decode, sampling: Sampling,
-                  rng: jax.Array | None, layout: shd.Layout | None = None) -> Generated:
+                  rng: jax.Array | None, layout: sharding.Layout | None = None) -> Generated:
     """The shared greedy/sampling loop over any family's `prefill` (inputs checked, decode resolved)."""
     _check_sampling(sampling, rng)
     graphdef, state = nnx.split(model)
@@ -356,7 +356,7 @@ def generate_with(prefill: Prefill, model: nnx.Module, inputs: tuple, decode: De
 def generate(model: nnx.Module, prompts: ArrayLike, decode: Decode, sampling: Sampling = GREEDY, *,
              lengths: ArrayLike | None = None, rng: jax.Array | None = None, src: ArrayLike | None = None,
              src_segment_ids: ArrayLike | None = None, mesh: Mesh | None = None,
-             rules: str | shd.Rules | None = None) -> Generated:
+             rules: str | sharding.Rules | None = None) -> Generated:
     """Generate up to `decode.max_new_tokens` after each prompt (see `Decode`, `Sampling`).
 
     prompts: [B, P] token ids, right-padded; `lengths` [B] (integers) gives
@@ -371,7 +371,7 @@ def generate(model: nnx.Module, prompts: ArrayLike, decode: Decode, sampling: Sa
     decode = _resolve(model.cfg, decode, p)
     src, src_segment_ids = _as_src(model, src, src_segment_ids, prompt.shape[0], "generation")
     return generate_with(_prefill, model, (prompt, valid, src, src_segment_ids), decode, sampling, rng,
-                         shd.layout(mesh, rules))
+                         sharding.layout(mesh, rules))
 
 
 # ---------------------------------------------------------------------------
@@ -385,8 +385,8 @@ def length_penalty(length: float | jax.Array, alpha: float) -> float | jax.Array
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "prefill", "decode", "beam", "alpha", "layout"))
 def _beam_search(graphdef, state, inputs, *, prefill: Prefill, decode: Decode, beam: int, alpha: float,
-                 layout: shd.Layout | None):
-    with shd.use_layout(layout):
+                 layout: sharding.Layout | None):
+    with sharding.use_layout(layout):
         model = nnx.merge(graphdef, state)
         batch = inputs[0].shape[0]
         run = prefill(model, jax.tree.map(lambda x: jnp.repeat(x, beam, axis=0), inputs), decode)
@@ -462,7 +462,7 @@ def _check_beam(beam_size: int, length_alpha: float) -> None:
 
 
 def beam_search_with(prefill: Prefill, model: nnx.Module, inputs: tuple, decode: Decode, beam_size: int,
-                     length_alpha: float, layout: shd.Layout | None = None) -> Generated:
+                     length_alpha: float, layout: sharding.Layout | None = None) -> Generated:
     """The shared beam loop over any family's `prefill` (inputs checked, decode resolved; inputs[0] is [B, ...])."""
     _check_beam(beam_size, length_alpha)
     graphdef, state = nnx.split(model)
@@ -473,7 +473,7 @@ def beam_search_with(prefill: Prefill, model: nnx.Module, inputs: tuple, decode:
 def beam_search(model: nnx.Module, prompts: ArrayLike, decode: Decode, *, beam_size: int = 4,
                 length_alpha: float = 0.6, lengths: ArrayLike | None = None, src: ArrayLike | None = None,
                 src_segment_ids: ArrayLike | None = None, mesh: Mesh | None = None,
-                rules: str | shd.Rules | None = None) -> Generated:
+                rules: str | sharding.Rules | None = None) -> Generated:
     """Beam search (GNMT length penalty); returns the best hypothesis per row.
 
     Same prompt conventions and `Decode` spec as `generate`. Beam size 1
@@ -484,7 +484,7 @@ def beam_search(model: nnx.Module, prompts: ArrayLike, decode: Decode, *, beam_s
     decode = _resolve(model.cfg, decode, p)
     src, src_segment_ids = _as_src(model, src, src_segment_ids, prompt.shape[0], "beam search")
     return beam_search_with(_prefill, model, (prompt, valid, src, src_segment_ids), decode, beam_size, length_alpha,
-                            shd.layout(mesh, rules))
+                            sharding.layout(mesh, rules))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "eos_id"))

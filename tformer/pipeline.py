@@ -45,8 +45,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from tformer import families
-from tformer import sharding as shd
+from tformer import families, sharding
 from tformer.attention import Masking, self_masking
 from tformer.layers import dropout, fold
 from tformer.models import DecoderLM, EncoderDecoder, Stack, check_tokens, positions_or_default, run_layers
@@ -55,7 +54,7 @@ AXIS = "stage"
 
 
 def num_stages(mesh: Mesh | None) -> int:
-    return shd.axis_size(mesh, AXIS)
+    return sharding.axis_size(mesh, AXIS)
 
 
 def resolve_microbatches(mesh: Mesh | None, microbatches: int | None) -> int:
@@ -259,7 +258,7 @@ def encoder_decoder_logits(model: EncoderDecoder, src_bs: jax.Array, tgt_inputs_
 
 def _head(model, y_mbtd, mesh: Mesh):
     """The output head on the merged microbatches, its rows split over `stage` too (`_head_rules`)."""
-    with shd.use_rules(mesh, _head_rules(mesh, y_mbtd.shape[0] * y_mbtd.shape[1])):
+    with sharding.use_rules(mesh, _head_rules(mesh, y_mbtd.shape[0] * y_mbtd.shape[1])):
         return model._head(_merge_microbatches(y_mbtd))
 
 
@@ -270,10 +269,10 @@ def _head_rules(mesh: Mesh, batch: int):
     largest activation) would otherwise run on the whole batch on every
     stage; split by rows, each stage does 1 / S of it.
     """
-    _, rules = shd.active()
+    _, rules = sharding.active()
     if rules is None:
         return None
-    axes = shd.logical_to_spec(("batch",), rules, mesh)[0]
+    axes = sharding.logical_to_spec(("batch",), rules, mesh)[0]
     axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
     parts = math.prod(mesh.shape[a] for a in axes) * num_stages(mesh)
     return rules if batch % parts else {**rules, "batch": axes + (AXIS,)}

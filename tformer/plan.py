@@ -36,9 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from tformer import batch as batch_lib
-from tformer import pipeline
-from tformer import sharding as shd
-from tformer import training as ts
+from tformer import pipeline, sharding, training
 from tformer.config import ModelConfig
 from tformer.kvcache import KVCache
 from tformer.lora import LoraConfig
@@ -271,9 +269,9 @@ def _memory_fields(compiled) -> dict:
 def plan_train_step(
     model_cls: type[nnx.Module],
     cfg: ModelConfig,
-    optim: ts.OptimizerConfig,
+    optim: training.OptimizerConfig,
     mesh: Mesh,
-    rules: shd.Rules,
+    rules: sharding.Rules,
     *,
     batch: int,
     seq_len: int,
@@ -289,23 +287,23 @@ def plan_train_step(
     `virtual_stages`: layer groups per stage (1 = GPipe, more = the interleaved schedule).
     `lora`: a `tformer.lora.LoraConfig`: plan the step that trains adapters only.
     """
-    rules = shd.rules_for(rules)
-    shd.check_divisibility(cfg, mesh, rules, batch, seq_len=seq_len, microbatches=microbatches,
+    rules = sharding.rules_for(rules)
+    sharding.check_divisibility(cfg, mesh, rules, batch, seq_len=seq_len, microbatches=microbatches,
                            virtual_stages=virtual_stages)
-    graphdef, abstract = ts.abstract_model(model_cls, cfg)
-    tx = ts.make_optimizer(optim, abstract, lora)
-    state_sh = ts.state_shardings(model_cls, cfg, tx, mesh, rules, lora)
-    abstract_state = ts.abstract_train_state(abstract, tx, lora)
+    graphdef, abstract = training.abstract_model(model_cls, cfg)
+    tx = training.make_optimizer(optim, abstract, lora)
+    state_sh = training.state_shardings(model_cls, cfg, tx, mesh, rules, lora)
+    abstract_state = training.abstract_train_state(abstract, tx, lora)
     params = abstract_state.params
     shapes = batch_shapes if batch_shapes is not None else batch_lib.abstract_batch(cfg.kind, batch, seq_len, src_len)
-    batch_sh = ts.batch_sharding(mesh, rules, shapes)
+    batch_sh = training.batch_sharding(mesh, rules, shapes)
 
     def with_sharding(a: jax.ShapeDtypeStruct, s: NamedSharding) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
 
     state_in = jax.tree.map(with_sharding, abstract_state, state_sh)
     batch_in = jax.tree.map(with_sharding, shapes, batch_sh)
-    step = ts.make_train_step(graphdef, tx, optim, mesh=mesh, rules=rules, state_sharding=state_sh,
+    step = training.make_train_step(graphdef, tx, optim, mesh=mesh, rules=rules, state_sharding=state_sh,
                               batch_sharding=batch_sh, microbatches=microbatches, virtual_stages=virtual_stages)
     compiled = step.lower(state_in, batch_in).compile()
     cost = _cost(compiled)
@@ -325,7 +323,7 @@ def plan_train_step(
         stages=pipeline.num_stages(mesh),
         microbatches=pipeline.resolve_microbatches(mesh, microbatches) if pipeline.num_stages(mesh) > 1 else 1,
         virtual_stages=virtual_stages,
-        sequence_parts=shd.axis_size(mesh, "sequence"),
+        sequence_parts=sharding.axis_size(mesh, "sequence"),
     )
 
 
@@ -457,10 +455,10 @@ def _programs(model_cls, cfg: ModelConfig, optim, batch: int, seq_len: int, src_
     """(name, fn, abstract args) for the train step, a prefill and one decode step (no mesh: one device)."""
     from flax import nnx
 
-    graphdef, abstract = ts.abstract_model(model_cls, cfg)
-    tx = ts.make_optimizer(optim, abstract)
-    step = ts.make_train_step(graphdef, tx, optim, donate=False)
-    state = ts.abstract_train_state(abstract, tx)
+    graphdef, abstract = training.abstract_model(model_cls, cfg)
+    tx = training.make_optimizer(optim, abstract)
+    step = training.make_train_step(graphdef, tx, optim, donate=False)
+    state = training.abstract_train_state(abstract, tx)
     shapes = batch_lib.abstract_batch(cfg.kind, batch, seq_len, src_len)
     seq2seq = cfg.kind == "seq2seq"
     prompt = 1 if seq2seq else max(1, seq_len // 2)  # an encoder-decoder prefills BOS after encoding the source
@@ -481,7 +479,7 @@ def _programs(model_cls, cfg: ModelConfig, optim, batch: int, seq_len: int, src_
             ("decode", decode, (model_state, ints((batch, 1)), cache))]
 
 
-def plan_platform(model_cls: type[nnx.Module], cfg: ModelConfig, optim: ts.OptimizerConfig, platform: str, *,
+def plan_platform(model_cls: type[nnx.Module], cfg: ModelConfig, optim: training.OptimizerConfig, platform: str, *,
                   batch: int, seq_len: int, src_len: int | None = None,
                   programs: tuple[str, ...] = ("train", "prefill", "decode")) -> PlatformPlan:
     """Lower (never compile: that needs the target backend) the train step, a prefill of seq_len / 2 prompt

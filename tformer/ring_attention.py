@@ -40,7 +40,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from tformer import sharding as shd
+from tformer import sharding
 
 if TYPE_CHECKING:  # attention imports this module
     from tformer.attention import Masking
@@ -51,9 +51,9 @@ _NEG = -1e30  # as tformer.attention: fully masked rows stay finite (uniform), n
 
 def applies(q_len: int, k_len: int) -> bool:
     """Whether `attend` should run as ring attention: rules active on a mesh that splits `length` over `sequence`."""
-    mesh, rules = shd.active()
-    n = shd.axis_size(mesh, AXIS)
-    if n == 1 or rules is None or shd.logical_to_spec(("length",), rules, mesh)[0] != AXIS:
+    mesh, rules = sharding.active()
+    n = sharding.axis_size(mesh, AXIS)
+    if n == 1 or rules is None or sharding.logical_to_spec(("length",), rules, mesh)[0] != AXIS:
         return False
     inner = jax.sharding.get_abstract_mesh()
     if not inner.empty and AXIS in inner.manual_axes:
@@ -181,8 +181,8 @@ def to_layout(batch: dict, n: int) -> dict:
 def attend(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, masking: Masking,
            mesh: Mesh | None = None) -> jax.Array:
     """Exact attention of sequence-split Q against sequence-split K/V; output [B, T, H, D] split like Q."""
-    mesh = mesh if mesh is not None else shd.active()[0]
-    n = shd.axis_size(mesh, AXIS)
+    mesh = mesh if mesh is not None else sharding.active()[0]
+    n = sharding.axis_size(mesh, AXIS)
     masks = {"q_pos": masking.q_pos, "k_pos": masking.k_pos}
     if masking.k_seg is not None:
         masks["k_seg"] = masking.k_seg

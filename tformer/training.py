@@ -23,8 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from tformer import batch as batch_lib
 from tformer import lora as lora_lib
-from tformer import pipeline, ring_attention
-from tformer import sharding as shd
+from tformer import pipeline, ring_attention, sharding
 from tformer.config import ModelConfig
 
 PyTree = Any  # a nested structure of arrays (jax.tree)
@@ -93,7 +92,7 @@ def decay_mask(abstract_state: nnx.State, optim: OptimizerConfig) -> Params:
     """True for weight matrices: >= 2 logical axes (layers excluded), optional embeddings."""
 
     def decide(v: nnx.Variable) -> bool:
-        axes = [a for a in shd.param_axes(v) if a != "layers"]
+        axes = [a for a in sharding.param_axes(v) if a != "layers"]
         if len(axes) < 2:
             return False  # biases, norm scales
         if axes[0] in ("vocab", "max_len"):  # token / position embedding tables
@@ -161,7 +160,7 @@ def loss_sums(graphdef: nnx.GraphDef, params: Params, batch: dict, optim: Optimi
               dropout_rng: jax.Array | None = None, microbatches: int | None = None, virtual_stages: int = 1):
     """Summed loss terms of `batch`; on a mesh with a `stage` axis the blocks run as a pipeline (tformer.pipeline)."""
     model = nnx.merge(graphdef, lora_lib.merged(params))
-    mesh, _ = shd.active()
+    mesh, _ = sharding.active()
     batch = _sequence_layout(model, batch, mesh)
     if pipeline.num_stages(mesh) > 1:
         logits, targets, weights = pipeline.logits_and_targets(model, batch, dropout_rng, mesh=mesh,
@@ -174,7 +173,7 @@ def loss_sums(graphdef: nnx.GraphDef, params: Params, batch: dict, optim: Optimi
 
 def _sequence_layout(model, batch: dict, mesh) -> dict:
     """The batch in the ring's token layout (`ModelConfig.sequence_layout`) on a mesh with a `sequence` axis."""
-    n = shd.axis_size(mesh, ring_attention.AXIS)
+    n = sharding.axis_size(mesh, ring_attention.AXIS)
     if n == 1 or model.cfg.sequence_layout == "consecutive":
         return batch
     if model.kind != "lm":
@@ -205,12 +204,12 @@ def abstract_train_state(abstract: nnx.State, tx: optax.GradientTransformation,
     )
 
 
-def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: shd.Rules | None) -> Params:
-    return nnx.to_pure_dict(shd.state_shardings(abstract_state, mesh, rules))
+def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: sharding.Rules | None) -> Params:
+    return nnx.to_pure_dict(sharding.state_shardings(abstract_state, mesh, rules))
 
 
 def state_shardings(model_cls: type[nnx.Module], cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                    rules: shd.Rules | None, lora: lora_lib.LoraConfig | None = None):
+                    rules: sharding.Rules | None, lora: lora_lib.LoraConfig | None = None):
     """NamedSharding pytree of a TrainState, from the rule table (LoRA adapters, being small, replicated)."""
     _, abstract = abstract_model(model_cls, cfg)
     p_sh = param_shardings(abstract, mesh, rules)
@@ -220,12 +219,12 @@ def state_shardings(model_cls: type[nnx.Module], cfg: ModelConfig, tx: optax.Gra
         p_abs = lora_lib.abstract_lora_params(p_abs, lora)
         p_sh = {"base": p_sh, "lora": jax.tree.map(lambda _: rep, p_abs["lora"]), "scale": rep}
     opt_abs = jax.eval_shape(tx.init, lora_lib.trainable(p_abs))
-    opt_sh = shd.optimizer_shardings(tx, opt_abs, lora_lib.trainable(p_sh), mesh)
+    opt_sh = sharding.optimizer_shardings(tx, opt_abs, lora_lib.trainable(p_sh), mesh)
     return TrainState(step=rep, params=p_sh, opt_state=opt_sh, rng=rep)
 
 
 def create_train_state(model_cls: type[nnx.Module], cfg: ModelConfig, optim: OptimizerConfig, seed: int = 0,
-                       mesh: Mesh | None = None, rules: shd.Rules | None = None, params: Params | None = None,
+                       mesh: Mesh | None = None, rules: sharding.Rules | None = None, params: Params | None = None,
                        lora: lora_lib.LoraConfig | None = None):
     """(graphdef, tx, state, state_shardings or None). Sharded at birth when a mesh is given.
 
@@ -316,7 +315,7 @@ def _summed_grads(graphdef: nnx.GraphDef, optim: OptimizerConfig, params: Params
 
 
 def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, optim: OptimizerConfig, state: TrainState,
-               batch: dict, *, layout: shd.Layout | None = None, microbatches: int | None = None,
+               batch: dict, *, layout: sharding.Layout | None = None, microbatches: int | None = None,
                virtual_stages: int = 1):
     """One optimizer step (pure). Loss is normalised over the whole (accumulated) batch.
 
@@ -324,7 +323,7 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, optim: 
     `microbatches`: the pipeline's count on a mesh with a `stage` axis (default 2 x stages);
     `virtual_stages`: layer groups per stage (1 = GPipe, more = the interleaved schedule).
     """
-    with shd.use_layout(layout):
+    with sharding.use_layout(layout):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         # Gradients of the trainable leaves only (LoRA: the adapters; the base weights get none).
         trainable = lora_lib.trainable(state.params)
@@ -358,11 +357,11 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, optim: 
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, optim: OptimizerConfig, *,
-                    mesh: Mesh | None = None, rules: shd.Rules | None = None, state_sharding: Any = None,
+                    mesh: Mesh | None = None, rules: sharding.Rules | None = None, state_sharding: Any = None,
                     batch_sharding: Any = None, donate: bool = True, microbatches: int | None = None,
                     virtual_stages: int = 1) -> Callable:
     """Jitted `step(state, batch) -> (state, metrics)` with shardings and donated state."""
-    fn = functools.partial(train_step, graphdef, tx, optim, layout=shd.layout(mesh, rules),
+    fn = functools.partial(train_step, graphdef, tx, optim, layout=sharding.layout(mesh, rules),
                            microbatches=microbatches, virtual_stages=virtual_stages)
     kw = {}
     if state_sharding is not None:
@@ -372,22 +371,22 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, op
 
 
 def eval_sums(graphdef: nnx.GraphDef, optim: OptimizerConfig, params: Params, batch: dict, *,
-              layout: shd.Layout | None = None, microbatches: int | None = None, virtual_stages: int = 1):
+              layout: sharding.Layout | None = None, microbatches: int | None = None, virtual_stages: int = 1):
     """Summed NLL / weights / correct over a batch, no dropout."""
-    with shd.use_layout(layout):
+    with sharding.use_layout(layout):
         return loss_sums(graphdef, params, batch, optim, None, microbatches, virtual_stages)
 
 
 def make_eval_step(graphdef: nnx.GraphDef, optim: OptimizerConfig, *, mesh: Mesh | None = None,
-                   rules: shd.Rules | None = None, params_sharding: Any = None, batch_sharding: Any = None,
+                   rules: sharding.Rules | None = None, params_sharding: Any = None, batch_sharding: Any = None,
                    microbatches: int | None = None, virtual_stages: int = 1):
-    fn = functools.partial(eval_sums, graphdef, optim, layout=shd.layout(mesh, rules), microbatches=microbatches,
+    fn = functools.partial(eval_sums, graphdef, optim, layout=sharding.layout(mesh, rules), microbatches=microbatches,
                            virtual_stages=virtual_stages)
     kw = {} if params_sharding is None else {"in_shardings": (params_sharding, batch_sharding)}
     return jax.jit(fn, **kw)
 
 
-def batch_sharding(mesh: Mesh, rules: shd.Rules | None, batch: dict) -> dict:
+def batch_sharding(mesh: Mesh, rules: sharding.Rules | None, batch: dict) -> dict:
     """Leading (batch) dimension over the data axes, the rest replicated."""
-    spec = shd.logical_to_spec(("batch",), rules, mesh)
+    spec = sharding.logical_to_spec(("batch",), rules, mesh)
     return jax.tree.map(lambda x: NamedSharding(mesh, P(spec[0], *([None] * (x.ndim - 1)))), batch)
