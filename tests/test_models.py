@@ -466,4 +466,4 @@ def test_out_of_range_token_ids_are_named_when_concrete():
     assert jax.jit(lambda t: model(t))(jnp.full((2, 4), 3)).shape == (2, 4, cfg.padded_vocab)
     with pytest.raises(ValueError, match=r"ModelConfig.num_encoder_layers=1: a DecoderLM has no encoder"):
         DecoderLM(make_cfg(num_encoder_layers=1), rngs=nnx.Rngs(0))
-    assert (DecoderLM.kind, EncoderDecoder.kind, cfg.kind, encdec.cfg.kind) == ("lm", "seq2seq", "lm", "seq2seq")
+    assert (DecoderLM.task, EncoderDecoder.task, cfg.task, encdec.cfg.task) == ("lm", "seq2seq", "lm", "seq2seq")

@@ -1,4 +1,4 @@
-"""The training batch layout, defined once: keys, dtypes and meaning per model kind.
+"""The training batch layout, defined once: keys, dtypes and meaning per task ("lm" | "seq2seq", the data trained on).
 
 A batch is a dict of [batch, length] arrays. For a `DecoderLM` ("lm"):
 `inputs` (tokens), `targets` (the next tokens), `weights` (1.0 for a real
@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
-# kind -> {key: dtype}; the first keys are required, the rest optional.
+# task -> {key: dtype}; the first keys are required, the rest optional.
 LAYOUT: dict[str, dict[str, type]] = {
     "lm": {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32, "segment_ids": jnp.int32,
            "positions": jnp.int32},
@@ -25,21 +25,21 @@ LAYOUT: dict[str, dict[str, type]] = {
                 "src_segment_ids": jnp.int32, "tgt_segment_ids": jnp.int32},
 }
 REQUIRED = {"lm": ("inputs", "targets"), "seq2seq": ("src", "tgt_inputs", "tgt_targets", "tgt_weights")}
-# The keys a data pipeline produces (and a plan compiles for) per kind.
+# The keys a data pipeline produces (and a plan compiles for) per task.
 KEYS = {"lm": ("inputs", "targets", "weights", "segment_ids", "positions"),
         "seq2seq": ("src", "tgt_inputs", "tgt_targets", "tgt_weights")}
 
 
-def _check_kind(kind: str) -> None:
-    if kind not in LAYOUT:
-        raise ValueError(f"unknown model kind {kind!r}; choose one of {sorted(LAYOUT)}")
+def _check_task(task: str) -> None:
+    if task not in LAYOUT:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(LAYOUT)}")
 
 
-def abstract_batch(kind: str, batch: int, seq_len: int, src_len: int | None = None) -> dict:
-    """ShapeDtypeStructs of a training batch with the pipeline's keys (`KEYS[kind]`)."""
-    _check_kind(kind)
+def abstract_batch(task: str, batch: int, seq_len: int, src_len: int | None = None) -> dict:
+    """ShapeDtypeStructs of a training batch with the pipeline's keys (`KEYS[task]`)."""
+    _check_task(task)
     lengths = {"src": src_len or seq_len}
-    return {k: jax.ShapeDtypeStruct((batch, lengths.get(k, seq_len)), LAYOUT[kind][k]) for k in KEYS[kind]}
+    return {k: jax.ShapeDtypeStruct((batch, lengths.get(k, seq_len)), LAYOUT[task][k]) for k in KEYS[task]}
 
 
 def lm_batch(tokens_bt1: ArrayLike) -> dict:
@@ -49,12 +49,12 @@ def lm_batch(tokens_bt1: ArrayLike) -> dict:
 
 
 def logits_and_targets(model: nnx.Module, batch: dict, dropout_rng: jax.Array | None = None):
-    """Teacher-forced logits and (targets, weights) of `batch` under `model` (by `model.kind`)."""
-    kind = model.kind
-    missing = [k for k in REQUIRED[kind] if k not in batch]
+    """Teacher-forced logits and (targets, weights) of `batch` under `model` (by `model.task`)."""
+    task = model.task
+    missing = [k for k in REQUIRED[task] if k not in batch]
     if missing:
-        raise ValueError(f"a {kind} batch needs keys {list(REQUIRED[kind])}; missing {missing}")
-    if kind == "seq2seq":
+        raise ValueError(f"a {task} batch needs keys {list(REQUIRED[task])}; missing {missing}")
+    if task == "seq2seq":
         logits = model(batch["src"], batch["tgt_inputs"], src_segment_ids=batch.get("src_segment_ids"),
                        tgt_segment_ids=batch.get("tgt_segment_ids"), dropout_rng=dropout_rng)
         return logits, batch["tgt_targets"], batch["tgt_weights"]
@@ -66,7 +66,7 @@ def logits_and_targets(model: nnx.Module, batch: dict, dropout_rng: jax.Array | 
     return logits, batch["targets"], weights
 
 
-def target_length(kind: str, batch: dict) -> int:
+def target_length(task: str, batch: dict) -> int:
     """Tokens per row the loss is taken over (for FLOPs per token)."""
-    _check_kind(kind)
-    return int(np.shape(batch["tgt_inputs" if kind == "seq2seq" else "inputs"])[1])
+    _check_task(task)
+    return int(np.shape(batch["tgt_inputs" if task == "seq2seq" else "inputs"])[1])

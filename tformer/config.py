@@ -197,7 +197,7 @@ class ModelConfig:
         return -(-self.vocab_size // m) * m
 
     @property
-    def kind(self) -> str:
+    def task(self) -> str:
         """"seq2seq" (an EncoderDecoder) when there are encoder layers, else "lm" (a DecoderLM)."""
         return "seq2seq" if self.num_encoder_layers > 0 else "lm"
 

@@ -33,7 +33,7 @@ _AXIS_FEATURES = {"tensor": "tensor parallelism", "stage": "pipeline parallelism
 class Family:
     """One model family: its classes, the data it trains on, how it decodes and what it supports.
 
-    Invariant: `model_class.kind == task` (the model's batch layout is its family's task).
+    Invariant: `model_class.task == task` (the model's batch layout is its family's task).
     """
 
     name: str
@@ -103,5 +103,5 @@ def of_model(model: object) -> Family:
 
 
 def model_class(cfg: ModelConfig) -> type:
-    """The Transformer class a ModelConfig describes (`cfg.kind`: lm | seq2seq, its family's name)."""
-    return get(cfg.kind).model_class
+    """The Transformer class a ModelConfig describes (`cfg.task`: lm | seq2seq, which names its family)."""
+    return get(cfg.task).model_class

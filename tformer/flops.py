@@ -13,12 +13,12 @@ from tformer.config import ModelConfig
 
 
 def param_count(cfg: ModelConfig, include_positions: bool = False) -> int:
-    """Parameters of the model `cfg` describes (`cfg.kind`), counting the padded vocabulary as stored.
+    """Parameters of the model `cfg` describes (`cfg.task`), counting the padded vocabulary as stored.
 
     The learned position table is left out unless `include_positions`: it is
     a lookup, not a matmul, so the 6N training-FLOP rule excludes it.
     """
-    encoder_decoder = cfg.kind == "seq2seq"
+    encoder_decoder = cfg.task == "seq2seq"
     d, f, h, kh, hd = cfg.d_model, cfg.resolved_d_ff, cfg.num_heads, cfg.kv_heads, cfg.resolved_head_dim
     bias = cfg.use_bias
     attn = d * h * hd * 2 + d * kh * hd * 2 + (h * hd + 2 * kh * hd + d if bias else 0)

@@ -185,7 +185,7 @@ def _resolve(cfg, decode: Decode, prompt_len: int) -> Decode:
 
 def _as_src(model, src, src_segment_ids, batch: int, what: str):
     """Source arrays for an EncoderDecoder (None for a DecoderLM), checked against the batch."""
-    if model.kind != "seq2seq":
+    if model.task != "seq2seq":
         return None, None
     if src is None:
         raise ValueError(f"EncoderDecoder {what} needs src=[batch, src_len] source tokens")
@@ -254,7 +254,7 @@ Prefill = Callable[[Any, tuple, Decode], Prefilled]
 def _prefill(model, inputs: tuple, decode: Decode) -> Prefilled:
     """The Transformers' prefill: left-aligned prompts through the cache in one parallel pass."""
     prompt, valid, src, src_seg = inputs
-    if model.kind == "seq2seq":
+    if model.task == "seq2seq":
         cache = model.init_cache(src, decode.cache_len, src_segment_ids=src_seg)
     else:
         cache = model.init_cache(prompt.shape[0], decode.cache_len)
@@ -497,7 +497,7 @@ def _sequence_logprob(graphdef, state, prompt, valid, cont, src, src_seg, *, eos
     v = jnp.concatenate([valid, jnp.ones(cont.shape, bool)], axis=1)
     pos = jnp.maximum(jnp.cumsum(v, axis=1) - 1, 0)
     seg = v.astype(jnp.int32)
-    if model.kind == "seq2seq":
+    if model.task == "seq2seq":
         # Cross-attention pairs equal segment ids: every real source token is segment 1 here.
         src_seg = None if src_seg is None else (src_seg != 0).astype(jnp.int32)
         logits = model(src, tokens, src_segment_ids=src_seg, tgt_segment_ids=seg, tgt_positions=pos)

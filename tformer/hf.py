@@ -615,7 +615,7 @@ def save_hf_checkpoint(model: DecoderLM, path: str | Path) -> Path:
     family = families.of_model(model)
     if not family.hf_causal_lm:
         raise ValueError(f"save_hf_checkpoint: the {family.name} family ({type(model).__name__}) has no Hugging Face "
-                         f"causal-LM counterpart; export a DecoderLM (model.kind='lm')")
+                         f"causal-LM counterpart; export a DecoderLM (config.model.kind='lm')")
     cfg = model.cfg
     hf = config_to_hf(cfg)
     params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), nnx.to_pure_dict(nnx.state(model, nnx.Param)))

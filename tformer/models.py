@@ -198,17 +198,17 @@ def _has_final_norm(cfg: ModelConfig) -> bool:
 class _Transformer(nnx.Module):
     """What both models share: the embedding, the decoder path (parallel or cached) and the head.
 
-    Subclasses set `kind` ("lm" | "seq2seq", the explicit way to tell them
-    apart, equal to `ModelConfig.kind`) and `decoder_stack`.
+    Subclasses set `task` ("lm" | "seq2seq": the batch layout they train on, the explicit way
+    to tell them apart, equal to `ModelConfig.task`) and `decoder_stack`.
     """
 
-    kind: ClassVar[str]
+    task: ClassVar[str]
     cfg: ModelConfig
     embed: Embedder
 
     @property
     def decoder_stack(self) -> Stack:
-        """The decoder's layer stack; each model kind names its own (abstract here)."""
+        """The decoder's layer stack; each model class names its own (abstract here)."""
         raise NotImplementedError(f"{type(self).__name__} must define decoder_stack")
 
     def _head(self, x_btd):
@@ -254,7 +254,7 @@ class _Transformer(nnx.Module):
             valid_bt = jnp.ones(tokens_bt.shape, bool)
         cache, pos_bt, masking = kvcache.advance(cache, valid_bt, self.cfg.local_window)
         cross_masking = None
-        if self.kind == "seq2seq":
+        if self.task == "seq2seq":
             cross_masking = Masking(q_pos=pos_bt, k_pos=jnp.zeros(cache.src_valid.shape, jnp.int32),
                                     k_seg=cache.src_valid.astype(jnp.int32), causal=False)
         return self._decoder(tokens_bt, pos_bt, masking, cross_masking=cross_masking, cache=cache, layers=layers,
@@ -271,10 +271,10 @@ class _Transformer(nnx.Module):
 class DecoderLM(_Transformer):
     """Decoder-only language model (GPT-2 / Llama family, by config)."""
 
-    kind: ClassVar[str] = "lm"
+    task: ClassVar[str] = "lm"
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        if cfg.kind != "lm":
+        if cfg.task != "lm":
             raise ValueError(f"ModelConfig.num_encoder_layers={cfg.num_encoder_layers}: a DecoderLM has no encoder; "
                              "set it to 0 or build an EncoderDecoder")
         self.cfg = cfg
@@ -309,7 +309,7 @@ class EncoderDecoder(_Transformer):
     Source and target share one vocabulary and one embedding table.
     """
 
-    kind: ClassVar[str] = "seq2seq"
+    task: ClassVar[str] = "seq2seq"
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         if cfg.num_encoder_layers < 1:

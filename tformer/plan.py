@@ -295,7 +295,7 @@ def plan_train_step(
     state_sh = training.state_shardings(model_cls, cfg, tx, mesh, rules, lora)
     abstract_state = training.abstract_train_state(abstract, tx, lora)
     params = abstract_state.params
-    shapes = batch_shapes if batch_shapes is not None else batch_lib.abstract_batch(cfg.kind, batch, seq_len, src_len)
+    shapes = batch_shapes if batch_shapes is not None else batch_lib.abstract_batch(cfg.task, batch, seq_len, src_len)
     batch_sh = training.batch_sharding(mesh, rules, shapes)
 
     def with_sharding(a: jax.ShapeDtypeStruct, s: NamedSharding) -> jax.ShapeDtypeStruct:
@@ -459,8 +459,8 @@ def _programs(model_cls, cfg: ModelConfig, optim, batch: int, seq_len: int, src_
     tx = training.make_optimizer(optim, abstract)
     step = training.make_train_step(graphdef, tx, optim, donate=False)
     state = training.abstract_train_state(abstract, tx)
-    shapes = batch_lib.abstract_batch(cfg.kind, batch, seq_len, src_len)
-    seq2seq = cfg.kind == "seq2seq"
+    shapes = batch_lib.abstract_batch(cfg.task, batch, seq_len, src_len)
+    seq2seq = cfg.task == "seq2seq"
     prompt = 1 if seq2seq else max(1, seq_len // 2)  # an encoder-decoder prefills BOS after encoding the source
     ints = functools.partial(jax.ShapeDtypeStruct, dtype=np.int32)
     src = ints((batch, src_len or seq_len)) if seq2seq else None

@@ -166,7 +166,7 @@ class RNNLM(nnx.Module):
     """Stacked LSTM / GRU language model: the recurrent counterpart of `DecoderLM`."""
 
     config_class = RNNConfig
-    kind = "lm"  # the batch layout it trains on
+    task = "lm"  # the batch layout it trains on
 
     def __init__(self, cfg: RNNConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -205,7 +205,7 @@ class RNNSeq2Seq(nnx.Module):
     """
 
     config_class = RNNConfig
-    kind = "seq2seq"
+    task = "seq2seq"
 
     def __init__(self, cfg: RNNConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -275,7 +275,7 @@ def _prompts(model, prompts, lengths, src):
     lengths = jnp.asarray(lengths, jnp.int32)
     if lengths.shape != (prompt.shape[0],):
         raise ValueError(f"lengths must be [batch={prompt.shape[0]}], got shape {lengths.shape}")
-    if model.kind == "seq2seq":  # the batch layout it trains on: a source to encode
+    if model.task == "seq2seq":  # a source to encode
         if src is None:
             raise ValueError("RNNSeq2Seq decoding needs src=[batch, src_len] source tokens")
         src = jnp.asarray(src, jnp.int32)
@@ -292,7 +292,7 @@ def _prefill(model, inputs: tuple, decode: Decode) -> Prefilled:
     """
     del decode
     prompt, lengths, src = inputs
-    state = model.init_state(src) if model.kind == "seq2seq" else model.init_state(prompt.shape[0])
+    state = model.init_state(src) if model.task == "seq2seq" else model.init_state(prompt.shape[0])
     logits, state = model.extend(prompt, state, lengths)
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
     return Prefilled(last, state, step=lambda tokens_b, state, _: model.step(tokens_b, state),

@@ -176,7 +176,7 @@ def _sequence_layout(model, batch: dict, mesh) -> dict:
     n = sharding.axis_size(mesh, ring_attention.AXIS)
     if n == 1 or model.cfg.sequence_layout == "consecutive":
         return batch
-    if model.kind != "lm":
+    if model.task != "lm":
         raise ValueError(f"ModelConfig.sequence_layout={model.cfg.sequence_layout!r} applies to DecoderLM batches "
                          f"only, not {type(model).__name__}'s; use sequence_layout='consecutive'")
     return ring_attention.to_layout(batch, n)
