@@ -340,9 +340,10 @@ def bench_decode(opts: Options, dev: dict) -> list[dict]:
 
         first_full = timing.seconds(lambda: run(n))  # compile + run
         first_pre = timing.seconds(lambda: run(1))
-        # Best of the repeats: latency noise (other processes) only ever adds time.
-        full = min(timing.seconds(lambda: run(n)) for _ in range(opts.decode_repeats))
-        pre = min(timing.seconds(lambda: run(1)) for _ in range(opts.decode_repeats))
+        # Best of the repeats, the two alternated so a slow spell of the machine falls on both: latency noise
+        # (other processes) only ever adds time.
+        pairs = [(timing.seconds(lambda: run(n)), timing.seconds(lambda: run(1))) for _ in range(opts.decode_repeats)]
+        full, pre = (min(column) for column in zip(*pairs))
         phases = decode_phases(p, n, cache_len, opts.decode_chunk)
         slots = round(sum((hi - lo) * vis for lo, hi, vis in phases) / (n - 1)) if phases else cache_len
         nbytes = flops.decode_bytes_per_step(cfg, b, slots, param_bytes, kv_bytes)

@@ -186,7 +186,7 @@ REQUIRED = {"what", "tokens_per_s", "tflops", "mfu", "compile_s", "attention", "
 def test_run_in_process_train_and_decode():
     opts = bm.Options(model="cpu_tiny", overrides=TINY, what=("train", "decode"), batch=2, seq_len=32, steps=3,
                       warmup=1, decode_batches=(2,), prompt_len=8, new_tokens=128, hbm_gbps=100.0,
-                      peak_tflops=2.0)
+                      peak_tflops=2.0, decode_repeats=5)  # 5: the best 128-token run must beat the best 1-token run
     emitted = []
     records = bm.run(opts, emit=emitted.append)
     assert records == emitted and [r["what"] for r in records] == ["train", "decode"]
