@@ -14,7 +14,7 @@ table of known devices (tformer.flops.DEVICE_SPECS); elsewhere pass
 PyTorch peer's on the same model (experiments/peers: Hugging Face GPT-2 eager, or
 the model.py of a nanoGPT checkout; `pip install -e .[peers]`), blocks of steps
 in turn for `--rounds` rounds, and prints both medians, the ratio and GFLOP/s
-against this CPU's fp32 peak; `--out=docs/results/peers.json` records the pair.
+against this CPU's fp32 peak; `--out=docs/results/peer_<name>.json` records the pair.
 
 `--peer_script` runs a peer (e.g. a Hugging Face GPT-2 script with `train`
 and `decode` functions taking the same shape from SHAPE/BATCH/STEPS) in a
@@ -44,7 +44,7 @@ import numpy as np
 from flax import nnx
 
 import tformer
-from experiments import timing
+from experiments import results, timing
 from tformer import batch as batch_lib
 from tformer import flops, host, training
 from tformer.attention import Masking, resolve_impl
@@ -577,20 +577,24 @@ def bench_pair(opts: Options, dev: dict, peer: str, rounds: int) -> dict:
     return rec
 
 
-def conditions(rec: dict) -> dict:
-    """What a pair was measured under, for docs/results: machine, instruction set, load, versions, date, command."""
-    import platform
-
+def pair_conditions(rec: dict) -> dict:
+    """What a pair was measured under (experiments.results.conditions): machine, instruction set, load during
+    the run, versions, date, and the command (a nanoGPT checkout's path left out: it is the user's)."""
     peak = cpu_peak() or {}
     argv = [("--peer=nanogpt:<nanoGPT checkout>" if a.startswith("--peer=nanogpt:") else a) for a in sys.argv[1:]]
-    return dict(cpu=peak.get("model", platform.processor()), cores=peak.get("cores", os.cpu_count()),
-                avx2=peak.get("avx2"), avx512=peak.get("avx512"), cpu_peak_gflops=peak.get("gflops"),
-                cpu_peak_how=peak.get("how"), load_1min=rec.get("load_1min"), jax_version=jax.__version__,
-                torch_version=rec.get("peer_info", {}).get("torch"),
-                transformers_version=rec.get("peer_info", {}).get("transformers"),
-                torch_threads=rec.get("peer_info", {}).get("threads"), python=platform.python_version(),
-                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                command="python experiments/benchmark.py " + " ".join(argv))
+    info = rec.get("peer_info", {})
+    return results.conditions(
+        command="python experiments/benchmark.py " + " ".join(argv), cores=peak.get("cores", os.cpu_count()),
+        avx2=peak.get("avx2"), avx512=peak.get("avx512"), cpu_peak_gflops=peak.get("gflops"),
+        cpu_peak_how=peak.get("how"), load_during_run=rec.get("load_1min"),
+        load_during_run_note="1-minute load average before the first round and after each (the run itself "
+                             "keeps about 2 threads busy)",
+        torch=info.get("torch"), transformers=info.get("transformers"), torch_threads=info.get("threads"))
+
+
+def write_result(path: str, rec: dict) -> None:
+    """Write the pair and its conditions to `path` (a docs/results record, experiments.results.write)."""
+    results.write(path, dict(conditions=pair_conditions(rec), pair={k: v for k, v in rec.items() if k != "what"}))
 
 
 def pair_summary(rec: dict) -> str:
@@ -602,15 +606,6 @@ def pair_summary(rec: dict) -> str:
             f"({theirs['min']} min) per step, {rec['rounds']} x {rec['steps_per_round']} steps alternated: "
             f"speedup {rec['speedup']}x (per round {rec['speedup_rounds']}); model GFLOP/s {rec['tformer_gflops']} "
             f"vs {rec['peer_gflops']}{peak}; load (1 min) {rec['load_1min']}")
-
-
-def write_result(path: str, key: str, rec: dict) -> None:
-    """Set `key` of the JSON file at `path` (created if missing) to the pair and its conditions."""
-    out = Path(path)
-    data = json.loads(out.read_text()) if out.is_file() else {}
-    data[key] = dict(conditions=conditions(rec), **{k: v for k, v in rec.items() if k not in ("what",)})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
 
 
 # ---------------------------------------------------------------------------
@@ -725,9 +720,8 @@ def define_flags(fv=None) -> None:
     flags.DEFINE_bool("gpu_xla_flags", True, f"Add {' '.join(GPU_XLA_FLAGS)} (ignored off GPU).", **d)
     flags.DEFINE_string("peer", None, "PyTorch peer whose train step alternates with tformer's in this run: "
                         "hf (Hugging Face GPT-2, eager) or nanogpt:<path of a nanoGPT checkout>; needs .[peers].", **d)
-    flags.DEFINE_string("out", None, "With --peer: write the pair and its conditions to this JSON file "
-                        "(e.g. docs/results/peers.json), under --out_key.", **d)
-    flags.DEFINE_string("out_key", None, "Key of the pair in --out (default: the peer's name).", **d)
+    flags.DEFINE_string("out", None, "With --peer: write the pair and its conditions to this JSON record "
+                        "(e.g. docs/results/peer_nanogpt.json).", **d)
     flags.DEFINE_string("peer_script", None, "Peer benchmark script to run in the same run (optional).", **d)
     flags.DEFINE_list("peer_modes", ["train"], f"Peer figures: {', '.join(PEER_MODES)}.", **d)
     flags.DEFINE_integer("rounds", 1, "With --peer or --peer_script: alternate tformer and peer train figures "
@@ -806,7 +800,7 @@ def main(argv) -> None:
         if rec.get("what") == "pair":
             print(pair_summary(rec), file=sys.stderr, flush=True)
             if fv.out:
-                write_result(fv.out, fv.out_key or rec["peer"], rec)
+                write_result(fv.out, rec)
     if sink:
         sink.close()
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from experiments import benchmark as bm
-from experiments import peers
+from experiments import peers, results
 from tformer import flops
 
 CPU = """processor\t: {i}
@@ -113,13 +113,12 @@ def test_nanogpt_pair_alternates_with_a_checkout_model(tmp_path):
     cfg = bm.model_config(opts)
     assert rec["flops_per_step"] == flops.train_flops_per_token(cfg.replace(vocab_multiple=1), 16) * 2 * 16
     assert rec["tformer_gflops"] / rec["peer_gflops"] == pytest.approx(rec["speedup"], rel=1e-2)
-    out = tmp_path / "peers.json"
-    bm.write_result(str(out), "nanogpt", rec)
-    bm.write_result(str(out), "again", rec)  # keys accumulate in one file
+    out = tmp_path / "results" / "peer_nanogpt.json"
+    bm.write_result(str(out), rec)
     got = json.loads(out.read_text())
-    assert sorted(got) == ["again", "nanogpt"] and got["nanogpt"]["speedup"] == rec["speedup"]
-    assert {"cpu", "avx512", "load_1min", "jax_version", "torch_version", "date", "command"} <= set(
-        got["nanogpt"]["conditions"])
+    assert got["pair"]["speedup"] == rec["speedup"] and got["pair"]["peer_step_ms"] == rec["peer_step_ms"]
+    assert set(results.REQUIRED_CONDITIONS) | {"cpu", "avx512", "load_during_run", "torch"} <= set(
+        got["conditions"])
 
 
 def test_hf_peer_builds_the_same_model_as_tformer(tmp_path):
