@@ -48,9 +48,9 @@ def _study_record() -> dict:
     model = {"params": 1000}
     return {
         "a": {"transformer": model, "lstm": model, "tokens_per_step": 64, "rows": [
-            {"T": t, "batch": 64 // t, "transformer_ms": t * 0.1, "lstm_ms": t * 0.2, "transformer_latency_ms": 1.0,
-             "lstm_latency_ms": t * 0.05, "lstm_critical_path": t + 1, "transformer_critical_path": 2}
-            for t in (16, 32)]},
+            {"T": t, "batch": 64 // t, "transformer_ms": t * 0.1, "lstm_ms": t * 0.2, "lstm_critical_path": t + 1,
+             "transformer_critical_path": 2} for t in (16, 32)],
+            "forward_one": {"rows": [{"T": t, "transformer_ms": 1.0, "lstm_ms": t * 0.05} for t in (16, 32)]}},
         "b": {"rows": [{"position": p, "cached_ms": 0.1, "uncached_ms": 0.1 * p, "rnn_ms": 0.1} for p in (1, 16)]},
         "c": {"seconds_lm": 1.0, "seconds_numbers": 1.0, **{
             f"{task}_{name}": {"steps": 3, "curve": [[0.1, 5.0], [0.5, 3.0]], "bits_per_byte": 3.5 / math.log(2),
