@@ -1,10 +1,13 @@
 r"""The parallelism story, measured: Transformer vs RNN, and data vs model parallelism.
 
-    python experiments/study.py --out=docs/figures          # the README's figures: <= 15 min on a 2-core CPU
-    python experiments/study.py --out=/tmp/study --smoke     # the same, tiny (CI): <= 2 min
+    python experiments/study.py --out=docs/figures --record=docs/results/study.json   # <= 15 min, 2-core CPU
+    python experiments/study.py --out=docs/figures --record=docs/results/study.json --replot  # plots only
+    python experiments/study.py --out=study_out --smoke     # the same, tiny (CI): <= 2 min
 
-Writes to --out one PNG per part, `study.json` (every figure) and `study.md`
-(the tables and the headline ratios):
+Writes to --out one PNG per part, and to --record (default --out/study.json)
+every figure with the conditions it was measured under; beside it the same
+name with .md (the tables and the headline ratios). --replot re-renders the
+PNGs and the .md from the record without measuring:
 
   a. `train_step_vs_length.png`: one train step vs sequence length T, LSTM vs
      Transformer of the same parameter count and tokens per step (batch =
@@ -54,10 +57,13 @@ STRATEGIES = ("dp", "fsdp", "tp") + SPLITS
 
 
 def define_flags() -> None:
-    flags.DEFINE_string("out", None, "Directory for the PNGs, study.json and study.md.")
+    flags.DEFINE_string("out", None, "Directory for the PNGs (and study.json / study.md unless --record).")
+    flags.DEFINE_string("record", None, "The JSON record of every figure (default: --out/study.json); its "
+                        "report goes beside it (.md).")
+    flags.DEFINE_bool("replot", False, "Re-render the PNGs and the report from --record without measuring.")
     flags.DEFINE_bool("smoke", False, "Tiny settings (CI): every part runs, in about a minute.")
     flags.DEFINE_string("parts", PARTS, "Which parts to run, e.g. 'ab'; the other parts' figures already in "
-                        "--out/study.json are kept.")
+                        "--record are kept.")
     flags.DEFINE_float("train_seconds", None, "Part c: training time per model and task (default: numbers 120 s, "
                        "LM 40 s; smoke 1 s).")
     flags.DEFINE_string("plan_worker", None, "Internal: run the plans of this folder's request.json (part d).")
@@ -143,6 +149,19 @@ def _lm_step(model_cls, cfg, batch: int, length: int):
     return lambda: step(state, b)[1]["loss"]
 
 
+def _forward_one(model_cls, cfg, length: int):
+    """A zero-argument function running one jitted forward of one sequence of `length` tokens: its time is
+    the chain of dependent steps (no batch to spread over the cores), the measured critical path."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    graphdef, params = nnx.split(model_cls(cfg, rngs=nnx.Rngs(0)))
+    tokens = jax.device_put(np.random.default_rng(0).integers(3, cfg.vocab_size, (1, length)).astype(np.int32))
+    forward = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))
+    return lambda: forward(params, tokens)
+
+
 def part_a(s: Settings) -> dict:
     import tformer
     from tformer import rnn
@@ -153,12 +172,15 @@ def part_a(s: Settings) -> dict:
         batch = max(s.tokens_per_step // length, 1)
         t = _interleaved({"transformer": _lm_step(tformer.DecoderLM, tf, batch, length),
                           "lstm": _lm_step(rnn.RNNLM, lstm, batch, length)}, s.step_repeats)
-        rows.append({"T": length, "batch": batch, **{f"{k}_ms": 1e3 * v for k, v in t.items()},
+        one = _interleaved({"transformer_latency": _forward_one(tformer.DecoderLM, tf, length),
+                            "lstm_latency": _forward_one(rnn.RNNLM, lstm, length)}, s.step_repeats)
+        rows.append({"T": length, "batch": batch, **{f"{k}_ms": 1e3 * v for k, v in (t | one).items()},
                      # Dependent steps a forward pass must take one after another: the LSTM's layer l
                      # at time t waits for (l, t - 1) and (l - 1, t); a Transformer layer sees all T at once.
                      "lstm_critical_path": length + s.num_layers - 1, "transformer_critical_path": s.num_layers})
         print(f"[a] T={length:5d} batch={batch:4d}  transformer {rows[-1]['transformer_ms']:8.1f} ms  "
-              f"lstm {rows[-1]['lstm_ms']:8.1f} ms", flush=True)
+              f"lstm {rows[-1]['lstm_ms']:8.1f} ms; forward of one sequence: transformer "
+              f"{rows[-1]['transformer_latency_ms']:.2f} ms, lstm {rows[-1]['lstm_latency_ms']:.2f} ms", flush=True)
     return {"transformer": dataclasses.asdict(tf) | {"params": n_tf},
             "lstm": dataclasses.asdict(lstm) | {"params": n_lstm},
             "tokens_per_step": s.tokens_per_step, "rows": rows}
@@ -448,98 +470,119 @@ def part_d(s: Settings) -> dict:
 # Plots and the markdown report.
 
 
-def _plot_a(r: dict, path: Path) -> None:
-    import matplotlib.pyplot as plt
+def _names(rows, key: str) -> list[str]:
+    return list(dict.fromkeys(x[key] for x in rows))
+
+
+def _plot_a(r: dict, path: Path, conditions=None) -> None:
+    from experiments import plotstyle
 
     rows = r["rows"]
     ts = [x["T"] for x in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, (ax1, ax2) = plotstyle.figure(2)
     ax1.plot(ts, [x["transformer_ms"] for x in rows], "o-",
-             label=f"Transformer ({r['transformer']['params']:,} params)")
-    ax1.plot(ts, [x["lstm_ms"] for x in rows], "s-", label=f"LSTM ({r['lstm']['params']:,} params)")
-    ax1.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="ms per train step",
-            title=f"train step, {r['tokens_per_step']} tokens per step")
-    ax2.plot(ts, [x["transformer_critical_path"] for x in rows], "o-", label="Transformer: layers")
-    ax2.plot(ts, [x["lstm_critical_path"] for x in rows], "s-", label="LSTM: T + layers - 1")
-    ax2.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="dependent steps",
-            title="sequential steps on the critical path")
+             label=f"Transformer ({r['transformer']['params']:,} parameters)")
+    ax1.plot(ts, [x["lstm_ms"] for x in rows], "s-", label=f"LSTM ({r['lstm']['params']:,} parameters)")
+    ax1.set(xlabel="sequence length T (tokens)", ylabel="time per train step (ms, fastest repeat)",
+            title=f"one train step, {r['tokens_per_step']:,} tokens per step (batch = tokens / T)")
+    if rows and "lstm_latency_ms" in rows[0]:  # measured: one forward at batch 1, its length the critical path
+        ax2.plot(ts, [x["transformer_latency_ms"] for x in rows], "o-", label="Transformer")
+        ax2.plot(ts, [x["lstm_latency_ms"] for x in rows], "s-", label="LSTM")
+        ax2.set(ylabel="time per forward pass (ms, batch 1)",
+                title="one forward pass of one sequence: the sequential steps, measured")
+    else:  # an older record: the measured ratio (the critical-path counts stay in the record, not drawn)
+        ax2.plot(ts, [x["lstm_ms"] / x["transformer_ms"] for x in rows], "D-", color="C2")
+        ax2.axhline(1.0, color="gray", lw=0.8)
+        ax2.set(ylabel="LSTM time / Transformer time", title="LSTM train step relative to the Transformer's")
+    ax2.set(xlabel="sequence length T (tokens)")
     for ax in (ax1, ax2):
-        ax.set_xticks(ts, [str(t) for t in ts], fontsize=7)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    _save(fig, path)
+        plotstyle.log_axis(ax, "x", ts)
+        if ax is ax1 or "lstm_latency_ms" in rows[0]:
+            plotstyle.log_axis(ax, "y")
+            ax.legend()
+    plotstyle.title(fig, "Train step and forward pass vs sequence length: LSTM vs Transformer of the same size",
+                    conditions)
+    plotstyle.save(fig, path)
 
 
-def _plot_b(r: dict, path: Path) -> None:
-    import matplotlib.pyplot as plt
+def _plot_b(r: dict, path: Path, conditions=None) -> None:
+    from experiments import plotstyle
 
     rows = r["rows"]
     pos = [x["position"] for x in rows]
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    ax.plot(pos, [x["uncached_ms"] for x in rows], "^-", label="Transformer, no cache (full forward)")
-    ax.plot(pos, [x["cached_ms"] for x in rows], "o-", label="Transformer, KV cache")
-    ax.plot(pos, [x["rnn_ms"] for x in rows], "s-", label="LSTM (carried state)")
-    ax.set(yscale="log", xlabel="position of the new token", ylabel="ms per token (batch 1)",
-           title="decode cost per token")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    _save(fig, path)
+    fig, ax = plotstyle.figure(1, width=9, height=5)
+    ax.plot(pos, [x["uncached_ms"] for x in rows], "^-", label="Transformer, no cache (re-runs the whole prefix)")
+    ax.plot(pos, [x["cached_ms"] for x in rows], "o-", label="Transformer with the KV cache")
+    ax.plot(pos, [x["rnn_ms"] for x in rows], "s-", label="LSTM (one step of its carried state)")
+    plotstyle.log_axis(ax, "y")
+    ax.set(xlabel="position of the new token (tokens already seen)", ylabel="time per new token (ms, batch 1)")
+    ax.set_xticks(pos, [plotstyle.plain(p) for p in pos])
+    ax.legend()
+    plotstyle.title(fig, "Decode: the cost of one new token vs its position", conditions)
+    plotstyle.save(fig, path)
 
 
-def _plot_c(r: dict, path: Path) -> None:
-    import matplotlib.pyplot as plt
+def _plot_c(r: dict, path: Path, conditions=None) -> None:
+    from experiments import plotstyle
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, task, metric in zip(axes, ("lm", "numbers"), ("bits_per_byte", "exact_match")):
-        for name in ("transformer", "rnn"):
+    fig, axes = plotstyle.figure(2, height=5.4)
+    for ax, task in zip(axes, ("lm", "numbers")):
+        for name, who in (("transformer", "Transformer"), ("rnn", "LSTM" if task == "lm" else "LSTM + attention")):
             x = r[f"{task}_{name}"]
-            who = "Transformer" if name == "transformer" else "LSTM"
-            label = f"{who}: {x['steps']} steps, {metric} {x[metric]:.3f}"
-            ax.plot([c[0] for c in x["curve"]], [c[1] for c in x["curve"]], label=label)
-        ax.set(xlabel="training seconds (after compiling)", ylabel="train loss (nats/token)", yscale="log",
-               title=f"{'stdlib LM' if task == 'lm' else 'numbers task'}, {r[f'seconds_{task}']:.0f} s each")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    _save(fig, path)
+            score = (f"{x['bits_per_byte']:.3f} bits per byte on validation" if task == "lm"
+                     else f"exact match {x['exact_match']:.1%} on validation")
+            # Byte tokenizer: one scored token per byte (a document's EOS counts as its byte), so
+            # bits per byte = nats per token / ln 2.
+            ax.plot([c[0] for c in x["curve"]], [c[1] / math.log(2) for c in x["curve"]],
+                    label=f"{who}: {x['steps']:,} steps, {score}")
+        if task == "numbers":  # from ~8 down to ~0.001 bits: only a log axis shows the end
+            plotstyle.log_axis(ax, "y")
+        what = "stdlib LM (next byte)" if task == "lm" else "numbers task (digits to English words)"
+        ax.set(xlabel="training time (s, compilation excluded)", ylabel="train loss (bits per byte)",
+               title=f"{what}, {r[f'seconds_{task}']:.0f} s each")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16))
+    plotstyle.title(fig, "Quality after the same training time: Transformer vs LSTM", conditions)
+    plotstyle.save(fig, path)
 
 
-def _plot_d(r: dict, path: Path) -> None:
-    import matplotlib.pyplot as plt
+_LOOK = {"dp": ("o", "-"), "fsdp": ("s", "-"), "tp": ("^", "-"), "fsdp_tp": ("v", "-"), "pp": ("D", "--"),
+         "sp": ("x", ":")}
+_WORDS = {"dp": "data parallel (dp)", "fsdp": "fully sharded (fsdp)", "tp": "tensor parallel (tp)",
+          "fsdp_tp": "fsdp + tensor", "pp": "pipeline, GPipe (pp)", "sp": "sequence, ring attention (sp)"}
+
+
+def _plot_d(r: dict, path: Path, conditions=None) -> None:
+    from experiments import plotstyle
 
     rows = r["rows"]
-    models = list(dict.fromkeys(x["model"] for x in rows))
-    fig, axes = plt.subplots(len(models), 2, figsize=(9, 3.2 * len(models)), squeeze=False)
+    models = _names(rows, "model")
+    fig, axes = plotstyle.figure(2, len(models), height=4.4, squeeze=False)
     for (ax1, ax2), m in zip(axes, models):
         mine = [x for x in rows if x["model"] == m]
         devs = sorted({x["devices"] for x in mine})
-        for i, preset in enumerate(STRATEGIES):
-            pr = [x for x in mine if x["preset"] == preset]
-            if not pr:
-                continue
-            color = f"C{i}"
-            ax1.plot(devs, [x["state_bytes"] / 2**30 for x in pr], "o-", color=color, label=f"{preset}: params + Adam")
-            ax1.plot(devs, [(x["peak_bytes"] or 0) / 2**30 for x in pr], ":", color=color, alpha=0.6)
+        presets = _names(mine, "preset")
+        for i, preset in enumerate(presets):
+            pr = sorted((x for x in mine if x["preset"] == preset), key=lambda x: x["devices"])
+            # Strategies that coincide (dp and sp keep the same state) would hide each other: a small
+            # horizontal offset per strategy, and each its own marker and line style.
+            shift = 1.1 ** (i - (len(presets) - 1) / 2)
+            marker, line = _LOOK.get(preset, ("P", "-."))
+            kw = dict(color=f"C{i}", marker=marker, linestyle=line, markersize=6, label=_WORDS.get(preset, preset))
+            ax1.plot([x["devices"] * shift for x in pr], [x["state_bytes"] / 2**30 for x in pr], **kw)
             multi = [x for x in pr if x["devices"] > 1]  # one device sends nothing
-            ax2.plot([x["devices"] for x in multi], [x["collective_bytes"] / 2**30 for x in multi], "o-", color=color,
-                     label=preset)
-        title = f"{m} ({mine[0]['params'] / 1e6:.0f}M params, batch {mine[0]['batch']} x {mine[0]['seq_len']})"
-        ax1.set(xscale="log", yscale="log", xlabel="devices", ylabel="GiB per device", title=title)
-        ax1.plot([], [], ":", color="gray", label="peak incl. activations")
-        ax2.set(xscale="log", yscale="log", xlabel="devices", ylabel="GiB of collective results / device / step",
-                title="collective traffic (compiled step)")
+            ax2.plot([x["devices"] * shift for x in multi], [x["collective_bytes"] / 2**30 for x in multi], **kw)
+        first = mine[0]
+        title = f"{m}: {first['params'] / 1e6:,.0f}M parameters, global batch {first['batch']} x {first['seq_len']}"
+        ax1.set(xlabel="devices", ylabel="parameters + Adam state per device (GiB)", title=title)
+        ax2.set(xlabel="devices", ylabel="collective results per device per step (GiB)",
+                title="collective traffic of one compiled train step")
         for ax in (ax1, ax2):
-            ax.set_xticks(devs, [str(d) for d in devs], fontsize=7)
-            ax.legend(fontsize=6)
-            ax.grid(alpha=0.3)
-    _save(fig, path)
-
-
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+            plotstyle.log_axis(ax, "x", devs)
+            plotstyle.log_axis(ax, "y")
+            ax.legend(fontsize=8)
+    plotstyle.title(fig, "Data vs model parallelism, from plan mode (compiled, not run; fake CPU devices)",
+                    conditions)
+    plotstyle.save(fig, path)
 
 
 def _at(rows, key, value):
@@ -590,9 +633,19 @@ def headlines(results: dict) -> list[str]:
     return out
 
 
+def _conditions_text(c) -> str:
+    if not isinstance(c, dict):
+        return str(c)
+    keys = ("machine", "load", "jax", "date", "command")
+    return "; ".join(f"{k} {c[k]}" for k in keys if k in c)
+
+
 def markdown(results: dict) -> str:
     lines = ["# Transformer vs RNN, data vs model parallelism: measured", "",
-             f"Conditions: {results['conditions']}", ""]
+             "Generated by experiments/study.py from study.json (edit neither by hand).", "",
+             f"Conditions: {_conditions_text(results['conditions'])}", ""]
+    lines += [f"Part {p} measured: {_conditions_text(results[p]['conditions'])}" for p in PARTS
+              if p in results and "conditions" in results[p]] + [""]
     lines += [f"* {h}" for h in headlines(results)] + [""]
     if "a" in results:
         lines += ["## a. Train step vs sequence length", "",
@@ -637,21 +690,38 @@ PLOTS = {"a": ("train_step_vs_length.png", _plot_a), "b": ("decode_vs_position.p
          "c": ("equal_time.png", _plot_c), "d": ("parallelism_plan.png", _plot_d)}
 
 
-def write_report(results: dict, out: Path) -> None:
-    for part, (name, plot) in PLOTS.items():
-        if part in results:
-            plot(results[part], out / name)
-    (out / "study.json").write_text(json.dumps(results, indent=1))
-    (out / "study.md").write_text(markdown(results))
+def write_report(results: dict, out: Path, record: Path | None = None, plots: bool = True) -> None:
+    """The PNGs into `out`; the record (default `out`/study.json) and its report (.md) beside it."""
+    from experiments import results as records
+
+    out, record = Path(out), Path(record or Path(out) / "study.json")
+    if plots:
+        out.mkdir(parents=True, exist_ok=True)
+        for part, (name, plot) in PLOTS.items():
+            if part in results:
+                plot(results[part], out / name, results[part].get("conditions", results.get("conditions")))
+    records.write(record, results)
+    record.with_suffix(".md").write_text(markdown(results))
+
+
+def replot(out: str | os.PathLike, record: str | os.PathLike | None = None) -> dict:
+    """Re-render the PNGs and the report from a saved record, measuring nothing."""
+    record = Path(record or Path(out) / "study.json")
+    if not record.exists():
+        raise ValueError(f"--replot: no record at {record}; measure first (drop --replot) or pass --record")
+    results = json.loads(record.read_text())
+    write_report(results, Path(out), record)
+    return results
 
 
 def run(out: str | os.PathLike, smoke: bool = False, parts: str = PARTS, train_seconds: float | None = None,
-        settings: Settings | None = None) -> dict:
+        settings: Settings | None = None, record: str | os.PathLike | None = None) -> dict:
     """Run the chosen parts, writing the report after each; returns every figure.
 
     `settings` replaces the full (or, with `smoke`, the tiny) settings, e.g. a shorter study in a notebook.
+    `record`: the JSON of every figure (default `out`/study.json); each part keeps its own "conditions".
     """
-    import jax
+    from experiments import results as records
 
     bad = sorted(set(parts) - set(PARTS))
     if bad:
@@ -660,10 +730,10 @@ def run(out: str | os.PathLike, smoke: bool = False, parts: str = PARTS, train_s
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    previous = out / "study.json"
-    results: dict = json.loads(previous.read_text()) if parts != PARTS and previous.exists() else {}
-    results |= {"conditions": f"{jax.device_count()} x {jax.devices()[0].device_kind} ({os.cpu_count()} CPU cores "
-                                   f"visible), jax {jax.__version__}{', smoke settings' if smoke else ''}"}
+    record = Path(record or out / "study.json")
+    results: dict = json.loads(record.read_text()) if parts != PARTS and record.exists() else {}
+    conditions = records.conditions(settings="smoke" if smoke else "custom" if settings else "full")
+    results["conditions"] = conditions
     runners = {"a": lambda: part_a(s), "b": lambda: part_b(s), "d": lambda: part_d(s),
                "c": lambda: part_c(s, train_seconds)}
     for part in PARTS:
@@ -671,11 +741,13 @@ def run(out: str | os.PathLike, smoke: bool = False, parts: str = PARTS, train_s
             t = time.time()
             results[part] = runners[part]()
             results[part]["wall_s"] = time.time() - t
+            results[part]["conditions"] = conditions | {"load": records.conditions()["load"]}  # load when done
             results["wall_s"] = time.time() - started
-            write_report(results, out)
+            write_report(results, out, record)
     for line in headlines(results):
         print(line)
-    print(f"study: {time.time() - started:.0f} s; wrote {out}/study.md, study.json and the plots")
+    print(f"study: {time.time() - started:.0f} s; wrote {record}, {record.with_suffix('.md').name} and the plots "
+          f"in {out}")
     return results
 
 
@@ -687,7 +759,10 @@ def main(argv):
     if FLAGS.out is None:
         raise app.UsageError("--out is required")
     try:
-        run(FLAGS.out, FLAGS.smoke, FLAGS.parts, FLAGS.train_seconds)
+        if FLAGS.replot:
+            replot(FLAGS.out, FLAGS.record)
+            return
+        run(FLAGS.out, FLAGS.smoke, FLAGS.parts, FLAGS.train_seconds, record=FLAGS.record)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
