@@ -65,6 +65,8 @@ def define_flags() -> None:
     flags.DEFINE_string("record", None, "The JSON record of every figure (default: --out/study.json); its "
                         "report goes beside it (.md).")
     flags.DEFINE_bool("replot", False, "Re-render the PNGs and the report from --record without measuring.")
+    flags.DEFINE_bool("add_forward", False, "Measure only part a's forward of one sequence into --record (its "
+                      "train-step rows kept), then replot.")
     flags.DEFINE_bool("smoke", False, "Tiny settings (CI): every part runs, in about a minute.")
     flags.DEFINE_string("parts", PARTS, "Which parts to run, e.g. 'ab'; the other parts' figures already in "
                         "--record are kept.")
@@ -176,18 +178,41 @@ def part_a(s: Settings) -> dict:
         batch = max(s.tokens_per_step // length, 1)
         t = _interleaved({"transformer": _lm_step(tformer.DecoderLM, tf, batch, length),
                           "lstm": _lm_step(rnn.RNNLM, lstm, batch, length)}, s.step_repeats)
-        one = _interleaved({"transformer_latency": _forward_one(tformer.DecoderLM, tf, length),
-                            "lstm_latency": _forward_one(rnn.RNNLM, lstm, length)}, s.step_repeats)
-        rows.append({"T": length, "batch": batch, **{f"{k}_ms": 1e3 * v for k, v in (t | one).items()},
+        rows.append({"T": length, "batch": batch, **{f"{k}_ms": 1e3 * v for k, v in t.items()},
                      # Dependent steps a forward pass must take one after another: the LSTM's layer l
                      # at time t waits for (l, t - 1) and (l - 1, t); a Transformer layer sees all T at once.
                      "lstm_critical_path": length + s.num_layers - 1, "transformer_critical_path": s.num_layers})
         print(f"[a] T={length:5d} batch={batch:4d}  transformer {rows[-1]['transformer_ms']:8.1f} ms  "
-              f"lstm {rows[-1]['lstm_ms']:8.1f} ms; forward of one sequence: transformer "
-              f"{rows[-1]['transformer_latency_ms']:.2f} ms, lstm {rows[-1]['lstm_latency_ms']:.2f} ms", flush=True)
+              f"lstm {rows[-1]['lstm_ms']:8.1f} ms", flush=True)
     return {"transformer": dataclasses.asdict(tf) | {"params": n_tf},
             "lstm": dataclasses.asdict(lstm) | {"params": n_lstm},
-            "tokens_per_step": s.tokens_per_step, "rows": rows}
+            "tokens_per_step": s.tokens_per_step, "rows": rows, "forward_one": part_a_forward(s)}
+
+
+def part_a_forward(s: Settings) -> dict:
+    """Part a's second half: one forward of one sequence (batch 1) vs T, the two models interleaved. With no
+    batch to spread over the cores, its time is the chain of dependent steps: the critical path, measured."""
+    import tformer
+    from experiments import results as records
+    from tformer import rnn
+
+    tf, lstm, _, _ = matched_models(s, max(s.lengths))
+    rows = []
+    for length in s.lengths:
+        t = _interleaved({"transformer": _forward_one(tformer.DecoderLM, tf, length),
+                          "lstm": _forward_one(rnn.RNNLM, lstm, length)}, s.step_repeats)
+        rows.append({"T": length, **{f"{k}_ms": 1e3 * v for k, v in t.items()}})
+        print(f"[a] forward of one sequence, T={length:5d}: transformer {rows[-1]['transformer_ms']:.2f} ms, "
+              f"lstm {rows[-1]['lstm_ms']:.2f} ms", flush=True)
+    return {"rows": rows, "conditions": records.conditions()}
+
+
+def add_forward(record: Path, out: Path, s: Settings) -> dict:
+    """Measure part a's forward of one sequence into an existing record (its train-step rows kept), replot."""
+    results = json.loads(record.read_text())
+    results["a"]["forward_one"] = part_a_forward(s)
+    write_report(results, out, record)
+    return results
 
 
 # ---------------------------------------------------------------------------
@@ -502,11 +527,16 @@ def _plot_a(r: dict, path: Path, conditions=None) -> None:
     ax1.plot(ts, [x["lstm_ms"] for x in rows], "s-", label=f"LSTM ({r['lstm']['params']:,} parameters)")
     ax1.set(xlabel="sequence length T (tokens)", ylabel="time per train step (ms, fastest repeat)",
             title=f"one train step, {r['tokens_per_step']:,} tokens per step (batch = tokens / T)")
-    if rows and "lstm_latency_ms" in rows[0]:  # measured: one forward at batch 1, its length the critical path
-        ax2.plot(ts, [x["transformer_latency_ms"] for x in rows], "o-", label="Transformer")
-        ax2.plot(ts, [x["lstm_latency_ms"] for x in rows], "s-", label="LSTM")
-        ax2.set(ylabel="time per forward pass (ms, batch 1)",
-                title="one forward pass of one sequence: the sequential steps, measured")
+    fwd = r.get("forward_one")
+    if fwd:  # measured: one forward at batch 1, its time the chain of dependent steps
+        fts = [x["T"] for x in fwd["rows"]]
+        ax2.plot(fts, [x["transformer_ms"] for x in fwd["rows"]], "o-", label="Transformer")
+        ax2.plot(fts, [x["lstm_ms"] for x in fwd["rows"]], "s-", label="LSTM")
+        c = fwd.get("conditions") or {}
+        when = f"\n(measured {str(c.get('date', ''))[:10]}" + (f", load average {c['load'][0]:g})"
+                                                             if isinstance(c.get("load"), list) else ")")
+        ax2.set(ylabel="time per forward pass (ms, batch 1, fastest repeat)",
+                title="one forward pass of one sequence (its dependent steps)" + (when if c else ""))
     else:  # an older record: the measured ratio (the critical-path counts stay in the record, not drawn)
         ax2.plot(ts, [x["lstm_ms"] / x["transformer_ms"] for x in rows], "D-", color="C2")
         ax2.axhline(1.0, color="gray", lw=0.8)
@@ -514,7 +544,7 @@ def _plot_a(r: dict, path: Path, conditions=None) -> None:
     ax2.set(xlabel="sequence length T (tokens)")
     for ax in (ax1, ax2):
         plotstyle.log_axis(ax, "x", ts)
-        if ax is ax1 or "lstm_latency_ms" in rows[0]:
+        if ax is ax1 or fwd:
             plotstyle.log_axis(ax, "y")
             ax.legend()
     plotstyle.title(fig, "Train step and forward pass vs sequence length: LSTM vs Transformer of the same size",
@@ -677,6 +707,13 @@ def markdown(results: dict) -> str:
                   "| T | batch | Transformer ms | LSTM ms | LSTM / Transformer |", "|---|---|---|---|---|"]
         lines += [f"| {x['T']} | {x['batch']} | {x['transformer_ms']:.1f} | {x['lstm_ms']:.1f} | "
                   f"{x['lstm_ms'] / x['transformer_ms']:.2f} |" for x in results["a"]["rows"]] + [""]
+        fwd = results["a"].get("forward_one")
+        if fwd:
+            lines += ["One forward pass of one sequence (batch 1): the critical path, measured"
+                      + (f" ({_conditions_text(fwd['conditions'])})" if "conditions" in fwd else ""), "",
+                      "| T | Transformer ms | LSTM ms | LSTM / Transformer |", "|---|---|---|---|"]
+            lines += [f"| {x['T']} | {x['transformer_ms']:.2f} | {x['lstm_ms']:.2f} | "
+                      f"{x['lstm_ms'] / x['transformer_ms']:.2f} |" for x in fwd["rows"]] + [""]
     if "b" in results:
         lines += ["## b. Decode cost per token (ms, batch 1)", "", "| position | KV cache | no cache | LSTM |",
                   "|---|---|---|---|"]
@@ -790,6 +827,10 @@ def main(argv):
     try:
         if FLAGS.replot:
             replot(FLAGS.out, FLAGS.record)
+            return
+        if FLAGS.add_forward:
+            add_forward(Path(FLAGS.record or Path(FLAGS.out) / "study.json"), Path(FLAGS.out), SMOKE if FLAGS.smoke
+                        else FULL)
             return
         run(FLAGS.out, FLAGS.smoke, FLAGS.parts, FLAGS.train_seconds, record=FLAGS.record)
     except ValueError as e:

@@ -84,6 +84,10 @@ DECODER_VARIANTS = {
                                        activation="relu", scale_embeddings=True),
     "gqa-rope-local-window-einsum": dict(num_kv_heads=2, positions="rope", local_window=3, attention="einsum"),
     "mha-learned-local-window-geglu": dict(local_window=2, activation="geglu", remat="full"),
+    # No position encoding (causality alone orders the tokens), and the two XLA paths forced by name: the
+    # parallel forward's 8 positions take the block-causal path (T divisible by its 4 blocks).
+    "mha-nopos-xla": dict(positions="none", attention="xla"),
+    "gqa-rope-blocked": dict(num_kv_heads=2, positions="rope", attention="blocked"),
 }
 
 

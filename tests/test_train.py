@@ -243,6 +243,29 @@ def test_bad_config_errors_name_the_field(tmp_path, section, field, value, match
         train.train_and_evaluate(c, tmp_path)
 
 
+def test_an_unknown_override_lists_the_fields_of_the_config_file_given():
+    """An RNN config's model section holds RNNConfig's fields, and the error lists those, not ModelConfig's."""
+    from experiments import run_config
+
+    def line(config_file, override):
+        return run_config._unknown_override(["train.py", f"--config={REPO}/experiments/configs/{config_file}",
+                                             "--workdir=w", override])
+
+    rnn_fields = ("['attention', 'cell', 'd_model', 'dtype', 'kind', 'max_len', 'num_layers', 'param_dtype', "
+                  "'tie_embeddings', 'unroll', 'vocab_size']")
+    assert line("lm_tiny_rnn.py", "--config.model.num_heads=4") == (
+        f"--config.model.num_heads: unknown field 'num_heads' of config.model; valid fields are {rnn_fields}")
+    assert line("seq2seq_tiny_rnn.py", "--config.model.bogus=1") == (
+        "--config.model.bogus: unknown field 'bogus' of config.model; valid fields are ['attention', 'cell', "
+        "'d_model', 'dtype', 'kind', 'max_len', 'num_layers', 'param_dtype', 'tie_embeddings', 'unroll', 'vocab_size']")
+    lm = line("lm_tiny.py", "--config.model.cell=gru")
+    assert lm.startswith("--config.model.cell: unknown field 'cell' of config.model; valid fields are ['activation'")
+    assert "'num_heads'" in lm and "'cell'" not in lm.split("valid fields are")[1]
+    assert line("lm_tiny_rnn.py", "--config.model.cell=gru") is None  # a field it has
+    assert line("lm_tiny_rnn.py", "--config.modle.cell=gru") == (
+        "--config.modle: unknown section; valid sections are ['data', 'init_from', 'mesh', 'model', 'optim', 'train']")
+
+
 def test_bad_data_file_error_names_the_file(tmp_path):
     bad = tmp_path / "corpus.txt"
     bad.write_bytes(b"fine line\nanother\n\xff\xfe broken\n")

@@ -74,6 +74,31 @@ def bubble_fraction(stages: int, microbatches: int, virtual_stages: int = 1) -> 
     return (stages - 1) / (virtual_stages * microbatches + stages - 1)
 
 
+def schedule_unit(t, stage, microbatches: int, virtual_stages: int = 1) -> tuple:
+    """What `stage` computes at tick `t`: (microbatch, repeat, busy).
+
+    Unit u = t - stage is microbatch u mod M on repeat u // M (layer group repeat x S + stage); the stage is
+    busy when 0 <= u < V M (otherwise its result is stale and never read). `t` and `stage` may be Python
+    ints or traced arrays: `run_blocks`' scan calls it, and so does `schedule_table`.
+    """
+    u = t - stage
+    busy = (u >= 0) & (u < virtual_stages * microbatches)
+    return u % microbatches, jnp.clip(u // microbatches, 0, virtual_stages - 1), busy
+
+
+def schedule_table(stages: int, microbatches: int, virtual_stages: int = 1) -> list[list[tuple[int, int] | None]]:
+    """table[tick][stage] = (microbatch, layer group) that stage runs at that tick, None when idle: the
+    ticks of `run_blocks`, V M + S - 1 of them (for a diagram; each stage is busy V M ticks)."""
+    table = []
+    for t in range(virtual_stages * microbatches + stages - 1):
+        row = []
+        for s in range(stages):
+            i, r, busy = schedule_unit(t, s, microbatches, virtual_stages)
+            row.append((int(i), int(r) * stages + s) if bool(busy) else None)
+        table.append(row)
+    return table
+
+
 def schedule_name(virtual_stages: int) -> str:
     return "GPipe" if virtual_stages == 1 else f"interleaved, {virtual_stages} virtual stages"
 
@@ -187,8 +212,7 @@ def run_blocks(stack: Stack, x_mbtd: jax.Array, side: dict, layer_fn: LayerFn, *
         def tick(carry: tuple[jax.Array, jax.Array, jax.Array], t: jax.Array
                  ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], None]:
             incoming, buf, out = carry
-            u = t - s  # this stage's unit: microbatch u mod M on repeat u // M (idle outside [0, V M))
-            i, r = u % m, jnp.clip(u // m, 0, v - 1)
+            i, r, _ = schedule_unit(t, s, m, v)  # this stage's microbatch and repeat (idle: stale, never read)
             first = jnp.where(t < m, x_all[jnp.minimum(t, m - 1)], buf[i])  # stage 0: new, or a next repeat
             x = jnp.where(s == 0, first, incoming)
             group = jax.tree.map(lambda a: a[0, r], groups)
