@@ -20,8 +20,9 @@ PNGs and the .md from the record without measuring:
      two models' steps are interleaved, each clocking only its own steps;
   d. `parallelism_plan.png`: per-device memory and collective bytes vs device
      count for each sharding preset and for pipeline (`pp`: GPipe over a
-     `stage` axis) and sequence (`sp`: ring attention over a `sequence` axis)
-     parallelism, from plan mode (compiled, never run) on fake CPU devices in
+     `stage` axis; `pp_int`: the interleaved schedule) and sequence (`sp`:
+     ring attention over a `sequence` axis; `sp_zigzag`: its balanced causal
+     layout) parallelism, from plan mode (compiled, never run) on fake CPU devices in
      a subprocess, for GPT-2 small and a ~1B config; splits that do not
      divide are skipped and listed.
 
@@ -51,7 +52,10 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 PARTS = "abcd"
 PRESETS = ("dp", "fsdp", "tp", "fsdp_tp")  # sharding rule tables (tformer.sharding)
-SPLITS = ("pp", "sp")  # part d's pipeline (`stage` axis) and sequence (`sequence` axis) meshes, with `dp` rules
+# Part d's pipeline (`stage` axis) and sequence (`sequence` axis) meshes, with `dp` rules: GPipe and the
+# interleaved schedule (`pp_int`: the fewest virtual stages above 1 that divide the layers), the ring in the
+# consecutive layout and in the balanced (zigzag) one.
+SPLITS = ("pp", "pp_int", "sp", "sp_zigzag")
 # Part d's strategies: fsdp_tp is left out to keep the plans within minutes (its state per device is fsdp's).
 STRATEGIES = ("dp", "fsdp", "tp") + SPLITS
 
@@ -420,19 +424,32 @@ def _plan_row(name, cfg, seq, n, strategy, batch, o) -> dict:
     from tformer import sharding
 
     split = strategy in SPLITS
-    shape = split_shape(strategy, n, cfg.num_layers) if split else mesh_shape(strategy, n, cfg.num_heads)
+    shape = split_shape(strategy[:2], n, cfg.num_layers) if split else mesh_shape(strategy, n, cfg.num_heads)
     shape = {"data": 1, "fsdp": 1, "tensor": 1, **shape}
     stages = shape.get("stage", 1)
     # Microbatches: 2 x stages (GPipe's bubble (S-1)/(M+S-1) = 1/3 at most), fewer when each data shard's
     # batch is smaller than that.
     micro = min(2 * stages, batch // shape["data"]) if stages > 1 else None
+    v = virtual_stages(cfg.num_layers, stages) if strategy == "pp_int" else 1
+    if strategy == "sp_zigzag":
+        cfg = cfg.replace(sequence_layout="zigzag")
     mesh = sharding.make_mesh(shape, devices=jax.devices()[:n])
     p = plan_lib.plan_train_step(tformer.DecoderLM, cfg, o, mesh, "dp" if split else strategy, batch=batch,
-                                 seq_len=seq, microbatches=micro)
+                                 seq_len=seq, microbatches=micro, virtual_stages=v)
     return {"model": name, "params": p.num_params, "devices": n, "preset": strategy, "mesh": shape,
-            "microbatches": micro, "batch": batch, "seq_len": seq, "state_bytes": p.state_bytes,
+            "microbatches": micro, "virtual_stages": v, "bubble": p.bubble_fraction if stages > 1 else None,
+            "sequence_layout": cfg.sequence_layout, "batch": batch, "seq_len": seq, "state_bytes": p.state_bytes,
             "peak_bytes": p.peak_bytes, "collective_bytes": p.collective_bytes,
             "collectives": p.collective_summary()}
+
+
+def virtual_stages(layers: int, stages: int) -> int:
+    """`pp_int`'s V: the fewest virtual stages above 1 whose S x V groups divide the layers (GPT-2 small's 12
+    layers on 4 stages: 3). Raises ValueError when none does (the plan is then skipped and listed)."""
+    for v in range(2, layers // stages + 1):
+        if layers % (stages * v) == 0:
+            return v
+    raise ValueError(f"{layers} layers on {stages} stages leave no interleaved schedule (V > 1 groups per stage)")
 
 
 def plan_worker(folder: str) -> None:
@@ -457,8 +474,8 @@ def plan_worker(folder: str) -> None:
                         continue
                     rows.append(_plan_row(name, cfg, seq, n, strategy, batch, o))
                     stages = rows[-1]["mesh"].get("stage", 1)
-                    if strategy == "pp" and stages < min(n, 8):  # the host-sized pipeline does not divide
-                        skipped.append({"model": name, "devices": n, "preset": "pp", "reason": (
+                    if strategy in ("pp", "pp_int") and stages < min(n, 8):  # the host-sized pipeline does not divide
+                        skipped.append({"model": name, "devices": n, "preset": strategy, "reason": (
                             f"{min(n, 8)} stages do not divide its {cfg.num_layers} layers; planned with {stages}")})
                     single = rows[-1] if n == 1 else None
                 except ValueError as e:  # a split that does not divide: record it, plan the rest
@@ -576,9 +593,10 @@ def _plot_c(r: dict, path: Path, conditions=None) -> None:
 
 
 _LOOK = {"dp": ("o", "-"), "fsdp": ("s", "-"), "tp": ("^", "-"), "fsdp_tp": ("v", "-"), "pp": ("D", "--"),
-         "sp": ("x", ":")}
+         "pp_int": ("d", "--"), "sp": ("x", ":"), "sp_zigzag": ("+", ":")}
 _WORDS = {"dp": "data parallel (dp)", "fsdp": "fully sharded (fsdp)", "tp": "tensor parallel (tp)",
-          "fsdp_tp": "fsdp + tensor", "pp": "pipeline, GPipe (pp)", "sp": "sequence, ring attention (sp)"}
+          "fsdp_tp": "fsdp + tensor", "pp": "pipeline, GPipe (pp)", "pp_int": "pipeline, interleaved (pp_int)",
+          "sp": "sequence, ring attention (sp)", "sp_zigzag": "sequence, balanced zigzag ring (sp_zigzag)"}
 
 
 def _plot_d(r: dict, path: Path, conditions=None) -> None:
@@ -657,6 +675,9 @@ def headlines(results: dict) -> list[str]:
             if "pp" in by:
                 line += (f", {by['pp']['state_bytes'] / 2**20:,.0f} MiB over {by['pp']['mesh']['stage']} pipeline "
                          "stages (pp)")
+            if by.get("pp", {}).get("bubble") is not None and by.get("pp_int", {}).get("bubble") is not None:
+                line += (f"; pipeline bubble {by['pp']['bubble']:.1%} (GPipe, M {by['pp']['microbatches']}) vs "
+                         f"{by['pp_int']['bubble']:.1%} interleaved (V {by['pp_int']['virtual_stages']})")
             line += "; collectives per step " + ", ".join(
                 f"{k} {by[k]['collective_bytes'] / 2**20:,.0f} MiB" for k in STRATEGIES if k in by) + "."
             out.append(line)
@@ -668,6 +689,10 @@ def _conditions_text(c) -> str:
         return str(c)
     keys = ("machine", "load", "jax", "date", "command")
     return "; ".join(f"{k} {c[k]}" for k in keys if k in c)
+
+
+def _virtual(row: dict) -> str:
+    return f" (V {row['virtual_stages']})" if row.get("virtual_stages", 1) > 1 else ""
 
 
 def markdown(results: dict) -> str:
@@ -708,12 +733,16 @@ def markdown(results: dict) -> str:
     if "d" in results:
         lines += ["## d. Plan mode: per device", "", ("One device: every strategy is the same program (planned once). "
                                                       "pp and sp use the dp rules on a mesh with a `stage` / "
-                                                      "`sequence` axis."), "",
-                  "| model | devices | strategy | mesh | microbatches | state MiB | peak MiB | collective MiB |",
-                  "|---|---|---|---|---|---|---|---|"]
+                                                      "`sequence` axis; pp_int runs the interleaved schedule with V "
+                                                      "virtual stages, sp_zigzag the balanced causal ring."), "",
+                  "| model | devices | strategy | mesh | microbatches | bubble | state MiB | peak MiB "
+                  "| collective MiB |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {x['model']} | {x['devices']} | {x['preset']} | "
                   f"{' x '.join(f'{k}={v}' for k, v in x['mesh'].items() if v > 1) or '1'} | "
-                  f"{x.get('microbatches') or '-'} | {x['state_bytes'] / 2**20:,.1f} | "
+                  f"{x.get('microbatches') or '-'}{_virtual(x)} | "
+                  f"{'-' if x.get('bubble') is None else format(x['bubble'], '.1%')} | "
+                  f"{x['state_bytes'] / 2**20:,.1f} | "
                   f"{(x['peak_bytes'] or 0) / 2**20:,.1f} | {x['collective_bytes'] / 2**20:,.1f} |"
                   for x in results["d"]["rows"]] + [""]
         skipped = results["d"].get("skipped", [])
