@@ -46,6 +46,8 @@ def title(fig, what: str, conditions=None) -> None:
             where += f", jax {conditions['jax']}"
         if isinstance(conditions, dict) and conditions.get("date"):
             where += f", {str(conditions['date'])[:10]}"
+        if isinstance(conditions, dict) and isinstance(conditions.get("load"), list):  # a shared machine's load
+            where += f", load average {conditions['load'][0]:g} (other processes running)"
     fig.suptitle(what + where, fontsize=11.5)
 
 

@@ -20,8 +20,9 @@ PNGs and the .md from the record without measuring:
      two models' steps are interleaved, each clocking only its own steps;
   d. `parallelism_plan.png`: per-device memory and collective bytes vs device
      count for each sharding preset and for pipeline (`pp`: GPipe over a
-     `stage` axis) and sequence (`sp`: ring attention over a `sequence` axis)
-     parallelism, from plan mode (compiled, never run) on fake CPU devices in
+     `stage` axis; `pp_int`: the interleaved schedule) and sequence (`sp`:
+     ring attention over a `sequence` axis; `sp_zigzag`: its balanced causal
+     layout) parallelism, from plan mode (compiled, never run) on fake CPU devices in
      a subprocess, for GPT-2 small and a ~1B config; splits that do not
      divide are skipped and listed.
 
@@ -51,7 +52,10 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 PARTS = "abcd"
 PRESETS = ("dp", "fsdp", "tp", "fsdp_tp")  # sharding rule tables (tformer.sharding)
-SPLITS = ("pp", "sp")  # part d's pipeline (`stage` axis) and sequence (`sequence` axis) meshes, with `dp` rules
+# Part d's pipeline (`stage` axis) and sequence (`sequence` axis) meshes, with `dp` rules: GPipe and the
+# interleaved schedule (`pp_int`: the fewest virtual stages above 1 that divide the layers), the ring in the
+# consecutive layout and in the balanced (zigzag) one.
+SPLITS = ("pp", "pp_int", "sp", "sp_zigzag")
 # Part d's strategies: fsdp_tp is left out to keep the plans within minutes (its state per device is fsdp's).
 STRATEGIES = ("dp", "fsdp", "tp") + SPLITS
 
@@ -61,6 +65,8 @@ def define_flags() -> None:
     flags.DEFINE_string("record", None, "The JSON record of every figure (default: --out/study.json); its "
                         "report goes beside it (.md).")
     flags.DEFINE_bool("replot", False, "Re-render the PNGs and the report from --record without measuring.")
+    flags.DEFINE_bool("add_forward", False, "Measure only part a's forward of one sequence into --record (its "
+                      "train-step rows kept), then replot.")
     flags.DEFINE_bool("smoke", False, "Tiny settings (CI): every part runs, in about a minute.")
     flags.DEFINE_string("parts", PARTS, "Which parts to run, e.g. 'ab'; the other parts' figures already in "
                         "--record are kept.")
@@ -172,18 +178,41 @@ def part_a(s: Settings) -> dict:
         batch = max(s.tokens_per_step // length, 1)
         t = _interleaved({"transformer": _lm_step(tformer.DecoderLM, tf, batch, length),
                           "lstm": _lm_step(rnn.RNNLM, lstm, batch, length)}, s.step_repeats)
-        one = _interleaved({"transformer_latency": _forward_one(tformer.DecoderLM, tf, length),
-                            "lstm_latency": _forward_one(rnn.RNNLM, lstm, length)}, s.step_repeats)
-        rows.append({"T": length, "batch": batch, **{f"{k}_ms": 1e3 * v for k, v in (t | one).items()},
+        rows.append({"T": length, "batch": batch, **{f"{k}_ms": 1e3 * v for k, v in t.items()},
                      # Dependent steps a forward pass must take one after another: the LSTM's layer l
                      # at time t waits for (l, t - 1) and (l - 1, t); a Transformer layer sees all T at once.
                      "lstm_critical_path": length + s.num_layers - 1, "transformer_critical_path": s.num_layers})
         print(f"[a] T={length:5d} batch={batch:4d}  transformer {rows[-1]['transformer_ms']:8.1f} ms  "
-              f"lstm {rows[-1]['lstm_ms']:8.1f} ms; forward of one sequence: transformer "
-              f"{rows[-1]['transformer_latency_ms']:.2f} ms, lstm {rows[-1]['lstm_latency_ms']:.2f} ms", flush=True)
+              f"lstm {rows[-1]['lstm_ms']:8.1f} ms", flush=True)
     return {"transformer": dataclasses.asdict(tf) | {"params": n_tf},
             "lstm": dataclasses.asdict(lstm) | {"params": n_lstm},
-            "tokens_per_step": s.tokens_per_step, "rows": rows}
+            "tokens_per_step": s.tokens_per_step, "rows": rows, "forward_one": part_a_forward(s)}
+
+
+def part_a_forward(s: Settings) -> dict:
+    """Part a's second half: one forward of one sequence (batch 1) vs T, the two models interleaved. With no
+    batch to spread over the cores, its time is the chain of dependent steps: the critical path, measured."""
+    import tformer
+    from experiments import results as records
+    from tformer import rnn
+
+    tf, lstm, _, _ = matched_models(s, max(s.lengths))
+    rows = []
+    for length in s.lengths:
+        t = _interleaved({"transformer": _forward_one(tformer.DecoderLM, tf, length),
+                          "lstm": _forward_one(rnn.RNNLM, lstm, length)}, s.step_repeats)
+        rows.append({"T": length, **{f"{k}_ms": 1e3 * v for k, v in t.items()}})
+        print(f"[a] forward of one sequence, T={length:5d}: transformer {rows[-1]['transformer_ms']:.2f} ms, "
+              f"lstm {rows[-1]['lstm_ms']:.2f} ms", flush=True)
+    return {"rows": rows, "conditions": records.conditions()}
+
+
+def add_forward(record: Path, out: Path, s: Settings) -> dict:
+    """Measure part a's forward of one sequence into an existing record (its train-step rows kept), replot."""
+    results = json.loads(record.read_text())
+    results["a"]["forward_one"] = part_a_forward(s)
+    write_report(results, out, record)
+    return results
 
 
 # ---------------------------------------------------------------------------
@@ -395,19 +424,32 @@ def _plan_row(name, cfg, seq, n, strategy, batch, o) -> dict:
     from tformer import sharding
 
     split = strategy in SPLITS
-    shape = split_shape(strategy, n, cfg.num_layers) if split else mesh_shape(strategy, n, cfg.num_heads)
+    shape = split_shape(strategy[:2], n, cfg.num_layers) if split else mesh_shape(strategy, n, cfg.num_heads)
     shape = {"data": 1, "fsdp": 1, "tensor": 1, **shape}
     stages = shape.get("stage", 1)
     # Microbatches: 2 x stages (GPipe's bubble (S-1)/(M+S-1) = 1/3 at most), fewer when each data shard's
     # batch is smaller than that.
     micro = min(2 * stages, batch // shape["data"]) if stages > 1 else None
+    v = virtual_stages(cfg.num_layers, stages) if strategy == "pp_int" else 1
+    if strategy == "sp_zigzag":
+        cfg = cfg.replace(sequence_layout="zigzag")
     mesh = sharding.make_mesh(shape, devices=jax.devices()[:n])
     p = plan_lib.plan_train_step(tformer.DecoderLM, cfg, o, mesh, "dp" if split else strategy, batch=batch,
-                                 seq_len=seq, microbatches=micro)
+                                 seq_len=seq, microbatches=micro, virtual_stages=v)
     return {"model": name, "params": p.num_params, "devices": n, "preset": strategy, "mesh": shape,
-            "microbatches": micro, "batch": batch, "seq_len": seq, "state_bytes": p.state_bytes,
+            "microbatches": micro, "virtual_stages": v, "bubble": p.bubble_fraction if stages > 1 else None,
+            "sequence_layout": cfg.sequence_layout, "batch": batch, "seq_len": seq, "state_bytes": p.state_bytes,
             "peak_bytes": p.peak_bytes, "collective_bytes": p.collective_bytes,
             "collectives": p.collective_summary()}
+
+
+def virtual_stages(layers: int, stages: int) -> int:
+    """`pp_int`'s V: the fewest virtual stages above 1 whose S x V groups divide the layers (GPT-2 small's 12
+    layers on 4 stages: 3). Raises ValueError when none does (the plan is then skipped and listed)."""
+    for v in range(2, layers // stages + 1):
+        if layers % (stages * v) == 0:
+            return v
+    raise ValueError(f"{layers} layers on {stages} stages leave no interleaved schedule (V > 1 groups per stage)")
 
 
 def plan_worker(folder: str) -> None:
@@ -432,8 +474,8 @@ def plan_worker(folder: str) -> None:
                         continue
                     rows.append(_plan_row(name, cfg, seq, n, strategy, batch, o))
                     stages = rows[-1]["mesh"].get("stage", 1)
-                    if strategy == "pp" and stages < min(n, 8):  # the host-sized pipeline does not divide
-                        skipped.append({"model": name, "devices": n, "preset": "pp", "reason": (
+                    if strategy in ("pp", "pp_int") and stages < min(n, 8):  # the host-sized pipeline does not divide
+                        skipped.append({"model": name, "devices": n, "preset": strategy, "reason": (
                             f"{min(n, 8)} stages do not divide its {cfg.num_layers} layers; planned with {stages}")})
                     single = rows[-1] if n == 1 else None
                 except ValueError as e:  # a split that does not divide: record it, plan the rest
@@ -485,11 +527,16 @@ def _plot_a(r: dict, path: Path, conditions=None) -> None:
     ax1.plot(ts, [x["lstm_ms"] for x in rows], "s-", label=f"LSTM ({r['lstm']['params']:,} parameters)")
     ax1.set(xlabel="sequence length T (tokens)", ylabel="time per train step (ms, fastest repeat)",
             title=f"one train step, {r['tokens_per_step']:,} tokens per step (batch = tokens / T)")
-    if rows and "lstm_latency_ms" in rows[0]:  # measured: one forward at batch 1, its length the critical path
-        ax2.plot(ts, [x["transformer_latency_ms"] for x in rows], "o-", label="Transformer")
-        ax2.plot(ts, [x["lstm_latency_ms"] for x in rows], "s-", label="LSTM")
-        ax2.set(ylabel="time per forward pass (ms, batch 1)",
-                title="one forward pass of one sequence: the sequential steps, measured")
+    fwd = r.get("forward_one")
+    if fwd:  # measured: one forward at batch 1, its time the chain of dependent steps
+        fts = [x["T"] for x in fwd["rows"]]
+        ax2.plot(fts, [x["transformer_ms"] for x in fwd["rows"]], "o-", label="Transformer")
+        ax2.plot(fts, [x["lstm_ms"] for x in fwd["rows"]], "s-", label="LSTM")
+        c = fwd.get("conditions") or {}
+        when = f"\n(measured {str(c.get('date', ''))[:10]}" + (f", load average {c['load'][0]:g})"
+                                                             if isinstance(c.get("load"), list) else ")")
+        ax2.set(ylabel="time per forward pass (ms, batch 1, fastest repeat)",
+                title="one forward pass of one sequence (its dependent steps)" + (when if c else ""))
     else:  # an older record: the measured ratio (the critical-path counts stay in the record, not drawn)
         ax2.plot(ts, [x["lstm_ms"] / x["transformer_ms"] for x in rows], "D-", color="C2")
         ax2.axhline(1.0, color="gray", lw=0.8)
@@ -497,7 +544,7 @@ def _plot_a(r: dict, path: Path, conditions=None) -> None:
     ax2.set(xlabel="sequence length T (tokens)")
     for ax in (ax1, ax2):
         plotstyle.log_axis(ax, "x", ts)
-        if ax is ax1 or "lstm_latency_ms" in rows[0]:
+        if ax is ax1 or fwd:
             plotstyle.log_axis(ax, "y")
             ax.legend()
     plotstyle.title(fig, "Train step and forward pass vs sequence length: LSTM vs Transformer of the same size",
@@ -546,9 +593,10 @@ def _plot_c(r: dict, path: Path, conditions=None) -> None:
 
 
 _LOOK = {"dp": ("o", "-"), "fsdp": ("s", "-"), "tp": ("^", "-"), "fsdp_tp": ("v", "-"), "pp": ("D", "--"),
-         "sp": ("x", ":")}
+         "pp_int": ("d", "--"), "sp": ("x", ":"), "sp_zigzag": ("+", ":")}
 _WORDS = {"dp": "data parallel (dp)", "fsdp": "fully sharded (fsdp)", "tp": "tensor parallel (tp)",
-          "fsdp_tp": "fsdp + tensor", "pp": "pipeline, GPipe (pp)", "sp": "sequence, ring attention (sp)"}
+          "fsdp_tp": "fsdp + tensor", "pp": "pipeline, GPipe (pp)", "pp_int": "pipeline, interleaved (pp_int)",
+          "sp": "sequence, ring attention (sp)", "sp_zigzag": "sequence, balanced zigzag ring (sp_zigzag)"}
 
 
 def _plot_d(r: dict, path: Path, conditions=None) -> None:
@@ -627,6 +675,9 @@ def headlines(results: dict) -> list[str]:
             if "pp" in by:
                 line += (f", {by['pp']['state_bytes'] / 2**20:,.0f} MiB over {by['pp']['mesh']['stage']} pipeline "
                          "stages (pp)")
+            if by.get("pp", {}).get("bubble") is not None and by.get("pp_int", {}).get("bubble") is not None:
+                line += (f"; pipeline bubble {by['pp']['bubble']:.1%} (GPipe, M {by['pp']['microbatches']}) vs "
+                         f"{by['pp_int']['bubble']:.1%} interleaved (V {by['pp_int']['virtual_stages']})")
             line += "; collectives per step " + ", ".join(
                 f"{k} {by[k]['collective_bytes'] / 2**20:,.0f} MiB" for k in STRATEGIES if k in by) + "."
             out.append(line)
@@ -638,6 +689,10 @@ def _conditions_text(c) -> str:
         return str(c)
     keys = ("machine", "load", "jax", "date", "command")
     return "; ".join(f"{k} {c[k]}" for k in keys if k in c)
+
+
+def _virtual(row: dict) -> str:
+    return f" (V {row['virtual_stages']})" if row.get("virtual_stages", 1) > 1 else ""
 
 
 def markdown(results: dict) -> str:
@@ -652,6 +707,13 @@ def markdown(results: dict) -> str:
                   "| T | batch | Transformer ms | LSTM ms | LSTM / Transformer |", "|---|---|---|---|---|"]
         lines += [f"| {x['T']} | {x['batch']} | {x['transformer_ms']:.1f} | {x['lstm_ms']:.1f} | "
                   f"{x['lstm_ms'] / x['transformer_ms']:.2f} |" for x in results["a"]["rows"]] + [""]
+        fwd = results["a"].get("forward_one")
+        if fwd:
+            lines += ["One forward pass of one sequence (batch 1): the critical path, measured"
+                      + (f" ({_conditions_text(fwd['conditions'])})" if "conditions" in fwd else ""), "",
+                      "| T | Transformer ms | LSTM ms | LSTM / Transformer |", "|---|---|---|---|"]
+            lines += [f"| {x['T']} | {x['transformer_ms']:.2f} | {x['lstm_ms']:.2f} | "
+                      f"{x['lstm_ms'] / x['transformer_ms']:.2f} |" for x in fwd["rows"]] + [""]
     if "b" in results:
         lines += ["## b. Decode cost per token (ms, batch 1)", "", "| position | KV cache | no cache | LSTM |",
                   "|---|---|---|---|"]
@@ -671,12 +733,16 @@ def markdown(results: dict) -> str:
     if "d" in results:
         lines += ["## d. Plan mode: per device", "", ("One device: every strategy is the same program (planned once). "
                                                       "pp and sp use the dp rules on a mesh with a `stage` / "
-                                                      "`sequence` axis."), "",
-                  "| model | devices | strategy | mesh | microbatches | state MiB | peak MiB | collective MiB |",
-                  "|---|---|---|---|---|---|---|---|"]
+                                                      "`sequence` axis; pp_int runs the interleaved schedule with V "
+                                                      "virtual stages, sp_zigzag the balanced causal ring."), "",
+                  "| model | devices | strategy | mesh | microbatches | bubble | state MiB | peak MiB "
+                  "| collective MiB |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {x['model']} | {x['devices']} | {x['preset']} | "
                   f"{' x '.join(f'{k}={v}' for k, v in x['mesh'].items() if v > 1) or '1'} | "
-                  f"{x.get('microbatches') or '-'} | {x['state_bytes'] / 2**20:,.1f} | "
+                  f"{x.get('microbatches') or '-'}{_virtual(x)} | "
+                  f"{'-' if x.get('bubble') is None else format(x['bubble'], '.1%')} | "
+                  f"{x['state_bytes'] / 2**20:,.1f} | "
                   f"{(x['peak_bytes'] or 0) / 2**20:,.1f} | {x['collective_bytes'] / 2**20:,.1f} |"
                   for x in results["d"]["rows"]] + [""]
         skipped = results["d"].get("skipped", [])
@@ -695,6 +761,7 @@ def write_report(results: dict, out: Path, record: Path | None = None, plots: bo
     from experiments import results as records
 
     out, record = Path(out), Path(record or Path(out) / "study.json")
+    derive(results)
     if plots:
         out.mkdir(parents=True, exist_ok=True)
         for part, (name, plot) in PLOTS.items():
@@ -702,6 +769,22 @@ def write_report(results: dict, out: Path, record: Path | None = None, plots: bo
                 plot(results[part], out / name, results[part].get("conditions", results.get("conditions")))
     records.write(record, results)
     record.with_suffix(".md").write_text(markdown(results))
+
+
+def derive(results: dict) -> dict:
+    """Add the ratios and unit conversions the docs quote to the measured rows, in place, so a quoted
+    figure can be tagged to its record (`experiments/results.py`): computed from the measured fields only."""
+    a = results.get("a", {})
+    for x in a.get("rows", []) + a.get("forward_one", {}).get("rows", []):
+        x["lstm_over_transformer"] = x["lstm_ms"] / x["transformer_ms"]
+    for x in results.get("b", {}).get("rows", []):
+        x["cache_speedup"] = x["uncached_ms"] / x["cached_ms"]
+        x["rnn_over_cached"] = x["rnn_ms"] / x["cached_ms"]
+    for x in results.get("d", {}).get("rows", []):
+        for key in ("state", "peak", "collective"):
+            if x.get(f"{key}_bytes") is not None:
+                x[f"{key}_mib"], x[f"{key}_gib"] = x[f"{key}_bytes"] / 2**20, x[f"{key}_bytes"] / 2**30
+    return results
 
 
 def replot(out: str | os.PathLike, record: str | os.PathLike | None = None) -> dict:
@@ -761,6 +844,10 @@ def main(argv):
     try:
         if FLAGS.replot:
             replot(FLAGS.out, FLAGS.record)
+            return
+        if FLAGS.add_forward:
+            add_forward(Path(FLAGS.record or Path(FLAGS.out) / "study.json"), Path(FLAGS.out), SMOKE if FLAGS.smoke
+                        else FULL)
             return
         run(FLAGS.out, FLAGS.smoke, FLAGS.parts, FLAGS.train_seconds, record=FLAGS.record)
     except ValueError as e:

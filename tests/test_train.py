@@ -142,6 +142,35 @@ def test_resume_equals_uninterrupted(tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
+def test_interleaved_pipeline_run_checkpoints_model_order_and_resumes_like_one_device(tmp_path):
+    """Stage 2 x virtual 2 stores the 4 layers as [0, 2, 1, 3] on the devices; its checkpoints must hold them in
+    model order (the one-device run's parameters) and a resumed run must put them back in schedule order."""
+    from conftest import assert_trains_alike
+
+    from experiments import run_config
+
+    def cfg(steps, **mesh):
+        c = tiny_lm(num_steps=steps, log_every=1, eval_every=100, checkpoint_every=100)
+        c.model.num_layers = 4
+        c.optim.update(total_steps=4, learning_rate=1e-2, eps=1e-4)  # eps: see assert_trains_alike's bound
+        c.mesh.update(**mesh)
+        return c
+
+    pipelined = dict(data=2, stage=2, virtual_stages=2, microbatches=2)
+    train.train_and_evaluate(cfg(4), tmp_path / "one")
+    train.train_and_evaluate(cfg(2, **pipelined), tmp_path / "pp")  # stops (and saves) at step 2
+    train.train_and_evaluate(cfg(4, **pipelined), tmp_path / "pp")  # resumes from step 2
+
+    def curve(w):
+        rows = sorted((r["step"], r["loss"], r["grad_norm"]) for r in read_jsonl(w) if r["split"] == "train")
+        return [[loss, norm] for _, loss, norm in rows]
+
+    assert len(curve(tmp_path / "pp")) == 4
+    assert_trains_alike(curve(tmp_path / "pp"), _params(tmp_path / "pp"), curve(tmp_path / "one"),
+                        _params(tmp_path / "one"), run_config.optim_config(cfg(4)), 4, "stage 2 x virtual 2")
+
+
 CLI_ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
 
 
