@@ -182,8 +182,8 @@ def untagged(root: Path = ROOT) -> list[str]:
                 fenced = not fenced
             if fenced:
                 continue
-            bare = re.sub(r"`[^`]*`|\[[^\]]*\]\([^)]*\)|<!--.*?-->", " ", line)
-            nums = [x for x in _UNTAGGED.findall(TAG.sub(" ", bare)) if len(x.strip("%")) >= 3]
+            bare = re.sub(r"`[^`]*`|\[[^\]]*\]\([^)]*\)|<!--.*?-->", " ", TAG.sub(" ", line))
+            nums = [x for x in _UNTAGGED.findall(bare) if len(x.strip("%")) >= 3]
             if nums:
                 out.append(f"{doc.relative_to(root)}:{n}: {', '.join(nums)}")
     return out

@@ -761,6 +761,7 @@ def write_report(results: dict, out: Path, record: Path | None = None, plots: bo
     from experiments import results as records
 
     out, record = Path(out), Path(record or Path(out) / "study.json")
+    derive(results)
     if plots:
         out.mkdir(parents=True, exist_ok=True)
         for part, (name, plot) in PLOTS.items():
@@ -768,6 +769,22 @@ def write_report(results: dict, out: Path, record: Path | None = None, plots: bo
                 plot(results[part], out / name, results[part].get("conditions", results.get("conditions")))
     records.write(record, results)
     record.with_suffix(".md").write_text(markdown(results))
+
+
+def derive(results: dict) -> dict:
+    """Add the ratios and unit conversions the docs quote to the measured rows, in place, so a quoted
+    figure can be tagged to its record (`experiments/results.py`): computed from the measured fields only."""
+    a = results.get("a", {})
+    for x in a.get("rows", []) + a.get("forward_one", {}).get("rows", []):
+        x["lstm_over_transformer"] = x["lstm_ms"] / x["transformer_ms"]
+    for x in results.get("b", {}).get("rows", []):
+        x["cache_speedup"] = x["uncached_ms"] / x["cached_ms"]
+        x["rnn_over_cached"] = x["rnn_ms"] / x["cached_ms"]
+    for x in results.get("d", {}).get("rows", []):
+        for key in ("state", "peak", "collective"):
+            if x.get(f"{key}_bytes") is not None:
+                x[f"{key}_mib"], x[f"{key}_gib"] = x[f"{key}_bytes"] / 2**20, x[f"{key}_bytes"] / 2**30
+    return results
 
 
 def replot(out: str | os.PathLike, record: str | os.PathLike | None = None) -> dict:

@@ -63,3 +63,11 @@ def test_a_record_without_conditions_is_reported(tmp_path):
         "docs/results/partial.json: conditions lack ['load', 'jax', 'date', 'command']"]
     with pytest.raises(ValueError, match="needs a 'conditions' object"):
         results.write(tmp_path / "y.json", {"x": 1})
+
+
+def test_untagged_lists_numbers_outside_tags_code_and_links(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text(
+        "tagged 1.883<!-- run.json:final.bits_per_byte|.3f --> and untagged 2.178 bits\n"
+        "`code 12345` and [link 2048](docs/x.md) only\n```\n99.9 in a block\n```\nlast 87.2% and 7\n")
+    assert results.untagged(tmp_path) == ["README.md:1: 2.178", "README.md:6: 87.2%"]
