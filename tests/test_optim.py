@@ -149,3 +149,26 @@ def test_relu2_is_relu_squared():
     x = jax.random.normal(jax.random.key(1), (2, 3, cfg.d_model))
     want = jnp.maximum(x @ mlp.w_in[...], 0.0) ** 2 @ mlp.w_out[...]
     np.testing.assert_allclose(np.asarray(mlp(x)), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_muon_on_an_fsdp_mesh_shards_its_momentum_like_the_weights_and_trains_like_one_device():
+    from tformer import sharding
+
+    cfg = make_cfg(num_layers=2, init_std=0.02, positions="rope", norm="rmsnorm", qk_norm=True, use_bias=False)
+    o = training.OptimizerConfig(name="muon", learning_rate=3e-3, warmup_steps=1, total_steps=10, schedule="wsd")
+    mesh, rules = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1}), sharding.rules_for("fsdp")
+    graphdef, tx, state, state_sh = training.create_train_state(tformer.DecoderLM, cfg, o, 0, mesh, rules)
+    muon_state = state.opt_state[1].inner_states["muon"].inner_state[0]
+    for name in ("wq", "wo"):
+        assert muon_state.mu["blocks"]["layers"]["attn"][name].sharding == \
+            state.params["blocks"]["layers"]["attn"][name].sharding
+    batch = lm_batch(jnp.asarray(np.arange(8 * 13).reshape(8, 13) * 5 % 30 + 3, jnp.int32))
+    batch_sh = training.batch_sharding(mesh, rules, batch)
+    step = training.make_train_step(graphdef, tx, o, mesh=mesh, rules=rules, state_sharding=state_sh,
+                                    batch_sharding=batch_sh)
+    graphdef1, tx1, state1, _ = training.create_train_state(tformer.DecoderLM, cfg, o)
+    step1 = training.make_train_step(graphdef1, tx1, o)
+    for i in range(3):
+        state, m = step(state, jax.device_put(batch, batch_sh), np.float32(i / 3))
+        state1, m1 = step1(state1, batch, np.float32(i / 3))
+        np.testing.assert_allclose(float(m["loss"]), float(m1["loss"]), rtol=1e-5)

@@ -567,3 +567,26 @@ def test_time_budget_spent_before_training_is_a_named_error(tmp_path):
     with pytest.raises(ValueError, match=r"config.train.time_budget_s=5 is spent before training starts \(setup "
                                          r"took \d+\.\ds and the final eval needs \d+\.\ds\); raise it above"):
         train.train_and_evaluate(c, tmp_path / "w", started=time.time() - 60)
+
+
+def test_speedrun_config_evaluates_on_lm_tiny_rows_within_its_budget_and_the_comparison_recipes_validate():
+    from experiments import run_config, speedrun
+    from experiments.configs import lm_speedrun
+
+    fast, tiny = lm_speedrun.get_config(), lm_tiny.get_config()
+    run_config.validate(fast)
+
+    def held_out(c):  # the validation rows a run's bits per byte is measured on
+        return (c.data.corpus, c.data.tokenizer, c.data.max_bytes, c.data.validation_fraction, c.data.seq_len,
+                c.train.eval_batches * (c.train.eval_batch_size or c.train.batch_size))
+
+    assert held_out(fast) == held_out(tiny)
+    assert 0 < fast.train.time_budget_s < 90  # "in 90 s", Python's start-up included
+    for name, (path, overrides) in speedrun.RECIPES.items():  # each recipe's overrides name real fields
+        c = {"lm_speedrun": lm_speedrun, "lm_tiny": lm_tiny}[Path(path).stem].get_config()
+        for arg in speedrun.COMMON + overrides:
+            key, value = arg[len("--config."):].split("=")
+            section, field = key.split(".")
+            assert field in c[section], (name, arg)
+            c[section][field] = type(c[section][field])(value == "True" if value in ("True", "False") else value)
+        run_config.validate(c)
