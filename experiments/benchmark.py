@@ -10,6 +10,12 @@ The same command runs on CPU, GPU and TPU: MFU and the decode roofline use a
 table of known devices (tformer.flops.DEVICE_SPECS); elsewhere pass
 `--peak_tflops` / `--hbm_gbps`, or only the absolute figures are reported.
 
+`--peer=hf` / `--peer=nanogpt:<checkout>` alternates tformer's train step with a
+PyTorch peer's on the same model (experiments/peers: Hugging Face GPT-2 eager, or
+the model.py of a nanoGPT checkout; `pip install -e .[peers]`), blocks of steps
+in turn for `--rounds` rounds, and prints both medians, the ratio and GFLOP/s
+against this CPU's fp32 peak; `--out=docs/results/peer_<name>.json` records the pair.
+
 `--peer_script` runs a peer (e.g. a Hugging Face GPT-2 script with `train`
 and `decode` functions taking the same shape from SHAPE/BATCH/STEPS) in a
 child process of the same run, so the ratio is measured under the same load.
@@ -38,7 +44,7 @@ import numpy as np
 from flax import nnx
 
 import tformer
-from experiments import timing
+from experiments import results, timing
 from tformer import batch as batch_lib
 from tformer import flops, host, training
 from tformer.attention import Masking, resolve_impl
@@ -236,8 +242,38 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def bench_train(opts: Options, dev: dict) -> dict:
-    """Median wall time of one jitted train step (AdamW, loss, grads), compile timed apart."""
+@dataclasses.dataclass
+class TrainRun:
+    """A compiled train step with its state and batch: `block(n)` times n more steps (state carried on)."""
+
+    cfg: tformer.ModelConfig
+    batch_size: int
+    seq_len: int
+    compiled: typing.Any
+    state: typing.Any
+    batch: dict
+    lower_s: float
+    compile_s: float
+    metrics: typing.Any = None
+
+    def block(self, steps: int, warmup: int = 0) -> tuple[list[float], list[int]]:
+        """(seconds per timed step, host page faults per timed step), after `warmup` untimed steps."""
+        for _ in range(warmup):
+            self.state, self.metrics = self.compiled(self.state, self.batch)
+        jax.block_until_ready(self.state)
+        times, faults = [], []
+        for _ in range(steps):
+            f0 = _minor_faults()
+            s0 = time.perf_counter()
+            self.state, self.metrics = self.compiled(self.state, self.batch)
+            jax.block_until_ready(self.state)
+            times.append(time.perf_counter() - s0)
+            faults.append(_minor_faults() - f0)
+        return times, faults
+
+
+def train_run(opts: Options) -> TrainRun:
+    """Build, lower and compile the train step (AdamW, loss, grads) of the benchmark's model and batch."""
     cfg = model_config(opts)
     preset = PRESETS[opts.model]
     b, t = opts.batch or preset.batch, opts.seq_len or preset.seq_len
@@ -246,25 +282,19 @@ def bench_train(opts: Options, dev: dict) -> dict:
     graphdef, tx, state, _ = training.create_train_state(tformer.DecoderLM, cfg, o, seed=opts.seed, lora=lcfg)
     step = training.make_train_step(graphdef, tx, o, donate=opts.donate)
     batch = lm_batch(cfg, b, t, opts.seed, opts.packed)
-
     t0 = time.perf_counter()
     lowered = step.lower(state, batch)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
+    return TrainRun(cfg, b, t, compiled, state, batch, lower_s=t1 - t0, compile_s=t2 - t1)
 
-    for _ in range(opts.warmup):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(state)
-    times, faults = [], []
-    for _ in range(opts.steps):
-        f0 = _minor_faults()
-        s0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - s0)
-        faults.append(_minor_faults() - f0)
 
+def bench_train(opts: Options, dev: dict) -> dict:
+    """Median wall time of one jitted train step (AdamW, loss, grads), compile timed apart."""
+    run_ = train_run(opts)
+    cfg, b, t, compiled, batch = run_.cfg, run_.batch_size, run_.seq_len, run_.compiled, run_.batch
+    times, faults = run_.block(opts.steps, warmup=opts.warmup)
     step_s = statistics.median(times)
     tokens_per_s = b * t / step_s
     fpt = flops.train_flops_per_token(cfg, t)
@@ -282,9 +312,9 @@ def bench_train(opts: Options, dev: dict) -> dict:
         tokens_per_s=round(tokens_per_s),
         tflops=_round(flops.model_tflops(fpt, tokens_per_s)),
         mfu=_round(flops.mfu(fpt, tokens_per_s, dev["peak_tflops"])) if dev["peak_tflops"] else None,
-        compile_s=_round(t2 - t1), lower_s=_round(t1 - t0), peak_memory_bytes=mem, memory_source=mem_src,
-        host_page_faults_per_step=statistics.median(faults),
-        flops_per_token=fpt, params=flops.param_count(cfg), loss=_round(metrics["loss"]),
+        compile_s=_round(run_.compile_s), lower_s=_round(run_.lower_s), peak_memory_bytes=mem,
+        memory_source=mem_src, host_page_faults_per_step=statistics.median(faults),
+        flops_per_token=fpt, params=flops.param_count(cfg), loss=_round(run_.metrics["loss"]),
         attention_resolved=impl, lora_rank=opts.lora_rank, **_knobs(cfg, opts), **dev,
     )
 
@@ -482,15 +512,114 @@ def compare(records: list[dict]) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------
+# PyTorch peers in a persistent child process (experiments/peers), alternated with tformer step by block.
+
+
+def cpu_peak() -> dict | None:
+    """This machine's nominal fp32 peak (tformer.flops.cpu_fp32_peak over the CPUs this process may use)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    peak = flops.cpu_fp32_peak(text)
+    if peak and hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) < peak["cores"]:
+        peak = flops.cpu_fp32_peak(text, cores=len(os.sched_getaffinity(0)))
+    return peak
+
+
+def _stats(ms: list[float]) -> dict:
+    return dict(median=_round(statistics.median(ms)), min=_round(min(ms)), max=_round(max(ms)), n=len(ms))
+
+
+def bench_pair(opts: Options, dev: dict, peer: str, rounds: int) -> dict:
+    """tformer's train step against a PyTorch peer's on the same shape, alternated in blocks of `opts.steps`.
+
+    Round r runs a block of tformer steps and a block of peer steps (tformer first in even rounds, the peer
+    first in odd ones, so a drift in load falls on both). `speedup` = peer median / tformer median over all
+    timed steps; `speedup_rounds` the same per round. GFLOP/s use the model FLOPs of the shape with its real
+    (unpadded) vocabulary, the same count for both.
+    """
+    from experiments import peers
+
+    name, arg = peers.parse_peer(peer)
+    run_ = train_run(opts)
+    shape = peers.shape_for(name, run_.cfg, run_.batch_size, run_.seq_len, opts.seed)
+    child = peers.PeerProcess(name, arg, shape, opts.peer_tune_allocator)
+    load = [os.getloadavg()[0]]
+    ours, theirs, ratios = [], [], []
+    try:
+        for r in range(rounds):
+            warm = opts.warmup if r == 0 else 0
+            sides = [lambda w=warm: [x * 1e3 for x in run_.block(opts.steps, w)[0]],
+                     lambda w=warm: child.block(opts.steps, w)["times_ms"]]
+            got = [side() for side in (sides if r % 2 == 0 else sides[::-1])]
+            a, b = got if r % 2 == 0 else got[::-1]
+            ours += a
+            theirs += b
+            ratios.append(statistics.median(b) / statistics.median(a))
+            load.append(os.getloadavg()[0])
+    finally:
+        child.close()
+    step_flops = flops.train_flops_per_token(run_.cfg.replace(vocab_multiple=1), run_.seq_len) * \
+        run_.batch_size * run_.seq_len
+    peak = cpu_peak() if dev["platform"] == "cpu" else None
+    t_med, p_med = statistics.median(ours), statistics.median(theirs)
+    rec = dict(what="pair", system="tformer", peer=name, model=opts.model, batch=run_.batch_size,
+               seq_len=run_.seq_len, rounds=rounds, steps_per_round=opts.steps, warmup=opts.warmup,
+               tformer_step_ms=_stats(ours), peer_step_ms=_stats(theirs), speedup=_round(p_med / t_med),
+               speedup_rounds=[_round(x) for x in ratios], flops_per_step=step_flops,
+               tformer_gflops=_round(step_flops / t_med / 1e6), peer_gflops=_round(step_flops / p_med / 1e6),
+               cpu_peak_gflops=peak and peak["gflops"], cpu_peak_how=peak and peak["how"],
+               tformer_fraction_of_peak=_round(step_flops / t_med / 1e6 / peak["gflops"]) if peak else None,
+               load_1min=[round(x, 2) for x in load], tformer_loss=_round(run_.metrics["loss"]),
+               compile_s=_round(run_.compile_s), peer_info=child.info, peer_shape=dataclasses.asdict(shape),
+               **_knobs(run_.cfg, opts), **dev)
+    return rec
+
+
+def pair_conditions(rec: dict) -> dict:
+    """What a pair was measured under (experiments.results.conditions): machine, instruction set, load during
+    the run, versions, date, and the command (a nanoGPT checkout's path left out: it is the user's)."""
+    peak = cpu_peak() or {}
+    argv = [("--peer=nanogpt:<nanoGPT checkout>" if a.startswith("--peer=nanogpt:") else a) for a in sys.argv[1:]]
+    info = rec.get("peer_info", {})
+    return results.conditions(
+        command="python experiments/benchmark.py " + " ".join(argv), cores=peak.get("cores", os.cpu_count()),
+        avx2=peak.get("avx2"), avx512=peak.get("avx512"), cpu_peak_gflops=peak.get("gflops"),
+        cpu_peak_how=peak.get("how"), load_during_run=rec.get("load_1min"),
+        load_during_run_note="1-minute load average before the first round and after each (the run itself "
+                             "keeps about 2 threads busy)",
+        torch=info.get("torch"), transformers=info.get("transformers"), torch_threads=info.get("threads"))
+
+
+def write_result(path: str, rec: dict) -> None:
+    """Write the pair and its conditions to `path` (a docs/results record, experiments.results.write)."""
+    results.write(path, dict(conditions=pair_conditions(rec), pair={k: v for k, v in rec.items() if k != "what"}))
+
+
+def pair_summary(rec: dict) -> str:
+    """The pair in words: both medians and minima, the ratio, GFLOP/s against the CPU's peak."""
+    ours, theirs = rec["tformer_step_ms"], rec["peer_step_ms"]
+    peak = (f"; this CPU's fp32 peak {rec['cpu_peak_gflops']} GFLOP/s ({rec['cpu_peak_how']}): tformer at "
+            f"{rec['tformer_fraction_of_peak']:.0%}" if rec.get("cpu_peak_gflops") else "")
+    return (f"tformer {ours['median']} ms median ({ours['min']} min) vs {rec['peer']} {theirs['median']} ms "
+            f"({theirs['min']} min) per step, {rec['rounds']} x {rec['steps_per_round']} steps alternated: "
+            f"speedup {rec['speedup']}x (per round {rec['speedup_rounds']}); model GFLOP/s {rec['tformer_gflops']} "
+            f"vs {rec['peer_gflops']}{peak}; load (1 min) {rec['load_1min']}")
+
+
+# ---------------------------------------------------------------------------
 # Driver.
 
 
 def run(opts: Options, peer_script: str | None = None, peer_modes: typing.Sequence[str] = ("train",),
-        emit=None, rounds: int = 1) -> list[dict]:
+        emit=None, rounds: int = 1, peer: str | None = None) -> list[dict]:
     """Run the requested benchmarks; `emit(record)` is called as each figure is ready.
 
-    With a peer, the train figures of tformer and of the peer alternate for
-    `rounds` rounds (each figure tagged with its `round`).
+    With a peer script, the train figures of tformer and of the peer alternate for
+    `rounds` rounds (each figure tagged with its `round`). With `peer` ("hf" or
+    "nanogpt:<checkout>", experiments/peers) the train figure is one `pair` record
+    of blocks of steps alternated with that peer's for `rounds` rounds.
     """
     if rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {rounds}")
@@ -512,7 +641,9 @@ def run(opts: Options, peer_script: str | None = None, peer_modes: typing.Sequen
         def tag(rs, r=r):
             return [dict(x, round=r) for x in rs] if rounds > 1 else rs
 
-        if "train" in opts.what:
+        if "train" in opts.what and peer:
+            add([bench_pair(opts, dev, peer, rounds)])
+        elif "train" in opts.what:
             add(tag([bench_train(opts, dev)]))
         if peer_script and train_modes:
             add(tag(run_peer(peer_script, train_modes, opts)))
@@ -587,9 +718,14 @@ def define_flags(fv=None) -> None:
                       "step then faults no pages. Also applied to the peer unless --peer_tune_allocator=false.", **d)
     flags.DEFINE_bool("peer_tune_allocator", None, "The allocator setting for the peer (default: the same).", **d)
     flags.DEFINE_bool("gpu_xla_flags", True, f"Add {' '.join(GPU_XLA_FLAGS)} (ignored off GPU).", **d)
+    flags.DEFINE_string("peer", None, "PyTorch peer whose train step alternates with tformer's in this run: "
+                        "hf (Hugging Face GPT-2, eager) or nanogpt:<path of a nanoGPT checkout>; needs .[peers].", **d)
+    flags.DEFINE_string("out", None, "With --peer: write the pair and its conditions to this JSON record "
+                        "(e.g. docs/results/peer_nanogpt.json).", **d)
     flags.DEFINE_string("peer_script", None, "Peer benchmark script to run in the same run (optional).", **d)
     flags.DEFINE_list("peer_modes", ["train"], f"Peer figures: {', '.join(PEER_MODES)}.", **d)
-    flags.DEFINE_integer("rounds", 1, "With --peer_script: alternate tformer and peer train figures N times.", **d)
+    flags.DEFINE_integer("rounds", 1, "With --peer or --peer_script: alternate tformer and peer train figures "
+                         "N times.", **d)
     flags.DEFINE_string("json_out", None, "Also append the JSON lines to this file.", **d)
 
 
@@ -653,8 +789,18 @@ def main(argv) -> None:
             sink.write(line + "\n")
             sink.flush()
 
-    records = run(opts, peer_script=fv.peer_script, peer_modes=fv.peer_modes, emit=emit, rounds=fv.rounds)
+    if fv.peer and fv.peer_script:
+        raise ValueError("--peer and --peer_script are two ways to run a peer: pass one of them")
+    if fv.out and not fv.peer:
+        raise ValueError("--out records a peer pair: pass --peer=hf or --peer=nanogpt:<checkout> with it")
+    records = run(opts, peer_script=fv.peer_script, peer_modes=fv.peer_modes, emit=emit, rounds=fv.rounds,
+                  peer=fv.peer)
     print(table(records), file=sys.stderr, flush=True)
+    for rec in records:
+        if rec.get("what") == "pair":
+            print(pair_summary(rec), file=sys.stderr, flush=True)
+            if fv.out:
+                write_result(fv.out, rec)
     if sink:
         sink.close()
 

@@ -8,6 +8,7 @@ An error names the field (`config.<section>.<field>`) and the fix.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import sys
 
@@ -152,18 +153,40 @@ def make_run_mesh(config: ConfigDict) -> jax.sharding.Mesh:
 # The command line's `--config.<section>.<field>=value` overrides.
 
 
-def _unknown_override(argv: list[str]) -> str | None:
-    """The first `--config.<section>.<field>` of `argv` that the config does not have, as an error line."""
+def _config_file(argv: list[str]) -> str | None:
+    """The `--config=<file>[:<arg>]` (or `--config <file>`) of `argv`, as given."""
+    for i, arg in enumerate(argv[1:], 1):
+        if arg.startswith("--config="):
+            return arg[len("--config="):]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _load_config(spec: str | None) -> ConfigDict:
+    """What `--config=<file>[:<arg>]` builds (its `get_config()`), or the base config when there is none."""
     from experiments.configs.base import base_config
 
-    ref = base_config()
+    if not spec:
+        return base_config()
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_run_config_file", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+    """The first `--config.<section>.<field>` of `argv` that the run's config file does not have, as an error
+    line listing the fields that file's section does have (an RNN config's model fields are RNNConfig's)."""
+    ref = _load_config(_config_file(argv))
     for arg in argv[1:]:
         if not arg.startswith("--config."):
             continue
         path = arg[len("--config."):].split("=", 1)[0].split(".")
         if path[0] not in ref:
             return f"--config.{path[0]}: unknown section; valid sections are {sorted(ref.keys())}"
-        if len(path) > 1 and path[1] not in ref[path[0]]:
+        if len(path) > 1 and isinstance(ref[path[0]], ConfigDict) and path[1] not in ref[path[0]]:
             return (f"--config.{'.'.join(path)}: unknown field {path[1]!r} of config.{path[0]}; valid fields are "
                     f"{sorted(ref[path[0]].keys())}")
     return None

@@ -2,6 +2,7 @@ r"""Parallel schedules on fake CPU devices: the pipeline vs microbatches, and th
 
     python experiments/schedules.py --what=pipeline --stages=4 --virtual_stages=1,2 --microbatches=4,8,16,32
     python experiments/schedules.py --what=ring --ring_len=8192
+    python experiments/schedules.py --what=pipeline,ring --virtual_stages=1,2 --out=docs/results/schedules.json
 
 For each (V, M) it compiles (never runs) one train step of a small
 DecoderLM on a (stage S) mesh of fake CPU devices at a fixed global batch,
@@ -17,6 +18,10 @@ each device computes (blocks not skipped, from
 `tformer.ring_attention.computed_blocks`; min / max over devices) and the
 train step time of a one-layer model (best of `--repeats`, the two layouts
 interleaved so load drifts hit both).
+
+`--out`: also write every row, and the bubble (S - 1) / (V M + S - 1) for
+V = 1, 2, 4 and M = 8, 16 at S = `--stages` (`tformer.pipeline.bubble_fraction`),
+as one record with its measuring conditions (experiments/results.py).
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ flags.DEFINE_integer("microbatch_rows", None, "Fix the rows per microbatch inste
 flags.DEFINE_list("what", ["pipeline"], "pipeline, ring.")
 flags.DEFINE_integer("ring_len", 8192, "Sequence length of the ring measurement.")
 flags.DEFINE_integer("repeats", 5, "Timed steps per layout (best reported).")
+flags.DEFINE_string("out", None, "Also write the rows as a JSON record with conditions (e.g. "
+                    "docs/results/schedules.json).")
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=", re.M)
 
@@ -82,7 +89,7 @@ def measure(v: int, m: int) -> dict:
             "bubble": round((s - 1) / (v * m + s - 1), 4)}
 
 
-def ring(n: int = 8) -> None:
+def ring(n: int = 8) -> list[dict]:
     import jax
     import numpy as np
 
@@ -121,17 +128,34 @@ def ring(n: int = 8) -> None:
             rows[name]["step_s"] = min(rows[name]["step_s"], round(time.perf_counter() - t0, 3))
     for row in rows.values():
         print(json.dumps(row), flush=True)
+    return list(rows.values())
+
+
+def bubbles(stages: int) -> list[dict]:
+    """The schedule's bubble at `stages` for V = 1, 2, 4 and M = 8, 16: the formula the plan prints."""
+    from tformer import pipeline
+
+    return [{"stages": stages, "virtual_stages": v, "microbatches": m,
+             "bubble": pipeline.bubble_fraction(stages, m, v)} for v in (1, 2, 4) for m in (8, 16)]
 
 
 def main(argv):
     del argv
-    if "ring" in FLAGS.what:
-        ring()
-    if "pipeline" not in FLAGS.what:
-        return
-    for v in map(int, FLAGS.virtual_stages):
-        for m in map(int, FLAGS.microbatches):
-            print(json.dumps(measure(v, m)), flush=True)
+    record = {"ring": ring()} if "ring" in FLAGS.what else {}
+    if "pipeline" in FLAGS.what:
+        record["pipeline"] = []
+        for v in map(int, FLAGS.virtual_stages):
+            for m in map(int, FLAGS.microbatches):
+                record["pipeline"].append(measure(v, m))
+                print(json.dumps(record["pipeline"][-1]), flush=True)
+    if FLAGS.out:
+        from experiments import results
+
+        record["bubble"] = bubbles(FLAGS.stages)
+        settings = {k: getattr(FLAGS, k) for k in ("stages", "batch", "seq_len", "layers", "d_model",
+                                                   "microbatch_rows", "ring_len", "repeats")}
+        results.write(FLAGS.out, {"conditions": results.conditions(settings=settings), **record})
+        print(f"wrote {FLAGS.out}")
 
 
 if __name__ == "__main__":

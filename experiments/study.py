@@ -1,10 +1,13 @@
 r"""The parallelism story, measured: Transformer vs RNN, and data vs model parallelism.
 
-    python experiments/study.py --out=docs/figures          # the README's figures: <= 15 min on a 2-core CPU
-    python experiments/study.py --out=/tmp/study --smoke     # the same, tiny (CI): <= 2 min
+    python experiments/study.py --out=docs/figures --record=docs/results/study.json   # <= 15 min, 2-core CPU
+    python experiments/study.py --out=docs/figures --record=docs/results/study.json --replot  # plots only
+    python experiments/study.py --out=study_out --smoke     # the same, tiny (CI): <= 2 min
 
-Writes to --out one PNG per part, `study.json` (every figure) and `study.md`
-(the tables and the headline ratios):
+Writes to --out one PNG per part, and to --record (default --out/study.json)
+every figure with the conditions it was measured under; beside it the same
+name with .md (the tables and the headline ratios). --replot re-renders the
+PNGs and the .md from the record without measuring:
 
   a. `train_step_vs_length.png`: one train step vs sequence length T, LSTM vs
      Transformer of the same parameter count and tokens per step (batch =
@@ -17,8 +20,9 @@ Writes to --out one PNG per part, `study.json` (every figure) and `study.md`
      two models' steps are interleaved, each clocking only its own steps;
   d. `parallelism_plan.png`: per-device memory and collective bytes vs device
      count for each sharding preset and for pipeline (`pp`: GPipe over a
-     `stage` axis) and sequence (`sp`: ring attention over a `sequence` axis)
-     parallelism, from plan mode (compiled, never run) on fake CPU devices in
+     `stage` axis; `pp_int`: the interleaved schedule) and sequence (`sp`:
+     ring attention over a `sequence` axis; `sp_zigzag`: its balanced causal
+     layout) parallelism, from plan mode (compiled, never run) on fake CPU devices in
      a subprocess, for GPT-2 small and a ~1B config; splits that do not
      divide are skipped and listed.
 
@@ -48,16 +52,24 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 PARTS = "abcd"
 PRESETS = ("dp", "fsdp", "tp", "fsdp_tp")  # sharding rule tables (tformer.sharding)
-SPLITS = ("pp", "sp")  # part d's pipeline (`stage` axis) and sequence (`sequence` axis) meshes, with `dp` rules
+# Part d's pipeline (`stage` axis) and sequence (`sequence` axis) meshes, with `dp` rules: GPipe and the
+# interleaved schedule (`pp_int`: the fewest virtual stages above 1 that divide the layers), the ring in the
+# consecutive layout and in the balanced (zigzag) one.
+SPLITS = ("pp", "pp_int", "sp", "sp_zigzag")
 # Part d's strategies: fsdp_tp is left out to keep the plans within minutes (its state per device is fsdp's).
 STRATEGIES = ("dp", "fsdp", "tp") + SPLITS
 
 
 def define_flags() -> None:
-    flags.DEFINE_string("out", None, "Directory for the PNGs, study.json and study.md.")
+    flags.DEFINE_string("out", None, "Directory for the PNGs (and study.json / study.md unless --record).")
+    flags.DEFINE_string("record", None, "The JSON record of every figure (default: --out/study.json); its "
+                        "report goes beside it (.md).")
+    flags.DEFINE_bool("replot", False, "Re-render the PNGs and the report from --record without measuring.")
+    flags.DEFINE_bool("add_forward", False, "Measure only part a's forward of one sequence into --record (its "
+                      "train-step rows kept), then replot.")
     flags.DEFINE_bool("smoke", False, "Tiny settings (CI): every part runs, in about a minute.")
     flags.DEFINE_string("parts", PARTS, "Which parts to run, e.g. 'ab'; the other parts' figures already in "
-                        "--out/study.json are kept.")
+                        "--record are kept.")
     flags.DEFINE_float("train_seconds", None, "Part c: training time per model and task (default: numbers 120 s, "
                        "LM 40 s; smoke 1 s).")
     flags.DEFINE_string("plan_worker", None, "Internal: run the plans of this folder's request.json (part d).")
@@ -143,6 +155,19 @@ def _lm_step(model_cls, cfg, batch: int, length: int):
     return lambda: step(state, b)[1]["loss"]
 
 
+def _forward_one(model_cls, cfg, length: int):
+    """A zero-argument function running one jitted forward of one sequence of `length` tokens: its time is
+    the chain of dependent steps (no batch to spread over the cores), the measured critical path."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    graphdef, params = nnx.split(model_cls(cfg, rngs=nnx.Rngs(0)))
+    tokens = jax.device_put(np.random.default_rng(0).integers(3, cfg.vocab_size, (1, length)).astype(np.int32))
+    forward = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))
+    return lambda: forward(params, tokens)
+
+
 def part_a(s: Settings) -> dict:
     import tformer
     from tformer import rnn
@@ -161,7 +186,33 @@ def part_a(s: Settings) -> dict:
               f"lstm {rows[-1]['lstm_ms']:8.1f} ms", flush=True)
     return {"transformer": dataclasses.asdict(tf) | {"params": n_tf},
             "lstm": dataclasses.asdict(lstm) | {"params": n_lstm},
-            "tokens_per_step": s.tokens_per_step, "rows": rows}
+            "tokens_per_step": s.tokens_per_step, "rows": rows, "forward_one": part_a_forward(s)}
+
+
+def part_a_forward(s: Settings) -> dict:
+    """Part a's second half: one forward of one sequence (batch 1) vs T, the two models interleaved. With no
+    batch to spread over the cores, its time is the chain of dependent steps: the critical path, measured."""
+    import tformer
+    from experiments import results as records
+    from tformer import rnn
+
+    tf, lstm, _, _ = matched_models(s, max(s.lengths))
+    rows = []
+    for length in s.lengths:
+        t = _interleaved({"transformer": _forward_one(tformer.DecoderLM, tf, length),
+                          "lstm": _forward_one(rnn.RNNLM, lstm, length)}, s.step_repeats)
+        rows.append({"T": length, **{f"{k}_ms": 1e3 * v for k, v in t.items()}})
+        print(f"[a] forward of one sequence, T={length:5d}: transformer {rows[-1]['transformer_ms']:.2f} ms, "
+              f"lstm {rows[-1]['lstm_ms']:.2f} ms", flush=True)
+    return {"rows": rows, "conditions": records.conditions()}
+
+
+def add_forward(record: Path, out: Path, s: Settings) -> dict:
+    """Measure part a's forward of one sequence into an existing record (its train-step rows kept), replot."""
+    results = json.loads(record.read_text())
+    results["a"]["forward_one"] = part_a_forward(s)
+    write_report(results, out, record)
+    return results
 
 
 # ---------------------------------------------------------------------------
@@ -373,19 +424,32 @@ def _plan_row(name, cfg, seq, n, strategy, batch, o) -> dict:
     from tformer import sharding
 
     split = strategy in SPLITS
-    shape = split_shape(strategy, n, cfg.num_layers) if split else mesh_shape(strategy, n, cfg.num_heads)
+    shape = split_shape(strategy[:2], n, cfg.num_layers) if split else mesh_shape(strategy, n, cfg.num_heads)
     shape = {"data": 1, "fsdp": 1, "tensor": 1, **shape}
     stages = shape.get("stage", 1)
     # Microbatches: 2 x stages (GPipe's bubble (S-1)/(M+S-1) = 1/3 at most), fewer when each data shard's
     # batch is smaller than that.
     micro = min(2 * stages, batch // shape["data"]) if stages > 1 else None
+    v = virtual_stages(cfg.num_layers, stages) if strategy == "pp_int" else 1
+    if strategy == "sp_zigzag":
+        cfg = cfg.replace(sequence_layout="zigzag")
     mesh = sharding.make_mesh(shape, devices=jax.devices()[:n])
     p = plan_lib.plan_train_step(tformer.DecoderLM, cfg, o, mesh, "dp" if split else strategy, batch=batch,
-                                 seq_len=seq, microbatches=micro)
+                                 seq_len=seq, microbatches=micro, virtual_stages=v)
     return {"model": name, "params": p.num_params, "devices": n, "preset": strategy, "mesh": shape,
-            "microbatches": micro, "batch": batch, "seq_len": seq, "state_bytes": p.state_bytes,
+            "microbatches": micro, "virtual_stages": v, "bubble": p.bubble_fraction if stages > 1 else None,
+            "sequence_layout": cfg.sequence_layout, "batch": batch, "seq_len": seq, "state_bytes": p.state_bytes,
             "peak_bytes": p.peak_bytes, "collective_bytes": p.collective_bytes,
             "collectives": p.collective_summary()}
+
+
+def virtual_stages(layers: int, stages: int) -> int:
+    """`pp_int`'s V: the fewest virtual stages above 1 whose S x V groups divide the layers (GPT-2 small's 12
+    layers on 4 stages: 3). Raises ValueError when none does (the plan is then skipped and listed)."""
+    for v in range(2, layers // stages + 1):
+        if layers % (stages * v) == 0:
+            return v
+    raise ValueError(f"{layers} layers on {stages} stages leave no interleaved schedule (V > 1 groups per stage)")
 
 
 def plan_worker(folder: str) -> None:
@@ -410,8 +474,8 @@ def plan_worker(folder: str) -> None:
                         continue
                     rows.append(_plan_row(name, cfg, seq, n, strategy, batch, o))
                     stages = rows[-1]["mesh"].get("stage", 1)
-                    if strategy == "pp" and stages < min(n, 8):  # the host-sized pipeline does not divide
-                        skipped.append({"model": name, "devices": n, "preset": "pp", "reason": (
+                    if strategy in ("pp", "pp_int") and stages < min(n, 8):  # the host-sized pipeline does not divide
+                        skipped.append({"model": name, "devices": n, "preset": strategy, "reason": (
                             f"{min(n, 8)} stages do not divide its {cfg.num_layers} layers; planned with {stages}")})
                     single = rows[-1] if n == 1 else None
                 except ValueError as e:  # a split that does not divide: record it, plan the rest
@@ -448,98 +512,125 @@ def part_d(s: Settings) -> dict:
 # Plots and the markdown report.
 
 
-def _plot_a(r: dict, path: Path) -> None:
-    import matplotlib.pyplot as plt
+def _names(rows, key: str) -> list[str]:
+    return list(dict.fromkeys(x[key] for x in rows))
+
+
+def _plot_a(r: dict, path: Path, conditions=None) -> None:
+    from experiments import plotstyle
 
     rows = r["rows"]
     ts = [x["T"] for x in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, (ax1, ax2) = plotstyle.figure(2)
     ax1.plot(ts, [x["transformer_ms"] for x in rows], "o-",
-             label=f"Transformer ({r['transformer']['params']:,} params)")
-    ax1.plot(ts, [x["lstm_ms"] for x in rows], "s-", label=f"LSTM ({r['lstm']['params']:,} params)")
-    ax1.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="ms per train step",
-            title=f"train step, {r['tokens_per_step']} tokens per step")
-    ax2.plot(ts, [x["transformer_critical_path"] for x in rows], "o-", label="Transformer: layers")
-    ax2.plot(ts, [x["lstm_critical_path"] for x in rows], "s-", label="LSTM: T + layers - 1")
-    ax2.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="dependent steps",
-            title="sequential steps on the critical path")
+             label=f"Transformer ({r['transformer']['params']:,} parameters)")
+    ax1.plot(ts, [x["lstm_ms"] for x in rows], "s-", label=f"LSTM ({r['lstm']['params']:,} parameters)")
+    ax1.set(xlabel="sequence length T (tokens)", ylabel="time per train step (ms, fastest repeat)",
+            title=f"one train step, {r['tokens_per_step']:,} tokens per step (batch = tokens / T)")
+    fwd = r.get("forward_one")
+    if fwd:  # measured: one forward at batch 1, its time the chain of dependent steps
+        fts = [x["T"] for x in fwd["rows"]]
+        ax2.plot(fts, [x["transformer_ms"] for x in fwd["rows"]], "o-", label="Transformer")
+        ax2.plot(fts, [x["lstm_ms"] for x in fwd["rows"]], "s-", label="LSTM")
+        c = fwd.get("conditions") or {}
+        when = f"\n(measured {str(c.get('date', ''))[:10]}" + (f", load average {c['load'][0]:g})"
+                                                             if isinstance(c.get("load"), list) else ")")
+        ax2.set(ylabel="time per forward pass (ms, batch 1, fastest repeat)",
+                title="one forward pass of one sequence (its dependent steps)" + (when if c else ""))
+    else:  # an older record: the measured ratio (the critical-path counts stay in the record, not drawn)
+        ax2.plot(ts, [x["lstm_ms"] / x["transformer_ms"] for x in rows], "D-", color="C2")
+        ax2.axhline(1.0, color="gray", lw=0.8)
+        ax2.set(ylabel="LSTM time / Transformer time", title="LSTM train step relative to the Transformer's")
+    ax2.set(xlabel="sequence length T (tokens)")
     for ax in (ax1, ax2):
-        ax.set_xticks(ts, [str(t) for t in ts], fontsize=7)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    _save(fig, path)
+        plotstyle.log_axis(ax, "x", ts)
+        if ax is ax1 or fwd:
+            plotstyle.log_axis(ax, "y")
+            ax.legend()
+    plotstyle.title(fig, "Train step and forward pass vs sequence length: LSTM vs Transformer of the same size",
+                    conditions)
+    plotstyle.save(fig, path)
 
 
-def _plot_b(r: dict, path: Path) -> None:
-    import matplotlib.pyplot as plt
+def _plot_b(r: dict, path: Path, conditions=None) -> None:
+    from experiments import plotstyle
 
     rows = r["rows"]
     pos = [x["position"] for x in rows]
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    ax.plot(pos, [x["uncached_ms"] for x in rows], "^-", label="Transformer, no cache (full forward)")
-    ax.plot(pos, [x["cached_ms"] for x in rows], "o-", label="Transformer, KV cache")
-    ax.plot(pos, [x["rnn_ms"] for x in rows], "s-", label="LSTM (carried state)")
-    ax.set(yscale="log", xlabel="position of the new token", ylabel="ms per token (batch 1)",
-           title="decode cost per token")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    _save(fig, path)
+    fig, ax = plotstyle.figure(1, width=9, height=5)
+    ax.plot(pos, [x["uncached_ms"] for x in rows], "^-", label="Transformer, no cache (re-runs the whole prefix)")
+    ax.plot(pos, [x["cached_ms"] for x in rows], "o-", label="Transformer with the KV cache")
+    ax.plot(pos, [x["rnn_ms"] for x in rows], "s-", label="LSTM (one step of its carried state)")
+    plotstyle.log_axis(ax, "y")
+    ax.set(xlabel="position of the new token (tokens already seen)", ylabel="time per new token (ms, batch 1)")
+    ax.set_xticks(pos, [plotstyle.plain(p) for p in pos])
+    ax.legend()
+    plotstyle.title(fig, "Decode: the cost of one new token vs its position", conditions)
+    plotstyle.save(fig, path)
 
 
-def _plot_c(r: dict, path: Path) -> None:
-    import matplotlib.pyplot as plt
+def _plot_c(r: dict, path: Path, conditions=None) -> None:
+    from experiments import plotstyle
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, task, metric in zip(axes, ("lm", "numbers"), ("bits_per_byte", "exact_match")):
-        for name in ("transformer", "rnn"):
+    fig, axes = plotstyle.figure(2, height=5.4)
+    for ax, task in zip(axes, ("lm", "numbers")):
+        for name, who in (("transformer", "Transformer"), ("rnn", "LSTM" if task == "lm" else "LSTM + attention")):
             x = r[f"{task}_{name}"]
-            who = "Transformer" if name == "transformer" else "LSTM"
-            label = f"{who}: {x['steps']} steps, {metric} {x[metric]:.3f}"
-            ax.plot([c[0] for c in x["curve"]], [c[1] for c in x["curve"]], label=label)
-        ax.set(xlabel="training seconds (after compiling)", ylabel="train loss (nats/token)", yscale="log",
-               title=f"{'stdlib LM' if task == 'lm' else 'numbers task'}, {r[f'seconds_{task}']:.0f} s each")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    _save(fig, path)
+            score = (f"{x['bits_per_byte']:.3f} bits per byte on validation" if task == "lm"
+                     else f"exact match {x['exact_match']:.1%} on validation")
+            # Byte tokenizer: one scored token per byte (a document's EOS counts as its byte), so
+            # bits per byte = nats per token / ln 2.
+            ax.plot([c[0] for c in x["curve"]], [c[1] / math.log(2) for c in x["curve"]],
+                    label=f"{who}: {x['steps']:,} steps, {score}")
+        if task == "numbers":  # from ~8 down to ~0.001 bits: only a log axis shows the end
+            plotstyle.log_axis(ax, "y")
+        what = "stdlib LM (next byte)" if task == "lm" else "numbers task (digits to English words)"
+        ax.set(xlabel="training time (s, compilation excluded)", ylabel="train loss (bits per byte)",
+               title=f"{what}, {r[f'seconds_{task}']:.0f} s each")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16))
+    plotstyle.title(fig, "Quality after the same training time: Transformer vs LSTM", conditions)
+    plotstyle.save(fig, path)
 
 
-def _plot_d(r: dict, path: Path) -> None:
-    import matplotlib.pyplot as plt
+_LOOK = {"dp": ("o", "-"), "fsdp": ("s", "-"), "tp": ("^", "-"), "fsdp_tp": ("v", "-"), "pp": ("D", "--"),
+         "pp_int": ("d", "--"), "sp": ("x", ":"), "sp_zigzag": ("+", ":")}
+_WORDS = {"dp": "data parallel (dp)", "fsdp": "fully sharded (fsdp)", "tp": "tensor parallel (tp)",
+          "fsdp_tp": "fsdp + tensor", "pp": "pipeline, GPipe (pp)", "pp_int": "pipeline, interleaved (pp_int)",
+          "sp": "sequence, ring attention (sp)", "sp_zigzag": "sequence, balanced zigzag ring (sp_zigzag)"}
+
+
+def _plot_d(r: dict, path: Path, conditions=None) -> None:
+    from experiments import plotstyle
 
     rows = r["rows"]
-    models = list(dict.fromkeys(x["model"] for x in rows))
-    fig, axes = plt.subplots(len(models), 2, figsize=(9, 3.2 * len(models)), squeeze=False)
+    models = _names(rows, "model")
+    fig, axes = plotstyle.figure(2, len(models), height=4.4, squeeze=False)
     for (ax1, ax2), m in zip(axes, models):
         mine = [x for x in rows if x["model"] == m]
         devs = sorted({x["devices"] for x in mine})
-        for i, preset in enumerate(STRATEGIES):
-            pr = [x for x in mine if x["preset"] == preset]
-            if not pr:
-                continue
-            color = f"C{i}"
-            ax1.plot(devs, [x["state_bytes"] / 2**30 for x in pr], "o-", color=color, label=f"{preset}: params + Adam")
-            ax1.plot(devs, [(x["peak_bytes"] or 0) / 2**30 for x in pr], ":", color=color, alpha=0.6)
+        presets = _names(mine, "preset")
+        for i, preset in enumerate(presets):
+            pr = sorted((x for x in mine if x["preset"] == preset), key=lambda x: x["devices"])
+            # Strategies that coincide (dp and sp keep the same state) would hide each other: a small
+            # horizontal offset per strategy, and each its own marker and line style.
+            shift = 1.1 ** (i - (len(presets) - 1) / 2)
+            marker, line = _LOOK.get(preset, ("P", "-."))
+            kw = dict(color=f"C{i}", marker=marker, linestyle=line, markersize=6, label=_WORDS.get(preset, preset))
+            ax1.plot([x["devices"] * shift for x in pr], [x["state_bytes"] / 2**30 for x in pr], **kw)
             multi = [x for x in pr if x["devices"] > 1]  # one device sends nothing
-            ax2.plot([x["devices"] for x in multi], [x["collective_bytes"] / 2**30 for x in multi], "o-", color=color,
-                     label=preset)
-        title = f"{m} ({mine[0]['params'] / 1e6:.0f}M params, batch {mine[0]['batch']} x {mine[0]['seq_len']})"
-        ax1.set(xscale="log", yscale="log", xlabel="devices", ylabel="GiB per device", title=title)
-        ax1.plot([], [], ":", color="gray", label="peak incl. activations")
-        ax2.set(xscale="log", yscale="log", xlabel="devices", ylabel="GiB of collective results / device / step",
-                title="collective traffic (compiled step)")
+            ax2.plot([x["devices"] * shift for x in multi], [x["collective_bytes"] / 2**30 for x in multi], **kw)
+        first = mine[0]
+        title = f"{m}: {first['params'] / 1e6:,.0f}M parameters, global batch {first['batch']} x {first['seq_len']}"
+        ax1.set(xlabel="devices", ylabel="parameters + Adam state per device (GiB)", title=title)
+        ax2.set(xlabel="devices", ylabel="collective results per device per step (GiB)",
+                title="collective traffic of one compiled train step")
         for ax in (ax1, ax2):
-            ax.set_xticks(devs, [str(d) for d in devs], fontsize=7)
-            ax.legend(fontsize=6)
-            ax.grid(alpha=0.3)
-    _save(fig, path)
-
-
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+            plotstyle.log_axis(ax, "x", devs)
+            plotstyle.log_axis(ax, "y")
+            ax.legend(fontsize=8)
+    plotstyle.title(fig, "Data vs model parallelism, from plan mode (compiled, not run; fake CPU devices)",
+                    conditions)
+    plotstyle.save(fig, path)
 
 
 def _at(rows, key, value):
@@ -584,21 +675,45 @@ def headlines(results: dict) -> list[str]:
             if "pp" in by:
                 line += (f", {by['pp']['state_bytes'] / 2**20:,.0f} MiB over {by['pp']['mesh']['stage']} pipeline "
                          "stages (pp)")
+            if by.get("pp", {}).get("bubble") is not None and by.get("pp_int", {}).get("bubble") is not None:
+                line += (f"; pipeline bubble {by['pp']['bubble']:.1%} (GPipe, M {by['pp']['microbatches']}) vs "
+                         f"{by['pp_int']['bubble']:.1%} interleaved (V {by['pp_int']['virtual_stages']})")
             line += "; collectives per step " + ", ".join(
                 f"{k} {by[k]['collective_bytes'] / 2**20:,.0f} MiB" for k in STRATEGIES if k in by) + "."
             out.append(line)
     return out
 
 
+def _conditions_text(c) -> str:
+    if not isinstance(c, dict):
+        return str(c)
+    keys = ("machine", "load", "jax", "date", "command")
+    return "; ".join(f"{k} {c[k]}" for k in keys if k in c)
+
+
+def _virtual(row: dict) -> str:
+    return f" (V {row['virtual_stages']})" if row.get("virtual_stages", 1) > 1 else ""
+
+
 def markdown(results: dict) -> str:
     lines = ["# Transformer vs RNN, data vs model parallelism: measured", "",
-             f"Conditions: {results['conditions']}", ""]
+             "Generated by experiments/study.py from study.json (edit neither by hand).", "",
+             f"Conditions: {_conditions_text(results['conditions'])}", ""]
+    lines += [f"Part {p} measured: {_conditions_text(results[p]['conditions'])}" for p in PARTS
+              if p in results and "conditions" in results[p]] + [""]
     lines += [f"* {h}" for h in headlines(results)] + [""]
     if "a" in results:
         lines += ["## a. Train step vs sequence length", "",
                   "| T | batch | Transformer ms | LSTM ms | LSTM / Transformer |", "|---|---|---|---|---|"]
         lines += [f"| {x['T']} | {x['batch']} | {x['transformer_ms']:.1f} | {x['lstm_ms']:.1f} | "
                   f"{x['lstm_ms'] / x['transformer_ms']:.2f} |" for x in results["a"]["rows"]] + [""]
+        fwd = results["a"].get("forward_one")
+        if fwd:
+            lines += ["One forward pass of one sequence (batch 1): the critical path, measured"
+                      + (f" ({_conditions_text(fwd['conditions'])})" if "conditions" in fwd else ""), "",
+                      "| T | Transformer ms | LSTM ms | LSTM / Transformer |", "|---|---|---|---|"]
+            lines += [f"| {x['T']} | {x['transformer_ms']:.2f} | {x['lstm_ms']:.2f} | "
+                      f"{x['lstm_ms'] / x['transformer_ms']:.2f} |" for x in fwd["rows"]] + [""]
     if "b" in results:
         lines += ["## b. Decode cost per token (ms, batch 1)", "", "| position | KV cache | no cache | LSTM |",
                   "|---|---|---|---|"]
@@ -618,12 +733,16 @@ def markdown(results: dict) -> str:
     if "d" in results:
         lines += ["## d. Plan mode: per device", "", ("One device: every strategy is the same program (planned once). "
                                                       "pp and sp use the dp rules on a mesh with a `stage` / "
-                                                      "`sequence` axis."), "",
-                  "| model | devices | strategy | mesh | microbatches | state MiB | peak MiB | collective MiB |",
-                  "|---|---|---|---|---|---|---|---|"]
+                                                      "`sequence` axis; pp_int runs the interleaved schedule with V "
+                                                      "virtual stages, sp_zigzag the balanced causal ring."), "",
+                  "| model | devices | strategy | mesh | microbatches | bubble | state MiB | peak MiB "
+                  "| collective MiB |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {x['model']} | {x['devices']} | {x['preset']} | "
                   f"{' x '.join(f'{k}={v}' for k, v in x['mesh'].items() if v > 1) or '1'} | "
-                  f"{x.get('microbatches') or '-'} | {x['state_bytes'] / 2**20:,.1f} | "
+                  f"{x.get('microbatches') or '-'}{_virtual(x)} | "
+                  f"{'-' if x.get('bubble') is None else format(x['bubble'], '.1%')} | "
+                  f"{x['state_bytes'] / 2**20:,.1f} | "
                   f"{(x['peak_bytes'] or 0) / 2**20:,.1f} | {x['collective_bytes'] / 2**20:,.1f} |"
                   for x in results["d"]["rows"]] + [""]
         skipped = results["d"].get("skipped", [])
@@ -637,21 +756,55 @@ PLOTS = {"a": ("train_step_vs_length.png", _plot_a), "b": ("decode_vs_position.p
          "c": ("equal_time.png", _plot_c), "d": ("parallelism_plan.png", _plot_d)}
 
 
-def write_report(results: dict, out: Path) -> None:
-    for part, (name, plot) in PLOTS.items():
-        if part in results:
-            plot(results[part], out / name)
-    (out / "study.json").write_text(json.dumps(results, indent=1))
-    (out / "study.md").write_text(markdown(results))
+def write_report(results: dict, out: Path, record: Path | None = None, plots: bool = True) -> None:
+    """The PNGs into `out`; the record (default `out`/study.json) and its report (.md) beside it."""
+    from experiments import results as records
+
+    out, record = Path(out), Path(record or Path(out) / "study.json")
+    derive(results)
+    if plots:
+        out.mkdir(parents=True, exist_ok=True)
+        for part, (name, plot) in PLOTS.items():
+            if part in results:
+                plot(results[part], out / name, results[part].get("conditions", results.get("conditions")))
+    records.write(record, results)
+    record.with_suffix(".md").write_text(markdown(results))
+
+
+def derive(results: dict) -> dict:
+    """Add the ratios and unit conversions the docs quote to the measured rows, in place, so a quoted
+    figure can be tagged to its record (`experiments/results.py`): computed from the measured fields only."""
+    a = results.get("a", {})
+    for x in a.get("rows", []) + a.get("forward_one", {}).get("rows", []):
+        x["lstm_over_transformer"] = x["lstm_ms"] / x["transformer_ms"]
+    for x in results.get("b", {}).get("rows", []):
+        x["cache_speedup"] = x["uncached_ms"] / x["cached_ms"]
+        x["rnn_over_cached"] = x["rnn_ms"] / x["cached_ms"]
+    for x in results.get("d", {}).get("rows", []):
+        for key in ("state", "peak", "collective"):
+            if x.get(f"{key}_bytes") is not None:
+                x[f"{key}_mib"], x[f"{key}_gib"] = x[f"{key}_bytes"] / 2**20, x[f"{key}_bytes"] / 2**30
+    return results
+
+
+def replot(out: str | os.PathLike, record: str | os.PathLike | None = None) -> dict:
+    """Re-render the PNGs and the report from a saved record, measuring nothing."""
+    record = Path(record or Path(out) / "study.json")
+    if not record.exists():
+        raise ValueError(f"--replot: no record at {record}; measure first (drop --replot) or pass --record")
+    results = json.loads(record.read_text())
+    write_report(results, Path(out), record)
+    return results
 
 
 def run(out: str | os.PathLike, smoke: bool = False, parts: str = PARTS, train_seconds: float | None = None,
-        settings: Settings | None = None) -> dict:
+        settings: Settings | None = None, record: str | os.PathLike | None = None) -> dict:
     """Run the chosen parts, writing the report after each; returns every figure.
 
     `settings` replaces the full (or, with `smoke`, the tiny) settings, e.g. a shorter study in a notebook.
+    `record`: the JSON of every figure (default `out`/study.json); each part keeps its own "conditions".
     """
-    import jax
+    from experiments import results as records
 
     bad = sorted(set(parts) - set(PARTS))
     if bad:
@@ -660,10 +813,10 @@ def run(out: str | os.PathLike, smoke: bool = False, parts: str = PARTS, train_s
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    previous = out / "study.json"
-    results: dict = json.loads(previous.read_text()) if parts != PARTS and previous.exists() else {}
-    results |= {"conditions": f"{jax.device_count()} x {jax.devices()[0].device_kind} ({os.cpu_count()} CPU cores "
-                                   f"visible), jax {jax.__version__}{', smoke settings' if smoke else ''}"}
+    record = Path(record or out / "study.json")
+    results: dict = json.loads(record.read_text()) if parts != PARTS and record.exists() else {}
+    conditions = records.conditions(settings="smoke" if smoke else "custom" if settings else "full")
+    results["conditions"] = conditions
     runners = {"a": lambda: part_a(s), "b": lambda: part_b(s), "d": lambda: part_d(s),
                "c": lambda: part_c(s, train_seconds)}
     for part in PARTS:
@@ -671,11 +824,13 @@ def run(out: str | os.PathLike, smoke: bool = False, parts: str = PARTS, train_s
             t = time.time()
             results[part] = runners[part]()
             results[part]["wall_s"] = time.time() - t
+            results[part]["conditions"] = conditions | {"load": records.conditions()["load"]}  # load when done
             results["wall_s"] = time.time() - started
-            write_report(results, out)
+            write_report(results, out, record)
     for line in headlines(results):
         print(line)
-    print(f"study: {time.time() - started:.0f} s; wrote {out}/study.md, study.json and the plots")
+    print(f"study: {time.time() - started:.0f} s; wrote {record}, {record.with_suffix('.md').name} and the plots "
+          f"in {out}")
     return results
 
 
@@ -687,7 +842,14 @@ def main(argv):
     if FLAGS.out is None:
         raise app.UsageError("--out is required")
     try:
-        run(FLAGS.out, FLAGS.smoke, FLAGS.parts, FLAGS.train_seconds)
+        if FLAGS.replot:
+            replot(FLAGS.out, FLAGS.record)
+            return
+        if FLAGS.add_forward:
+            add_forward(Path(FLAGS.record or Path(FLAGS.out) / "study.json"), Path(FLAGS.out), SMOKE if FLAGS.smoke
+                        else FULL)
+            return
+        run(FLAGS.out, FLAGS.smoke, FLAGS.parts, FLAGS.train_seconds, record=FLAGS.record)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -118,11 +118,19 @@ class Run:
     peak_tflops: float | None
     progress0: float | None = None  # schedule progress saved in the restored checkpoint (time-budgeted runs)
     budget: budget_lib.TimeBudget | None = None  # `train.time_budget_s` (see experiments/budget.py)
+    mesh: object = None
+    state_sh: object = None
+    virtual_stages: int = 1  # > 1: `state` stores its stacked layers in the schedule's order
+
+    def model_order_state(self) -> training.TrainState:
+        """The state with its layers in model order (the one way out of the schedule's order; V = 1: itself)."""
+        return training.in_model_order(self.state, self.mesh, self.virtual_stages, self.state_sh)
 
     def model(self):
         from flax import nnx
 
-        return nnx.merge(self.graphdef, lora.merged(self.state.params))
+        params = training.in_model_order(self.state.params, self.mesh, self.virtual_stages, self.state_sh.params)
+        return nnx.merge(self.graphdef, lora.merged(params))
 
     def train_batch(self, step: int) -> dict:
         t = self.config.train
@@ -155,16 +163,19 @@ def setup_run(config: ConfigDict, workdir: Path) -> Run:
                  jax.process_count(), mesh.size)
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=t.keep_checkpoints)
     params = finetune.initial_params(source, cfg) if source and ckpt.latest_step() is None else None
+    v = config.mesh.virtual_stages
     graphdef, tx, state, state_sh = training.create_train_state(family.model_class, cfg, o, t.seed, mesh, rules,
-                                                                params=params, lora=finetune.lora_config(t))
+                                                                params=params, lora=finetune.lora_config(t),
+                                                                virtual_stages=v)
     batch_sh = training.batch_sharding(mesh, rules, input_pipeline.batch_at(task.train, 0, t.batch_size))
-    kw = dict(mesh=mesh, rules=rules, batch_sharding=batch_sh, microbatches=microbatches,
-              virtual_stages=config.mesh.virtual_stages)
+    kw = dict(mesh=mesh, rules=rules, batch_sharding=batch_sh, microbatches=microbatches, virtual_stages=v)
     train_fn = training.make_train_step(graphdef, tx, o, state_sharding=state_sh, **kw)
     eval_fn = training.make_eval_step(graphdef, o, params_sharding=state_sh.params, **kw)
     if ckpt.latest_step() is not None:
         finetune.check_resume(workdir, config)
     state, extra = restore_latest(ckpt, state, state_sh, workdir=workdir, family=family.name, cfg=cfg, o=o)
+    if extra is not None:  # checkpoints hold model order
+        state = training.in_schedule_order(state, mesh, v, state_sh)
     if jax.process_index() == 0:
         atomic_write(workdir / "config.json", json.dumps({
             "config": config.to_dict(), "model": dataclasses.asdict(cfg), "optim": dataclasses.asdict(o),
@@ -172,15 +183,16 @@ def setup_run(config: ConfigDict, workdir: Path) -> Run:
     return Run(config, workdir, family, task, cfg, graphdef, state, train_fn, eval_fn, batch_sh, ckpt,
                MetricWriter(workdir, enabled=jax.process_index() == 0), last_saved=ckpt.latest_step(),
                flops_per_token=family.train_flops_per_token(cfg, seq_len), peak_tflops=_peak_tflops(),
-               progress0=(extra or {}).get("progress"))
+               progress0=(extra or {}).get("progress"), mesh=mesh, state_sh=state_sh, virtual_stages=v)
 
 
 def save_checkpoint(run: Run, step: int, progress: float | None = None) -> None:
-    """Save the state; a time-budgeted run also records its schedule's `progress` (read back on resume)."""
+    """Save the state (model order); a time-budgeted run also records its schedule's `progress` (read back on
+    resume)."""
     extra = {"data_step": step, "model_kind": run.family.name}
     if progress is not None:
         extra["progress"] = progress
-    run.ckpt.save(step, run.state, extra)
+    run.ckpt.save(step, run.model_order_state(), extra)
     run.last_saved = step
 
 

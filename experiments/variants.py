@@ -6,6 +6,8 @@ r"""What each cheaper variant costs: held-out quality, train/encoder step time a
     python experiments/variants.py --what=window_speed --rounds=3            # dense vs banded window, top-k, threshold
     python experiments/variants.py --what=encoder_speed --rounds=3           # Linformer / Nystrom vs dense
     python experiments/variants.py --what=decode --rounds=3                  # int8 cache / int8 weights
+    python experiments/variants.py --what=length_sweep --lengths=256,512,1024,2048 --rounds=3 \
+        --out=docs/results/variants_vs_length.json         # every variant's step time and memory vs length
 
 Quality: every trained variant gets the same protocol (config, seed, data
 order, `--steps`), dense included; the post-training variants (compress_mlp,
@@ -14,7 +16,8 @@ int8 cache is scored through the cached path (`extend` over an int8 cache,
 every key and value read quantized) next to the same path with an fp32 cache.
 Speed: variants are timed interleaved, round by round, in one process, so a
 shared machine slows them alike; the ratio is the figure to read.
-One JSON line per figure on stdout.
+One JSON line per figure on stdout; with --out, also a record of them all and the conditions
+(experiments/results.py).
 """
 
 from __future__ import annotations
@@ -41,12 +44,14 @@ from tformer.compress import param_bytes, with_config
 from tformer.plan import compiled_peak_bytes
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("what", "lm", ["lm", "seq2seq", "window_speed", "encoder_speed", "decode"], "Which table.")
+flags.DEFINE_enum("what", "lm", ["lm", "seq2seq", "window_speed", "encoder_speed", "decode", "length_sweep"],
+                  "Which table.")
 flags.DEFINE_integer("steps", 300, "Training steps for every quality variant (same for all).")
 flags.DEFINE_string("only", "", "Comma-separated variant names to run (default: all).")
 flags.DEFINE_string("workdir", "/tmp/tformer_variants", "Scratch directory (tokenizer files).")
 flags.DEFINE_string("lengths", "256,1024,4096,16384", "window_speed: sequence lengths.")
 flags.DEFINE_integer("rounds", 5, "Speed: interleaved timing rounds (median reported).")
+flags.DEFINE_string("out", None, "Also write every row and the conditions to this JSON record.")
 
 # lm_tiny: d_model 128, d_ff 384, so min(d_model, d_ff) = 128 bounds a factorization's rank.
 LM_TRAINED = {
@@ -67,7 +72,11 @@ S2S_TRAINED = {
 }
 
 
+ROWS: list[dict] = []  # every emitted row, for --out
+
+
 def emit(**row) -> None:
+    ROWS.append(row)
     print(json.dumps(row), flush=True)
 
 
@@ -185,15 +194,25 @@ def _interleaved(fns: dict, rounds: int) -> dict:
     return timing.medians(timing.interleaved(fns, rounds))
 
 
-def _train_step(cfg, t: int):
-    """A compiled batch-1 train step at length t, its arguments and its peak bytes."""
+def _train_step(cfg, t: int, temp: bool = False):
+    """A compiled batch-1 train step at length t, its arguments and its peak bytes (with `temp`: and its
+    compiled temporary bytes)."""
     o = tformer.OptimizerConfig(learning_rate=1e-3, warmup_steps=1, total_steps=10)
     graphdef, tx, state, _ = tformer.create_train_state(tformer.DecoderLM, cfg, o, 0)
     step = tformer.make_train_step(graphdef, tx, o, donate=False)
     toks = np.random.default_rng(0).integers(3, 256, (1, t + 1)).astype(np.int32)
     batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:]}
     compiled = step.lower(state, batch).compile()
+    if temp:
+        return (lambda: compiled(state, batch)), compiled_peak_bytes(compiled), _temp_bytes(compiled)
     return (lambda: compiled(state, batch)), compiled_peak_bytes(compiled)
+
+
+def _temp_bytes(compiled) -> int | None:
+    try:
+        return int(compiled.memory_analysis().temp_size_in_bytes)
+    except Exception:  # not every backend has a memory analysis
+        return None
 
 
 def run_window_speed() -> None:
@@ -236,6 +255,42 @@ def run_encoder_speed() -> None:
             emit(what="encoder_step", variant=name, src_len=s, batch=1, peak_bytes=peaks[name],
                  ms=round(secs[name] * 1e3, 1),
                  vs_dense=round(secs["dense"] / secs[name], 2) if "dense" in secs else None)
+
+
+def _encoder_step(variant: dict, s: int):
+    """A compiled batch-1 encoder forward + backward at source length s, its peak and temporary bytes."""
+    cfg = tformer.ModelConfig(max_len=s, num_encoder_layers=2, **{**SPEED_MODEL, "positions": "sinusoidal"}, **variant)
+    graphdef, state = nnx.split(tformer.EncoderDecoder(cfg, rngs=nnx.Rngs(0)))
+    src = jnp.asarray(np.random.default_rng(0).integers(3, 256, (1, s)), jnp.int32)
+
+    def loss(state, src):
+        return jnp.mean(nnx.merge(graphdef, state).encode(src) ** 2)
+
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(state, src).compile()
+    return (lambda: compiled(state, src)), compiled_peak_bytes(compiled), _temp_bytes(compiled)
+
+
+# The length sweep's variants: causal decoder attention (a train step) and encoder self-attention (Linformer
+# and Nystrom are bidirectional only: an encoder's forward + backward), each against its own dense.
+SWEEP_DECODER = {"dense": {}, "window64": {"local_window": 64}, "topk32": {"attention_topk": 32}}
+SWEEP_ENCODER = {"dense": {}, "linformer32": {"attention_lowrank": "linformer", "lowrank_dim": 32},
+                 "nystrom32": {"attention_lowrank": "nystrom", "lowrank_dim": 32}}
+
+
+def run_length_sweep() -> None:
+    """Every variant's step time (median of --rounds, interleaved per length) and compiled memory vs length."""
+    for t in [int(x) for x in FLAGS.lengths.split(",")]:
+        for where, variants in (("decoder", SWEEP_DECODER), ("encoder", SWEEP_ENCODER)):
+            built = {}
+            for name in _selected(list(variants)):
+                if where == "decoder":
+                    built[name] = _train_step(tformer.ModelConfig(max_len=t, **SPEED_MODEL, **variants[name]), t, True)
+                else:
+                    built[name] = _encoder_step(variants[name], t)
+            secs = _interleaved({n: b[0] for n, b in built.items() if b[1] <= RUN_LIMIT_BYTES}, FLAGS.rounds)
+            for name, (_, peak, temp) in built.items():
+                emit(what=f"{where}_step", variant=name, seq_len=t, batch=1, peak_bytes=peak, temp_bytes=temp,
+                     ms=secs[name] * 1e3 if name in secs else None, model=SPEED_MODEL)
 
 
 def _decode_loop(model, batch: int, prompt_len: int, cache_len: int, steps: int):
@@ -290,7 +345,13 @@ def run_decode() -> None:
 def main(argv):
     del argv
     {"lm": run_lm, "seq2seq": run_seq2seq, "window_speed": run_window_speed, "encoder_speed": run_encoder_speed,
-     "decode": run_decode}[FLAGS.what]()
+     "decode": run_decode, "length_sweep": run_length_sweep}[FLAGS.what]()
+    if FLAGS.out:
+        from experiments import results
+
+        results.write(FLAGS.out, {"conditions": results.conditions(rounds=FLAGS.rounds, timing="median of the "
+                                                                   "rounds, variants interleaved per length"),
+                                  "what": FLAGS.what, "rows": ROWS})
 
 
 if __name__ == "__main__":

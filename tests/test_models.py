@@ -86,6 +86,10 @@ DECODER_VARIANTS = {
     "mha-learned-local-window-geglu": dict(local_window=2, activation="geglu", remat="full"),
     "gqa-rope-qk-norm-relu2": dict(num_kv_heads=2, positions="rope", norm="rmsnorm", activation="relu2",
                                   qk_norm=True, use_bias=False),
+    # No position encoding (causality alone orders the tokens), and the two XLA paths forced by name: the
+    # parallel forward's 8 positions take the block-causal path (T divisible by its 4 blocks).
+    "mha-nopos-xla": dict(positions="none", attention="xla"),
+    "gqa-rope-blocked": dict(num_kv_heads=2, positions="rope", attention="blocked"),
 }
 
 

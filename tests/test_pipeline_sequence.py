@@ -90,7 +90,8 @@ def _train_setup(model_cls, cfg, batches, shape, microbatches, virtual_stages=1)
     """(state, jitted step, batch placement) for `model_cls` on the mesh `shape` (None: one device)."""
     mesh = None if shape is None else mesh_of(dict(shape))
     graphdef, tx, state, state_sh = training.create_train_state(model_cls, cfg, OPT, 0, mesh,
-                                                          None if mesh is None else RULES)
+                                                          None if mesh is None else RULES,
+                                                          virtual_stages=virtual_stages)
     if mesh is None:
         return state, training.make_train_step(graphdef, tx, OPT), (lambda b: b)
     batch_sh = training.batch_sharding(mesh, RULES, batches[0])
@@ -109,7 +110,10 @@ def _run(shape, microbatches, kind, virtual_stages, cfg):
         state, m = compiled(state, put(b))
         losses.append([float(m["loss"]), float(m["grad_norm"])])
     shardings = jax.tree.map(lambda a: a.sharding, state)
-    return losses, jax.tree.map(np.asarray, state), shardings, compiled.as_text()
+    mesh = None if shape is None else mesh_of(dict(shape))
+    in_model_order = training.in_model_order(state, mesh, virtual_stages, shardings)
+    # The state as trained (schedule order under virtual stages) is kept on the devices for the placement test.
+    return losses, jax.tree.map(np.asarray, in_model_order), shardings, compiled.as_text(), state
 
 
 def assert_same_training(got, ref, what):
@@ -149,22 +153,29 @@ def test_trains_like_one_device(shape, mb, v):
 # Placement: each stage's devices hold only their layers (params and Adam moments).
 
 
+def _stage_of_device(mesh) -> dict:
+    stage_axis = mesh.axis_names.index("stage")
+    return {d: s for s in range(mesh.shape["stage"]) for d in np.take(mesh.devices, s, axis=stage_axis).flat}
+
+
+def _is_stacked(path) -> bool:
+    return any(isinstance(k, jax.tree_util.DictKey) and k.key == "layers" for k in path)
+
+
 @pytest.mark.parametrize("shape,mb,v", PP_CASES[2:5], ids=[case_id(*c) for c in PP_CASES[2:5]])
 def test_each_stage_holds_only_its_layers(shape, mb, v):
-    # At rest (and so in checkpoints) stage s holds the contiguous block of L / S layers whatever the
-    # schedule; virtual stages change which of them a stage runs, not how much of the state it holds.
+    # Stage s's devices hold a block of L / S rows of every stacked weight and of its Adam moments; under
+    # virtual stages that block is groups s, s + S, ... (schedule order), so the step moves no layer weights.
     cfg = cfg_for(shape, v)
-    _, state, shardings, _ = run(tuple(shape.items()), mb, "packed", v, cfg)
-    mesh = mesh_of(shape)
+    _, in_model_order, shardings, _, stored = run(tuple(shape.items()), mb, "packed", v, cfg)
     stages, per = shape["stage"], cfg.num_layers // shape["stage"]
-    stage_axis = mesh.axis_names.index("stage")
-    stage_of = {d: s for s in range(stages) for d in np.take(mesh.devices, s, axis=stage_axis).flat}
-    leaves = jax.tree_util.tree_leaves_with_path(state)
+    stage_of = _stage_of_device(mesh_of(shape))
+    leaves = jax.tree_util.tree_leaves_with_path(stored)
     shs = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
     stacked = 0
     for (path, leaf), sh in zip(leaves, shs, strict=True):
         name, indices = jax.tree_util.keystr(path), sh.devices_indices_map(leaf.shape)
-        if "['blocks']" not in name:
+        if not _is_stacked(path):
             # Embeddings, head, final norm, counters: never split over stages.
             by_stage = [{str(indices[d]) for d, s in stage_of.items() if s == k} for k in range(stages)]
             assert all(b == by_stage[0] for b in by_stage), f"{name} is split over stages"
@@ -172,10 +183,42 @@ def test_each_stage_holds_only_its_layers(shape, mb, v):
         assert leaf.shape[0] == cfg.num_layers and sh.shard_shape(leaf.shape)[0] == per, name
         for device, index in indices.items():
             s = stage_of[device]
-            assert index[0] == slice(s * per, (s + 1) * per), f"{name}: a stage-{s} device holds layers {index[0]}"
+            assert index[0] == slice(s * per, (s + 1) * per), f"{name}: a stage-{s} device holds rows {index[0]}"
         stacked += 1
     # Every stacked weight, its Adam first moment and its second moment.
-    assert stacked == 3 * len(jax.tree.leaves(state.params["blocks"])), stacked
+    assert stacked == 3 * len(jax.tree.leaves(in_model_order.params["blocks"])), stacked
+
+
+@pytest.mark.slow
+def test_virtual_stages_hold_their_layer_groups():
+    # (stage 4, virtual 2, data 2), 8 layers in 8 groups of 1: every device's shard of every stacked weight and
+    # of its Adam mu / nu is [2, ...] and holds model layers s and s + 4 of its stage s, i.e. the one-device
+    # run's layers s and s + 4 (to the runs' rounding; neighbouring layers differ by O(lr) after 3 steps).
+    shape, mb, v = PP_CASES[4]
+    key, cfg = tuple(shape.items()), cfg_for(shape, v)
+    _, _, _, hlo, stored = run(key, mb, "packed", v, cfg)
+    ref = run(None, None, "packed", 1, cfg)[1]
+    # So the step gathers no layer weights: with every weight replicated or split over `stage` alone (tensor 1),
+    # the program has no all-gather at all (a state holding contiguous layers all-gathered the groups every step).
+    assert not [c for c in plan_lib.parse_collectives(hlo) if c.kind == "all-gather"]
+    stages, groups = shape["stage"], shape["stage"] * v
+    stage_of = _stage_of_device(mesh_of(shape))
+    flat_ref = dict(jax.tree_util.tree_leaves_with_path(ref))
+    checked = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(stored):
+        if not _is_stacked(path):
+            continue
+        want_all = flat_ref[path]
+        tol = 1e-3 * float(np.max(np.abs(want_all))) + 1e-12
+        for shard in leaf.addressable_shards:
+            s = stage_of[shard.device]
+            got = np.asarray(shard.data)
+            want = want_all[[g for g in range(groups) if g % stages == s]]
+            assert got.shape == want.shape == (v,) + leaf.shape[1:], (jax.tree_util.keystr(path), got.shape)
+            err = float(np.max(np.abs(got - want)))
+            assert err <= tol, f"{jax.tree_util.keystr(path)} on a stage-{s} device: off by {err:.3g} (tol {tol:.3g})"
+        checked += 1
+    assert checked == 3 * len(jax.tree.leaves(ref.params["blocks"])), checked  # params, Adam mu, Adam nu
 
 
 # ---------------------------------------------------------------------------

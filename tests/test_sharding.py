@@ -436,6 +436,48 @@ def test_collective_parser_reads_tuples_async_and_groups():
         ("all-reduce", 4 * 64 + 2 * 8, 4), ("all-gather", 4 * 24, 4), ("reduce-scatter", 64, 4)]
 
 
+def test_collectives_in_loops_count_once_per_trip():
+    """A collective in a while body runs trip-count times per step (nested loops multiply); branches once."""
+    hlo = "\n".join([
+        "%inner_body (p: f32[4]) -> f32[4] {",
+        "  %ar.in = f32[4]{0} all-reduce(%p), replica_groups=[1,8]<=[8], to_apply=%add",
+        "}",
+        "%outer_body (p: f32[4]) -> f32[4] {",
+        "  %ar.out = f32[8]{0} all-reduce(%p), replica_groups=[1,8]<=[8], to_apply=%add",
+        '  %w2 = f32[4]{0} while(%p), condition=%c2, body=%inner_body, backend_config={"known_trip_count":{"n":"3"}}',
+        "}",
+        "%branch (p: f32[4]) -> f32[4] {",
+        "  %cp = f32[2]{0} collective-permute(%p), source_target_pairs={{0,1}}",
+        "}",
+        "ENTRY %main (a: f32[4]) -> f32[4] {",
+        "  %ar.top = f32[16]{0} all-reduce(%a), replica_groups=[1,8]<=[8], to_apply=%add",
+        '  %w1 = f32[4]{0} while(%a), condition=%c1, body=%outer_body, backend_config={"known_trip_count":{"n":"12"}}',
+        "  %unknown = f32[4]{0} while(%a), condition=%c3, body=%branch_loop",
+        "  ROOT %k = f32[4]{0} conditional(%i, %a), branch_computations={%branch, %other}",
+        "}",
+    ])
+    cs = plan_lib.parse_collectives(hlo)
+    assert [(c.name, c.bytes, c.runs) for c in cs] == [("ar.in", 16, 36), ("ar.out", 32, 12), ("cp", 8, 1),
+                                                       ("ar.top", 64, 1)]
+    summary = plan_lib.summarize_collectives(cs)
+    assert summary["all-reduce"] == {"count": 3, "runs": 49, "arrays": 3, "bytes": 16 * 36 + 32 * 12 + 64}
+
+
+@pytest.mark.slow
+def test_scanned_layers_plan_the_traffic_of_unrolled_ones():
+    """Data parallel: the gradient all-reduce of a scanned layer stack sits in the backward loop's body, once per
+    layer; per step it moves what the unrolled program's all-reduce moves (before, the plan counted it once)."""
+    cfg = CFG.replace(num_layers=3)
+    mesh = mesh_of((8, 1, 1))
+    plans = {scan: plan_lib.plan_train_step(tformer.DecoderLM, cfg.replace(scan_layers=scan), OPT, mesh, "dp",
+                                            batch=B, seq_len=T) for scan in (False, True)}
+    in_loop = [c for c in plans[True].collectives if c.runs == 3]
+    assert in_loop, "no collective in the scanned backward loop"
+    assert plans[True].collective_bytes == plans[False].collective_bytes
+    # Every gradient is all-reduced at least once: at least the (replicated) parameters' bytes.
+    assert plans[True].collective_bytes >= plans[True].param_bytes
+
+
 def test_plan_command_line_on_fake_devices():
     """`train.py --plan --plan_devices=16`: no data, no training, a 16-device plan printed."""
     import os

@@ -142,6 +142,35 @@ def test_resume_equals_uninterrupted(tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
+def test_interleaved_pipeline_run_checkpoints_model_order_and_resumes_like_one_device(tmp_path):
+    """Stage 2 x virtual 2 stores the 4 layers as [0, 2, 1, 3] on the devices; its checkpoints must hold them in
+    model order (the one-device run's parameters) and a resumed run must put them back in schedule order."""
+    from conftest import assert_trains_alike
+
+    from experiments import run_config
+
+    def cfg(steps, **mesh):
+        c = tiny_lm(num_steps=steps, log_every=1, eval_every=100, checkpoint_every=100)
+        c.model.num_layers = 4
+        c.optim.update(total_steps=4, learning_rate=1e-2, eps=1e-4)  # eps: see assert_trains_alike's bound
+        c.mesh.update(**mesh)
+        return c
+
+    pipelined = dict(data=2, stage=2, virtual_stages=2, microbatches=2)
+    train.train_and_evaluate(cfg(4), tmp_path / "one")
+    train.train_and_evaluate(cfg(2, **pipelined), tmp_path / "pp")  # stops (and saves) at step 2
+    train.train_and_evaluate(cfg(4, **pipelined), tmp_path / "pp")  # resumes from step 2
+
+    def curve(w):
+        rows = sorted((r["step"], r["loss"], r["grad_norm"]) for r in read_jsonl(w) if r["split"] == "train")
+        return [[loss, norm] for _, loss, norm in rows]
+
+    assert len(curve(tmp_path / "pp")) == 4
+    assert_trains_alike(curve(tmp_path / "pp"), _params(tmp_path / "pp"), curve(tmp_path / "one"),
+                        _params(tmp_path / "one"), run_config.optim_config(cfg(4)), 4, "stage 2 x virtual 2")
+
+
 CLI_ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
 
 
@@ -212,6 +241,29 @@ def test_bad_config_errors_name_the_field(tmp_path, section, field, value, match
         c[section][field] = value
     with pytest.raises(ValueError, match=match):
         train.train_and_evaluate(c, tmp_path)
+
+
+def test_an_unknown_override_lists_the_fields_of_the_config_file_given():
+    """An RNN config's model section holds RNNConfig's fields, and the error lists those, not ModelConfig's."""
+    from experiments import run_config
+
+    def line(config_file, override):
+        return run_config._unknown_override(["train.py", f"--config={REPO}/experiments/configs/{config_file}",
+                                             "--workdir=w", override])
+
+    rnn_fields = ("['attention', 'cell', 'd_model', 'dtype', 'kind', 'max_len', 'num_layers', 'param_dtype', "
+                  "'tie_embeddings', 'unroll', 'vocab_size']")
+    assert line("lm_tiny_rnn.py", "--config.model.num_heads=4") == (
+        f"--config.model.num_heads: unknown field 'num_heads' of config.model; valid fields are {rnn_fields}")
+    assert line("seq2seq_tiny_rnn.py", "--config.model.bogus=1") == (
+        "--config.model.bogus: unknown field 'bogus' of config.model; valid fields are ['attention', 'cell', "
+        "'d_model', 'dtype', 'kind', 'max_len', 'num_layers', 'param_dtype', 'tie_embeddings', 'unroll', 'vocab_size']")
+    lm = line("lm_tiny.py", "--config.model.cell=gru")
+    assert lm.startswith("--config.model.cell: unknown field 'cell' of config.model; valid fields are ['activation'")
+    assert "'num_heads'" in lm and "'cell'" not in lm.split("valid fields are")[1]
+    assert line("lm_tiny_rnn.py", "--config.model.cell=gru") is None  # a field it has
+    assert line("lm_tiny_rnn.py", "--config.modle.cell=gru") == (
+        "--config.modle: unknown section; valid sections are ['data', 'init_from', 'mesh', 'model', 'optim', 'train']")
 
 
 def test_bad_data_file_error_names_the_file(tmp_path):

@@ -12,7 +12,16 @@ from tformer import host  # tformer.host.tune_allocator(), first thing in a CPU 
 from tformer.compress import compress_mlp, quantize_weights
 from tformer.config import ModelConfig, gpt2_small, transformer_base
 from tformer.families import model_class
-from tformer.generate import Decode, Generated, Sampling, beam_search, generate, sample_logits, sequence_logprob
+from tformer.generate import (
+    Decode,
+    Generated,
+    Sampling,
+    beam_search,
+    decode_phases,  # exported here: `tformer.generate` is the function, so `tformer.generate.<name>` fails
+    generate,
+    sample_logits,
+    sequence_logprob,
+)
 from tformer.hf import config_from_hf, load_hf_checkpoint, save_hf_checkpoint  # safetensors imported lazily
 from tformer.kvcache import KVCache
 from tformer.lora import LoraConfig
@@ -23,7 +32,8 @@ from tformer.training import OptimizerConfig, TrainState, create_train_state, ma
 __all__ = [
     "ModelConfig", "gpt2_small", "transformer_base",
     "DecoderLM", "EncoderDecoder", "model_class", "KVCache",
-    "generate", "beam_search", "sequence_logprob", "sample_logits", "Decode", "Sampling", "Generated",
+    "generate", "beam_search", "sequence_logprob", "sample_logits", "decode_phases", "Decode", "Sampling",
+    "Generated",
     "OptimizerConfig", "TrainState", "LoraConfig", "create_train_state", "make_train_step", "make_eval_step",
     "make_mesh", "rules_for", "PRESETS",
     "config_from_hf", "load_hf_checkpoint", "save_hf_checkpoint",

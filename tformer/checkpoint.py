@@ -21,11 +21,21 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 
 from tformer.training import TrainState
 
 log = logging.getLogger(__name__)
+
+
+def _ocp():
+    """orbax.checkpoint, imported on first use: `import tformer` (and this module) needs only the core's
+    dependencies (jax, flax, optax, numpy); orbax comes with the `experiments` extra."""
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError as e:
+        raise ImportError(f"tformer.checkpoint needs orbax-checkpoint ({e}); install it with "
+                          "`pip install orbax-checkpoint` or `pip install -e \".[experiments]\"`") from e
+    return ocp
 
 
 class CheckpointError(RuntimeError):
@@ -60,6 +70,7 @@ class Checkpointer:
         if max_to_keep < 1:
             raise ValueError(f"Checkpointer: max_to_keep must be >= 1 (keep at least the newest), got {max_to_keep}")
         self.directory = Path(directory).absolute()
+        ocp = _ocp()
         self._mngr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -75,6 +86,7 @@ class Checkpointer:
                 return False
             self._mngr.wait_until_finished()
             self._mngr.delete(step)
+        ocp = _ocp()
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(_to_tree(state)), extra=ocp.args.JsonSave(extra or {})
         )
@@ -94,6 +106,7 @@ class Checkpointer:
         `<step>.damaged-<time>` (by process 0) so that they are saved again.
         """
         tree_target = None if target is None else _to_tree(target)
+        ocp = _ocp()
         args = ocp.args.Composite(state=ocp.args.StandardRestore(tree_target), extra=ocp.args.JsonRestore())
         restored, _ = self._restore_newest(step, lambda _: args, move_aside)
         return TrainState(**restored["state"]), dict(restored["extra"] or {})
@@ -102,6 +115,7 @@ class Checkpointer:
         """Only the parameters of `step` (default: the newest readable), into `params_target`'s shapes and
         shardings: what serving needs, without building an optimizer (its state is never read)."""
         target = {"params": params_target}
+        ocp = _ocp()
         args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
             target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
         self._mngr.wait_until_finished()

@@ -154,3 +154,39 @@ def device_spec(device_kind: str) -> DeviceSpec | None:
         if any(re.search(rf"\b{re.escape(p)}\b", kind) for p in patterns):
             return spec
     return None
+
+
+# ---------------------------------------------------------------------------
+# x86 CPUs: a nominal fp32 peak from /proc/cpuinfo.
+
+# fp32 FLOP per cycle per core by the widest vector ISA the CPU reports, assuming two FMA pipes of that
+# width (an FMA counts 2): AVX-512 2 x 16 x 2, AVX2 + FMA 2 x 8 x 2, else SSE (4-wide add and mul pipes).
+# An upper bound: Zen 4 and client Intel cores run 512-bit FMAs at half that rate.
+CPU_FLOP_PER_CYCLE = (("avx512f", 64), ("fma", 32), ("sse2", 8))
+
+
+def cpu_fp32_peak(cpuinfo: str, cores: int | None = None) -> dict | None:
+    """Nominal fp32 peak of the CPU `cpuinfo` (the text of /proc/cpuinfo) describes: cores x FLOP/cycle x clock.
+
+    Cores: distinct (physical id, core id) pairs (SMT siblings share a core's FMA pipes), or `cores` if
+    given. Clock: the largest "cpu MHz" the kernel reports (on a VM, usually the nominal clock; boost
+    clocks can be higher). None where the text has no flags or clock (not x86 Linux).
+    """
+    blocks = [dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+              for block in cpuinfo.strip().split("\n\n") if block.strip()]
+    blocks = [{k.strip(): v.strip() for k, v in b.items()} for b in blocks]
+    flags = set(next((b["flags"] for b in blocks if "flags" in b), "").split())
+    mhz = [float(b["cpu MHz"]) for b in blocks if "cpu MHz" in b]
+    if not flags or not mhz:
+        return None
+    isa, per_cycle = next(((f, n) for f, n in CPU_FLOP_PER_CYCLE if f in flags), ("none", 8))
+    if cores is None:
+        ids = {(b.get("physical id"), b.get("core id")) for b in blocks if "processor" in b}
+        cores = len(ids) if all(k != (None, None) for k in ids) else sum("processor" in b for b in blocks)
+    ghz = max(mhz) / 1e3
+    return dict(model=next((b["model name"] for b in blocks if "model name" in b), "unknown"), cores=cores,
+                isa={"avx512f": "avx512", "fma": "avx2+fma"}.get(isa, "sse"), avx2="avx2" in flags,
+                avx512="avx512f" in flags, flop_per_cycle=per_cycle, ghz=round(ghz, 3),
+                gflops=round(cores * per_cycle * ghz, 1),
+                how=f"{cores} cores x {per_cycle} fp32 FLOP/cycle (two {isa} FMA pipes) x {ghz:.2f} GHz "
+                    "(cpu MHz in /proc/cpuinfo)")

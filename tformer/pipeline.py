@@ -20,11 +20,17 @@ read, so gradients (plain `jax.grad` through `shard_map`, `scan` and
 microbatch draws its own masks: the same model in distribution, not bit for
 bit.)
 
-Placement: the train state keeps the `layers` axis split over `stage` in S
-contiguous blocks (rule `layers -> stage`), one checkpoint layout whatever V;
-the step views it as [V, S, L / (S V)] with the S axis on `stage`. For V = 1
-that view is the stored split (nothing moves); for V > 1 the step moves each
-stage's groups to it (and their gradients back) once per step.
+Placement: a stage's devices hold only its own V groups and their Adam
+moments. The state stores each stack in *schedule order*: its rows cut into
+S contiguous blocks of L / S (the rule `layers -> stage` splits them so),
+block s holding groups s, s + S, ..., s + (V - 1) S in that order
+(`to_schedule_order`); the step views a stack as [S, V, L / (S V)] with the
+S axis on `stage`, so no layer weight moves between stages. For V = 1 the
+two orders coincide. Everything outside the train state sees model order:
+`tformer.training.create_train_state(virtual_stages=V)` is the one way in
+(fresh or given weights, permuted once) and `to_model_order` the one way
+out (checkpoints, unpipelined evaluation, decoding, export; see
+`training.model_order_state`), so a checkpoint is the same whatever the mesh.
 
 Only `stage` is manual inside the `shard_map`; `data`, `fsdp`, `tensor` and
 `sequence` stay automatic, so the rule table's other splits (and ring
@@ -41,6 +47,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -67,6 +74,31 @@ def bubble_fraction(stages: int, microbatches: int, virtual_stages: int = 1) -> 
     return (stages - 1) / (virtual_stages * microbatches + stages - 1)
 
 
+def schedule_unit(t, stage, microbatches: int, virtual_stages: int = 1) -> tuple:
+    """What `stage` computes at tick `t`: (microbatch, repeat, busy).
+
+    Unit u = t - stage is microbatch u mod M on repeat u // M (layer group repeat x S + stage); the stage is
+    busy when 0 <= u < V M (otherwise its result is stale and never read). `t` and `stage` may be Python
+    ints or traced arrays: `run_blocks`' scan calls it, and so does `schedule_table`.
+    """
+    u = t - stage
+    busy = (u >= 0) & (u < virtual_stages * microbatches)
+    return u % microbatches, jnp.clip(u // microbatches, 0, virtual_stages - 1), busy
+
+
+def schedule_table(stages: int, microbatches: int, virtual_stages: int = 1) -> list[list[tuple[int, int] | None]]:
+    """table[tick][stage] = (microbatch, layer group) that stage runs at that tick, None when idle: the
+    ticks of `run_blocks`, V M + S - 1 of them (for a diagram; each stage is busy V M ticks)."""
+    table = []
+    for t in range(virtual_stages * microbatches + stages - 1):
+        row = []
+        for s in range(stages):
+            i, r, busy = schedule_unit(t, s, microbatches, virtual_stages)
+            row.append((int(i), int(r) * stages + s) if bool(busy) else None)
+        table.append(row)
+    return table
+
+
 def schedule_name(virtual_stages: int) -> str:
     return "GPipe" if virtual_stages == 1 else f"interleaved, {virtual_stages} virtual stages"
 
@@ -85,6 +117,49 @@ def check_schedule(num_layers: int, stages: int, microbatches: int, virtual_stag
         raise ValueError(f"mesh.microbatches={microbatches} < mesh.stage={stages}: the interleaved schedule "
                          f"(mesh.virtual_stages={virtual_stages}) needs at least one microbatch per stage, so a "
                          "microbatch's next repeat finds stage 0 free; raise microbatches or set virtual_stages=1")
+
+
+def schedule_permutation(num_layers: int, stages: int, virtual_stages: int) -> np.ndarray:
+    """Row j of a stack in schedule order holds model layer `perm[j]`.
+
+    Model layer (r S + s) P + k (group r S + s, P = L / (S V) layers a group)
+    sits at row (s V + r) P + k: stage s's contiguous block of L / S rows is
+    its groups s, s + S, ... in the order its repeats run them.
+    """
+    if num_layers % (stages * virtual_stages):
+        raise ValueError(f"a stack of {num_layers} layers does not split into mesh.stage={stages} x "
+                         f"mesh.virtual_stages={virtual_stages} groups; use a model whose layers they divide")
+    model_rsk = np.arange(num_layers).reshape(virtual_stages, stages, -1)
+    return model_rsk.transpose(1, 0, 2).reshape(-1)
+
+
+def _reorder(tree, stages: int, virtual_stages: int, inverse: bool):
+    if stages == 1 or virtual_stages == 1:
+        return tree  # the two orders coincide
+
+    def one(path: tuple, a):
+        if not any(isinstance(k, jax.tree_util.DictKey) and k.key == "layers" for k in path):
+            return a
+        perm = schedule_permutation(a.shape[0], stages, virtual_stages)
+        return a[np.argsort(perm) if inverse else perm]
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def schedule_order(tree, stages: int, virtual_stages: int):
+    """`tree` (params, a TrainState, a LoRA tree, optimizer state) with every stacked-layer array put from
+    model order into the schedule order of (stages, virtual_stages).
+
+    Stacked-layer arrays are the leaves under a `layers` key (a `Stack`'s
+    blocks; Adam's moments and LoRA adapters mirror those paths); the rest is
+    returned as is. Works on numpy and jax arrays, inside or outside jit.
+    """
+    return _reorder(tree, stages, virtual_stages, inverse=False)
+
+
+def model_order(tree, stages: int, virtual_stages: int):
+    """Inverse of `schedule_order`: stacked-layer arrays back in model order."""
+    return _reorder(tree, stages, virtual_stages, inverse=True)
 
 
 def _split_microbatches(a: jax.Array, m: int) -> jax.Array:
@@ -122,8 +197,9 @@ def run_blocks(stack: Stack, x_mbtd: jax.Array, side: dict, layer_fn: LayerFn, *
     check_schedule(stack.n, stages, m, v)
     per_group = stack.n // (stages * v)
     graphdef, state = nnx.split(stack.layers)
-    # [L, ...] -> [V, S, L / (S V), ...]: group r S + s at [r, s], the S axis on `stage`.
-    groups = jax.tree.map(lambda a: a.reshape((v, stages, per_group) + a.shape[1:]), state)
+    # Schedule order [L, ...] -> [S, V, L / (S V), ...]: group r S + s at [s, r]; the S axis is the stored
+    # split over `stage`, so the view moves nothing.
+    groups = jax.tree.map(lambda a: a.reshape((stages, v, per_group) + a.shape[1:]), state)
     dtypes = jax.tree.map(lambda a: a.dtype, (x_mbtd, side))
     to_f32 = jax.tree.map(lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a,
                           (x_mbtd, side))
@@ -136,11 +212,10 @@ def run_blocks(stack: Stack, x_mbtd: jax.Array, side: dict, layer_fn: LayerFn, *
         def tick(carry: tuple[jax.Array, jax.Array, jax.Array], t: jax.Array
                  ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], None]:
             incoming, buf, out = carry
-            u = t - s  # this stage's unit: microbatch u mod M on repeat u // M (idle outside [0, V M))
-            i, r = u % m, jnp.clip(u // m, 0, v - 1)
+            i, r, _ = schedule_unit(t, s, m, v)  # this stage's microbatch and repeat (idle: stale, never read)
             first = jnp.where(t < m, x_all[jnp.minimum(t, m - 1)], buf[i])  # stage 0: new, or a next repeat
             x = jnp.where(s == 0, first, incoming)
-            group = jax.tree.map(lambda a: a[r, 0], groups)
+            group = jax.tree.map(lambda a: a[0, r], groups)
             side_i = jax.tree.map(lambda a: a[i], side)
             y = run_layers(graphdef, group, x, lambda blk, x, rr: layer_fn(blk, x, side_i, rr), stack.cfg,
                            fold(rng, i), first_layer=(r * stages + s) * per_group)
@@ -156,7 +231,7 @@ def run_blocks(stack: Stack, x_mbtd: jax.Array, side: dict, layer_fn: LayerFn, *
         (_, _, out), _ = jax.lax.scan(tick, carry, jnp.arange(v * m + stages - 1))
         return out.astype(jnp.float32)[None]
 
-    run = jax.shard_map(stage_program, mesh=mesh, in_specs=(P(None, AXIS), P()), out_specs=P(AXIS),
+    run = jax.shard_map(stage_program, mesh=mesh, in_specs=(P(AXIS), P()), out_specs=P(AXIS),
                         axis_names=frozenset({AXIS}), check_vma=False)
     return run(groups, to_f32)[stages - 1].astype(x_mbtd.dtype)
 

@@ -59,6 +59,12 @@ _GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=")
 _GROUPS_LIST = re.compile(r"replica_groups=\{(\{[\d,]*\})")
 _GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\(\S*\))?\s*\{([^}]*)\}")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+# A computation's header (`%name (params) -> type {`, `ENTRY %name ...`), and the computations an instruction calls.
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s*[({]")
+_CALLEE = re.compile(
+    r"\b(?P<how>body|condition|calls|to_apply|true_computation|false_computation)=%?(?P<name>[\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +77,14 @@ class Collective:
     bytes: int  # result bytes on one device (summed over a combined/tuple op)
     group_size: int | None  # devices taking part in each group, where the HLO says
     op_name: str = ""  # the jax op it came from (metadata), if recorded
+    # Executions per step: the product of the known trip counts of the while loops around it (a scanned layer
+    # stack's per-layer gradient all-reduce runs once per layer; a loop of unknown trip count counts once).
+    runs: int = 1
+
+    @property
+    def step_bytes(self) -> int:
+        """Result bytes over one step: `bytes` x `runs`."""
+        return self.bytes * self.runs
 
 
 def _array_bytes(dtype: str, dims: tuple[int, ...]) -> int:
@@ -96,10 +110,50 @@ def _group_size(line: str) -> int | None:
     return None
 
 
-def parse_collectives(hlo_text: str) -> list[Collective]:
-    """Collectives in compiled HLO text, one entry per instruction (`-done` halves skipped)."""
-    out = []
+def _runs_per_computation(hlo_text: str) -> dict[str, int]:
+    """{computation: executions per run of the entry computation}: a while body runs its loop's known trip count
+    times per execution of the computation holding the loop (nested loops multiply); other callees once."""
+    calls: dict[str, list[tuple[str, int]]] = {}  # callee -> [(caller, factor)]
+    entry, current = None, None
     for line in hlo_text.splitlines():
+        if line and not line[0].isspace():
+            m = _COMPUTATION.match(line)
+            if m and line.rstrip().endswith("{"):
+                current = m["name"]
+                entry = current if line.startswith("ENTRY") else entry
+            continue
+        if current is None or "=" not in line:
+            continue
+        trips = _TRIP_COUNT.search(line)
+        for m in _CALLEE.finditer(line):
+            factor = int(trips.group(1)) if trips and m["how"] in ("body", "condition") else 1
+            calls.setdefault(m["name"], []).append((current, factor))
+        for m in _BRANCHES.finditer(line):
+            for name in m.group(1).split(","):
+                calls.setdefault(name.strip().lstrip("%"), []).append((current, 1))
+
+    memo: dict[str, int] = {}
+
+    def runs(name: str, depth: int = 0) -> int:
+        if name == entry or name not in calls or depth > 64:
+            return 1
+        if name not in memo:
+            memo[name] = sum(runs(caller, depth + 1) * factor for caller, factor in calls[name])
+        return memo[name]
+
+    return {name: runs(name) for name in calls} | ({entry: 1} if entry else {})
+
+
+def parse_collectives(hlo_text: str) -> list[Collective]:
+    """Collectives in compiled HLO text, one entry per instruction (`-done` halves skipped), each with the
+    number of times it runs per step (`runs`, from the known trip counts of the loops around it)."""
+    out = []
+    runs = _runs_per_computation(hlo_text)
+    current = None
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace():
+            head = _COMPUTATION.match(line)
+            current = head["name"] if head and line.rstrip().endswith("{") else current
         m = _INSTR.match(line)
         if not m:
             continue
@@ -115,19 +169,21 @@ def parse_collectives(hlo_text: str) -> list[Collective]:
         out.append(Collective(
             kind=m["op"], name=m["name"], shapes=tuple(arrays),
             bytes=sum(_array_bytes(d, s) for d, s in arrays), group_size=_group_size(line),
-            op_name=op_name.group(1) if op_name else "",
+            op_name=op_name.group(1) if op_name else "", runs=runs.get(current, 1),
         ))
     return out
 
 
 def summarize_collectives(collectives: Iterable[Collective]) -> dict[str, dict[str, int]]:
-    """{kind: {"count": instructions, "arrays": result arrays, "bytes": result bytes}}."""
+    """{kind: {"count": instructions, "runs": executions per step, "arrays": result arrays of the instructions,
+    "bytes": result bytes per step (each instruction's times its runs)}}."""
     out: dict[str, dict[str, int]] = {}
     for c in collectives:
-        s = out.setdefault(c.kind, {"count": 0, "arrays": 0, "bytes": 0})
+        s = out.setdefault(c.kind, {"count": 0, "runs": 0, "arrays": 0, "bytes": 0})
         s["count"] += 1
+        s["runs"] += c.runs
         s["arrays"] += len(c.shapes)
-        s["bytes"] += c.bytes
+        s["bytes"] += c.step_bytes
     return out
 
 
@@ -172,7 +228,8 @@ class Plan:
 
     @property
     def collective_bytes(self) -> int:
-        return sum(c.bytes for c in self.collectives)
+        """Result bytes of every collective over one step (one inside a scanned loop counts once per trip)."""
+        return sum(c.step_bytes for c in self.collectives)
 
     def collective_summary(self) -> dict[str, dict[str, int]]:
         return summarize_collectives(self.collectives)
@@ -206,9 +263,9 @@ class Plan:
         summary = self.collective_summary()
         if summary:
             lines.append("")
-            lines.append(f"{'collective':<20}{'ops':>6}{'arrays':>8}{'bytes':>14}")
+            lines.append(f"{'collective':<20}{'ops':>6}{'runs':>6}{'arrays':>8}{'bytes':>14}")
             for kind, s in sorted(summary.items()):
-                lines.append(f"{kind:<20}{s['count']:>6}{s['arrays']:>8}{fmt_bytes(s['bytes']):>14}")
+                lines.append(f"{kind:<20}{s['count']:>6}{s['runs']:>6}{s['arrays']:>8}{fmt_bytes(s['bytes']):>14}")
         else:
             lines.append("(no collectives)")
         return "\n".join(lines)

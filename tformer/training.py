@@ -328,8 +328,14 @@ def state_shardings(model_cls: type[nnx.Module], cfg: ModelConfig, tx: optax.Gra
 
 def create_train_state(model_cls: type[nnx.Module], cfg: ModelConfig, optim: OptimizerConfig, seed: int = 0,
                        mesh: Mesh | None = None, rules: sharding.Rules | None = None, params: Params | None = None,
-                       lora: lora_lib.LoraConfig | None = None):
+                       lora: lora_lib.LoraConfig | None = None, virtual_stages: int = 1):
     """(graphdef, tx, state, state_shardings or None). Sharded at birth when a mesh is given.
+
+    `virtual_stages` > 1 on a mesh with a `stage` axis: the state stores its
+    stacked layers in the interleaved schedule's order (`pipeline.schedule_order`,
+    so each stage's devices hold their own layer groups); train and eval it
+    with steps made with the same `virtual_stages`, and take it back to model
+    order with `in_model_order` (checkpoints, decoding, export).
 
     `params` (e.g. `nnx.to_pure_dict(nnx.state(tformer.load_hf_checkpoint(path)))`)
     starts from given weights instead of a fresh init, to fine-tune; they must
@@ -346,10 +352,11 @@ def create_train_state(model_cls: type[nnx.Module], cfg: ModelConfig, optim: Opt
         p = nnx.to_pure_dict(nnx.state(model_cls(cfg, rngs=nnx.Rngs(seed)))) if given is None else given
         if lora is not None:
             p = lora_lib.lora_params(p, lora, jax.random.key(seed + 2))
-        return TrainState(
+        state = TrainState(
             step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(lora_lib.trainable(p)),
             rng=jax.random.key_data(jax.random.key(seed + 1)),
         )
+        return pipeline.schedule_order(state, pipeline.num_stages(mesh), virtual_stages)
 
     if mesh is None:
         return graphdef, tx, jax.jit(init)(params), None
@@ -357,6 +364,29 @@ def create_train_state(model_cls: type[nnx.Module], cfg: ModelConfig, optim: Opt
     if params is not None:  # placed shard by shard: never whole on one device
         params = jax.device_put(params, shardings.params["base"] if lora is not None else shardings.params)
     return graphdef, tx, jax.jit(init, out_shardings=shardings)(params), shardings
+
+
+def in_model_order(tree: PyTree, mesh: Mesh | None, virtual_stages: int, shardings: Any = None) -> PyTree:
+    """A state (or params) of `create_train_state(mesh=mesh, virtual_stages=...)` with its stacked layers in
+    model order, placed on `shardings` (the state's own): what checkpoints, decoding and export read.
+
+    The identity when the two orders coincide (no `stage` axis, or V = 1);
+    otherwise a new copy (the stages' groups move once, not every step).
+    """
+    stages = pipeline.num_stages(mesh)
+    if stages == 1 or virtual_stages == 1:
+        return tree
+    fn = functools.partial(pipeline.model_order, stages=stages, virtual_stages=virtual_stages)
+    return jax.jit(fn, out_shardings=shardings)(tree)
+
+
+def in_schedule_order(tree: PyTree, mesh: Mesh | None, virtual_stages: int, shardings: Any = None) -> PyTree:
+    """Inverse of `in_model_order`: a model-order state (e.g. a restored checkpoint) in the schedule's order."""
+    stages = pipeline.num_stages(mesh)
+    if stages == 1 or virtual_stages == 1:
+        return tree
+    fn = functools.partial(pipeline.schedule_order, stages=stages, virtual_stages=virtual_stages)
+    return jax.jit(fn, out_shardings=shardings)(tree)
 
 
 def _check_params(given: Params, expected: Params) -> None:
@@ -428,7 +458,8 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, optim: 
 
     `layout` (static): the mesh and rule table activation constraints follow.
     `microbatches`: the pipeline's count on a mesh with a `stage` axis (default 2 x stages);
-    `virtual_stages`: layer groups per stage (1 = GPipe, more = the interleaved schedule).
+    `virtual_stages`: layer groups per stage (1 = GPipe, more = the interleaved schedule, whose state
+    stores its stacked layers in schedule order: `create_train_state(virtual_stages=...)`).
     """
     with sharding.use_layout(layout):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
