@@ -163,7 +163,7 @@ def _config_file(argv: list[str]) -> str | None:
     return None
 
 
-def _load_config(spec: str | None) -> ConfigDict:
+def load_config_file(spec: str | None) -> ConfigDict:
     """What `--config=<file>[:<arg>]` builds (its `get_config()`), or the base config when there is none."""
     from experiments.configs.base import base_config
 
@@ -179,7 +179,7 @@ def _load_config(spec: str | None) -> ConfigDict:
 def _unknown_override(argv: list[str]) -> str | None:
     """The first `--config.<section>.<field>` of `argv` that the run's config file does not have, as an error
     line listing the fields that file's section does have (an RNN config's model fields are RNNConfig's)."""
-    ref = _load_config(_config_file(argv))
+    ref = load_config_file(_config_file(argv))
     for arg in argv[1:]:
         if not arg.startswith("--config."):
             continue

@@ -71,6 +71,8 @@ SLOW_TESTS = {
         "test_packed_rows_are_laid_out_as_the_input_pipeline_packs_them", "test_run_in_process_train_and_decode",
         "test_train_reports_blocked_attention_for_long_causal_sequences_on_cpu",
         "test_tuned_allocator_step_faults_no_pages"),
+    "test_core_imports.py": ("test_core_imports_and_runs_without_the_extras",),
+    "test_docs_examples.py": ("test_docs_example_runs",),
     "test_finetune.py": ("test_evaluate_cli_prints_one_json_line_on_a_file",
         "test_init_from_hf_first_loss_matches_transformers_and_training_lowers_it",
         "test_init_from_hf_resume_is_bit_exact", "test_lora_trains_adapters_only_and_exports_a_rank_r_update"),

@@ -6,6 +6,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Unimportable from anywhere: what the `experiments`, `hf` and `test` extras add (orbax-checkpoint comes with flax,
@@ -56,6 +58,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_core_imports_and_runs_without_the_extras():
     proc = subprocess.run([sys.executable, "-c", SCRIPT, ",".join(NOT_CORE)], cwd=REPO, capture_output=True,
                           text=True, timeout=300, env={"PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",

@@ -474,3 +474,16 @@ def test_out_of_range_token_ids_are_named_when_concrete():
     with pytest.raises(ValueError, match=r"ModelConfig.num_encoder_layers=1: a DecoderLM has no encoder"):
         DecoderLM(make_cfg(num_encoder_layers=1), rngs=nnx.Rngs(0))
     assert (DecoderLM.task, EncoderDecoder.task, cfg.task, encdec.cfg.task) == ("lm", "seq2seq", "lm", "seq2seq")
+
+
+def test_gelu_exact_is_jax_exact_gelu_with_gradients():
+    # tformer's erf form against jax.nn.gelu(approximate=False) (erfc form): values and derivatives, fp32,
+    # across the range activations take (the far tail is below 1e-6 in both).
+    from tformer.layers import gelu_exact
+
+    x = jnp.linspace(-12.0, 12.0, 4001, dtype=jnp.float32)
+    ref = functools.partial(jax.nn.gelu, approximate=False)
+    np.testing.assert_allclose(gelu_exact(x), ref(x), rtol=1e-5, atol=1e-6)
+    d_ours, d_ref = (jax.vmap(jax.grad(f))(x) for f in (gelu_exact, ref))
+    np.testing.assert_allclose(d_ours, d_ref, rtol=1e-5, atol=1e-6)
+    assert gelu_exact(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
