@@ -37,11 +37,11 @@ def machine(conditions) -> str:
     return str(conditions or "unknown machine")
 
 
-def title(fig, what: str, conditions=None) -> None:
-    """The figure's title: what it shows, then where (and when) it was measured."""
+def title(fig, what: str, conditions=None, verb: str = "measured") -> None:
+    """The figure's title: what it shows, then where (and when) it was measured (or `verb`: compiled...)."""
     where = ""
     if conditions is not None:
-        where = f"\nmeasured on {machine(conditions)}"
+        where = f"\n{verb} on {machine(conditions)}"
         if isinstance(conditions, dict) and conditions.get("jax"):
             where += f", jax {conditions['jax']}"
         if isinstance(conditions, dict) and conditions.get("date"):

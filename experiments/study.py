@@ -629,7 +629,7 @@ def _plot_d(r: dict, path: Path, conditions=None) -> None:
             plotstyle.log_axis(ax, "y")
             ax.legend(fontsize=8)
     plotstyle.title(fig, "Data vs model parallelism, from plan mode (compiled, not run; fake CPU devices)",
-                    conditions)
+                    conditions, verb="compiled")
     plotstyle.save(fig, path)
 
 
@@ -816,6 +816,9 @@ def run(out: str | os.PathLike, smoke: bool = False, parts: str = PARTS, train_s
     record = Path(record or out / "study.json")
     results: dict = json.loads(record.read_text()) if parts != PARTS and record.exists() else {}
     conditions = records.conditions(settings="smoke" if smoke else "custom" if settings else "full")
+    for part in PARTS:  # parts kept from an earlier run keep that run's conditions
+        if part in results and "conditions" not in results[part] and "conditions" in results:
+            results[part]["conditions"] = results["conditions"]
     results["conditions"] = conditions
     runners = {"a": lambda: part_a(s), "b": lambda: part_b(s), "d": lambda: part_d(s),
                "c": lambda: part_c(s, train_seconds)}
