@@ -23,7 +23,7 @@ from tformer import families, sharding, training
 _AT_LEAST = {
     "train": dict(batch_size=1, num_steps=1, seed=0, log_every=1, eval_every=1, eval_batches=1, eval_batch_size=0,
                   checkpoint_every=1, keep_checkpoints=1, num_samples=0, sample_tokens=1, temperature=0.0,
-                  top_k=0, beam_size=1, eval_decode_examples=1),
+                  top_k=0, beam_size=1, eval_decode_examples=1, time_budget_s=0.0, time_budget_margin_s=0.0),
     "data": dict(vocab_size=2, seq_len=1, src_len=1, tgt_len=1, max_bytes=0, num_train=1, num_valid=1),
 }
 _CHOICES = {("data", "tokenizer"): ("byte", "sentencepiece", "hf")}
@@ -126,10 +126,14 @@ def plan_model_config(config: ConfigDict):
     return model_config(sized, ByteTokenizer())
 
 
+def total_steps(config: ConfigDict) -> int:
+    """The schedule's length: `optim.total_steps`, or `train.num_steps` where that is 0."""
+    return config.optim.total_steps or config.train.num_steps
+
+
 def optim_config(config: ConfigDict) -> training.OptimizerConfig:
     o = config.optim.to_dict()
-    if not o["total_steps"]:
-        o["total_steps"] = config.train.num_steps
+    o["total_steps"] = total_steps(config)
     return to_dataclass(training.OptimizerConfig, o, "optim")
 
 

@@ -50,9 +50,11 @@ if __package__ in (None, ""):  # `python experiments/train.py`: make the repo im
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # replaced: experiments/tokenizers.py shadows the library
 
 import jax
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
+from experiments import budget as budget_lib
 from experiments import decode, finetune, input_pipeline, planning, processes, profiling, run_config
 from experiments.metrics import MetricWriter, QuietLibraries, atomic_write, plot_loss
 from experiments.tasks import Task, check_sample_prompts, load_task
@@ -114,6 +116,8 @@ class Run:
     last_saved: int | None  # newest checkpoint step known good (None: nothing saved yet)
     flops_per_token: float
     peak_tflops: float | None
+    progress0: float | None = None  # schedule progress saved in the restored checkpoint (time-budgeted runs)
+    budget: budget_lib.TimeBudget | None = None  # `train.time_budget_s` (see experiments/budget.py)
     mesh: object = None
     state_sh: object = None
     virtual_stages: int = 1  # > 1: `state` stores its stacked layers in the schedule's order
@@ -179,12 +183,44 @@ def setup_run(config: ConfigDict, workdir: Path) -> Run:
     return Run(config, workdir, family, task, cfg, graphdef, state, train_fn, eval_fn, batch_sh, ckpt,
                MetricWriter(workdir, enabled=jax.process_index() == 0), last_saved=ckpt.latest_step(),
                flops_per_token=family.train_flops_per_token(cfg, seq_len), peak_tflops=_peak_tflops(),
-               mesh=mesh, state_sh=state_sh, virtual_stages=v)
+               progress0=(extra or {}).get("progress"), mesh=mesh, state_sh=state_sh, virtual_stages=v)
 
 
-def save_checkpoint(run: Run, step: int) -> None:
-    run.ckpt.save(step, run.model_order_state(), {"data_step": step, "model_kind": run.family.name})
+def save_checkpoint(run: Run, step: int, progress: float | None = None) -> None:
+    """Save the state (model order); a time-budgeted run also records its schedule's `progress` (read back on
+    resume)."""
+    extra = {"data_step": step, "model_kind": run.family.name}
+    if progress is not None:
+        extra["progress"] = progress
+    run.ckpt.save(step, run.model_order_state(), extra)
     run.last_saved = step
+
+
+def start_budget(run: Run, started: float) -> budget_lib.TimeBudget | None:
+    """The run's time budget (None when `train.time_budget_s` is 0), its final-eval reserve measured now."""
+    t = run.config.train
+    if not t.time_budget_s:
+        return None
+    if jax.process_count() > 1:
+        raise ValueError("config.train.time_budget_s: a time budget is single-process only (processes timing "
+                         "themselves could stop at different steps); bound a multi-process run by num_steps")
+    bs = t.eval_batch_size or t.batch_size
+    batch = next(input_pipeline.eval_batches(run.task.valid, bs, jax.process_index(), jax.process_count()))
+    batch = input_pipeline.global_batch(batch, run.batch_sh, bs)
+    reserve = budget_lib.measure_eval_s(lambda: run.eval_fn(run.state.params, batch), t.eval_batches)
+    reserve += t.time_budget_margin_s
+    step = int(run.state.step)
+    progress0 = run.progress0 if run.progress0 is not None else step / run_config.total_steps(run.config)
+    b = budget_lib.TimeBudget(t.time_budget_s, started, reserve, progress0)
+    if b.deadline <= b.train_start and not b.exhausted():
+        spent = b.train_start - started
+        raise ValueError(f"config.train.time_budget_s={t.time_budget_s:g} is spent before training starts "
+                         f"(setup took {spent:.1f}s and the final eval needs {reserve:.1f}s); raise it above "
+                         f"{spent + reserve:.0f}s, or lower train.eval_batches / train.time_budget_margin_s")
+    logging.info("time budget %gs: %.1fs spent on setup, %.1fs reserved for the final eval; training until "
+                 "%.1fs (schedule progress from %.3f)", t.time_budget_s, b.train_start - started, reserve,
+                 b.deadline - started, b.progress0)
+    return b
 
 
 def evaluate(run: Run) -> dict:
@@ -240,28 +276,41 @@ def train_steps(run: Run, preempt: processes.Preemption) -> bool:
     window = Window(start, time.time())
     batches = input_pipeline.Prefetcher(run.train_batch, range(start, t.num_steps))
     prof = profiling.StepProfiler.for_run(t.profile_steps, t.num_steps, run.workdir)  # None unless asked
+    budget = run.budget
     try:
         for done, batch in enumerate(batches, start + 1):
+            if budget and budget.exhausted():
+                break
+            progress = None if budget is None else budget.progress(done - 1, run_config.total_steps(run.config))
             with (prof and prof.annotate(done)) or contextlib.nullcontext():
-                run.state, metrics = run.train_fn(run.state, batch)
+                run.state, metrics = run.train_fn(run.state, batch, *(() if budget is None else
+                                                                     (np.float32(progress),)))
             if prof:
                 prof.after(done, metrics)
             window.metrics.append(metrics)
+            out_of_time = budget is not None and budget.after_step(metrics["loss"])
             stop = preempt.requested
-            if stop or done % t.log_every == 0 or done % t.checkpoint_every == 0 or done == t.num_steps:
+            if stop or out_of_time or done % t.log_every == 0 or done % t.checkpoint_every == 0 \
+                    or done == t.num_steps:
                 window = report(run, window, done)
             if stop:
-                save_checkpoint(run, done)
+                save_checkpoint(run, done, progress)
                 run.ckpt.wait()
                 logging.warning("saved step %d after %s; exiting", done, stop)
                 return False
+            if out_of_time:
+                logging.info("time budget: training stops after step %d (%.1fs in)", done,
+                             time.time() - budget.started)
+                break
             if done % t.checkpoint_every == 0 and done != t.num_steps:
-                save_checkpoint(run, done)
+                save_checkpoint(run, done, progress)
             if done % t.eval_every == 0 and done != t.num_steps:
                 ev = evaluate(run)
                 run.writer.write(done, "eval", ev)
                 logging.info("eval @%d: %s", done, _fmt(ev))
                 window = Window(done, time.time())  # train tokens/s counts train steps only
+                if budget:
+                    budget.restart_step_clock()
     finally:
         batches.close()
         if prof:
@@ -272,7 +321,7 @@ def train_steps(run: Run, preempt: processes.Preemption) -> bool:
 def finish(run: Run) -> dict:
     """Save the final state first (nothing after it can lose the run), then evaluate, sample and summarise."""
     step = int(run.state.step)
-    save_checkpoint(run, step)
+    save_checkpoint(run, step, None if run.budget is None else 1.0)  # a budgeted run's schedule is complete
     run.ckpt.wait()
     result = evaluate(run)
     run.writer.write(step, "eval", result)
@@ -284,19 +333,22 @@ def finish(run: Run) -> dict:
     if main:
         print("\n".join(lines))
         plot_loss(run.workdir)
-        atomic_write(run.workdir / "final_metrics.json", json.dumps({"step": step, **result}, indent=2))
+        extra = {} if run.budget is None else {"time_budget": run.budget.summary()}
+        atomic_write(run.workdir / "final_metrics.json", json.dumps({"step": step, **result, **extra}, indent=2))
     return result
 
 
-def train_and_evaluate(config: ConfigDict, workdir: str | os.PathLike) -> dict:
+def train_and_evaluate(config: ConfigDict, workdir: str | os.PathLike, started: float | None = None) -> dict:
     """Train (or resume) per `config` in `workdir`; returns the final eval metrics ({"preempted_at": step}
-    when a signal stopped the run)."""
+    when a signal stopped the run). `started`: when the run began, for `train.time_budget_s` (None: now)."""
+    started = time.time() if started is None else started
     run_config.validate(config)
     workdir = prepare_workdir(workdir)
     # Process 0 holds the lock for the whole run; the others share its workdir.
     lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
     with lock:
         run = setup_run(config, workdir)
+        run.budget = start_budget(run, started)
         preempt = processes.Preemption()
         try:
             if not train_steps(run, preempt):
@@ -342,7 +394,7 @@ def main(argv):
         elif FLAGS.plan:
             planning.print_plan(FLAGS.config)
         else:
-            train_and_evaluate(FLAGS.config, FLAGS.workdir)
+            train_and_evaluate(FLAGS.config, FLAGS.workdir, started=budget_lib.process_start_time())
     except (ValueError, FloatingPointError, CheckpointError, OSError) as e:
         if FLAGS.verbose:
             raise

@@ -63,7 +63,8 @@ def prepare_workdir(workdir: str | os.PathLike) -> Path:
     return w
 
 
-_SCHEDULE_FIELDS = ("learning_rate", "warmup_steps", "total_steps", "schedule", "min_lr_ratio")
+_SCHEDULE_FIELDS = ("learning_rate", "warmup_steps", "total_steps", "schedule", "min_lr_ratio", "decay_fraction",
+                    "muon_learning_rate")
 
 
 def _diff(old: dict, new: dict) -> list[str]:
@@ -95,6 +96,10 @@ def check_resume(workdir: Path, family: str, cfg, o: training.OptimizerConfig) -
         raise ValueError(f"--workdir={workdir}: optim.clip_norm {old_optim.get('clip_norm')!r} -> {o.clip_norm!r} "
                          "changes the optimizer state's structure, so its checkpoints cannot resume; keep "
                          "clip_norm on (or off) as it was, or start fresh with a new --workdir")
+    if old_optim.get("name", "adamw") != o.name:  # Muon's state is not AdamW's
+        raise ValueError(f"--workdir={workdir}: optim.name {old_optim.get('name', 'adamw')!r} -> {o.name!r} "
+                         "changes the optimizer state's structure, so its checkpoints cannot resume; keep the "
+                         "optimizer it started with, or start fresh with a new --workdir")
     sched = _diff({k: old_optim.get(k) for k in _SCHEDULE_FIELDS}, {k: new_optim[k] for k in _SCHEDULE_FIELDS})
     if sched:
         logging.warning("resuming with a different learning-rate schedule than the run started with: %s",

@@ -94,6 +94,10 @@ OPT_BAD = [
     (dict(grad_accum_steps=0), r"OptimizerConfig.grad_accum_steps: must be >= 1, got 0"),
     (dict(z_loss=-1e-4), r"OptimizerConfig.z_loss: must be >= 0 \(0 = off\), got -0.0001"),
     (dict(label_smoothing=1.0), r"OptimizerConfig.label_smoothing: must be in \[0, 1\), got 1.0"),
+    (dict(name="sgd"), r"OptimizerConfig.name: unknown optimizer 'sgd'; choose one of \('adamw', 'muon'\)"),
+    (dict(decay_fraction=0.0), r"OptimizerConfig.decay_fraction: must be in \(0, 1\], got 0.0"),
+    (dict(muon_learning_rate=-1.0), r"OptimizerConfig.muon_learning_rate: must be > 0, got -1.0"),
+    (dict(muon_beta=1.0), r"OptimizerConfig.muon_beta: must be in \[0, 1\), got 1.0"),
 ]
 
 

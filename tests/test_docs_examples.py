@@ -94,6 +94,28 @@ def test_readme_test_command_is_what_ci_runs():
     assert ci == [readme_cmd], (ci, readme_cmd)
 
 
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_and_anchor_exists():
+    broken = []
+    for path in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+            if re.match(r"[a-z]+://", target):
+                continue
+            file, _, anchor = target.partition("#")
+            dest = (path.parent / file).resolve() if file else path
+            if not dest.exists():
+                broken.append(f"{path.name}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md":
+                slugs = {_slug(h) for h in re.findall(r"^#+ (.*)$", dest.read_text(), flags=re.M)}
+                if anchor not in slugs:
+                    broken.append(f"{path.name}: {target} (no such heading)")
+    assert not broken, broken
+
+
 def _resolves(dotted: str) -> bool:
     """`tformer.a.b` as a user reaches it: import the longest module prefix, then attributes from the package
     down (so a module shadowed by a same-named attribute of its package does not count as reachable)."""

@@ -84,6 +84,8 @@ DECODER_VARIANTS = {
                                        activation="relu", scale_embeddings=True),
     "gqa-rope-local-window-einsum": dict(num_kv_heads=2, positions="rope", local_window=3, attention="einsum"),
     "mha-learned-local-window-geglu": dict(local_window=2, activation="geglu", remat="full"),
+    "gqa-rope-qk-norm-relu2": dict(num_kv_heads=2, positions="rope", norm="rmsnorm", activation="relu2",
+                                  qk_norm=True, use_bias=False),
     # No position encoding (causality alone orders the tokens), and the two XLA paths forced by name: the
     # parallel forward's 8 positions take the block-causal path (T divisible by its 4 blocks).
     "mha-nopos-xla": dict(positions="none", attention="xla"),
@@ -110,6 +112,7 @@ ENCDEC_VARIANTS = {
     "gqa-rope-pre-rmsnorm-swiglu-scan": dict(num_kv_heads=2, positions="rope", norm="rmsnorm",
                                             activation="swiglu", scan_layers=True, num_layers=2),
     "mqa-learned-local-window": dict(num_kv_heads=1, local_window=2),
+    "mha-rope-qk-norm": dict(positions="rope", qk_norm=True),  # cross-attention's q and k normalised too
 }
 
 

@@ -479,6 +479,8 @@ def test_a_mesh_axis_the_model_family_cannot_run_on_is_one_error_line_before_any
         ("train", "eval_batches", -1, r"config.train.eval_batches must be >= 1, got -1"),
         ("train", "temperature", float("nan"), r"config.train.temperature must be >= 0.0, got nan"),
         ("train", "beam_size", 0, r"config.train.beam_size must be >= 1"),
+        ("train", "time_budget_s", -1.0, r"config.train.time_budget_s must be >= 0.0, got -1.0"),
+        ("train", "time_budget_margin_s", float("nan"), r"config.train.time_budget_margin_s must be >= 0.0, got nan"),
         ("data", "seq_len", 0, r"config.data.seq_len must be >= 1"),
         ("data", "tokenizer", "wordpiece", r"config.data.tokenizer: unknown 'wordpiece'"),
         ("data", "validation_fraction", 1.0, r"config.data.validation_fraction must be in \[0, 1\)"),
@@ -555,3 +557,88 @@ def test_checkpointer_save_force_replaces_an_existing_step(tmp_path):
     assert Checkpointer(tmp_path).restore_params({"w": jax.ShapeDtypeStruct((3,), np.float32)})["w"].tolist() == [5] * 3
     with pytest.raises(ValueError, match="max_to_keep must be >= 1"):
         Checkpointer(tmp_path, max_to_keep=0)
+
+
+# ---------------------------------------------------------------------------
+# The time budget (experiments/budget.py).
+
+
+class FakeClock:
+    """A clock that moves `tick` seconds at each reading: the run's timing becomes a count of readings."""
+
+    def __init__(self, tick):
+        self.t, self.tick = 0.0, tick
+
+    def __call__(self):
+        self.t += self.tick
+        return self.t
+
+
+@pytest.mark.slow
+def test_time_budget_stops_early_runs_the_final_eval_and_writes_metrics(tmp_path, monkeypatch):
+    from experiments import budget
+
+    monkeypatch.setattr(budget, "now", FakeClock(0.1))  # each step reads it twice: 0.2 "s" a step
+    c = tiny_lm(num_steps=1000, log_every=5, eval_every=1000, checkpoint_every=1000, num_samples=0,
+                time_budget_s=6.0, time_budget_margin_s=1.0)
+    c.optim.update(schedule="wsd", decay_fraction=0.5, min_lr_ratio=0.0, warmup_steps=2)
+    result = train.train_and_evaluate(c, tmp_path, started=0.0)
+    final = json.loads((tmp_path / "final_metrics.json").read_text())
+    # 6 s less 1 s of margin less the measured eval (real seconds, small): about 24 steps of 0.2 s.
+    assert 10 < final["step"] < 30
+    assert final["time_budget"]["stopped_early"] is True
+    assert final["bits_per_byte"] == result["bits_per_byte"] > 0
+    assert Checkpointer(tmp_path / "checkpoints").all_steps()[-1] == final["step"]
+    lrs = [r["lr"] for r in read_jsonl(tmp_path) if r["split"] == "train"]
+    peak = c.optim.learning_rate
+    assert lrs[1] == pytest.approx(peak) and lrs[-1] < 0.25 * peak  # stable, then decayed by the time's end
+    # Rerun in the same workdir: the schedule is complete, so nothing trains; the same model is evaluated.
+    again = train.train_and_evaluate(c, tmp_path, started=0.0)
+    assert json.loads((tmp_path / "final_metrics.json").read_text())["step"] == final["step"]
+    assert again["bits_per_byte"] == pytest.approx(result["bits_per_byte"], rel=1e-6)
+
+
+def test_time_budget_progress_goes_on_from_a_resumed_checkpoint():
+    from experiments.budget import TimeBudget
+
+    clock = FakeClock(1.0)
+    b = TimeBudget(budget_s=23.0, started=0.0, reserve_s=2.0, progress0=0.5, clock=clock)  # train from 1 s to 21 s
+    assert b.deadline == 21.0 and not b.exhausted()
+    assert b.progress(0, 1000) == pytest.approx(0.5 + 0.5 * 1 / 20)  # reading at 2 s: 1 s of 20 spent
+    assert b.progress(999, 1000) == pytest.approx(0.999)  # steps ahead of the time: the step count wins
+    assert not b.after_step(np.float32(0.0))  # 4 s
+    assert not b.after_step(np.float32(0.0))  # 5 s, a step takes 1 s
+    clock.t = 19.5
+    assert b.after_step(np.float32(0.0))  # 20.5 s + a 1-ish s step would pass 21 s
+    assert TimeBudget(10.0, 0.0, 1.0, progress0=1.0, clock=clock).exhausted()
+
+
+@pytest.mark.slow
+def test_time_budget_spent_before_training_is_a_named_error(tmp_path):
+    c = tiny_lm(num_steps=1000, time_budget_s=5.0)
+    with pytest.raises(ValueError, match=r"config.train.time_budget_s=5 is spent before training starts \(setup "
+                                         r"took \d+\.\ds and the final eval needs \d+\.\ds\); raise it above"):
+        train.train_and_evaluate(c, tmp_path / "w", started=time.time() - 60)
+
+
+def test_speedrun_config_evaluates_on_lm_tiny_rows_within_its_budget_and_the_comparison_recipes_validate():
+    from experiments import run_config, speedrun
+    from experiments.configs import lm_speedrun
+
+    fast, tiny = lm_speedrun.get_config(), lm_tiny.get_config()
+    run_config.validate(fast)
+
+    def held_out(c):  # the validation rows a run's bits per byte is measured on
+        return (c.data.corpus, c.data.tokenizer, c.data.max_bytes, c.data.validation_fraction, c.data.seq_len,
+                c.train.eval_batches * (c.train.eval_batch_size or c.train.batch_size))
+
+    assert held_out(fast) == held_out(tiny)
+    assert 0 < fast.train.time_budget_s < 90  # "in 90 s", Python's start-up included
+    for name, (path, overrides) in speedrun.RECIPES.items():  # each recipe's overrides name real fields
+        c = {"lm_speedrun": lm_speedrun, "lm_tiny": lm_tiny}[Path(path).stem].get_config()
+        for arg in speedrun.COMMON + overrides:
+            key, value = arg[len("--config."):].split("=")
+            section, field = key.split(".")
+            assert field in c[section], (name, arg)
+            c[section][field] = type(c[section][field])(value == "True" if value in ("True", "False") else value)
+        run_config.validate(c)

@@ -47,7 +47,7 @@ from flax import nnx
 
 from tformer import flash, ring_attention
 from tformer.config import ModelConfig
-from tformer.layers import apply_rope, cast, dense, dropout, param
+from tformer.layers import apply_rope, cast, dense, dropout, param, rms_normalize
 from tformer.quant import Int8KV
 from tformer.sharding import constrain
 
@@ -430,6 +430,10 @@ class Attention(nnx.Module):
             self.proj_v = param(rngs, (cfg.max_len, r), ("max_len", "lowrank"), cfg, std=1.0 / math.sqrt(r))
 
     def _rope(self, x, positions):
+        """QK-norm (if on), then RoPE (self-attention with rope positions): the same for a parallel forward
+        and a cached decode step, which both come through `query` / `key_value`."""
+        if self.cfg.qk_norm:
+            x = rms_normalize(x, self.cfg.norm_eps)
         return apply_rope(x, positions, self.cfg) if self.cfg.positions == "rope" and not self.cross else x
 
     def query(self, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:

@@ -12,7 +12,7 @@ from typing import Any
 POSITIONS = ("learned", "sinusoidal", "rope", "none")
 NORMS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post")
-ACTIVATIONS = ("gelu", "gelu_exact", "relu", "silu", "swiglu", "geglu")
+ACTIVATIONS = ("gelu", "gelu_exact", "relu", "relu2", "silu", "swiglu", "geglu")  # relu2: relu(x)^2
 ATTENTION_IMPLS = ("auto", "flash", "einsum", "xla", "cudnn", "blocked")
 SEQUENCE_LAYOUTS = ("consecutive", "zigzag")
 LOWRANK_KINDS = ("linformer", "nystrom")
@@ -49,6 +49,9 @@ class ModelConfig:
     norm_placement: str = "pre"  # pre-LN (GPT-2) or post-LN (Vaswani et al.)
     norm_eps: float = 1e-5
     activation: str = "gelu"
+    # RMSNorm (no learned scale) over each query and key head before RoPE: attention logits stay bounded
+    # by sqrt(head_dim) whatever the weights grow to, which tolerates higher learning rates.
+    qk_norm: bool = False
     use_bias: bool = True
     tie_embeddings: bool = True
     # Padding the vocabulary to a multiple of this makes the logits matmul

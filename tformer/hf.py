@@ -221,7 +221,7 @@ def config_from_hf(hf_config: dict | str | Path | Any, **overrides: Any) -> Mode
 
 def _family(cfg: ModelConfig) -> str:
     """The HF model_type that computes exactly what `cfg` does; ValueError naming the obstacle."""
-    common = [("norm_placement", "pre"), ("final_norm", True), ("scale_embeddings", False)]
+    common = [("norm_placement", "pre"), ("final_norm", True), ("scale_embeddings", False), ("qk_norm", False)]
     for field, want in common:
         if getattr(cfg, field) != want:
             raise ValueError(f"ModelConfig.{field}={getattr(cfg, field)!r} has no Hugging Face GPT-2/Llama "

@@ -228,6 +228,12 @@ class Norm(nnx.Module):
         return y.astype(x.dtype)
 
 
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+    """x / rms(x) over the last axis, in fp32 (no scale): QK-norm's per-head normalisation."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
 def gelu_exact(x: jax.Array) -> jax.Array:
     """x Phi(x) = x (1 + erf(x / sqrt 2)) / 2: the function `jax.nn.gelu(approximate=False)` computes.
 
@@ -244,6 +250,7 @@ _ACT = {
     "gelu": functools.partial(jax.nn.gelu, approximate=True),  # GPT-2's "gelu_new"
     "gelu_exact": gelu_exact,
     "relu": jax.nn.relu,
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),  # ReLU squared (So et al., Primer)
     "silu": jax.nn.silu,
     "swiglu": jax.nn.silu,
     "geglu": functools.partial(jax.nn.gelu, approximate=True),

@@ -238,10 +238,28 @@ def optimizer_shardings(tx: optax.GradientTransformation, abstract_opt: Any, par
     """Optimizer-state shardings: leaves that mirror a parameter (Adam's mu, nu, ...) take its
     sharding (`optax.tree_map_params`); the rest (counters) are replicated."""
     replicated = NamedSharding(mesh, P())
-    return optax.tree_map_params(
-        tx, lambda _, s: s, abstract_opt, params_shardings,
-        transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, NamedSharding),
-    )
+    try:
+        return optax.tree_map_params(
+            tx, lambda _, s: s, abstract_opt, params_shardings,
+            transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, NamedSharding),
+        )
+    except (ValueError, TypeError):  # a partitioned optimizer (Muon + AdamW): its states hold masked param trees
+        return _shardings_by_path(abstract_opt, params_shardings, replicated)
+
+
+def _shardings_by_path(abstract_opt: Any, params_shardings: Any, replicated: NamedSharding) -> Any:
+    """A state leaf whose key path ends with a parameter's path, and has its shape's rank, takes its sharding."""
+    by_path = {tuple(k): s for k, s in jax.tree_util.tree_leaves_with_path(
+        params_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))}
+
+    def pick(path: tuple, leaf: Any) -> NamedSharding:
+        for start in range(len(path)):
+            s = by_path.get(tuple(path[start:]))
+            if s is not None and len(s.spec) <= len(getattr(leaf, "shape", ())):
+                return s
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt)
 
 
 # ---------------------------------------------------------------------------

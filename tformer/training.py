@@ -30,7 +30,8 @@ PyTree = Any  # a nested structure of arrays (jax.tree)
 Params = dict  # nested dict of arrays (nnx.to_pure_dict of the model's Params)
 
 
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+OPTIMIZERS = ("adamw", "muon")
 
 
 def _check(cond: bool, field: str, msg: str) -> None:
@@ -41,13 +42,26 @@ def _check(cond: bool, field: str, msg: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW with warmup + cosine decay, clipping and masked weight decay."""
+    """AdamW (or Muon for the hidden matrices) with warmup + decay, clipping and masked weight decay.
+
+    The schedule is a function of the step (warmup) and of the run's progress
+    in [0, 1] (`lr_factor`): step / total_steps, or, under a time budget, the
+    share of the training time spent, whichever is further.
+    """
 
     learning_rate: float = 3e-4
     warmup_steps: int = 100
     total_steps: int = 10_000
-    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    # After warmup: cosine | linear | constant | wsd (warmup-stable-decay: constant, then a linear decay
+    # over the last `decay_fraction` of the run).
+    schedule: str = "cosine"
     min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2  # wsd only
+    # "adamw", or "muon": momentum orthogonalised by Newton-Schulz (optax.contrib) for the hidden weight
+    # matrices (attention and MLP), AdamW at `learning_rate` for the rest (embeddings, output head, norms, biases).
+    name: str = "adamw"
+    muon_learning_rate: float = 0.02  # muon only: the matrices' peak learning rate
+    muon_beta: float = 0.95  # muon only: its (Nesterov) momentum
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
@@ -64,6 +78,10 @@ class OptimizerConfig:
         _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _check(self.total_steps >= 1, "total_steps", f"must be >= 1, got {self.total_steps}")
         _check(self.schedule in SCHEDULES, "schedule", f"unknown {self.schedule!r}; choose one of {SCHEDULES}")
+        _check(0.0 < self.decay_fraction <= 1.0, "decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
+        _check(self.name in OPTIMIZERS, "name", f"unknown optimizer {self.name!r}; choose one of {OPTIMIZERS}")
+        _check(self.muon_learning_rate > 0, "muon_learning_rate", f"must be > 0, got {self.muon_learning_rate}")
+        _check(0.0 <= self.muon_beta < 1.0, "muon_beta", f"must be in [0, 1), got {self.muon_beta}")
         _check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         _check(0.0 <= self.b1 < 1.0, "b1", f"must be in [0, 1), got {self.b1}")
         _check(0.0 <= self.b2 < 1.0, "b2", f"must be in [0, 1), got {self.b2}")
@@ -76,16 +94,36 @@ class OptimizerConfig:
         _check(0.0 <= self.label_smoothing < 1.0, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
 
 
-def schedule(optim: OptimizerConfig) -> optax.Schedule:
-    warm = optax.linear_schedule(0.0, optim.learning_rate, max(optim.warmup_steps, 1))
-    decay_steps = max(optim.total_steps - optim.warmup_steps, 1)
+def lr_factor(optim: OptimizerConfig, step: jax.Array | int, progress: jax.Array | float | None = None) -> jax.Array:
+    """The learning rate as a multiple of its peak (in [0, 1]) at `step`, with the run `progress` done.
+
+    `progress` (None: step / total_steps) places the decay: its position is
+    (progress * total - warmup) / (total - warmup), clipped to [0, 1], which for
+    progress = step / total is the step's place between the end of warmup and
+    total_steps. A time-budgeted run passes the larger of that and its spent
+    share of the training time, so the decay ends when the time does.
+    """
+    step = jnp.asarray(step, jnp.float32)
+    total, warmup = float(optim.total_steps), float(optim.warmup_steps)
+    progress = step / total if progress is None else jnp.asarray(progress, jnp.float32)
+    warm = jnp.minimum(step / warmup, 1.0) if warmup > 0 else jnp.float32(1.0)
+    d = jnp.clip((progress * total - warmup) / max(total - warmup, 1.0), 0.0, 1.0)
+    low = optim.min_lr_ratio
     if optim.schedule == "cosine":
-        rest = optax.cosine_decay_schedule(optim.learning_rate, decay_steps, alpha=optim.min_lr_ratio)
+        rest = low + (1.0 - low) * 0.5 * (1.0 + jnp.cos(jnp.pi * d))
     elif optim.schedule == "linear":
-        rest = optax.linear_schedule(optim.learning_rate, optim.learning_rate * optim.min_lr_ratio, decay_steps)
+        rest = 1.0 - (1.0 - low) * d
+    elif optim.schedule == "wsd":
+        start = 1.0 - optim.decay_fraction
+        rest = 1.0 - (1.0 - low) * jnp.clip((d - start) / optim.decay_fraction, 0.0, 1.0)
     else:
-        rest = optax.constant_schedule(optim.learning_rate)
-    return optax.join_schedules([warm, rest], [optim.warmup_steps])
+        rest = jnp.float32(1.0)
+    return jnp.where(step < warmup, warm, rest).astype(jnp.float32)
+
+
+def schedule(optim: OptimizerConfig) -> optax.Schedule:
+    """The learning rate at each step of a run that ends at `total_steps` (no time budget)."""
+    return lambda count: optim.learning_rate * lr_factor(optim, count)
 
 
 def decay_mask(abstract_state: nnx.State, optim: OptimizerConfig) -> Params:
@@ -104,18 +142,83 @@ def decay_mask(abstract_state: nnx.State, optim: OptimizerConfig) -> Params:
 
 def make_optimizer(optim: OptimizerConfig, abstract_state: nnx.State,
                    lora: lora_lib.LoraConfig | None = None) -> optax.GradientTransformation:
-    """AdamW over the model's parameters, or with `lora` over the adapters only (all of them decayed)."""
+    """AdamW (or Muon + AdamW) over the model's parameters, or with `lora` over the adapters only (all
+    decayed). Its learning rates are the peaks: the train step scales its updates by `lr_factor`."""
     mask = decay_mask(abstract_state, optim)
     if lora is not None:
+        if optim.name != "adamw":
+            raise ValueError(f"OptimizerConfig.name={optim.name!r} does not apply to LoRA adapters (low-rank "
+                             "factors, not whole matrices); use name='adamw' with LoRA")
         mask = jax.tree.map(lambda _: True, lora_lib.adapter_shapes(nnx.to_pure_dict(abstract_state), lora))
     parts = []
     if optim.clip_norm is not None:
         parts.append(optax.clip_by_global_norm(optim.clip_norm))
-    parts.append(
-        optax.adamw(schedule(optim), b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
-                    mask=mask)
-    )
+    if optim.name == "muon":
+        parts.append(_muon(optim, abstract_state, mask))
+    else:
+        parts.append(_adamw(optim, mask))
     return optax.chain(*parts)
+
+
+def _adamw(optim: OptimizerConfig, mask: Any) -> optax.GradientTransformation:
+    return optax.adamw(optim.learning_rate, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                       weight_decay=optim.weight_decay, mask=mask)
+
+
+def muon_specs(abstract_state: nnx.State) -> Params:
+    """Per parameter: "adamw", or "muon:<reduction axes>:<output axes>" (comma-separated axis numbers).
+
+    Muon takes the hidden weight matrices, whatever their rank: the input
+    axes are the reduction axes and the rest the output axes (wq [embed,
+    heads, head_dim] orthogonalises as an [embed, heads * head_dim] matrix,
+    wo [heads, head_dim, embed] as [heads * head_dim, embed]); a stacked
+    `layers` axis is a batch axis (one matrix per layer). A matrix reads from
+    or writes to the residual stream (has an `embed` axis); embedding tables,
+    the output head (anything over the vocabulary or positions), biases and
+    norm scales go to AdamW.
+    """
+
+    def decide(v: nnx.Variable) -> str:
+        axes = sharding.param_axes(v)
+        named = [(i, a) for i, a in enumerate(axes) if a != "layers"]
+        names = [a for _, a in named]
+        if len(named) < 2 or "embed" not in names or "vocab" in names or "max_len" in names:
+            return "adamw"  # vectors, per-head biases ([heads, head_dim]), tables over tokens or positions
+        n_in = len(named) - 1 if named[-1][1] == "embed" else 1  # a projection back to the residual stream
+        red = [str(i) for i, _ in named[:n_in]]
+        out = [str(i) for i, _ in named[n_in:]]
+        return f"muon:{','.join(red)}:{','.join(out)}"
+
+    return nnx.to_pure_dict(jax.tree.map(decide, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def _muon(optim: OptimizerConfig, abstract_state: nnx.State, mask: Params) -> optax.GradientTransformation:
+    """optax.contrib's Muon (Nesterov momentum, 5 Newton-Schulz steps, width scaling) on the hidden matrices,
+    AdamW on the rest; both decay the weights `mask` marks."""
+    from optax.contrib import MuonDimensionNumbers, scale_by_muon
+    from optax.contrib._muon import scale_by_shape
+
+    specs = muon_specs(abstract_state)
+    labels = jax.tree.map(lambda s: s.split(":")[0], specs)
+
+    def dims(spec: str) -> MuonDimensionNumbers:
+        _, red, out = spec.split(":")
+        return MuonDimensionNumbers(tuple(int(a) for a in red.split(",")), tuple(int(a) for a in out.split(",")))
+
+    def dim_numbers(updates: PyTree) -> PyTree:
+        # The muon branch sees the AdamW leaves as MaskedNode (optax.partition); the spec tree must match.
+        return jax.tree.map(lambda s, u: dims(s) if s != "adamw" else optax.MaskedNode(), specs, updates)
+
+    def branch_mask(label: str) -> Callable[[PyTree], PyTree]:
+        return lambda updates: jax.tree.map(lambda m, lab, u: bool(m) and lab == label, mask, labels, updates)
+
+    matrices = optax.chain(
+        scale_by_muon(beta=optim.muon_beta, weight_dimension_numbers=dim_numbers),
+        scale_by_shape(weight_dimension_numbers=dim_numbers),
+        optax.add_decayed_weights(optim.weight_decay, branch_mask("muon")),
+        optax.scale(-optim.muon_learning_rate),
+    )
+    return optax.partition({"muon": matrices, "adamw": _adamw(optim, branch_mask("adamw"))}, labels)
 
 
 @jax.tree_util.register_dataclass
@@ -345,9 +448,13 @@ def _summed_grads(graphdef: nnx.GraphDef, optim: OptimizerConfig, params: Params
 
 
 def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, optim: OptimizerConfig, state: TrainState,
-               batch: dict, *, layout: sharding.Layout | None = None, microbatches: int | None = None,
-               virtual_stages: int = 1):
+               batch: dict, progress: jax.Array | None = None, *, layout: sharding.Layout | None = None,
+               microbatches: int | None = None, virtual_stages: int = 1):
     """One optimizer step (pure). Loss is normalised over the whole (accumulated) batch.
+
+    `progress`: the run's progress in [0, 1] for the learning-rate schedule
+    (`lr_factor`; None: step / total_steps). An array, so a time-budgeted run
+    feeds its spent share of time each step without recompiling.
 
     `layout` (static): the mesh and rule table activation constraints follow.
     `microbatches`: the pipeline's count on a mesh with a `stage` axis (default 2 x stages);
@@ -365,6 +472,8 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, optim: 
         grads = jax.tree.map(lambda g: g / denom, grads)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, trainable)
+        factor = lr_factor(optim, state.step, progress)  # the optimizer's rates are the peaks
+        updates = jax.tree.map(lambda u: u * factor.astype(u.dtype), updates)
         params = optax.apply_updates(trainable, updates)
         loss = sums["loss_sum"] / denom
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -381,24 +490,47 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, optim: 
             "accuracy": sums["correct_sum"] / denom,
             "tokens": sums["weight_sum"],
             "grad_norm": grad_norm,
-            "lr": schedule(optim)(state.step),
+            "lr": optim.learning_rate * factor,
             "finite": finite,
         }
         return new_state, metrics
 
 
+class TrainStep:
+    """`step(state, batch, progress=None) -> (state, metrics)`: jitted, with shardings and donated state.
+
+    jit's `in_shardings` cannot cover an optional argument, so the step with a
+    `progress` (a time-budgeted run) is its own jitted function, built on first use.
+    """
+
+    def __init__(self, fn: Callable, state_sharding: Any, batch_sharding: Any, donate: bool):
+        self._fn, self._state_sharding, self._batch_sharding, self._donate = fn, state_sharding, batch_sharding, donate
+        self._jitted: dict[bool, Callable] = {}
+
+    def _get(self, with_progress: bool) -> Callable:
+        if with_progress not in self._jitted:
+            kw = {}
+            if self._state_sharding is not None:
+                kw["in_shardings"] = (self._state_sharding, self._batch_sharding) + ((None,) if with_progress else ())
+                kw["out_shardings"] = (self._state_sharding, None)
+            self._jitted[with_progress] = jax.jit(self._fn, donate_argnums=(0,) if self._donate else (), **kw)
+        return self._jitted[with_progress]
+
+    def __call__(self, state: TrainState, batch: dict, progress: jax.Array | None = None):
+        return self._get(progress is not None)(state, batch, *(() if progress is None else (progress,)))
+
+    def lower(self, state: Any, batch: Any, progress: Any = None):
+        return self._get(progress is not None).lower(state, batch, *(() if progress is None else (progress,)))
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, optim: OptimizerConfig, *,
                     mesh: Mesh | None = None, rules: sharding.Rules | None = None, state_sharding: Any = None,
                     batch_sharding: Any = None, donate: bool = True, microbatches: int | None = None,
-                    virtual_stages: int = 1) -> Callable:
-    """Jitted `step(state, batch) -> (state, metrics)` with shardings and donated state."""
+                    virtual_stages: int = 1) -> TrainStep:
+    """Jitted `step(state, batch, progress=None) -> (state, metrics)` with shardings and donated state."""
     fn = functools.partial(train_step, graphdef, tx, optim, layout=sharding.layout(mesh, rules),
                            microbatches=microbatches, virtual_stages=virtual_stages)
-    kw = {}
-    if state_sharding is not None:
-        kw["in_shardings"] = (state_sharding, batch_sharding)
-        kw["out_shardings"] = (state_sharding, None)
-    return jax.jit(fn, donate_argnums=(0,) if donate else (), **kw)
+    return TrainStep(fn, state_sharding, batch_sharding, donate)
 
 
 def eval_sums(graphdef: nnx.GraphDef, optim: OptimizerConfig, params: Params, batch: dict, *,

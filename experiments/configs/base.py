@@ -60,6 +60,10 @@ def base_config() -> ConfigDict:
         # LoRA (tformer/lora.py): rank 0 = off; alpha 0 = rank; targets: weight names or groups attn, mlp.
         lora_rank=0, lora_alpha=0.0, lora_targets="attn,mlp",
         profile_steps="",       # "START,END": jax.profiler trace of steps START..END-1 (experiments/profiling.py)
+        # Wall-clock seconds for the whole run, 0 = off (experiments/budget.py): training stops at the step
+        # boundary that leaves room for the final eval (measured) plus `time_budget_margin_s` (the final
+        # checkpoint, samples, metrics); the learning-rate schedule decays over the time, not num_steps.
+        time_budget_s=0.0, time_budget_margin_s=1.0,
     ))
     # stage: pipeline stages; sequence: sequence-parallel split; microbatches: pipeline microbatches (0: 2 x stage);
     # virtual_stages: layer groups per stage (1: GPipe; V > 1: the interleaved schedule, bubble / ~V).
