@@ -741,6 +741,8 @@ def define_flags(fv=None) -> None:
     flags.DEFINE_bool("tune_allocator", True, "Keep freed host memory in the process (tformer.host): a CPU "
                       "step then faults no pages. Also applied to the peer unless --peer_tune_allocator=false.", **d)
     flags.DEFINE_bool("peer_tune_allocator", None, "The allocator setting for the peer (default: the same).", **d)
+    flags.DEFINE_bool("cpu_xla_flags", True, f"Add {' '.join(host.CPU_XLA_FLAGS)} (as experiments/train.py does; "
+                      "ignored off CPU) unless XLA_FLAGS sets them.", **d)
     flags.DEFINE_bool("gpu_xla_flags", True, f"Add {' '.join(GPU_XLA_FLAGS)} (ignored off GPU).", **d)
     flags.DEFINE_string("peer", None, "PyTorch peer whose train step alternates with tformer's in this run: "
                         "hf (Hugging Face GPT-2, eager) or nanogpt:<path of a nanoGPT checkout>; needs .[peers].", **d)
@@ -760,7 +762,9 @@ def options_from_flags(fv) -> Options:
         if v is not None:
             overrides.append(f"{name}={v}")
     overrides += list(fv.override)
-    xla = " ".join(([*GPU_XLA_FLAGS] if fv.gpu_xla_flags else []) + ([fv.xla_flags] if fv.xla_flags else []))
+    cpu = [f for f in host.CPU_XLA_FLAGS if f.split("=")[0] not in os.environ.get("XLA_FLAGS", "")]
+    xla = " ".join(([*GPU_XLA_FLAGS] if fv.gpu_xla_flags else []) + (cpu if fv.cpu_xla_flags else [])
+                   + ([fv.xla_flags] if fv.xla_flags else []))
     return Options(
         model=fv.model, overrides=tuple(overrides), what=tuple(fv.what), batch=fv.batch, seq_len=fv.seq_len,
         steps=fv.steps, warmup=fv.warmup, donate=fv.donate, skip_nonfinite=fv.skip_nonfinite, packed=fv.packed,

@@ -87,6 +87,8 @@ def define_flags() -> None:
     flags.DEFINE_enum("plan_platform", None, ["tpu", "gpu", "cpu"],
                       "With --plan: lower (not compile) the train step, a prefill and a decode step for this "
                       "platform, here, and print per attention call the kernel chosen and its largest temporary.")
+    flags.DEFINE_bool("cpu_xla_flags", True, "Set tformer.host.CPU_XLA_FLAGS (XLA:CPU options that make the CPU "
+                      "train step faster; benchmark.py sets the same) unless XLA_FLAGS already sets them.")
     flags.DEFINE_bool("tune_allocator", True,
                       "Keep freed host memory in the process (tformer.host.tune_allocator): a CPU train step "
                       "then page-faults nothing instead of its whole working set. Resident memory stays at its peak.")
@@ -384,6 +386,8 @@ def main(argv):
     _check_flags()
     if FLAGS.tune_allocator:
         host.tune_allocator()  # before JAX starts its threads (see tformer/host.py)
+    if FLAGS.cpu_xla_flags:
+        host.add_cpu_xla_flags()  # before JAX starts its backend; the same as benchmark.py's
     try:
         if FLAGS.plan_devices is not None:
             processes.use_fake_cpu_devices(FLAGS.plan_devices)

@@ -303,3 +303,15 @@ def test_tuned_allocator_step_faults_no_pages(tmp_path):
     default = _train_faults(tmp_path, "--notune_allocator")
     assert (tuned["allocator_tuned"], default["allocator_tuned"]) == (True, False)
     assert tuned["host_page_faults_per_step"] <= 50 + 0.01 * default["host_page_faults_per_step"], (tuned, default)
+
+
+def test_cpu_xla_flags_are_added_once_and_never_override_the_user():
+    from tformer import host
+
+    env = {}
+    assert host.add_cpu_xla_flags(env) == list(host.CPU_XLA_FLAGS)
+    assert env["XLA_FLAGS"] == " ".join(host.CPU_XLA_FLAGS)
+    assert host.add_cpu_xla_flags(env) == [] and env["XLA_FLAGS"] == " ".join(host.CPU_XLA_FLAGS)
+    mine = "--xla_force_host_platform_device_count=8 --xla_cpu_multi_thread_eigen=true"
+    env = {"XLA_FLAGS": mine}
+    assert host.add_cpu_xla_flags(env) == [] and env["XLA_FLAGS"] == mine  # the user's value stands

@@ -17,6 +17,7 @@ shrinking between steps. The experiment runners call it by default
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 # glibc's mallopt(3) parameters.
@@ -49,3 +50,24 @@ def tune_allocator() -> bool:
     del gnu
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return all(mallopt(param, value) == 1 for param, value in _SETTINGS)
+
+
+# XLA:CPU flags the runners (experiments/train.py, experiments/benchmark.py) set before JAX starts its backend.
+# The dots XLA:CPU does not hand to YNNPACK (the weight gradients, contracting the rows) run on Eigen, which
+# splits each over its own thread pool; at these sizes the hand-offs cost more than the split gains. Off, the
+# train step's CPU time fell 6-10% at nanoGPT's CPU shape and ~2% at the reference CPU shape, alternated
+# (BENCHMARKS.md).
+CPU_XLA_FLAGS = ("--xla_cpu_multi_thread_eigen=false",)
+
+
+def add_cpu_xla_flags(env: dict | None = None) -> list[str]:
+    """Append the `CPU_XLA_FLAGS` that XLA_FLAGS in `env` (default os.environ) does not set yet; returns them.
+
+    A flag the user already set (to any value) is left alone. Only effective before the backend starts.
+    """
+    env = os.environ if env is None else env
+    given = env.get("XLA_FLAGS", "")
+    added = [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in given]
+    if added:
+        env["XLA_FLAGS"] = " ".join([given, *added]).strip()
+    return added
