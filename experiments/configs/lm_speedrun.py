@@ -23,7 +23,7 @@ def get_config():
                    decay_fraction=0.4, min_lr_ratio=0.0, weight_decay=0.0)
     c.data.update(corpus="stdlib", tokenizer="byte", seq_len=128, max_bytes=8_000_000)
     # num_steps is only an upper bound: the time budget ends the run.
-    c.train.update(batch_size=32, num_steps=100_000, log_every=25, eval_every=100_000, eval_batches=32,
+    c.train.update(batch_size=16, num_steps=100_000, log_every=25, eval_every=100_000, eval_batches=32,
                    eval_batch_size=32, checkpoint_every=100_000, num_samples=0,
                    time_budget_s=85.0, time_budget_margin_s=2.0)
     return c
