@@ -531,13 +531,44 @@ def _stats(ms: list[float]) -> dict:
     return dict(median=_round(statistics.median(ms)), min=_round(min(ms)), max=_round(max(ms)), n=len(ms))
 
 
+def _alternate(run_: TrainRun, child, steps: int, warmup: int, rounds: int):
+    """Blocks of `steps` tformer and peer steps in turn: (tformer ms, peer ms, per-round ratios, CPU ms per step
+    of each side per block, 1-minute load before and after each round)."""
+    load = [os.getloadavg()[0]]
+    ours, theirs, ratios, cpu = [], [], [], {"tformer": [], "peer": []}
+
+    def tformer_block(warm: int) -> list[float]:
+        c0 = time.process_time()
+        ms = [x * 1e3 for x in run_.block(steps, warm)[0]]
+        cpu["tformer"].append((time.process_time() - c0) * 1e3 / steps)
+        return ms
+
+    def peer_block(warm: int) -> list[float]:
+        got = child.block(steps, warm)
+        cpu["peer"].append(got["cpu_ms"])
+        return got["times_ms"]
+
+    for r in range(rounds):
+        warm = warmup if r == 0 else 0
+        if r % 2 == 0:
+            a, b = tformer_block(warm), peer_block(warm)
+        else:
+            b, a = peer_block(warm), tformer_block(warm)
+        ours += a
+        theirs += b
+        ratios.append(statistics.median(b) / statistics.median(a))
+        load.append(os.getloadavg()[0])
+    return ours, theirs, ratios, cpu, load
+
+
 def bench_pair(opts: Options, dev: dict, peer: str, rounds: int) -> dict:
     """tformer's train step against a PyTorch peer's on the same shape, alternated in blocks of `opts.steps`.
 
     Round r runs a block of tformer steps and a block of peer steps (tformer first in even rounds, the peer
     first in odd ones, so a drift in load falls on both). `speedup` = peer median / tformer median over all
-    timed steps; `speedup_rounds` the same per round. GFLOP/s use the model FLOPs of the shape with its real
-    (unpadded) vocabulary, the same count for both.
+    timed steps; `speedup_rounds` the same per round; `speedup_cpu` the ratio of the processes' CPU time per
+    step (medians over blocks), which other processes on a shared machine distort less than wall time.
+    GFLOP/s use the model FLOPs of the shape with its real (unpadded) vocabulary, the same count for both.
     """
     from experiments import peers
 
@@ -545,19 +576,8 @@ def bench_pair(opts: Options, dev: dict, peer: str, rounds: int) -> dict:
     run_ = train_run(opts)
     shape = peers.shape_for(name, run_.cfg, run_.batch_size, run_.seq_len, opts.seed)
     child = peers.PeerProcess(name, arg, shape, opts.peer_tune_allocator)
-    load = [os.getloadavg()[0]]
-    ours, theirs, ratios = [], [], []
     try:
-        for r in range(rounds):
-            warm = opts.warmup if r == 0 else 0
-            sides = [lambda w=warm: [x * 1e3 for x in run_.block(opts.steps, w)[0]],
-                     lambda w=warm: child.block(opts.steps, w)["times_ms"]]
-            got = [side() for side in (sides if r % 2 == 0 else sides[::-1])]
-            a, b = got if r % 2 == 0 else got[::-1]
-            ours += a
-            theirs += b
-            ratios.append(statistics.median(b) / statistics.median(a))
-            load.append(os.getloadavg()[0])
+        ours, theirs, ratios, cpu, load = _alternate(run_, child, opts.steps, opts.warmup, rounds)
     finally:
         child.close()
     step_flops = flops.train_flops_per_token(run_.cfg.replace(vocab_multiple=1), run_.seq_len) * \
@@ -568,6 +588,9 @@ def bench_pair(opts: Options, dev: dict, peer: str, rounds: int) -> dict:
                seq_len=run_.seq_len, rounds=rounds, steps_per_round=opts.steps, warmup=opts.warmup,
                tformer_step_ms=_stats(ours), peer_step_ms=_stats(theirs), speedup=_round(p_med / t_med),
                speedup_rounds=[_round(x) for x in ratios], flops_per_step=step_flops,
+               tformer_cpu_ms=_round(statistics.median(cpu["tformer"])),
+               peer_cpu_ms=_round(statistics.median(cpu["peer"])),
+               speedup_cpu=_round(statistics.median(cpu["peer"]) / statistics.median(cpu["tformer"])),
                tformer_gflops=_round(step_flops / t_med / 1e6), peer_gflops=_round(step_flops / p_med / 1e6),
                cpu_peak_gflops=peak and peak["gflops"], cpu_peak_how=peak and peak["how"],
                tformer_fraction_of_peak=_round(step_flops / t_med / 1e6 / peak["gflops"]) if peak else None,
@@ -605,7 +628,8 @@ def pair_summary(rec: dict) -> str:
     return (f"tformer {ours['median']} ms median ({ours['min']} min) vs {rec['peer']} {theirs['median']} ms "
             f"({theirs['min']} min) per step, {rec['rounds']} x {rec['steps_per_round']} steps alternated: "
             f"speedup {rec['speedup']}x (per round {rec['speedup_rounds']}); model GFLOP/s {rec['tformer_gflops']} "
-            f"vs {rec['peer_gflops']}{peak}; load (1 min) {rec['load_1min']}")
+            f"vs {rec['peer_gflops']}{peak}; CPU time per step {rec['tformer_cpu_ms']} vs {rec['peer_cpu_ms']} ms "
+            f"({rec['speedup_cpu']}x); load (1 min) {rec['load_1min']}")
 
 
 # ---------------------------------------------------------------------------

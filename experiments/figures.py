@@ -129,7 +129,7 @@ VARIANT_WORDS = {("decoder", "dense"): "dense causal", ("decoder", "window64"): 
 
 def measure_variants(results: Path) -> None:
     out = results / "variants_vs_length.json"
-    cmd = ["python", "experiments/variants.py", "--what=length_sweep", f"--lengths={VARIANT_LENGTHS}", "--rounds=3",
+    cmd = ["python", "experiments/variants.py", "--what=length_sweep", f"--lengths={VARIANT_LENGTHS}", "--rounds=5",
            f"--out={out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     subprocess.run([sys.executable, *cmd[1:]], cwd=ROOT, env=env, check=True)

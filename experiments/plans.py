@@ -5,7 +5,8 @@ r"""The plans the docs quote, compiled and written to one record (docs/results/p
 
 Each entry is what `python experiments/train.py --config=<file> --plan --plan_devices=N <overrides>` prints
 (the same `planning.print_plan`), kept with that command line; `--devices` runs the entries that need at most
-that many fake CPU devices, and the record keeps the others it already holds. Nothing runs: every step is
+that many fake CPU devices, and the record keeps the others it already holds; each entry carries its own
+conditions (date, load, versions), the record's top level those of the latest invocation. Nothing runs: every step is
 compiled from abstract shapes, so the figures are XLA:CPU's program for that mesh (a TPU or GPU compiler
 fuses and schedules differently; parameter and optimizer bytes do not depend on it).
 """
@@ -88,7 +89,8 @@ def main(argv: list[str]) -> None:
             config[section][field] = value
         print(f"== {name}: {command(devices, overrides)}", flush=True)
         plans[name] = {"command": command(devices, overrides), "devices": devices,
-                       **figures(planning.print_plan(config))}
+                       **figures(planning.print_plan(config)),
+                       "conditions": results.conditions(command=command(devices, overrides))}
         sys.stdout.flush()
     record["conditions"] = results.conditions(
         command=f"python experiments/plans.py --devices=N --record={path} (entries: their own command)")

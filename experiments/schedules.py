@@ -86,6 +86,7 @@ def measure(v: int, m: int) -> dict:
     return {"stages": s, "virtual_stages": v, "microbatches": m, "batch": rows, "compile_s": round(seconds, 2),
             "hlo_instructions": len(_INSTRUCTION.findall(compiled.as_text())),
             "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
+            "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2**20,
             "bubble": round((s - 1) / (v * m + s - 1), 4)}
 
 
@@ -119,6 +120,7 @@ def ring(n: int = 8) -> list[dict]:
         put = jax.device_put(batch, batch_sh)
         jax.block_until_ready(steps[name](state, put))  # compile + warm up
         rows[name] = {"layout": name, "seq_len": t, "devices": n, "blocks_min": min(blocks), "blocks_max": max(blocks),
+                      "blocks_total": sum(blocks),
                       "attention_gflops_min": round(min(blocks) * block_flops / 1e9, 3),
                       "attention_gflops_max": round(max(blocks) * block_flops / 1e9, 3), "step_s": float("inf")}
     for _ in range(FLAGS.repeats):

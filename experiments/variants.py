@@ -6,7 +6,7 @@ r"""What each cheaper variant costs: held-out quality, train/encoder step time a
     python experiments/variants.py --what=window_speed --rounds=3            # dense vs banded window, top-k, threshold
     python experiments/variants.py --what=encoder_speed --rounds=3           # Linformer / Nystrom vs dense
     python experiments/variants.py --what=decode --rounds=3                  # int8 cache / int8 weights
-    python experiments/variants.py --what=length_sweep --lengths=256,512,1024,2048 --rounds=3 \
+    python experiments/variants.py --what=length_sweep --lengths=256,512,1024,2048 --rounds=5 \
         --out=docs/results/variants_vs_length.json         # every variant's step time and memory vs length
 
 Quality: every trained variant gets the same protocol (config, seed, data
@@ -344,13 +344,17 @@ def run_decode() -> None:
 
 def main(argv):
     del argv
+    import os
+
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     {"lm": run_lm, "seq2seq": run_seq2seq, "window_speed": run_window_speed, "encoder_speed": run_encoder_speed,
      "decode": run_decode, "length_sweep": run_length_sweep}[FLAGS.what]()
     if FLAGS.out:
         from experiments import results
 
-        results.write(FLAGS.out, {"conditions": results.conditions(rounds=FLAGS.rounds, timing="median of the "
-                                                                   "rounds, variants interleaved per length"),
+        results.write(FLAGS.out, {"conditions": results.conditions(rounds=FLAGS.rounds, load_at_start=load_at_start,
+                                                                   timing="median of the rounds, variants "
+                                                                   "interleaved per length"),
                                   "what": FLAGS.what, "rows": ROWS})
 
 

@@ -117,3 +117,23 @@ def test_weight_placement_is_read_from_the_shardings_and_drawn(tmp_path):
     assert figures._split_words(w["blocks.layers.attn.wq"]) == "heads over tensor"
     figures.plot_placement(rec | {"conditions": CONDITIONS}, tmp_path / "placement.png")
     assert plotstyle.png_size(tmp_path / "placement.png")[0] >= plotstyle.MIN_WIDTH_PX
+
+
+def test_curve_record_transcribes_a_runs_metrics(tmp_path):
+    import json
+
+    from experiments import figures
+
+    lines = [{"step": 10, "split": "train", "time": 100.0, "loss": 3.0, "tokens_per_s": 5.0},
+             {"step": 10, "split": "eval", "time": 101.0, "loss": 3.2, "bits_per_byte": 4.6, "perplexity": 24.0},
+             {"step": 20, "split": "train", "time": 102.0, "loss": 2.0, "tokens_per_s": 6.0},
+             {"step": 20, "split": "train", "time": 110.0, "loss": 1.9, "tokens_per_s": 6.5}]  # resumed: later wins
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 2')
+    (tmp_path / "final_metrics.json").write_text(json.dumps({"step": 20, "loss": 2.1, "bits_per_byte": 3.03}))
+    rec = figures.curve_record("lm_tiny", tmp_path, "python experiments/train.py ...", 12.0)
+    assert rec["train"] == [{"step": 10, "loss": 3.0, "tokens_per_s": 5.0},
+                            {"step": 20, "loss": 1.9, "tokens_per_s": 6.5}]
+    assert rec["eval"] == [{"step": 10, "loss": 3.2, "bits_per_byte": 4.6},
+                           {"step": 20, "loss": 2.1, "bits_per_byte": 3.03}]  # the final eval is the last point
+    assert rec["final"]["bits_per_byte"] == 3.03 and rec["train_seconds"] == 10.0
+    assert rec["conditions"]["command"] == "python experiments/train.py ..." and rec["conditions"]["run_wall_s"] == 12.0

@@ -110,6 +110,8 @@ def test_nanogpt_pair_alternates_with_a_checkout_model(tmp_path):
     assert rec["tformer_step_ms"]["n"] == rec["peer_step_ms"]["n"] == 6 and len(rec["speedup_rounds"]) == 3
     assert rec["speedup"] == pytest.approx(rec["peer_step_ms"]["median"] / rec["tformer_step_ms"]["median"],
                                            rel=1e-3)
+    assert rec["tformer_cpu_ms"] > 0 and rec["peer_cpu_ms"] > 0
+    assert rec["speedup_cpu"] == pytest.approx(rec["peer_cpu_ms"] / rec["tformer_cpu_ms"], rel=1e-2)
     cfg = bm.model_config(opts)
     assert rec["flops_per_step"] == flops.train_flops_per_token(cfg.replace(vocab_multiple=1), 16) * 2 * 16
     assert rec["tformer_gflops"] / rec["peer_gflops"] == pytest.approx(rec["speedup"], rel=1e-2)

@@ -107,7 +107,8 @@ class PeerProcess:
         raise RuntimeError(f"peer {self.name} exited (status {code}) before replying; its stderr is above")
 
     def block(self, steps: int, warmup: int = 0) -> dict:
-        """Run `warmup` untimed then `steps` timed train steps; {"times_ms": [...], "loss": ...}."""
+        """Run `warmup` untimed then `steps` timed train steps; {"times_ms": [...], "cpu_ms": ..., "loss": ...}
+        (`cpu_ms`: the child's CPU time per timed step, all its threads)."""
         self.proc.stdin.write(json.dumps(dict(steps=steps, warmup=warmup)) + "\n")
         self.proc.stdin.flush()
         return self._reply()

@@ -2,8 +2,8 @@
 
 Builds the peer's model and optimizer once, replies with one JSON line (versions, threads, parameters),
 then for each request line `{"steps": n, "warmup": w}` on stdin runs w untimed and n timed train steps and
-replies `{"times_ms": [...], "loss": ...}`. Anything the peer's own code prints goes to stderr, so stdout
-carries the replies only. Ends at EOF on stdin.
+replies `{"times_ms": [...], "cpu_ms": ..., "loss": ...}` (cpu_ms: the process's CPU time per timed step).
+Anything the peer's own code prints goes to stderr, so stdout carries the replies only. Ends at EOF on stdin.
 """
 
 from __future__ import annotations
@@ -59,12 +59,12 @@ def serve(spec: dict, out) -> None:
         loss = None
         for _ in range(req.get("warmup", 0)):
             loss = step()
-        times = []
+        times, cpu0 = [], time.process_time()
         for _ in range(req["steps"]):
             t0 = time.perf_counter()
             loss = step()
             times.append((time.perf_counter() - t0) * 1e3)
-        reply(out, dict(times_ms=times, loss=loss))
+        reply(out, dict(times_ms=times, cpu_ms=(time.process_time() - cpu0) * 1e3 / max(req["steps"], 1), loss=loss))
 
 
 def reply(out, rec: dict) -> None:
