@@ -11,7 +11,8 @@ In README.md and docs/**/*.md a quoted figure is tagged right after it with an H
 spec after `|`). The quoted text must equal `format(value, spec)` exactly (`format(value, "")` without a
 spec), so "1,234" needs a spec with `,`. `check()` lists every tag that disagrees; tests/test_docs_drift.py
 fails on any. `python experiments/results.py` prints the disagreements and, with --untagged, the numbers
-in the docs that carry no tag (a reading aid: not every number is a measurement).
+in the docs that carry no tag (a reading aid: not every number is a measurement); --rewrite first re-quotes
+every tagged figure from its record, for after a re-measure.
 """
 
 from __future__ import annotations
@@ -189,7 +190,35 @@ def untagged(root: Path = ROOT) -> list[str]:
     return out
 
 
+def rewrite(root: Path = ROOT) -> list[str]:
+    """Re-quote every tagged figure from its record (after a re-measure); returns the docs changed.
+
+    Only the numbers change: reread the prose around them, which may no longer hold."""
+    cache: dict = {}
+    changed = []
+
+    def requote(m: re.Match) -> str:
+        if m.group("quoted") is None or _check_tag(m, root / RESULTS, cache) is None:
+            return m.group(0)
+        record = cache.get(m.group("file"))
+        try:
+            value = format(lookup(record, m.group("path")), m.group("spec") or "")
+        except (KeyError, ValueError, TypeError):
+            return m.group(0)  # broken tags stay for check() to report
+        return value + m.group(0)[len(m.group("quoted")):]
+
+    for doc in docs_files(root):
+        text = doc.read_text()
+        new = TAG.sub(requote, text)
+        if new != text:
+            doc.write_text(new)
+            changed.append(str(doc.relative_to(root)))
+    return changed
+
+
 def main(argv: list[str]) -> int:
+    if "--rewrite" in argv:
+        print("re-quoted:", ", ".join(rewrite()) or "nothing")
     problems = [str(p) for p in check()] + record_problems()
     print("\n".join(problems) or "every tag agrees with its record")
     if "--untagged" in argv:

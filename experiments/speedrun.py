@@ -23,10 +23,8 @@ Recipes:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -93,18 +91,18 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def conditions(argv: list[str], budget_s: float) -> dict:
+    """experiments.results' conditions (machine, load, versions, date, command) plus this run's own."""
     import flax
-    import jax
     import optax
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else \
-        platform.processor()
-    date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    from experiments import results
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "unknown"
     command = " ".join(["python", "experiments/speedrun.py", *map(shlex.quote, argv)])
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_1m_at_start": round(os.getloadavg()[0], 2),
-            "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-            "python": platform.python_version(), "date": date, "command": command, "time_budget_s": budget_s}
+    return results.conditions(command, flax=flax.__version__, optax=optax.__version__, isa=isa,
+                              cores=os.cpu_count(), time_budget_s=budget_s,
+                              load_1m_at_start=round(os.getloadavg()[0], 2))
 
 
 def main(argv: list[str]) -> None:
@@ -136,11 +134,11 @@ def main(argv: list[str]) -> None:
                                          "larger_spread": max(s["std_bits_per_byte"], t["std_bits_per_byte"]),
                                          "speedrun_better_beyond_spread":
                                              gap > max(s["std_bits_per_byte"], t["std_bits_per_byte"])}
-    text = json.dumps(result, indent=2)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+        from experiments import results
+
+        results.write(args.out, result)
+    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

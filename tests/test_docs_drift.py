@@ -71,3 +71,16 @@ def test_untagged_lists_numbers_outside_tags_code_and_links(tmp_path):
         "tagged 1.883<!-- run.json:final.bits_per_byte|.3f --> and untagged 2.178 bits\n"
         "`code 12345` and [link 2048](docs/x.md) only\n```\n99.9 in a block\n```\nlast 87.2% and 7\n")
     assert results.untagged(tmp_path) == ["README.md:1: 2.178", "README.md:6: 87.2%"]
+
+
+def test_rewrite_requotes_stale_figures_from_their_records_and_leaves_the_rest(tmp_path, record_dir):
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    (tmp_path / "docs" / "results" / "run.json").write_text((record_dir / "run.json").read_text())
+    (tmp_path / "README.md").write_text(
+        "stale 1.901<!-- run.json:final.bits_per_byte|.3f --> and good 12,345<!-- run.json:final.steps|, -->\n"
+        "broken 7<!-- run.json:final.nope --> stays\n")
+    assert results.rewrite(tmp_path) == ["README.md"]
+    assert (tmp_path / "README.md").read_text() == (
+        "stale 1.883<!-- run.json:final.bits_per_byte|.3f --> and good 12,345<!-- run.json:final.steps|, -->\n"
+        "broken 7<!-- run.json:final.nope --> stays\n")
+    assert [p.message.split(":")[0] for p in results.check(tmp_path)] == ["run.json has no final.nope"]

@@ -49,6 +49,9 @@ NOT_RUN = {
     ("docs/benchmarks.md", "python experiments/schedules.py --what=pipeline,ring --stages=4 --virtual_stages=1,2 "
                            "--microbatches=4,8,16,32 \\"):
         f"{MINUTES} (eight pipeline compiles and 8,192-token steps on 8 fake devices)",
+    ("docs/benchmarks.md", "python experiments/train.py --config=experiments/configs/lm_speedrun.py "
+                           "--workdir=runs/speedrun"):
+        f"{MINUTES} (its 85 s budget; tests/test_train.py runs the budget and this config's validation)",
     ("docs/benchmarks.md", "# 1. Train, cuDNN flash attention, layers unrolled (the speed target), with HF eager + "
                            "torch.compile."): "needs a GPU",
 }

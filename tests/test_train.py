@@ -642,3 +642,16 @@ def test_speedrun_config_evaluates_on_lm_tiny_rows_within_its_budget_and_the_com
             assert field in c[section], (name, arg)
             c[section][field] = type(c[section][field])(value == "True" if value in ("True", "False") else value)
         run_config.validate(c)
+
+
+def test_resume_under_another_optimizer_is_refused_naming_the_change(tmp_path):
+    from experiments.workdir import check_resume
+
+    cfg = tformer.ModelConfig(vocab_size=64, d_model=32, num_heads=2, num_layers=1)
+    adamw = tformer.OptimizerConfig()
+    (tmp_path / "config.json").write_text(json.dumps({"config": {"model": {"kind": "lm"}},
+                                                      "model": dataclasses.asdict(cfg),
+                                                      "optim": dataclasses.asdict(adamw)}))
+    check_resume(tmp_path, "lm", cfg, dataclasses.replace(adamw, schedule="wsd"))  # a schedule change resumes
+    with pytest.raises(ValueError, match=r"optim.name 'adamw' -> 'muon' changes the optimizer state's structure"):
+        check_resume(tmp_path, "lm", cfg, dataclasses.replace(adamw, name="muon"))
