@@ -49,6 +49,10 @@ NOT_RUN = {
     ("docs/benchmarks.md", "python experiments/schedules.py --what=pipeline,ring --stages=4 --virtual_stages=1,2 "
                            "--microbatches=4,8,16,32 \\"):
         f"{MINUTES} (eight pipeline compiles and 8,192-token steps on 8 fake devices)",
+    ("docs/benchmarks.md", "# The reference shape (GPT-2 layout, vocab 256, d 256, 4 layers, T 256, batch 8), against "
+                           "Hugging Face GPT-2 eager"):
+        f"{MINUTES}, and needs torch, transformers and a nanoGPT checkout (tests/test_peers.py runs both peers "
+        "on tiny shapes)",
     ("docs/benchmarks.md", "python experiments/train.py --config=experiments/configs/lm_speedrun.py "
                            "--workdir=runs/speedrun"):
         f"{MINUTES} (its 85 s budget; tests/test_train.py runs the budget and this config's validation)",
