@@ -539,7 +539,8 @@ def _alternate(run_: TrainRun, child, steps: int, warmup: int, rounds: int):
 
     def tformer_block(warm: int) -> list[float]:
         c0 = time.process_time()
-        ms = [x * 1e3 for x in run_.block(steps, warm)[0]]
+        with child.stopped():
+            ms = [x * 1e3 for x in run_.block(steps, warm)[0]]
         cpu["tformer"].append((time.process_time() - c0) * 1e3 / steps)
         return ms
 

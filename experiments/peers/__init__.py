@@ -15,9 +15,11 @@ This module itself imports neither, so `benchmark.py` stays importable without t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +114,16 @@ class PeerProcess:
         self.proc.stdin.write(json.dumps(dict(steps=steps, warmup=warmup)) + "\n")
         self.proc.stdin.flush()
         return self._reply()
+
+    @contextlib.contextmanager
+    def stopped(self):
+        """The child stopped (SIGSTOP) for the duration: between its blocks PyTorch's OpenMP threads spin
+        waiting for work by default, and would take a core from the other side's timed block."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(self.proc.pid, signal.SIGCONT)
 
     def close(self) -> None:
         if self.proc.poll() is None:
