@@ -120,6 +120,7 @@ class Options:
     hbm_gbps: float | None = None
     seed: int = 0
     xla_flags: str = ""  # recorded; applied by main() before the backend starts
+    cpu_options: bool = True  # tformer.host.cpu_compiler_options for the train step (--cpu_xla_flags)
     # glibc keeps freed memory (tformer.host): recorded; applied by main() before the backend starts.
     tune_allocator: bool = False
     peer_tune_allocator: bool = False  # the same setting in the peer's child process
@@ -255,6 +256,7 @@ class TrainRun:
     lower_s: float
     compile_s: float
     metrics: typing.Any = None
+    compiler_options: dict = dataclasses.field(default_factory=dict)
 
     def block(self, steps: int, warmup: int = 0) -> tuple[list[float], list[int]]:
         """(seconds per timed step, host page faults per timed step), after `warmup` untimed steps."""
@@ -280,14 +282,15 @@ def train_run(opts: Options) -> TrainRun:
     o = training.OptimizerConfig(skip_nonfinite=opts.skip_nonfinite, warmup_steps=10, total_steps=10_000)
     lcfg = LoraConfig(opts.lora_rank) if opts.lora_rank else None
     graphdef, tx, state, _ = training.create_train_state(tformer.DecoderLM, cfg, o, seed=opts.seed, lora=lcfg)
-    step = training.make_train_step(graphdef, tx, o, donate=opts.donate)
+    options = host.cpu_compiler_options(b * t, cfg.d_model) if opts.cpu_options else {}
+    step = training.make_train_step(graphdef, tx, o, donate=opts.donate, compiler_options=options)
     batch = lm_batch(cfg, b, t, opts.seed, opts.packed)
     t0 = time.perf_counter()
     lowered = step.lower(state, batch)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
-    return TrainRun(cfg, b, t, compiled, state, batch, lower_s=t1 - t0, compile_s=t2 - t1)
+    return TrainRun(cfg, b, t, compiled, state, batch, lower_s=t1 - t0, compile_s=t2 - t1, compiler_options=options)
 
 
 def bench_train(opts: Options, dev: dict) -> dict:
@@ -315,7 +318,8 @@ def bench_train(opts: Options, dev: dict) -> dict:
         compile_s=_round(run_.compile_s), lower_s=_round(run_.lower_s), peak_memory_bytes=mem,
         memory_source=mem_src, host_page_faults_per_step=statistics.median(faults),
         flops_per_token=fpt, params=flops.param_count(cfg), loss=_round(run_.metrics["loss"]),
-        attention_resolved=impl, lora_rank=opts.lora_rank, **_knobs(cfg, opts), **dev,
+        attention_resolved=impl, lora_rank=opts.lora_rank, compiler_options=run_.compiler_options,
+        **_knobs(cfg, opts), **dev,
     )
 
 
@@ -597,7 +601,7 @@ def bench_pair(opts: Options, dev: dict, peer: str, rounds: int) -> dict:
                tformer_fraction_of_peak=_round(step_flops / t_med / 1e6 / peak["gflops"]) if peak else None,
                load_1min=[round(x, 2) for x in load], tformer_loss=_round(run_.metrics["loss"]),
                compile_s=_round(run_.compile_s), peer_info=child.info, peer_shape=dataclasses.asdict(shape),
-               **_knobs(run_.cfg, opts), **dev)
+               compiler_options=run_.compiler_options, **_knobs(run_.cfg, opts), **dev)
     return rec
 
 
@@ -775,7 +779,7 @@ def options_from_flags(fv) -> Options:
         decode_param_dtype=fv.decode_param_dtype, decode_repeats=fv.decode_repeats,
         decode_eos_after=fv.decode_eos_after,
         peak_tflops=fv.peak_tflops, hbm_gbps=fv.hbm_gbps, seed=fv.seed, xla_flags=xla,
-        tune_allocator=fv.tune_allocator,
+        tune_allocator=fv.tune_allocator, cpu_options=fv.cpu_xla_flags,
         peer_tune_allocator=fv.tune_allocator if fv.peer_tune_allocator is None else fv.peer_tune_allocator,
     )
 

@@ -147,6 +147,14 @@ def _peak_tflops() -> float | None:
     return None if spec is None else spec.peak_tflops * jax.device_count()
 
 
+def _cpu_step_options(cfg, batch_size: int, seq_len: int, o, mesh) -> dict[str, str]:
+    """`tformer.host.cpu_compiler_options` for one device's share of a step (off with --nocpu_xla_flags)."""
+    if FLAGS.is_parsed() and not FLAGS.cpu_xla_flags:
+        return {}
+    tokens = batch_size * seq_len // max(1, mesh.size * o.grad_accum_steps)
+    return host.cpu_compiler_options(tokens, cfg.d_model)
+
+
 def setup_run(config: ConfigDict, workdir: Path) -> Run:
     """Data, model, optimizer, mesh, jitted steps, and the state: restored from the newest readable checkpoint."""
     mesh, rules = run_config.make_run_mesh(config), sharding.rules_for(config.mesh.preset)
@@ -171,7 +179,8 @@ def setup_run(config: ConfigDict, workdir: Path) -> Run:
                                                                 virtual_stages=v)
     batch_sh = training.batch_sharding(mesh, rules, input_pipeline.batch_at(task.train, 0, t.batch_size))
     kw = dict(mesh=mesh, rules=rules, batch_sharding=batch_sh, microbatches=microbatches, virtual_stages=v)
-    train_fn = training.make_train_step(graphdef, tx, o, state_sharding=state_sh, **kw)
+    train_fn = training.make_train_step(graphdef, tx, o, state_sharding=state_sh,
+                                        compiler_options=_cpu_step_options(cfg, t.batch_size, seq_len, o, mesh), **kw)
     eval_fn = training.make_eval_step(graphdef, o, params_sharding=state_sh.params, **kw)
     if ckpt.latest_step() is not None:
         finetune.check_resume(workdir, config)

@@ -315,3 +315,29 @@ def test_cpu_xla_flags_are_added_once_and_never_override_the_user():
     mine = "--xla_force_host_platform_device_count=8 --xla_cpu_multi_thread_eigen=true"
     env = {"XLA_FLAGS": mine}
     assert host.add_cpu_xla_flags(env) == [] and env["XLA_FLAGS"] == mine  # the user's value stands
+
+
+def test_small_cpu_steps_keep_ynnpack_to_dots_and_large_ones_keep_the_default():
+    import re
+
+    import tformer
+    from tformer import batch as batch_lib
+    from tformer import host, training
+
+    cfg = tformer.ModelConfig(vocab_size=64, d_model=32, num_heads=4, num_layers=1, d_ff=64, max_len=16)
+    options = host.cpu_compiler_options(12 * 16, cfg.d_model)
+    assert host.cpu_compiler_options(2**18, 1) == {} and host.cpu_compiler_options(8, 32, backend="gpu") == {}
+    if not options:
+        pytest.skip("this jaxlib has no YNNPACK fusions")
+    o = training.OptimizerConfig(warmup_steps=1, total_steps=10)
+    graphdef, tx, state, _ = training.create_train_state(tformer.DecoderLM, cfg, o)
+    batch = batch_lib.lm_batch(np.random.default_rng(0).integers(0, 64, (12, 17)))
+
+    def ynn_bodies(opts):
+        hlo = training.make_train_step(graphdef, tx, o, compiler_options=opts).lower(state, batch).compile().as_text()
+        called = re.findall(r"fusion\(.*?calls=%([\w.\-]+).*__ynn_fusion", hlo)
+        return [re.search(r"%" + re.escape(c) + r" .*?\n}", hlo, re.S).group(0) for c in called]
+
+    default, small = ynn_bodies({}), ynn_bodies(options)
+    assert any(" dot(" not in b for b in default)  # YNNPACK takes elementwise/reduction fusions by default
+    assert small and all(" dot(" in b for b in small)  # ... and only dots with the small-step options

@@ -416,6 +416,27 @@ def test_project_is_the_einsum():
         project(x, wo, n_in=2)
 
 
+@pytest.mark.parametrize("kv_heads, bias, rope", [(4, True, False), (2, False, True)])
+def test_fused_qkv_projection_is_the_three_projections_with_gradients(kv_heads, bias, rope, monkeypatch):
+    cfg = make_cfg(num_kv_heads=kv_heads, use_bias=bias, positions="rope" if rope else "learned")
+    attn = attention_lib.Attention(cfg, rngs=nnx.Rngs(3))
+    for name in ("bq", "bk", "bv") if bias else ():  # zeros at init: make the biases count
+        getattr(attn, name)[...] = jax.random.normal(jax.random.key(len(name)), getattr(attn, name).shape)
+    x = jax.random.normal(jax.random.key(4), (2, 6, cfg.d_model))
+    masking = attention_lib.self_masking(jnp.broadcast_to(jnp.arange(6), (2, 6)), None, cfg, causal=True)
+    graphdef, state = nnx.split(attn)
+
+    def loss(state, x):
+        return jnp.sum(jnp.sin(nnx.merge(graphdef, state)(x, masking)))
+
+    fused = jax.value_and_grad(loss, argnums=(0, 1))(state, x)
+    assert attn._fuse_qkv()
+    monkeypatch.setattr(attention_lib.Attention, "_fuse_qkv", lambda self: False)
+    separate = jax.value_and_grad(loss, argnums=(0, 1))(state, x)
+    for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(separate)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("k, n", [(24, 8), (8, 24), (16, 16)])  # k > n takes the (dy^T x)^T weight gradient
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_project_gradients_are_the_einsum_gradients(k, n, dtype):

@@ -71,3 +71,29 @@ def add_cpu_xla_flags(env: dict | None = None) -> list[str]:
     if added:
         env["XLA_FLAGS"] = " ".join([given, *added]).strip()
     return added
+
+
+# YNNPACK (jaxlib >= 0.10) takes XLA:CPU's dots and also its elementwise and reduction fusions. For a small
+# step the latter ran several times slower than XLA's own loops (the softmax gradient's sum over keys: 0.75 ms
+# of a 20 ms step at nanoGPT's CPU shape, four times over), while at the reference CPU shape they pay. Measured
+# in one process, alternated: YNNPACK for single dots only made nanoGPT's shape (768 tokens x d 128) 10% faster
+# and the reference shape (2,048 x 256) 7% slower (docs/benchmarks.md). The boundary between is not measured
+# finely: 2^18 activations per layer (tokens x d_model) sits between the two.
+SMALL_STEP_ACTIVATIONS = 2**18
+_DOTS_ONLY = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+def cpu_compiler_options(tokens: int, d_model: int, backend: str | None = None) -> dict[str, str]:
+    """Per-program XLA options for a CPU train step of `tokens` x `d_model` activations (for `jax.jit`'s
+    `compiler_options`): YNNPACK for dots only below `SMALL_STEP_ACTIVATIONS`; {} otherwise, off CPU, and on
+    a jaxlib without YNNPACK (whose XLA would reject the option)."""
+    import jax
+    from jaxlib import version
+
+    if (backend or jax.default_backend()) != "cpu" or tokens * d_model >= SMALL_STEP_ACTIVATIONS:
+        return {}
+    try:
+        new_enough = tuple(int(p) for p in version.__version__.split(".")[:2]) >= (0, 10)
+    except ValueError:
+        new_enough = False
+    return dict(_DOTS_ONLY) if new_enough else {}
