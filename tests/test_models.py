@@ -508,3 +508,29 @@ def test_gelu_exact_is_jax_exact_gelu_with_gradients():
     d_ours, d_ref = (jax.vmap(jax.grad(f))(x) for f in (gelu_exact, ref))
     np.testing.assert_allclose(d_ours, d_ref, rtol=1e-5, atol=1e-6)
     assert gelu_exact(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_norm_is_the_textbook_formula_with_gradients(center):
+    from tformer import norms
+
+    ks = jax.random.split(jax.random.key(21), 4)
+    # Rows far from zero mean (1e3 + N(0, 1)): a one-pass variance without its shift would lose ~all digits.
+    x = jax.random.normal(ks[0], (3, 5, 128)) + jnp.array([0.0, 1e3, -7.0])[:, None, None]
+    scale, bias = 1 + 0.1 * jax.random.normal(ks[1], (128,)), jax.random.normal(ks[2], (128,))
+    ct = jax.random.normal(ks[3], x.shape)
+
+    def textbook(x, s, b):  # two passes: the mean, then the variance around it
+        if center:
+            x = x - x.mean(-1, keepdims=True)
+        return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-5) * s + b
+
+    def ours(x, s, b):
+        return norms.normalize(x, s, b, center=center, eps=1e-5)
+
+    got, want = jax.vjp(jax.jit(ours), x, scale, bias), jax.vjp(textbook, x, scale, bias)
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), atol=2e-4, rtol=1e-4)
+    for g, w in zip(got[1](ct), want[1](ct)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-3, rtol=1e-3)
+    half = norms.normalize(x.astype(jnp.bfloat16), scale, None, center=center, eps=1e-5)
+    assert half.dtype == jnp.bfloat16

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tformer import norms
 from tformer.config import ModelConfig
 from tformer.sharding import active as active_rules
 from tformer.sharding import axis_size, constrain
@@ -217,15 +218,8 @@ class Norm(nnx.Module):
             self.bias = param(rngs, (cfg.d_model,), ("embed",), cfg, init="zeros")
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        cfg = self.cfg
-        x32 = x.astype(jnp.float32)
-        if cfg.norm == "layernorm":
-            x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
-        y = y * self.scale[...].astype(jnp.float32)
-        if cfg.norm == "layernorm":
-            y = y + self.bias[...].astype(jnp.float32)
-        return y.astype(x.dtype)
+        ln = self.cfg.norm == "layernorm"
+        return norms.normalize(x, self.scale[...], self.bias[...] if ln else None, center=ln, eps=self.cfg.norm_eps)
 
 
 def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
