@@ -282,7 +282,7 @@ def train_run(opts: Options) -> TrainRun:
     o = training.OptimizerConfig(skip_nonfinite=opts.skip_nonfinite, warmup_steps=10, total_steps=10_000)
     lcfg = LoraConfig(opts.lora_rank) if opts.lora_rank else None
     graphdef, tx, state, _ = training.create_train_state(tformer.DecoderLM, cfg, o, seed=opts.seed, lora=lcfg)
-    options = host.cpu_compiler_options(b * t, cfg.d_model) if opts.cpu_options else {}
+    options = host.cpu_compiler_options(cfg.d_model) if opts.cpu_options else {}
     step = training.make_train_step(graphdef, tx, o, donate=opts.donate, compiler_options=options)
     batch = lm_batch(cfg, b, t, opts.seed, opts.packed)
     t0 = time.perf_counter()

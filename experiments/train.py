@@ -147,12 +147,11 @@ def _peak_tflops() -> float | None:
     return None if spec is None else spec.peak_tflops * jax.device_count()
 
 
-def _cpu_step_options(cfg, batch_size: int, seq_len: int, o, mesh) -> dict[str, str]:
-    """`tformer.host.cpu_compiler_options` for one device's share of a step (off with --nocpu_xla_flags)."""
+def _cpu_step_options(cfg) -> dict[str, str]:
+    """`tformer.host.cpu_compiler_options` for the train step (off with --nocpu_xla_flags)."""
     if FLAGS.is_parsed() and not FLAGS.cpu_xla_flags:
         return {}
-    tokens = batch_size * seq_len // max(1, mesh.size * o.grad_accum_steps)
-    return host.cpu_compiler_options(tokens, cfg.d_model)
+    return host.cpu_compiler_options(cfg.d_model)
 
 
 def setup_run(config: ConfigDict, workdir: Path) -> Run:
@@ -180,7 +179,7 @@ def setup_run(config: ConfigDict, workdir: Path) -> Run:
     batch_sh = training.batch_sharding(mesh, rules, input_pipeline.batch_at(task.train, 0, t.batch_size))
     kw = dict(mesh=mesh, rules=rules, batch_sharding=batch_sh, microbatches=microbatches, virtual_stages=v)
     train_fn = training.make_train_step(graphdef, tx, o, state_sharding=state_sh,
-                                        compiler_options=_cpu_step_options(cfg, t.batch_size, seq_len, o, mesh), **kw)
+                                        compiler_options=_cpu_step_options(cfg), **kw)
     eval_fn = training.make_eval_step(graphdef, o, params_sharding=state_sh.params, **kw)
     if ckpt.latest_step() is not None:
         finetune.check_resume(workdir, config)

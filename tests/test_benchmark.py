@@ -317,7 +317,7 @@ def test_cpu_xla_flags_are_added_once_and_never_override_the_user():
     assert host.add_cpu_xla_flags(env) == [] and env["XLA_FLAGS"] == mine  # the user's value stands
 
 
-def test_small_cpu_steps_keep_ynnpack_to_dots_and_large_ones_keep_the_default():
+def test_narrow_models_keep_ynnpack_to_dots_on_cpu_and_wide_ones_keep_the_default():
     import re
 
     import tformer
@@ -325,8 +325,8 @@ def test_small_cpu_steps_keep_ynnpack_to_dots_and_large_ones_keep_the_default():
     from tformer import host, training
 
     cfg = tformer.ModelConfig(vocab_size=64, d_model=32, num_heads=4, num_layers=1, d_ff=64, max_len=16)
-    options = host.cpu_compiler_options(12 * 16, cfg.d_model)
-    assert host.cpu_compiler_options(2**18, 1) == {} and host.cpu_compiler_options(8, 32, backend="gpu") == {}
+    options = host.cpu_compiler_options(cfg.d_model)
+    assert host.cpu_compiler_options(host.NARROW_D_MODEL) == {} and host.cpu_compiler_options(32, backend="gpu") == {}
     if not options:
         pytest.skip("this jaxlib has no YNNPACK fusions")
     o = training.OptimizerConfig(warmup_steps=1, total_steps=10)

@@ -50,7 +50,7 @@ from tformer.config import ModelConfig
 from tformer.layers import apply_rope, cast, dense, dropout, param, project, rms_normalize
 from tformer.quant import Int8KV
 from tformer.sharding import active as active_rules
-from tformer.sharding import axis_size, constrain
+from tformer.sharding import constrain
 
 _NEG = -1e30  # finite, so fully masked rows (padding queries) stay NaN-free
 
@@ -456,11 +456,12 @@ class Attention(nnx.Module):
         return self._rope(k, positions_bs), v
 
     def _fuse_qkv(self) -> bool:
-        """Self-attention's three projections as one matmul: float weights, and heads not split over a mesh
-        (concatenating tensor-sharded weights would regather them)."""
-        mesh, rules = active_rules()
+        """Self-attention's three projections as one matmul: float weights, one device. On a mesh the three
+        stay apart, so each weight is gathered, and its gradient reduced, as the sharding rules lay it out
+        (joining tensor-sharded heads would regather them)."""
+        mesh, _ = active_rules()
         quantized = any(hasattr(self, f"{n}_scale") for n in ("wq", "wk", "wv"))
-        return not quantized and (rules is None or axis_size(mesh, "tensor") == 1)
+        return not quantized and (mesh is None or mesh.size == 1)
 
     def query_key_value(self, x_btd: jax.Array, masking: Masking) -> tuple[jax.Array, jax.Array, jax.Array]:
         """`query` and `key_value` of x itself as ONE [d, (H + 2 KH) * D] matmul: the weights are joined per

@@ -73,24 +73,24 @@ def add_cpu_xla_flags(env: dict | None = None) -> list[str]:
     return added
 
 
-# YNNPACK (jaxlib >= 0.10) takes XLA:CPU's dots and also its elementwise and reduction fusions. For a small
-# step the latter ran several times slower than XLA's own loops (the softmax gradient's sum over keys: 0.75 ms
-# of a 20 ms step at nanoGPT's CPU shape, four times over), while at the reference CPU shape they pay. Measured
-# in one process, alternated: YNNPACK for single dots only made nanoGPT's shape (768 tokens x d 128) 10% faster
-# and the reference shape (2,048 x 256) 7% slower (docs/benchmarks.md). The boundary between is not measured
-# finely: 2^18 activations per layer (tokens x d_model) sits between the two.
-SMALL_STEP_ACTIVATIONS = 2**18
+# YNNPACK (jaxlib >= 0.10) takes XLA:CPU's dots and also its elementwise and reduction fusions. For a narrow
+# model the latter ran several times slower than XLA's own loops (the softmax gradient's sum over keys: 0.75 ms
+# of a 20 ms step at nanoGPT's CPU shape, four times over), while at d_model 256 they pay. Measured in one
+# process, alternated, YNNPACK for single dots only against the default: d_model 128 at nanoGPT's shape
+# (12 x 64 tokens) 0.90, at lm_speedrun's (16 x 128) 0.94, at lm_tiny's (32 x 128) 0.90; d_model 256 at the
+# reference CPU shape (8 x 256) 1.07 (docs/benchmarks.md). Nothing between 128 and 256 was measured.
+NARROW_D_MODEL = 256
 _DOTS_ONLY = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
-def cpu_compiler_options(tokens: int, d_model: int, backend: str | None = None) -> dict[str, str]:
-    """Per-program XLA options for a CPU train step of `tokens` x `d_model` activations (for `jax.jit`'s
-    `compiler_options`): YNNPACK for dots only below `SMALL_STEP_ACTIVATIONS`; {} otherwise, off CPU, and on
-    a jaxlib without YNNPACK (whose XLA would reject the option)."""
+def cpu_compiler_options(d_model: int, backend: str | None = None) -> dict[str, str]:
+    """Per-program XLA options for a CPU train step (`jax.jit`'s `compiler_options`): YNNPACK for dots only
+    when d_model < `NARROW_D_MODEL`; {} otherwise, off CPU, and on a jaxlib without YNNPACK (whose XLA
+    would reject the option)."""
     import jax
     from jaxlib import version
 
-    if (backend or jax.default_backend()) != "cpu" or tokens * d_model >= SMALL_STEP_ACTIVATIONS:
+    if (backend or jax.default_backend()) != "cpu" or d_model >= NARROW_D_MODEL:
         return {}
     try:
         new_enough = tuple(int(p) for p in version.__version__.split(".")[:2]) >= (0, 10)
