@@ -517,4 +517,3 @@ class Attention(nnx.Module):
                                  "(mesh.sequence > 1); set attention_dropout=0 or mesh.sequence=1")
             return self.output(ring_attention.attend(q, k, v, masking))
         return self.output(attend(q, k, v, masking, self.cfg, rng))
-
