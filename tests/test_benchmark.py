@@ -299,10 +299,16 @@ def _train_faults(tmp_path, *flags):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator tuning is Linux-only")
 def test_tuned_allocator_step_faults_no_pages(tmp_path):
     # ~80 MB of temporaries per step: glibc returns them to the OS unless told to keep them (tformer.host).
-    tuned = _train_faults(tmp_path, "--tune_allocator")
     default = _train_faults(tmp_path, "--notune_allocator")
+    bound = 50 + 0.01 * default["host_page_faults_per_step"]
+    tuned = _train_faults(tmp_path, "--tune_allocator")
+    if tuned["host_page_faults_per_step"] > bound:
+        # On a loaded machine the kernel's own reclaim (e.g. DAMON) can take back idle pages mid-run; a tuning
+        # that does not work faults every step of every run (~10k pages here), so one more run tells them apart.
+        tuned = _train_faults(tmp_path, "--tune_allocator")
     assert (tuned["allocator_tuned"], default["allocator_tuned"]) == (True, False)
-    assert tuned["host_page_faults_per_step"] <= 50 + 0.01 * default["host_page_faults_per_step"], (tuned, default)
+    faults = (tuned["host_page_faults_per_step"], default["host_page_faults_per_step"])
+    assert faults[0] <= bound, f"page faults per step, tuned vs default: {faults}"
 
 
 def test_cpu_xla_flags_are_added_once_and_never_override_the_user():
