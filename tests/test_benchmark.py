@@ -346,4 +346,4 @@ def test_narrow_models_keep_ynnpack_to_dots_on_cpu_and_wide_ones_keep_the_defaul
 
     default, small = ynn_bodies({}), ynn_bodies(options)
     assert any(" dot(" not in b for b in default)  # YNNPACK takes elementwise/reduction fusions by default
-    assert small and all(" dot(" in b for b in small)  # ... and only dots with the small-step options
+    assert small and all(" dot(" in b for b in small)  # ... and only dots with the narrow-model option
