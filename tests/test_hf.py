@@ -265,7 +265,8 @@ def test_save_hf_checkpoint_refuses_configs_without_hf_equivalent(tmp_path):
     # The speed-run options: QK-norm and ReLU² exist in neither GPT-2 nor Llama.
     for field, value, match in [("qk_norm", True, r"ModelConfig.qk_norm=True has no Hugging Face GPT-2/Llama"),
                                 ("activation", "relu2", r"ModelConfig.activation='relu2' does not fit a Hugging "
-                                                        r"Face gpt2 model")]:
+                                                        r"Face gpt2 model"),
+                                ("norm_bias", False, r"ModelConfig.norm_bias=False does not fit a Hugging Face gpt2")]:
         bad = cfg.replace(norm_placement="pre", **{field: value})
         with pytest.raises(ValueError, match=match):
             thf.save_hf_checkpoint(nnx.eval_shape(lambda c=bad: tformer.DecoderLM(c, rngs=nnx.Rngs(0))), tmp_path)

@@ -17,6 +17,7 @@ from flax import nnx
 
 from tformer import DecoderLM, EncoderDecoder, ModelConfig
 from tformer import attention as attention_lib
+from tformer import layers as layers_lib
 from tformer.attention import Masking, attend, resolve_impl
 from tformer.layers import project
 
@@ -439,22 +440,27 @@ def test_fused_qkv_projection_is_the_three_projections_with_gradients(kv_heads, 
 
 @pytest.mark.parametrize("k, n", [(24, 8), (8, 24), (16, 16)])  # k > n takes the (dy^T x)^T weight gradient
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_project_gradients_are_the_einsum_gradients(k, n, dtype):
-    ks = jax.random.split(jax.random.key(k * n), 3)
+@pytest.mark.parametrize("transpose_max", [0, layers_lib._CPU_TRANSPOSE_MAX])  # each weight-gradient rewrite
+def test_project_gradients_are_the_einsum_gradients(k, n, dtype, transpose_max, monkeypatch):
+    monkeypatch.setattr(layers_lib, "_CPU_TRANSPOSE_MAX", transpose_max)
+    ks = jax.random.split(jax.random.key(k * n), 4)
     x = jax.random.normal(ks[0], (2, 5, k)).astype(dtype)
     w = jax.random.normal(ks[1], (k, n)).astype(dtype)
     ct = jax.random.normal(ks[2], (2, 5, n)).astype(dtype)
+    table = jax.random.normal(ks[3], (n, k)).astype(dtype)  # a tied embedding table as the output projection
 
-    def grads(f):
+    def grads(f, w):
         y, vjp = jax.vjp(f, x, w)
         return (y, *vjp(ct))
 
-    got = jax.jit(lambda: grads(project))()
-    want = jax.jit(lambda: grads(lambda x, w: jnp.einsum("btk,kn->btn", x, w)))()
-    tol = 1e-5 if dtype == jnp.float32 else 2e-2
-    for g, e in zip(got, want):
-        assert g.dtype == e.dtype and g.shape == e.shape
-        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32), atol=tol, rtol=tol)
+    cases = [(project, "btk,kn->btn", w), (functools.partial(project, w_transposed=True), "btk,nk->btn", table)]
+    for f, spec, weight in cases:
+        got = jax.jit(lambda f=f, weight=weight: grads(f, weight))()
+        want = jax.jit(lambda spec=spec, weight=weight: grads(lambda x, w: jnp.einsum(spec, x, w), weight))()
+        tol = 1e-5 if dtype == jnp.float32 else 2e-2
+        for g, e in zip(got, want):
+            assert g.dtype == e.dtype and g.shape == e.shape
+            np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32), atol=tol, rtol=tol)
 
 
 def test_packed_seq2seq_pairs_are_independent(encdec):
@@ -508,6 +514,17 @@ def test_gelu_exact_is_jax_exact_gelu_with_gradients():
     d_ours, d_ref = (jax.vmap(jax.grad(f))(x) for f in (gelu_exact, ref))
     np.testing.assert_allclose(d_ours, d_ref, rtol=1e-5, atol=1e-6)
     assert gelu_exact(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def test_norm_bias_false_is_a_layernorm_without_bias():
+    cfg = make_cfg(norm_bias=False)
+    model = DecoderLM(cfg, rngs=nnx.Rngs(0))
+    paths = ["/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    assert not [p for p in paths if "norm" in p and p.endswith("bias")], paths
+    with_bias = DecoderLM(make_cfg(), rngs=nnx.Rngs(0))  # the same weights plus zero biases: the same logits
+    assert len(nnx.to_flat_state(nnx.state(with_bias, nnx.Param))) == len(paths) + 2 * cfg.num_layers + 1
+    tokens = jnp.arange(12).reshape(2, 6) % V
+    np.testing.assert_allclose(np.asarray(model(tokens)), np.asarray(with_bias(tokens)), atol=1e-6)
 
 
 @pytest.mark.parametrize("center", [True, False])

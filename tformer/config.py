@@ -53,6 +53,7 @@ class ModelConfig:
     # by sqrt(head_dim) whatever the weights grow to, which tolerates higher learning rates.
     qk_norm: bool = False
     use_bias: bool = True
+    norm_bias: bool = True  # LayerNorm's learned bias (nanoGPT's bias=False drops it too; RMSNorm has none)
     tie_embeddings: bool = True
     # Padding the vocabulary to a multiple of this makes the logits matmul
     # tile cleanly; the padded ids are masked out of every softmax.

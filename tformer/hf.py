@@ -228,7 +228,8 @@ def _family(cfg: ModelConfig) -> str:
                              f"equivalent (needs {want!r})")
     if cfg.positions == "learned":
         problems = [("norm", cfg.norm == "layernorm"), ("activation", cfg.activation in _GPT2_ACT_INV),
-                    ("use_bias", cfg.use_bias), ("num_kv_heads", cfg.kv_heads == cfg.num_heads),
+                    ("use_bias", cfg.use_bias), ("norm_bias", cfg.norm_bias),
+                    ("num_kv_heads", cfg.kv_heads == cfg.num_heads),
                     ("head_dim", cfg.resolved_head_dim * cfg.num_heads == cfg.d_model),
                     ("local_window", cfg.local_window is None)]
         kind = "gpt2"

@@ -45,30 +45,57 @@ def cast(p: nnx.Param, cfg: ModelConfig) -> jax.Array:
     return p[...].astype(DTYPE[cfg.dtype])
 
 
+# Weight gradients on XLA:CPU. x^T dy contracts the B*T rows of both operands, an orientation XLA:CPU does
+# not hand to YNNPACK: it runs on Eigen. Two rewrites, same maths, chosen by size (BENCHMARKS.md):
+# - small activations (<= _CPU_TRANSPOSE_MAX elements, L2-resident): transpose x (or dy) first, behind a barrier
+#   so XLA does not fold the transpose back, and the product is a row-major YNNPACK matmul on its threads;
+# - larger ones with k > n (the MLP output projection): (dy^T x)^T, Eigen's faster orientation for that shape.
+_CPU_TRANSPOSE_MAX = 1 << 17
+
+
+def _contract_rows(a_rm: jax.Array, b_rn: jax.Array) -> jax.Array:
+    """a^T b [m, n], contracting the rows, with a^T materialised (see above)."""
+    return jax.lax.optimization_barrier(a_rm.T) @ b_rn
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _cpu_matmul(x_rk: jax.Array, w: jax.Array, w_transposed: bool) -> jax.Array:
+    """x @ w (w [k, n]) or x @ w.T (w [n, k]); the weight gradient as a row-major matmul (see above)."""
+    return _cpu_matmul_fwd(x_rk, w, w_transposed)[0]
+
+
+def _cpu_matmul_fwd(x_rk, w, w_transposed):
+    y = jax.lax.dot_general(x_rk, w, (((1,), (1,)), ((), ()))) if w_transposed else x_rk @ w
+    return y, (x_rk, w)
+
+
+def _cpu_matmul_bwd(w_transposed, res, dy_rn):
+    x_rk, w = res
+    if w_transposed:
+        return dy_rn @ w, _contract_rows(dy_rn, x_rk)
+    return dy_rn @ w.T, _contract_rows(x_rk, dy_rn)
+
+
+_cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
+
+
 @jax.custom_vjp
 def _cpu_matmul_k_gt_n(x_rk: jax.Array, w_kn: jax.Array) -> jax.Array:
-    """x @ w for a weight with k > n, whose gradient takes XLA:CPU's faster orientation.
-
-    XLA:CPU hands the weight gradient x^T dy (contracting the B*T rows) to
-    Eigen, which is ~1.5x slower for [rows, k]^T [rows, n] with k > n (the MLP
-    output projection) than for the transposed problem; computing (dy^T x)^T,
-    behind a barrier so XLA does not fold the transpose back, makes the CPU
-    train step 2-4% faster (BENCHMARKS.md). Same maths, same residuals.
-    """
+    """x @ w for a weight with k > n whose gradient is computed as (dy^T x)^T (see above)."""
     return x_rk @ w_kn
 
 
-def _cpu_matmul_fwd(x_rk, w_kn):
+def _k_gt_n_fwd(x_rk, w_kn):
     return x_rk @ w_kn, (x_rk, w_kn)
 
 
-def _cpu_matmul_bwd(res, dy_rn):
+def _k_gt_n_bwd(res, dy_rn):
     x_rk, w_kn = res
     dw_nk = jax.lax.dot_general(dy_rn, x_rk, (((0,), (0,)), ((), ())))  # dy^T x, contracting the rows
     return dy_rn @ w_kn.T, jax.lax.optimization_barrier(dw_nk).T
 
 
-_cpu_matmul_k_gt_n.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
+_cpu_matmul_k_gt_n.defvjp(_k_gt_n_fwd, _k_gt_n_bwd)
 
 
 def project(x: jax.Array, w: jax.Array, n_in: int = 1, *, w_transposed: bool = False) -> jax.Array:
@@ -94,13 +121,17 @@ def project(x: jax.Array, w: jax.Array, n_in: int = 1, *, w_transposed: bool = F
         x_axes = tuple(range(x.ndim - n_in, x.ndim))
         w_axes = tuple(range(w.ndim - n_in, w.ndim)) if w_transposed else tuple(range(n_in))
         return jax.lax.dot_general(x, w, ((x_axes, w_axes), ((), ())))
-    x2 = x.reshape(math.prod(lead), k)
-    if w_transposed:
-        y2 = jax.lax.dot_general(x2, w.reshape(n, k), (((1,), (1,)), ((), ())))
-    elif k > n and jax.default_backend() == "cpu":
-        y2 = _cpu_matmul_k_gt_n(x2, w.reshape(k, n))
+    rows = math.prod(lead)
+    x2, w2 = x.reshape(rows, k), w.reshape((n, k) if w_transposed else (k, n))
+    on_cpu = jax.default_backend() == "cpu"
+    if on_cpu and rows * (n if w_transposed else k) <= _CPU_TRANSPOSE_MAX:
+        y2 = _cpu_matmul(x2, w2, w_transposed)
+    elif w_transposed:
+        y2 = jax.lax.dot_general(x2, w2, (((1,), (1,)), ((), ())))
+    elif on_cpu and k > n:
+        y2 = _cpu_matmul_k_gt_n(x2, w2)
     else:
-        y2 = x2 @ w.reshape(k, n)
+        y2 = x2 @ w2
     return y2.reshape(lead + out_shape)
 
 
@@ -214,12 +245,14 @@ class Norm(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.scale = param(rngs, (cfg.d_model,), ("embed",), cfg, init="ones")
-        if cfg.norm == "layernorm":
+        if cfg.norm == "layernorm" and cfg.norm_bias:
             self.bias = param(rngs, (cfg.d_model,), ("embed",), cfg, init="zeros")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         ln = self.cfg.norm == "layernorm"
-        return norms.normalize(x, self.scale[...], self.bias[...] if ln else None, center=ln, eps=self.cfg.norm_eps)
+        bias = getattr(self, "bias", None)
+        return norms.normalize(x, self.scale[...], None if bias is None else bias[...], center=ln,
+                               eps=self.cfg.norm_eps)
 
 
 def rms_normalize(x: jax.Array, eps: float) -> jax.Array:

@@ -63,8 +63,9 @@ def _norm_bwd(center, eps, res, dy):
     dx = g - xhat * (row_sum(g * xhat) / d)
     if center:
         dx = dx - row_sum(g) / d
-    rows = tuple(range(dy.ndim - 1))  # column sums: XLA's own split is the faster one here
-    return dx * rstd, jnp.sum(dy * xhat, rows), jnp.sum(dy, rows)
+    # Column sums over a 2-D [rows, d] view: XLA:CPU splits a [B, T, d] one into a slow 3-D reduce-window.
+    dy_rd, xhat_rd = dy.reshape(-1, d), xhat.reshape(-1, d)
+    return dx * rstd, jnp.sum(dy_rd * xhat_rd, 0), jnp.sum(dy_rd, 0)
 
 
 _norm.defvjp(_norm_fwd, _norm_bwd)
