@@ -172,3 +172,19 @@ def test_muon_on_an_fsdp_mesh_shards_its_momentum_like_the_weights_and_trains_li
         state, m = step(state, jax.device_put(batch, batch_sh), np.float32(i / 3))
         state1, m1 = step1(state1, batch, np.float32(i / 3))
         np.testing.assert_allclose(float(m["loss"]), float(m1["loss"]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("max_norm", [1e5, 0.5])  # the norm is ~9e3: kept as it is, then scaled down
+def test_global_norm_and_its_clip_are_optax(max_norm):
+    ks = jax.random.split(jax.random.key(5), 4)
+    # Sizes that chunk (4 x 64 x 32), that do not (65 x 3), a short vector and a scalar; rows far from zero.
+    tree = {"w": 1e2 * jax.random.normal(ks[0], (4, 64, 32)), "odd": jax.random.normal(ks[1], (65, 3)),
+            "v": jax.random.normal(ks[2], (32,)), "s": jnp.asarray(3.0)}
+    want = optax.tree.norm(tree)
+    np.testing.assert_allclose(float(jax.jit(training.global_norm)(tree)), float(want), rtol=1e-6)
+    ours, theirs = training.clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+    got = jax.jit(lambda t: ours.update(t, ours.init(t))[0])(tree)
+    ref = theirs.update(tree, theirs.init(tree))[0]
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    assert jax.tree.structure(ours.init(tree)) == jax.tree.structure(theirs.init(tree))  # checkpoints unchanged

@@ -33,6 +33,15 @@ def row_sum(x: jax.Array) -> jax.Array:
     return jnp.sum(jax.lax.optimization_barrier(part), axis=-1, keepdims=True)
 
 
+def sum_of_squares(x: jax.Array) -> jax.Array:
+    """sum(x**2) in fp32 over every element: on CPU over chunks of 32, then over the chunks (as `row_sum`)."""
+    x = x.astype(jnp.float32)
+    if x.size <= _CHUNK or x.size % _CHUNK or jax.default_backend() != "cpu":
+        return jnp.sum(x * x)
+    part = jnp.sum(jnp.square(x.reshape(-1, _CHUNK)), axis=-1)
+    return jnp.sum(jax.lax.optimization_barrier(part))
+
+
 def _stats(x: jax.Array, center: bool, eps: float) -> tuple[jax.Array, jax.Array]:
     """(mean or 0, 1/sqrt(var + eps)) over the last axis, each [..., 1]; RMSNorm's 'var' is the mean square."""
     d = x.shape[-1]
