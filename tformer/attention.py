@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tformer import flash, ring_attention
+from tformer import flash, reductions, ring_attention
 from tformer.config import ModelConfig
 from tformer.layers import apply_rope, cast, dense, dropout, param, project, rms_normalize
 from tformer.quant import Int8KV
@@ -114,7 +114,7 @@ def _masked_probs(logits, mask, topk: int | None = None, threshold: float | None
     if topk is not None:
         kth = jax.lax.top_k(logits, min(topk, logits.shape[-1]))[0][..., -1:]
         logits = jnp.where(logits >= jax.lax.stop_gradient(kth), logits, _NEG)
-    probs = jax.nn.softmax(logits, axis=-1)
+    probs = reductions.softmax(logits)  # on CPU its max and sum stay fused kernels
     if threshold is not None:
         cut = jnp.minimum(threshold, jnp.max(probs, axis=-1, keepdims=True))
         probs = jnp.where(probs >= jax.lax.stop_gradient(cut), probs, 0.0)
@@ -240,9 +240,11 @@ def resolve_impl(cfg: ModelConfig, dtype: jnp.dtype, masking: Masking, training_
 
     `seq_lens`: query and key lengths; `cache`: causal attention of new tokens over KV-cache slots.
     "auto" and "flash" take the platform's kernel (`tformer.flash`) where it applies, else the dense path
-    ("auto" keeps fewer than `flash.MIN_KERNEL_LEN` queries dense). A local window over equal query and
-    key lengths (self-attention, or a prefill into an empty cache: slots align) goes "banded" unless a
-    kernel or cuDNN's own windowed flash kernel runs; top-k / threshold need the explicit scores.
+    ("auto" keeps fewer than `flash.MIN_KERNEL_LEN` queries dense). On CPU "auto" is "blocked" from
+    `BLOCKED_MIN_LEN` causal tokens, else "einsum" (whose softmax keeps XLA:CPU's reductions fused). A
+    local window over equal query and key lengths (self-attention, or a prefill into an empty cache: slots
+    align) goes "banded" unless a kernel or cuDNN's own windowed flash kernel runs; top-k / threshold need
+    the explicit scores.
     """
     platform = lowering_platform(platform)
     banded = masking.window is not None and seq_lens is not None and seq_lens[0] == seq_lens[1]
@@ -259,7 +261,7 @@ def resolve_impl(cfg: ModelConfig, dtype: jnp.dtype, masking: Masking, training_
             impl = "xla"
         else:
             ok = _blocked_applies(masking, seq_lens) and seq_lens[0] >= BLOCKED_MIN_LEN
-            impl = "blocked" if ok else "xla"
+            impl = "blocked" if ok else "einsum"  # dense, with tformer.reductions' softmax
     if impl == "cudnn" and not masking.plain_causal:
         impl = "xla"  # segments/padding/cache need a dense mask
     if impl == "blocked" and not _blocked_applies(masking, seq_lens):

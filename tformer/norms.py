@@ -1,14 +1,11 @@
 """LayerNorm / RMSNorm (`tformer.layers.Norm`) with a hand-written gradient and CPU-friendly row sums.
 
 Autodiff of `(x - mean(x)) * rsqrt(mean((x - mean)^2) + eps)` gives two dependent
-reductions forward and two more backward over each row. XLA:CPU splits a float sum
-over more than 32 elements into a reduce-window and a reduce
-(`TreeReductionRewriter`): two kernels, the first not fused with its producer.
-Here a row's sum is taken as partial sums over chunks of <= 32 (a reduction XLA
-fuses with its producer) and then over the chunks, kept apart by an optimization
-barrier (else XLA merges the two back into one long sum); on CPU only, as GPU/TPU
-reduce a row in one kernel. At nanoGPT's CPU shape the train step is ~4% faster, at
-the reference CPU shape unchanged (docs/benchmarks.md). Forward: one pass for the
+reductions forward and two more backward over each row. Each row sum here is
+`tformer.reductions.row_sum`, which XLA:CPU runs as one kernel fused with its producer
+(rather than an unfused reduce-window and a reduce); the scale and bias gradients sum
+columns over a 2-D [rows, d] view, as XLA:CPU splits a [B, T, d] one into a slow 3-D
+reduce-window (docs/benchmarks.md has the figures). Forward: one pass for the
 sum and the sum of squares around a shift (the row's first element, the textbook
 guard against cancellation: var = E[(x-K)^2] - E[x-K]^2); backward: the two sums
 of the standard formula, dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
@@ -21,36 +18,18 @@ import functools
 import jax
 import jax.numpy as jnp
 
-_CHUNK = 32  # XLA's tree-reduction window: sums this long or shorter stay one fused kernel
-
-
-def row_sum(x: jax.Array) -> jax.Array:
-    """Sum over the last axis, kept as a length-1 axis: on CPU over chunks of <= 32, then over the chunks."""
-    d = x.shape[-1]
-    if d <= _CHUNK or d % _CHUNK or jax.default_backend() != "cpu":  # GPU/TPU reduce a row in one kernel
-        return jnp.sum(x, axis=-1, keepdims=True)
-    part = jnp.sum(x.reshape(x.shape[:-1] + (d // _CHUNK, _CHUNK)), axis=-1)
-    return jnp.sum(jax.lax.optimization_barrier(part), axis=-1, keepdims=True)
-
-
-def sum_of_squares(x: jax.Array) -> jax.Array:
-    """sum(x**2) in fp32 over every element: on CPU over chunks of 32, then over the chunks (as `row_sum`)."""
-    x = x.astype(jnp.float32)
-    if x.size <= _CHUNK or x.size % _CHUNK or jax.default_backend() != "cpu":
-        return jnp.sum(x * x)
-    part = jnp.sum(jnp.square(x.reshape(-1, _CHUNK)), axis=-1)
-    return jnp.sum(jax.lax.optimization_barrier(part))
+from tformer import reductions
 
 
 def _stats(x: jax.Array, center: bool, eps: float) -> tuple[jax.Array, jax.Array]:
     """(mean or 0, 1/sqrt(var + eps)) over the last axis, each [..., 1]; RMSNorm's 'var' is the mean square."""
     d = x.shape[-1]
     if not center:
-        return jnp.zeros_like(x[..., :1]), jax.lax.rsqrt(row_sum(x * x) / d + eps)
+        return jnp.zeros_like(x[..., :1]), jax.lax.rsqrt(reductions.row_sum(x * x) / d + eps)
     shift = x[..., :1]
     xs = x - shift
-    m = row_sum(xs) / d
-    return shift + m, jax.lax.rsqrt(jnp.maximum(row_sum(xs * xs) / d - m * m, 0.0) + eps)
+    m = reductions.row_sum(xs) / d
+    return shift + m, jax.lax.rsqrt(jnp.maximum(reductions.row_sum(xs * xs) / d - m * m, 0.0) + eps)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -69,9 +48,9 @@ def _norm_bwd(center, eps, res, dy):
     xhat, rstd, scale = res
     d = xhat.shape[-1]
     g = dy * scale
-    dx = g - xhat * (row_sum(g * xhat) / d)
+    dx = g - xhat * (reductions.row_sum(g * xhat) / d)
     if center:
-        dx = dx - row_sum(g) / d
+        dx = dx - reductions.row_sum(g) / d
     # Column sums over a 2-D [rows, d] view: XLA:CPU splits a [B, T, d] one into a slow 3-D reduce-window.
     dy_rd, xhat_rd = dy.reshape(-1, d), xhat.reshape(-1, d)
     return dx * rstd, jnp.sum(dy_rd * xhat_rd, 0), jnp.sum(dy_rd, 0)

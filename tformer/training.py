@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from tformer import batch as batch_lib
 from tformer import lora as lora_lib
-from tformer import norms, pipeline, ring_attention, sharding
+from tformer import pipeline, reductions, ring_attention, sharding
 from tformer.config import ModelConfig
 
 PyTree = Any  # a nested structure of arrays (jax.tree)
@@ -142,12 +142,12 @@ def decay_mask(abstract_state: nnx.State, optim: OptimizerConfig) -> Params:
 
 def global_norm(tree: PyTree) -> jax.Array:
     """The L2 norm of all leaves together (optax.tree.norm). On one device each leaf's sum of squares is
-    `norms.sum_of_squares` (XLA:CPU splits one long sum into an unfused reduce-window and a reduce per leaf:
+    `reductions.sum_of_squares` (XLA:CPU splits one long sum into an unfused reduce-window and a reduce per leaf:
     ~1% of a CPU train step at nanoGPT's shape); on a mesh optax's, whose partial sums follow the sharding."""
     mesh, _ = sharding.active()
     if mesh is not None and mesh.size > 1:
         return optax.tree.norm(tree)
-    return jnp.sqrt(sum(norms.sum_of_squares(x) for x in jax.tree.leaves(tree)))
+    return jnp.sqrt(sum(reductions.sum_of_squares(x) for x in jax.tree.leaves(tree)))
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
