@@ -46,7 +46,7 @@ def cast(p: nnx.Param, cfg: ModelConfig) -> jax.Array:
 
 
 # Weight gradients on XLA:CPU. x^T dy contracts the B*T rows of both operands, an orientation XLA:CPU does
-# not hand to YNNPACK: it runs on Eigen. Two rewrites, same maths, chosen by size (BENCHMARKS.md):
+# not hand to YNNPACK: it runs on Eigen. Two rewrites, same maths, chosen by size (docs/benchmarks.md):
 # - small activations (<= _CPU_TRANSPOSE_MAX elements, L2-resident): transpose x (or dy) first, behind a barrier
 #   so XLA does not fold the transpose back, and the product is a row-major YNNPACK matmul on its threads;
 # - larger ones with k > n (the MLP output projection): (dy^T x)^T, Eigen's faster orientation for that shape.
